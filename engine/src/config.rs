@@ -1,0 +1,158 @@
+//! Engine configuration: one plain struct, documented defaults, validated once in
+//! [`Engine::open`](crate::Engine::open).
+
+use mooncake_kv_tiers::HugePages;
+
+use crate::{Error, EvictionPolicyKind, Result};
+
+/// How an [`Engine`](crate::Engine) is set up. Every field has a default that works on a
+/// laptop; [`EngineConfig::default`] is a valid config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Size of the DRAM tier. Default: 1 GiB. A multiple of 4 KiB, at least 1 MiB.
+    pub dram_capacity_bytes: u64,
+    /// Huge pages for the DRAM region. Default: [`HugePages::Auto`] (use them when the system
+    /// has them, fall back cleanly when it does not).
+    pub dram_huge_pages: HugePages,
+    /// Fault in the whole DRAM region at open so first writes take no page faults. Default:
+    /// false.
+    pub dram_populate: bool,
+    /// When DRAM usage rises above this share of capacity, blocks are evicted until usage is
+    /// at most `low_watermark_percent`. Default: 95. From 1 to 100, above the low mark.
+    pub high_watermark_percent: u8,
+    /// Where eviction stops. Default: 85. From 0 to 99, below the high mark.
+    pub low_watermark_percent: u8,
+    /// Which blocks go first. Default: [`EvictionPolicyKind::Lru`].
+    pub eviction_policy: EvictionPolicyKind,
+    /// Number of independently locked shards of the key index. Default: 64. A power of two
+    /// from 1 to 4096; more shards, less contention between threads.
+    pub index_shards: usize,
+    /// Also check the payload CRC on every DRAM read (the header and key are always checked).
+    /// Default: false, because DRAM is not a medium that decays and the check costs a pass
+    /// over the bytes; blocks read from NVMe or a peer are always fully checked.
+    pub verify_payload_on_dram_read: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            dram_capacity_bytes: 1 << 30,
+            dram_huge_pages: HugePages::Auto,
+            dram_populate: false,
+            high_watermark_percent: 95,
+            low_watermark_percent: 85,
+            eviction_policy: EvictionPolicyKind::Lru,
+            index_shards: 64,
+            verify_payload_on_dram_read: false,
+        }
+    }
+}
+
+impl EngineConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, reason: String| Err(Error::Config { field, reason });
+        if self.dram_capacity_bytes < 1 << 20 || self.dram_capacity_bytes % 4096 != 0 {
+            return bad(
+                "dram_capacity_bytes",
+                format!(
+                    "{} is not a multiple of 4 KiB of at least 1 MiB",
+                    self.dram_capacity_bytes
+                ),
+            );
+        }
+        if !(1..=100).contains(&self.high_watermark_percent) {
+            return bad(
+                "high_watermark_percent",
+                format!("{} is not from 1 to 100", self.high_watermark_percent),
+            );
+        }
+        if self.low_watermark_percent >= self.high_watermark_percent {
+            return bad(
+                "low_watermark_percent",
+                format!(
+                    "{} is not below high_watermark_percent ({})",
+                    self.low_watermark_percent, self.high_watermark_percent
+                ),
+            );
+        }
+        if !self.index_shards.is_power_of_two() || self.index_shards > 4096 {
+            return bad(
+                "index_shards",
+                format!("{} is not a power of two from 1 to 4096", self.index_shards),
+            );
+        }
+        Ok(())
+    }
+
+    pub(crate) fn high_watermark_bytes(&self) -> u64 {
+        self.dram_capacity_bytes / 100 * u64::from(self.high_watermark_percent)
+    }
+
+    pub(crate) fn low_watermark_bytes(&self) -> u64 {
+        self.dram_capacity_bytes / 100 * u64::from(self.low_watermark_percent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid() {
+        EngineConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases: [(EngineConfig, &str); 6] = [
+            (
+                EngineConfig {
+                    dram_capacity_bytes: 4096,
+                    ..Default::default()
+                },
+                "dram_capacity_bytes",
+            ),
+            (
+                EngineConfig {
+                    dram_capacity_bytes: (1 << 20) + 1,
+                    ..Default::default()
+                },
+                "dram_capacity_bytes",
+            ),
+            (
+                EngineConfig {
+                    high_watermark_percent: 101,
+                    ..Default::default()
+                },
+                "high_watermark_percent",
+            ),
+            (
+                EngineConfig {
+                    low_watermark_percent: 95,
+                    ..Default::default()
+                },
+                "low_watermark_percent",
+            ),
+            (
+                EngineConfig {
+                    index_shards: 3,
+                    ..Default::default()
+                },
+                "index_shards",
+            ),
+            (
+                EngineConfig {
+                    index_shards: 8192,
+                    ..Default::default()
+                },
+                "index_shards",
+            ),
+        ];
+        for (config, field) in cases {
+            match config.validate() {
+                Err(Error::Config { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: expected a config error, got {other:?}"),
+            }
+        }
+    }
+}

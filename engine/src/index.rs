@@ -1,0 +1,99 @@
+//! The key index: key -> resident block, split into independently locked shards.
+//!
+//! A key is hashed once per operation; the hash picks the shard and is reused inside it. The
+//! table stores `Arc<Slot>` only and compares keys through the slot, so a lookup touches the
+//! table and the slot and nothing else, and each key is stored once.
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use hashbrown::{DefaultHashBuilder, HashTable};
+use parking_lot::RwLock;
+
+use crate::slot::Slot;
+
+/// Shards of a hash table of slots. The hasher is seeded randomly per process, so keys that
+/// arrive from the network cannot be chosen to pile into one bucket.
+#[derive(Debug)]
+pub(crate) struct Index {
+    shards: Box<[RwLock<ShardMap>]>,
+    hasher: DefaultHashBuilder,
+    mask: u64,
+}
+
+/// One shard's table.
+#[derive(Debug, Default)]
+pub(crate) struct ShardMap {
+    table: HashTable<Arc<Slot>>,
+}
+
+/// Shard selection uses bits the table does not use for itself: it takes buckets from the low
+/// bits and its 7-bit tags from the top ones.
+const SHARD_SHIFT: u32 = 40;
+
+impl Index {
+    /// `shards` is a power of two of at most 4096 (checked by config validation).
+    pub(crate) fn new(shards: usize) -> Self {
+        assert!(shards.is_power_of_two() && shards <= 4096);
+        Self {
+            shards: (0..shards)
+                .map(|_| RwLock::new(ShardMap::default()))
+                .collect(),
+            hasher: DefaultHashBuilder::default(),
+            mask: shards as u64 - 1,
+        }
+    }
+
+    pub(crate) fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    pub(crate) fn shard(&self, hash: u64) -> &RwLock<ShardMap> {
+        // The mask keeps the index below the shard count, itself a usize.
+        &self.shards[((hash >> SHARD_SHIFT) & self.mask) as usize]
+    }
+
+    pub(crate) fn get(&self, key: &[u8]) -> Option<Arc<Slot>> {
+        let hash = self.hash(key);
+        self.shard(hash).read().find(hash, key).cloned()
+    }
+
+    pub(crate) fn contains(&self, key: &[u8]) -> bool {
+        let hash = self.hash(key);
+        self.shard(hash).read().find(hash, key).is_some()
+    }
+}
+
+impl ShardMap {
+    pub(crate) fn find(&self, hash: u64, key: &[u8]) -> Option<&Arc<Slot>> {
+        self.table.find(hash, |slot| *slot.key == *key)
+    }
+
+    /// Inserts `slot` under its key and returns the slot it replaced.
+    pub(crate) fn insert(&mut self, slot: Arc<Slot>) -> Option<Arc<Slot>> {
+        let hash = slot.hash;
+        match self.table.entry(hash, |s| s.key == slot.key, |s| s.hash) {
+            hashbrown::hash_table::Entry::Occupied(mut entry) => {
+                Some(std::mem::replace(entry.get_mut(), slot))
+            }
+            hashbrown::hash_table::Entry::Vacant(entry) => {
+                entry.insert(slot);
+                None
+            }
+        }
+    }
+
+    /// Removes the slot of `key` if `condition` holds for it.
+    pub(crate) fn remove_if(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        condition: impl FnOnce(&Arc<Slot>) -> bool,
+    ) -> Option<Arc<Slot>> {
+        let entry = self.table.find_entry(hash, |slot| *slot.key == *key).ok()?;
+        if !condition(entry.get()) {
+            return None;
+        }
+        Some(entry.remove().0)
+    }
+}

@@ -1,0 +1,17 @@
+#![doc = include_str!("../../README.md")]
+
+mod assert;
+mod config;
+mod engine;
+mod error;
+pub mod eviction;
+pub mod format;
+mod index;
+mod slot;
+
+pub use config::EngineConfig;
+pub use engine::{Engine, EngineStats, PinnedBlock, TierStats};
+pub use error::{Error, Result};
+pub use eviction::EvictionPolicyKind;
+pub use format::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+pub use mooncake_kv_tiers::{HugePageMode, HugePages, TierKind};
