@@ -37,7 +37,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     })?;
     println!(
         "opened an engine with {capacity_mib} MiB of DRAM ({:?} pages), blocks of {block_kib} KiB",
-        engine.stats().tiers[0].huge_pages
+        engine.stats().huge_pages
     );
 
     // Two prompts that share a system prompt: 8 common blocks, then 8 of their own.

@@ -1,7 +1,9 @@
 //! Engine configuration: one plain struct, documented defaults, validated once in
 //! [`Engine::open`](crate::Engine::open).
 
-use mooncake_kv_tiers::HugePages;
+use std::path::PathBuf;
+
+use mooncake_kv_tiers::{HugePages, IoBackendKind};
 
 use crate::{Error, EvictionPolicyKind, Result};
 
@@ -31,6 +33,21 @@ pub struct EngineConfig {
     /// Default: false, because DRAM is not a medium that decays and the check costs a pass
     /// over the bytes; blocks read from NVMe or a peer are always fully checked.
     pub verify_payload_on_dram_read: bool,
+    /// The data directory: NVMe data file, metadata, lock. Default: none, and the engine is
+    /// DRAM only (nothing persists). With one, blocks are demoted to NVMe when DRAM passes its
+    /// high watermark, and every block persisted there is served again after a restart.
+    pub data_dir: Option<PathBuf>,
+    /// Size of the NVMe data file, preallocated when the directory is created. Default: 4 GiB.
+    /// A multiple of 4 KiB, at least 1 MiB. Must match an existing directory's.
+    pub nvme_capacity_bytes: u64,
+    /// NVMe I/O backend. Default: [`IoBackendKind::Auto`] (io_uring, else pread/pwrite with a
+    /// warning and a flag in stats).
+    pub nvme_io_backend: IoBackendKind,
+    /// NVMe operations in flight per ring. Default: 64. From 1 to 4096.
+    pub nvme_io_depth: u32,
+    /// Copy a block read from NVMe into DRAM when DRAM has room below its high watermark.
+    /// Default: true.
+    pub promote_on_hit: bool,
 }
 
 impl Default for EngineConfig {
@@ -44,6 +61,11 @@ impl Default for EngineConfig {
             eviction_policy: EvictionPolicyKind::Lru,
             index_shards: 64,
             verify_payload_on_dram_read: false,
+            data_dir: None,
+            nvme_capacity_bytes: 4 << 30,
+            nvme_io_backend: IoBackendKind::Auto,
+            nvme_io_depth: 64,
+            promote_on_hit: true,
         }
     }
 }
@@ -79,6 +101,23 @@ impl EngineConfig {
             return bad(
                 "index_shards",
                 format!("{} is not a power of two from 1 to 4096", self.index_shards),
+            );
+        }
+        if self.data_dir.is_some()
+            && (self.nvme_capacity_bytes < 1 << 20 || self.nvme_capacity_bytes % 4096 != 0)
+        {
+            return bad(
+                "nvme_capacity_bytes",
+                format!(
+                    "{} is not a multiple of 4 KiB of at least 1 MiB",
+                    self.nvme_capacity_bytes
+                ),
+            );
+        }
+        if !(1..=4096).contains(&self.nvme_io_depth) {
+            return bad(
+                "nvme_io_depth",
+                format!("{} is not from 1 to 4096", self.nvme_io_depth),
             );
         }
         Ok(())

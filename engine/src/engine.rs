@@ -1,35 +1,76 @@
-//! The engine: index, residency (eviction order), leases and the public API.
+//! The engine: index, per-tier residency (eviction order), movement between DRAM and NVMe,
+//! pins, and the public API.
+//!
+//! # Locks and their order
+//!
+//! `Store::meta_lock` -> index shard -> slot `locations` -> residency (one per tier). A thread
+//! holding a lock only ever takes locks to its right. Map commits and the location changes that
+//! depend on them happen under `meta_lock`, so a block removed or overwritten while it is being
+//! persisted either is skipped by the commit or has its new map entry deleted right after.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use mooncake_kv_tiers::{DramConfig, DramTier, HugePageMode, Tier, TierKind};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::eviction::{EntryId, EvictionPolicy, new_policy};
 use crate::format::{self, HEADER_BYTES};
 use crate::index::Index;
-use crate::slot::{NOT_RESIDENT, Slot};
+use crate::slot::{DRAM, DramCopy, Locations, NOT_RESIDENT, NVME, NvmeCopy, Slot};
+use crate::store::{BlockWrite, NVME_PAYLOAD_ALIGN, Store, StoreConfig};
 use crate::{EngineConfig, Error, Result, strict_assert};
 
 /// Payloads in DRAM start on a cache line, so copies out of the tier run at full speed.
 const DRAM_PAYLOAD_ALIGN: usize = 64;
-/// Victims taken from the policy per lock acquisition.
-const EVICTION_BATCH: usize = 32;
+/// Victims taken from a policy per lock acquisition, and blocks persisted per batch.
+const BATCH: usize = 32;
+/// How often the background reclaimer looks at DRAM usage when nobody wakes it.
+const RECLAIM_POLL: Duration = Duration::from_millis(50);
+/// A put that finds DRAM full while other threads are freeing it waits at most this many
+/// times this long before it reports `NoSpace`: 2 s in all, never forever.
+const MAX_SPACE_WAITS: u32 = 2000;
+const SPACE_WAIT: Duration = Duration::from_millis(1);
+
+/// How a put is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Durability {
+    /// The block lives in DRAM until it is demoted, flushed or evicted. A crash loses it.
+    #[default]
+    Memory,
+    /// The put returns after the block is on NVMe and its map entry is committed: it survives
+    /// a crash. Needs a data directory.
+    WriteThrough,
+}
 
 /// An embeddable, thread-safe KVCache block store.
 ///
-/// Share it between threads with `Arc<Engine>`; every method takes `&self`.
+/// Share it between threads with `Arc<Engine>`; every method takes `&self`. Dropping it stops
+/// the background reclaimer and closes the data directory; blocks only in DRAM are gone.
 pub struct Engine {
+    inner: Arc<Inner>,
+    reclaimer: Option<JoinHandle<()>>,
+}
+
+struct Inner {
     config: EngineConfig,
     dram: Arc<DramTier>,
+    store: Option<Store>,
     index: Index,
-    residency: Mutex<Residency>,
+    residency: [Mutex<Residency>; 2],
     next_generation: AtomicU64,
-    /// Set while one thread brings usage back under the low watermark, so that others do not
-    /// evict on top of it.
+    /// Set while one thread brings DRAM usage back under the low watermark.
     reclaiming: AtomicBool,
+    /// DRAM victims taken from the policy and not yet dealt with: space another thread is
+    /// about to free.
+    victims_in_flight: AtomicUsize,
+    wake: (Mutex<bool>, Condvar),
+    stop: AtomicBool,
     counters: Counters,
 }
 
@@ -40,14 +81,22 @@ const _: () = {
 };
 
 #[derive(Debug, Default)]
-struct Counters {
+struct TierCounters {
     blocks: AtomicU64,
     payload_bytes: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    tiers: [TierCounters; 2],
     puts: AtomicU64,
     removes: AtomicU64,
+    demotions: AtomicU64,
+    promotions: AtomicU64,
+    corrupt_blocks: AtomicU64,
 }
 
 /// Figures for one tier.
@@ -65,18 +114,16 @@ pub struct TierStats {
     pub largest_free_bytes: u64,
     /// Separate free extents: many, small ones mean fragmentation.
     pub free_extents: u64,
-    /// Blocks in the index.
+    /// Blocks with a copy on this tier.
     pub blocks: u64,
     /// Payload bytes of those blocks.
     pub payload_bytes: u64,
-    /// Reads (get, get_into, pin) that found their block here.
+    /// Reads served from this tier.
     pub hits: u64,
-    /// Reads that did not find their block here.
+    /// Reads that reached this tier and did not find their block on it.
     pub misses: u64,
-    /// Blocks evicted to make room.
+    /// Copies dropped from this tier to make room (demoted ones included).
     pub evictions: u64,
-    /// What pages the DRAM region got.
-    pub huge_pages: HugePageMode,
 }
 
 /// Figures for the whole engine, from [`Engine::stats`].
@@ -89,16 +136,29 @@ pub struct EngineStats {
     pub puts: u64,
     /// Blocks removed by `remove`.
     pub removes: u64,
+    /// Blocks written from DRAM to NVMe to make room in DRAM.
+    pub demotions: u64,
+    /// Blocks copied from NVMe into DRAM on a read.
+    pub promotions: u64,
+    /// Blocks that failed verification on a read; each is reported once, dropped, never served.
+    pub corrupt_blocks: u64,
+    /// What pages the DRAM region got.
+    pub huge_pages: HugePageMode,
+    /// The NVMe tier's I/O backend (`"io_uring"` or `"psync"`), if there is a tier.
+    pub nvme_io_backend: Option<&'static str>,
+    /// Whether io_uring was unavailable and the NVMe tier fell back to psync.
+    pub nvme_io_fell_back: bool,
 }
 
-/// A block pinned in place: it will not be evicted or moved until this guard drops, and its
-/// payload can be read without a copy.
+/// A block pinned in place in DRAM: it will not be evicted or moved until this guard drops,
+/// and its payload can be read without a copy.
 ///
 /// Pins are for short reads (copying a block to a GPU or a socket). A pinned block still
 /// counts against capacity, and a put that needs its space gets [`Error::NoSpace`] rather
 /// than waiting.
 pub struct PinnedBlock {
     slot: Arc<Slot>,
+    copy: Arc<DramCopy>,
 }
 
 impl PinnedBlock {
@@ -114,8 +174,8 @@ impl PinnedBlock {
 
     /// The payload, in place in the DRAM tier.
     pub fn payload(&self) -> &[u8] {
-        let start = self.slot.payload_offset as usize;
-        &self.slot.bytes()[start..start + self.slot.payload_len as usize]
+        let start = self.copy.payload_offset as usize;
+        &self.copy.bytes()[start..start + self.slot.payload_len as usize]
     }
 }
 
@@ -135,9 +195,10 @@ impl fmt::Debug for PinnedBlock {
     }
 }
 
-/// The eviction policy and the table that maps its entry ids back to slots.
+/// One tier's eviction policy and the table that maps its entry ids back to slots.
 #[derive(Debug)]
 struct Residency {
+    tier: usize,
     policy: Box<dyn EvictionPolicy>,
     /// Indexed by entry id. The generation sits beside the slot so that checking an id
     /// against a generation reads this array only.
@@ -146,7 +207,23 @@ struct Residency {
 }
 
 impl Residency {
+    fn new(tier: usize, config: &EngineConfig) -> Self {
+        Self {
+            tier,
+            policy: new_policy(config.eviction_policy),
+            slots: Vec::new(),
+            free_ids: Vec::new(),
+        }
+    }
+
+    /// Starts tracking `slot`, unless it already is.
     fn insert(&mut self, slot: &Arc<Slot>) {
+        if self.holds(
+            slot.entries[self.tier].load(Ordering::Relaxed),
+            slot.generation,
+        ) {
+            return;
+        }
         let id = match self.free_ids.pop() {
             Some(id) => id,
             None => {
@@ -160,7 +237,7 @@ impl Residency {
         };
         debug_assert!(self.slots[id as usize].1.is_none());
         self.slots[id as usize] = (slot.generation, Some(Arc::clone(slot)));
-        slot.entry.store(id, Ordering::Relaxed);
+        slot.entries[self.tier].store(id, Ordering::Relaxed);
         self.policy.insert(id);
     }
 
@@ -174,7 +251,7 @@ impl Residency {
     }
 
     fn remove(&mut self, slot: &Slot) {
-        let id = slot.entry.load(Ordering::Relaxed);
+        let id = slot.entries[self.tier].load(Ordering::Relaxed);
         if self.holds(id, slot.generation) {
             self.policy.remove(id);
             self.release(id);
@@ -195,36 +272,47 @@ impl Residency {
     fn release(&mut self, id: EntryId) -> Arc<Slot> {
         let (_, slot) = std::mem::take(&mut self.slots[id as usize]);
         let slot = slot.expect("policy tracks only resident ids");
-        slot.entry.store(NOT_RESIDENT, Ordering::Relaxed);
+        slot.entries[self.tier].store(NOT_RESIDENT, Ordering::Relaxed);
         self.free_ids.push(id);
         slot
     }
 
-    fn pinned_bytes(&self) -> u64 {
+    fn resident(&self) -> Vec<Arc<Slot>> {
         self.slots
             .iter()
-            .filter_map(|(_, slot)| slot.as_ref())
-            .filter(|s| s.is_pinned())
-            .map(|s| s.extent_len_bytes())
-            .sum()
+            .filter_map(|(_, slot)| slot.clone())
+            .collect()
     }
 }
 
 impl fmt::Debug for Engine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Engine")
-            .field("config", &self.config)
+            .field("config", &self.inner.config)
             .finish_non_exhaustive()
     }
 }
 
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::Release);
+        self.inner.wake_reclaimer();
+        if let Some(handle) = self.reclaimer.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
 impl Engine {
-    /// Opens an engine: validates the config and maps the DRAM tier.
+    /// Opens an engine: validates the config, maps the DRAM tier and, with a `data_dir`, opens
+    /// (or creates) the data directory and serves every block persisted in it again.
     ///
     /// # Errors
     ///
     /// [`Error::Config`] naming the first invalid field; [`Error::Tier`] if the DRAM region
-    /// cannot be created.
+    /// or the data file cannot be created; [`Error::DirectoryInUse`] if another process has
+    /// the directory open; [`Error::IncompatibleDataDir`] if it has another format version or
+    /// its files disagree (nothing is changed then); [`Error::Metadata`] for RocksDB errors.
     pub fn open(config: EngineConfig) -> Result<Self> {
         config.validate()?;
         let dram = DramTier::open(DramConfig {
@@ -233,44 +321,98 @@ impl Engine {
             populate: config.dram_populate,
             ..DramConfig::default()
         })?;
-        Ok(Self {
+        let store = match &config.data_dir {
+            None => None,
+            Some(dir) => Some(Store::open(&StoreConfig {
+                dir: dir.clone(),
+                nvme_capacity_bytes: config.nvme_capacity_bytes,
+                io_backend: config.nvme_io_backend,
+                io_depth: config.nvme_io_depth,
+            })?),
+        };
+        let inner = Arc::new(Inner {
             index: Index::new(config.index_shards),
-            residency: Mutex::new(Residency {
-                policy: new_policy(config.eviction_policy),
-                slots: Vec::new(),
-                free_ids: Vec::new(),
-            }),
+            residency: [
+                Mutex::new(Residency::new(DRAM, &config)),
+                Mutex::new(Residency::new(NVME, &config)),
+            ],
             dram: Arc::new(dram),
+            store,
             next_generation: AtomicU64::new(1),
             reclaiming: AtomicBool::new(false),
+            victims_in_flight: AtomicUsize::new(0),
+            wake: (Mutex::new(false), Condvar::new()),
+            stop: AtomicBool::new(false),
             counters: Counters::default(),
             config,
-        })
+        });
+        inner.recover()?;
+        let reclaimer = if inner.store.is_some() {
+            let background = Arc::clone(&inner);
+            Some(
+                std::thread::Builder::new()
+                    .name("mooncake-reclaimer".into())
+                    .spawn(move || background.run_reclaimer())
+                    .map_err(|source| Error::DataDir {
+                        path: PathBuf::new(),
+                        action: "start the reclaimer thread",
+                        source,
+                    })?,
+            )
+        } else {
+            None
+        };
+        Ok(Self { inner, reclaimer })
     }
 
     /// The configuration the engine was opened with.
     pub fn config(&self) -> &EngineConfig {
-        &self.config
+        &self.inner.config
     }
 
     /// The DRAM tier, for registering its region with a transfer engine.
     pub fn dram(&self) -> &DramTier {
-        &self.dram
+        &self.inner.dram
     }
 
-    /// Stores `value` under `key`, replacing any block the key had, and returns the new
-    /// block's generation (greater than that of any block put before it).
+    /// The node id of the data directory (created once, when it was first opened).
+    pub fn node_id(&self) -> Option<[u8; 16]> {
+        self.inner.store.as_ref().map(|s| s.node.node_id)
+    }
+
+    /// Stores `value` under `key` in DRAM, replacing any block the key had, and returns the
+    /// new block's generation (greater than that of any block put before it).
     ///
     /// The value is copied once, straight into the tier, and checksummed in the same pass.
-    /// If the tier is full, the coldest unpinned blocks are evicted to make room.
+    /// If DRAM is full, the coldest unpinned blocks are demoted to NVMe (or evicted, without
+    /// a data directory) to make room.
     ///
     /// # Errors
     ///
     /// [`Error::EmptyKey`], [`Error::KeyTooLong`], [`Error::ValueTooLarge`]; [`Error::NoSpace`]
     /// if the block does not fit even after evicting every block that may be evicted.
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<u64> {
-        let generation = self.put_one(key, value)?;
-        self.reclaim_above_high_watermark();
+        self.put_with(key, value, Durability::Memory)
+    }
+
+    /// [`put`](Self::put) with a choice of durability.
+    ///
+    /// # Errors
+    ///
+    /// Those of `put`; with [`Durability::WriteThrough`], [`Error::NotPersistent`] without a
+    /// data directory, and the errors of persisting (the block then stays in DRAM, not
+    /// durable).
+    pub fn put_with(&self, key: &[u8], value: &[u8], durability: Durability) -> Result<u64> {
+        let inner = &self.inner;
+        if durability == Durability::WriteThrough && inner.store.is_none() {
+            return Err(Error::NotPersistent);
+        }
+        let slot = inner.put_one(key, value)?;
+        let generation = slot.generation;
+        inner.after_puts();
+        if durability == Durability::WriteThrough {
+            inner.persist(vec![slot]).remove(0)?;
+        }
         Ok(generation)
     }
 
@@ -279,9 +421,9 @@ impl Engine {
     pub fn put_batch(&self, items: &[(&[u8], &[u8])]) -> Vec<Result<u64>> {
         let results = items
             .iter()
-            .map(|(key, value)| self.put_one(key, value))
+            .map(|(key, value)| self.inner.put_one(key, value).map(|slot| slot.generation))
             .collect();
-        self.reclaim_above_high_watermark();
+        self.inner.after_puts();
         results
     }
 
@@ -290,13 +432,16 @@ impl Engine {
     /// # Errors
     ///
     /// A corruption error ([`Error::HeaderChecksum`], [`Error::BlockMismatch`], ...) if the
-    /// block in the tier fails verification; the block is then dropped from the index.
+    /// block fails verification; the block is then dropped, so it is reported once and never
+    /// served. [`Error::Tier`] if reading NVMe fails.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let Some(slot) = self.lookup_for_read(key) else {
+        let Some(slot) = self.inner.lookup(key) else {
             return Ok(None);
         };
-        let payload = self.verified_payload(&slot)?;
-        Ok(Some(payload.to_vec()))
+        let mut out = Vec::new();
+        self.inner
+            .read_slot(&slot, |payload| out.extend_from_slice(payload))?;
+        Ok(Some(out))
     }
 
     /// [`get`](Self::get) for many keys; one result per key, in order.
@@ -304,27 +449,17 @@ impl Engine {
         keys.iter().map(|key| self.get(key)).collect()
     }
 
-    /// Copies the value of `key` into the start of `target` and returns its length. Exactly
-    /// one copy: from the tier into `target`. The header is verified first. `Ok(None)` is a
-    /// miss and leaves `target` untouched.
+    /// Copies the value of `key` into the start of `target` and returns its length. From DRAM,
+    /// exactly one copy. From NVMe, when `target` starts on a 4 KiB boundary and has room for
+    /// the payload rounded up to 4 KiB, the device writes straight into it; otherwise through
+    /// a bounce buffer. Everything is verified first. `Ok(None)` is a miss.
     ///
     /// # Errors
     ///
     /// [`Error::BufferTooSmall`] if `target` is shorter than the value; the errors of
     /// [`get`](Self::get).
     pub fn get_into(&self, key: &[u8], target: &mut [u8]) -> Result<Option<usize>> {
-        let Some(slot) = self.lookup_for_read(key) else {
-            return Ok(None);
-        };
-        let payload = self.verified_payload(&slot)?;
-        let Some(target) = target.get_mut(..payload.len()) else {
-            return Err(Error::BufferTooSmall {
-                needed_bytes: payload.len(),
-                available_bytes: target.len(),
-            });
-        };
-        target.copy_from_slice(payload);
-        Ok(Some(payload.len()))
+        self.inner.get_into(key, target)
     }
 
     /// [`get_into`](Self::get_into) for many keys, each with its own target buffer.
@@ -335,36 +470,21 @@ impl Engine {
             .collect()
     }
 
-    /// Pins the block of `key` in place and returns a guard that reads its payload without a
-    /// copy. The block is neither evicted nor moved while the guard lives. `Ok(None)` is a miss.
+    /// Pins the block of `key` in DRAM and returns a guard that reads its payload without a
+    /// copy. A block only on NVMe is brought into DRAM first. The block is neither evicted nor
+    /// moved while the guard lives. `Ok(None)` is a miss.
     ///
     /// # Errors
     ///
-    /// The errors of [`get`](Self::get).
+    /// The errors of [`get`](Self::get); [`Error::NoSpace`] if an NVMe-only block cannot be
+    /// brought into DRAM.
     pub fn pin(&self, key: &[u8]) -> Result<Option<PinnedBlock>> {
-        let slot = {
-            let hash = self.index.hash(key);
-            let shard = self.index.shard(hash).read();
-            let Some(slot) = shard.find(hash, key) else {
-                drop(shard);
-                self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                return Ok(None);
-            };
-            // Under the shard's read lock, so eviction (which checks pins under the write
-            // lock) either ran before and the block is gone, or runs after and sees the pin.
-            slot.pins.fetch_add(1, Ordering::AcqRel);
-            Arc::clone(slot)
-        };
-        let pinned = PinnedBlock { slot };
-        self.counters.hits.fetch_add(1, Ordering::Relaxed);
-        self.touch(&pinned.slot);
-        self.verified_payload(&pinned.slot)?;
-        Ok(Some(pinned))
+        self.inner.pin(key)
     }
 
     /// Whether `key` has a block. Does not count as a use for eviction.
     pub fn exists(&self, key: &[u8]) -> bool {
-        self.index.contains(key)
+        self.inner.index.contains(key)
     }
 
     /// [`exists`](Self::exists) for many keys, in order.
@@ -376,38 +496,15 @@ impl Engine {
     /// the first key without one. The blocks of the matched prefix count as used, since a
     /// scheduler asks this just before it reads them.
     pub fn prefix_match(&self, keys: &[&[u8]]) -> usize {
-        let mut matched: Vec<(EntryId, u64)> = Vec::with_capacity(keys.len());
-        for key in keys {
-            let hash = self.index.hash(key);
-            let shard = self.index.shard(hash).read();
-            let Some(slot) = shard.find(hash, key) else {
-                break;
-            };
-            matched.push((slot.entry.load(Ordering::Relaxed), slot.generation));
-        }
-        if !matched.is_empty() {
-            let mut residency = self.residency.lock();
-            for &(id, generation) in &matched {
-                residency.touch(id, generation);
-            }
-        }
-        matched.len()
+        self.inner.prefix_match(keys)
     }
 
     /// Removes the block of `key`; returns whether there was one. A reader that already holds
     /// the block (a pin, a copy in progress) finishes with the old bytes; the space is freed
-    /// when it lets go.
+    /// when it lets go. On NVMe, the map entry is deleted at the next commit (a flush, a
+    /// write-through put, a demotion): a crash before that brings the block back.
     pub fn remove(&self, key: &[u8]) -> bool {
-        let hash = self.index.hash(key);
-        let mut shard = self.index.shard(hash).write();
-        let Some(slot) = shard.remove_if(hash, key, |_| true) else {
-            return false;
-        };
-        self.residency.lock().remove(&slot);
-        drop(shard);
-        self.account_removed(&slot);
-        self.counters.removes.fetch_add(1, Ordering::Relaxed);
-        true
+        self.inner.remove(key)
     }
 
     /// [`remove`](Self::remove) for many keys, in order.
@@ -415,60 +512,60 @@ impl Engine {
         keys.iter().map(|key| self.remove(key)).collect()
     }
 
-    /// Current figures.
-    pub fn stats(&self) -> EngineStats {
-        let usage = self.dram.usage();
-        let c = &self.counters;
-        EngineStats {
-            tiers: vec![TierStats {
-                kind: TierKind::Dram,
-                capacity_bytes: usage.capacity_bytes,
-                used_bytes: usage.used_bytes,
-                largest_free_bytes: usage.largest_free_bytes,
-                free_extents: usage.free_extents,
-                blocks: c.blocks.load(Ordering::Relaxed),
-                payload_bytes: c.payload_bytes.load(Ordering::Relaxed),
-                hits: c.hits.load(Ordering::Relaxed),
-                misses: c.misses.load(Ordering::Relaxed),
-                evictions: c.evictions.load(Ordering::Relaxed),
-                huge_pages: self.dram.huge_page_mode(),
-            }],
-            puts: c.puts.load(Ordering::Relaxed),
-            removes: c.removes.load(Ordering::Relaxed),
-        }
+    /// Makes every block the engine holds durable: writes each block that is only in DRAM to
+    /// NVMe (it stays in DRAM too), commits the map, and commits pending removals. Returns the
+    /// number of blocks written.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotPersistent`] without a data directory; [`Error::NoSpace`] if NVMe cannot
+    /// hold them all; I/O and metadata errors (after which the engine is poisoned).
+    pub fn flush(&self) -> Result<usize> {
+        self.inner.flush()
     }
 
-    fn put_one(&self, key: &[u8], value: &[u8]) -> Result<u64> {
+    /// Current figures.
+    pub fn stats(&self) -> EngineStats {
+        self.inner.stats()
+    }
+}
+
+impl Inner {
+    fn put_one(&self, key: &[u8], value: &[u8]) -> Result<Arc<Slot>> {
         format::check_key(key)?;
         format::check_value(value)?;
         let block_len = format::encoded_len(key.len(), value.len(), DRAM_PAYLOAD_ALIGN);
-        let extent = self.reserve(block_len as u64)?;
+        let extent = self.reserve_dram(block_len as u64)?;
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let payload_offset = format::payload_offset(key.len(), DRAM_PAYLOAD_ALIGN);
-        // Both fit in u32: the format's limits were checked above.
-        let mut slot = Slot::new(
+        // The offset fits in u32: it is at most MAX_PAYLOAD_OFFSET.
+        let mut copy = DramCopy::new(extent, Arc::clone(&self.dram), payload_offset as u32);
+        // If encoding failed, dropping the copy would return the extent.
+        let written =
+            format::encode_into(copy.bytes_mut(), key, value, generation, DRAM_PAYLOAD_ALIGN)?;
+        strict_assert!(written == block_len);
+        strict_assert!(format::decode(&copy.bytes()[..block_len]).is_ok());
+        let header = format::decode_header(copy.bytes())?;
+        let slot = Arc::new(Slot::new(
             key,
             self.index.hash(key),
             generation,
-            payload_offset as u32,
-            value.len() as u32,
-            extent,
-            Arc::clone(&self.dram),
-        );
-        // If encoding failed, dropping the slot would return the extent.
-        let written =
-            format::encode_into(slot.bytes_mut(), key, value, generation, DRAM_PAYLOAD_ALIGN)?;
-        strict_assert!(written == block_len);
-        strict_assert!(format::decode(&slot.bytes()[..block_len]).is_ok());
-        self.publish(Arc::new(slot));
+            header.payload_len,
+            header.payload_crc32,
+            Locations {
+                dram: Some(Arc::new(copy)),
+                nvme: None,
+            },
+        ));
+        self.publish(&slot);
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
-        Ok(generation)
+        Ok(slot)
     }
 
     /// Makes a written slot visible. If a concurrent put of the same key already published a
     /// later generation, that one stays and this one is dropped: puts of one key take effect
     /// in generation order.
-    fn publish(&self, slot: Arc<Slot>) {
+    fn publish(&self, slot: &Arc<Slot>) {
         let mut shard = self.index.shard(slot.hash).write();
         if shard
             .find(slot.hash, &slot.key)
@@ -476,89 +573,178 @@ impl Engine {
         {
             return;
         }
-        let replaced = shard.insert(Arc::clone(&slot));
-        {
-            // The residency lock nests inside a shard lock, never the other way round.
-            let mut residency = self.residency.lock();
-            if let Some(old) = &replaced {
-                residency.remove(old);
-            }
-            residency.insert(&slot);
+        let replaced = shard.insert(Arc::clone(slot));
+        if let Some(old) = &replaced {
+            self.forget_residency(old);
         }
+        self.residency[DRAM].lock().insert(slot);
         drop(shard);
-        self.counters.blocks.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .payload_bytes
-            .fetch_add(slot.payload_len.into(), Ordering::Relaxed);
+        self.account(DRAM, slot, true);
         if let Some(old) = replaced {
-            self.account_removed(&old);
+            self.retire(old);
         }
     }
 
-    fn account_removed(&self, slot: &Slot) {
-        self.counters.blocks.fetch_sub(1, Ordering::Relaxed);
-        self.counters
-            .payload_bytes
-            .fetch_sub(slot.payload_len.into(), Ordering::Relaxed);
+    /// Counts a block arriving on (`true`) or leaving (`false`) a tier.
+    fn account(&self, tier: usize, slot: &Slot, arriving: bool) {
+        let c = &self.counters.tiers[tier];
+        if arriving {
+            c.blocks.fetch_add(1, Ordering::Relaxed);
+            c.payload_bytes
+                .fetch_add(slot.payload_len.into(), Ordering::Relaxed);
+        } else {
+            c.blocks.fetch_sub(1, Ordering::Relaxed);
+            c.payload_bytes
+                .fetch_sub(slot.payload_len.into(), Ordering::Relaxed);
+        }
     }
 
-    /// Allocates space for a block, evicting cold blocks as long as that can help.
-    fn reserve(&self, len_bytes: u64) -> Result<mooncake_kv_tiers::Extent> {
-        let no_space = || Error::NoSpace {
-            required_bytes: len_bytes,
-            capacity_bytes: self.dram.capacity_bytes(),
-            used_bytes: self.dram.used_bytes(),
-            pinned_bytes: self.residency.lock().pinned_bytes(),
+    fn forget_residency(&self, slot: &Slot) {
+        for residency in &self.residency {
+            residency.lock().remove(slot);
+        }
+    }
+
+    /// A slot that left the index (removed, overwritten, evicted, found corrupt): its copies'
+    /// counts go, and its map entry, if it has one, is deleted at the next commit.
+    fn retire(&self, slot: Arc<Slot>) {
+        let locations = {
+            // Under meta_lock: a persist in progress has either committed and set the NVMe
+            // copy (so we see it and delete its entry) or will find the slot gone from the index.
+            let _meta = self.store.as_ref().map(|s| s.meta_lock.lock());
+            std::mem::take(&mut *slot.locations.write())
         };
-        if len_bytes > self.dram.capacity_bytes() {
-            // Evicting could never make room: refuse before throwing anything out.
-            return Err(no_space());
+        if locations.dram.is_some() {
+            self.account(DRAM, &slot, false);
         }
-        loop {
-            match self.dram.allocate(len_bytes) {
-                Ok(extent) => return Ok(extent),
-                Err(mooncake_kv_tiers::Error::OutOfSpace { .. }) => {}
-                Err(other) => return Err(other.into()),
-            }
-            if self.evict(len_bytes) == 0 {
-                // Nothing left to evict; a concurrent remove may still have freed space.
-                return self.dram.allocate(len_bytes).map_err(|_| no_space());
+        if let Some(nvme) = locations.nvme {
+            self.account(NVME, &slot, false);
+            if let Some(store) = &self.store {
+                store.defer_delete(&slot.key, nvme);
             }
         }
     }
 
-    /// Brings usage back under the low watermark once it rises above the high one. One thread
-    /// at a time; the others carry on.
-    fn reclaim_above_high_watermark(&self) {
-        let used = self.dram.used_bytes();
-        if used <= self.config.high_watermark_bytes() {
+    fn remove(&self, key: &[u8]) -> bool {
+        let hash = self.index.hash(key);
+        let removed = self
+            .index
+            .shard(hash)
+            .write()
+            .remove_if(hash, key, |_| true);
+        let Some(slot) = removed else { return false };
+        self.forget_residency(&slot);
+        self.retire(slot);
+        self.counters.removes.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn after_puts(&self) {
+        if self.dram.used_bytes() <= self.config.high_watermark_bytes() {
             return;
         }
+        if self.store.is_some() {
+            // Demotion writes to NVMe: the background reclaimer does it.
+            self.wake_reclaimer();
+        } else {
+            self.reclaim_dram();
+        }
+    }
+
+    fn wake_reclaimer(&self) {
+        *self.wake.0.lock() = true;
+        self.wake.1.notify_one();
+    }
+
+    fn run_reclaimer(&self) {
+        while !self.stop.load(Ordering::Acquire) {
+            {
+                let mut woken = self.wake.0.lock();
+                if !*woken {
+                    self.wake.1.wait_for(&mut woken, RECLAIM_POLL);
+                }
+                *woken = false;
+            }
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            if self.dram.used_bytes() > self.config.high_watermark_bytes() {
+                self.reclaim_dram();
+            }
+        }
+    }
+
+    /// Brings DRAM usage back under the low watermark. One thread at a time; others go on.
+    fn reclaim_dram(&self) {
         if self.reclaiming.swap(true, Ordering::Acquire) {
             return;
         }
         let used = self.dram.used_bytes();
         let low = self.config.low_watermark_bytes();
         if used > low {
-            self.evict(used - low);
+            self.free_dram(used - low);
         }
         self.reclaiming.store(false, Ordering::Release);
     }
 
-    /// Evicts the coldest unpinned blocks until their extents add up to `target_bytes`, or no
-    /// block can be evicted. Returns the bytes of the extents evicted (freed now, or when the
-    /// last reader of each lets go).
-    fn evict(&self, target_bytes: u64) -> u64 {
-        let mut evicted_bytes = 0;
+    /// Allocates DRAM for a block, demoting or evicting cold blocks as long as that helps.
+    fn reserve_dram(&self, len_bytes: u64) -> Result<mooncake_kv_tiers::Extent> {
+        let no_space = || Error::NoSpace {
+            required_bytes: len_bytes,
+            capacity_bytes: self.dram.capacity_bytes(),
+            used_bytes: self.dram.used_bytes(),
+            pinned_bytes: self.pinned_bytes(),
+        };
+        if len_bytes > self.dram.capacity_bytes() {
+            // Evicting could never make room: refuse before throwing anything out.
+            return Err(no_space());
+        }
+        let mut waits = 0;
+        loop {
+            match self.dram.allocate(len_bytes) {
+                Ok(extent) => return Ok(extent),
+                Err(mooncake_kv_tiers::Error::OutOfSpace { .. }) => {}
+                Err(other) => return Err(other.into()),
+            }
+            if self.free_dram(len_bytes) > 0 {
+                continue;
+            }
+            // Nothing left for this thread to move. Another thread may hold victims it is
+            // about to free (demoting them to NVMe takes a while): wait for it, boundedly.
+            if self.victims_in_flight.load(Ordering::Acquire) > 0 && waits < MAX_SPACE_WAITS {
+                waits += 1;
+                std::thread::sleep(SPACE_WAIT);
+                continue;
+            }
+            return self.dram.allocate(len_bytes).map_err(|_| no_space());
+        }
+    }
+
+    fn pinned_bytes(&self) -> u64 {
+        self.residency[DRAM]
+            .lock()
+            .resident()
+            .iter()
+            .filter(|s| s.is_pinned())
+            .filter_map(|s| s.dram().map(|d| d.extent_len_bytes()))
+            .sum()
+    }
+
+    /// Takes DRAM copies of the coldest unpinned blocks away until their extents add up to
+    /// `target_bytes`, or nothing more can go. With a data directory, a block without an NVMe
+    /// copy is written to NVMe first (demotion) and evicted only if that fails; without one,
+    /// it is evicted. Returns the bytes of the DRAM extents let go of.
+    fn free_dram(&self, target_bytes: u64) -> u64 {
+        let mut freed = 0;
         // Pinned blocks are skipped and put back as recently used; stop once every block that
         // was resident at the start has been looked at, so an all-pinned tier ends the loop.
-        let mut budget = self.residency.lock().policy.len();
-        while evicted_bytes < target_bytes && budget > 0 {
-            let mut victims = Vec::with_capacity(EVICTION_BATCH);
-            let mut skipped = Vec::new();
+        let mut budget = self.residency[DRAM].lock().policy.len();
+        while freed < target_bytes && budget > 0 {
+            let mut victims = Vec::with_capacity(BATCH);
             {
-                let mut residency = self.residency.lock();
-                while victims.len() < EVICTION_BATCH && budget > 0 {
+                let mut residency = self.residency[DRAM].lock();
+                let mut skipped = Vec::new();
+                while victims.len() < BATCH && budget > 0 {
                     let Some(slot) = residency.pop_victim() else {
                         budget = 0;
                         break;
@@ -574,71 +760,586 @@ impl Engine {
                     residency.insert(slot);
                 }
             }
-            for victim in victims {
-                let mut shard = self.index.shard(victim.hash).write();
-                let removed = shard.remove_if(victim.hash, &victim.key, |current| {
-                    Arc::ptr_eq(current, &victim) && !victim.is_pinned()
-                });
-                if removed.is_none() {
-                    let in_index = shard
-                        .find(victim.hash, &victim.key)
-                        .is_some_and(|current| Arc::ptr_eq(current, &victim));
-                    if in_index {
-                        // Pinned after it was chosen: it stays, as recently used.
-                        self.residency.lock().insert(&victim);
-                    }
-                    // Otherwise it was removed or overwritten meanwhile, and accounted for.
-                    continue;
-                }
-                drop(shard);
-                self.account_removed(&victim);
-                self.counters.evictions.fetch_add(1, Ordering::Relaxed);
-                evicted_bytes += victim.extent_len_bytes();
+            if victims.is_empty() {
+                break;
             }
+            // Counted before the residency lock is released would be tighter, but a waiter
+            // that misses these only reports NoSpace a little early, which is allowed.
+            self.victims_in_flight
+                .fetch_add(victims.len(), Ordering::AcqRel);
+            if self.store.is_some() {
+                let unpersisted: Vec<Arc<Slot>> = victims
+                    .iter()
+                    .filter(|s| s.nvme().is_none())
+                    .cloned()
+                    .collect();
+                if !unpersisted.is_empty() {
+                    let count = unpersisted.len() as u64;
+                    let failures = self
+                        .persist(unpersisted)
+                        .into_iter()
+                        .filter(Result::is_err)
+                        .count();
+                    self.counters
+                        .demotions
+                        .fetch_add(count - failures as u64, Ordering::Relaxed);
+                }
+            }
+            for victim in &victims {
+                freed += self.drop_dram_copy(victim);
+            }
+            self.victims_in_flight
+                .fetch_sub(victims.len(), Ordering::AcqRel);
         }
-        evicted_bytes
+        freed
     }
 
-    /// Looks a key up for a read, counting the hit or miss and the use.
-    fn lookup_for_read(&self, key: &[u8]) -> Option<Arc<Slot>> {
+    /// Drops a victim's DRAM copy: the block stays, on NVMe, if it has a copy there; otherwise
+    /// it leaves the index. Returns the DRAM bytes let go of.
+    fn drop_dram_copy(&self, victim: &Arc<Slot>) -> u64 {
+        let mut shard = self.index.shard(victim.hash).write();
+        let current = shard
+            .find(victim.hash, &victim.key)
+            .is_some_and(|c| Arc::ptr_eq(c, victim));
+        if !current {
+            // Removed or overwritten meanwhile; whoever did it has accounted for it.
+            return 0;
+        }
+        if victim.is_pinned() {
+            // Pinned after it was chosen: it stays, as recently used.
+            self.residency[DRAM].lock().insert(victim);
+            return 0;
+        }
+        let mut locations = victim.locations.write();
+        let Some(copy) = locations.dram.take() else {
+            return 0;
+        };
+        let bytes = copy.extent_len_bytes();
+        self.account(DRAM, victim, false);
+        self.counters.tiers[DRAM]
+            .evictions
+            .fetch_add(1, Ordering::Relaxed);
+        if locations.nvme.is_none() {
+            drop(locations);
+            shard.remove_if(victim.hash, &victim.key, |_| true);
+            drop(shard);
+            self.forget_residency(victim);
+        }
+        bytes
+    }
+
+    /// Writes blocks that are only in DRAM to NVMe and commits their map entries, with one
+    /// data sync and one metadata sync for the batch. One result per slot; a slot that already
+    /// has an NVMe copy is `Ok` at once.
+    fn persist(&self, slots: Vec<Arc<Slot>>) -> Vec<Result<()>> {
+        let Some(store) = &self.store else {
+            return slots.iter().map(|_| Err(Error::NotPersistent)).collect();
+        };
+        let mut results: Vec<Result<()>> = slots.iter().map(|_| Ok(())).collect();
+        let mut work = Vec::new();
+        for (i, slot) in slots.iter().enumerate() {
+            let locations = slot.locations.read().clone();
+            match (locations.nvme, locations.dram) {
+                (Some(_), _) | (None, None) => {}
+                (None, Some(dram)) => {
+                    let len = format::encoded_len(
+                        slot.key.len(),
+                        slot.payload_len as usize,
+                        NVME_PAYLOAD_ALIGN,
+                    );
+                    match self.reserve_nvme(len as u64) {
+                        Ok(extent) => work.push((i, dram, extent)),
+                        Err(error) => results[i] = Err(error),
+                    }
+                }
+            }
+        }
+        if work.is_empty() {
+            return results;
+        }
+        let written = {
+            let mut blocks: Vec<_> = work
+                .iter_mut()
+                .map(|(i, dram, extent)| {
+                    let slot = &slots[*i];
+                    let start = dram.payload_offset as usize;
+                    BlockWrite {
+                        extent,
+                        key: &slot.key,
+                        payload: &dram.bytes()[start..start + slot.payload_len as usize],
+                        generation: slot.generation,
+                    }
+                })
+                .collect();
+            store.write_blocks(&mut blocks)
+        };
+        let entries = match written {
+            Ok(entries) => entries,
+            Err(error) => {
+                // The store is poisoned now: the first block gets the cause, the rest say so.
+                let mut error = Some(error);
+                for (i, _, extent) in work {
+                    results[i] = Err(error.take().unwrap_or(Error::Poisoned));
+                    store.tier.free(extent);
+                }
+                return results;
+            }
+        };
+        let _meta = store.meta_lock.lock();
+        let mut committed = Vec::new();
+        for ((i, _, extent), entry) in work.into_iter().zip(entries) {
+            let slot = &slots[i];
+            strict_assert!(entry.payload_crc32 == slot.payload_crc32);
+            if entry.payload_crc32 != slot.payload_crc32 {
+                // The DRAM copy changed under us: memory corruption. Do not persist it.
+                results[i] = Err(Error::PayloadChecksum {
+                    expected: slot.payload_crc32,
+                    actual: entry.payload_crc32,
+                });
+                store.tier.free(extent);
+                continue;
+            }
+            let current = self
+                .index
+                .shard(slot.hash)
+                .read()
+                .find(slot.hash, &slot.key)
+                .is_some_and(|c| Arc::ptr_eq(c, slot));
+            // The copy frees its extent when dropped: right away if the slot was removed or
+            // overwritten meanwhile (nothing points at the extent), or on a failed commit.
+            let copy = Arc::new(NvmeCopy::new(extent, Arc::clone(&store.tier), entry));
+            if current {
+                committed.push((i, copy));
+            }
+        }
+        let puts: Vec<(&[u8], _)> = committed
+            .iter()
+            .map(|(i, copy)| (&slots[*i].key[..], copy.entry))
+            .collect();
+        if let Err(error) = store.commit(&puts, &[]) {
+            let mut error = Some(error);
+            for (i, _) in &committed {
+                results[*i] = Err(error.take().unwrap_or(Error::Poisoned));
+            }
+            return results;
+        }
+        for (i, copy) in committed {
+            let slot = &slots[i];
+            slot.locations.write().nvme = Some(copy);
+            self.account(NVME, slot, true);
+            self.residency[NVME].lock().insert(slot);
+        }
+        results
+    }
+
+    /// Allocates NVMe space, evicting the coldest NVMe copies if needed.
+    fn reserve_nvme(&self, len_bytes: u64) -> Result<mooncake_kv_tiers::Extent> {
+        let store = self.store.as_ref().ok_or(Error::NotPersistent)?;
+        let tier = &store.tier;
+        let no_space = || Error::NoSpace {
+            required_bytes: len_bytes,
+            capacity_bytes: tier.capacity_bytes(),
+            used_bytes: tier.used_bytes(),
+            pinned_bytes: 0,
+        };
+        if len_bytes > tier.capacity_bytes() {
+            return Err(no_space());
+        }
+        let mut waits = 0;
+        loop {
+            match tier.allocate(len_bytes) {
+                Ok(extent) => return Ok(extent),
+                Err(mooncake_kv_tiers::Error::OutOfSpace { .. }) => {}
+                Err(other) => return Err(other.into()),
+            }
+            // Removed and overwritten blocks hold their extents until their map deletes are
+            // committed: commit them first, it frees space without evicting anything.
+            if store.has_deferred_deletes() {
+                let _meta = store.meta_lock.lock();
+                store.commit(&[], &[])?;
+                continue;
+            }
+            if self.free_nvme(len_bytes.max(tier.capacity_bytes() / 100))? > 0 {
+                continue;
+            }
+            // Readers and other threads' evictions may be about to let extents go.
+            if waits < MAX_SPACE_WAITS {
+                waits += 1;
+                std::thread::sleep(SPACE_WAIT);
+                continue;
+            }
+            return tier.allocate(len_bytes).map_err(|_| no_space());
+        }
+    }
+
+    /// Drops the NVMe copies of the coldest blocks until their extents add up to
+    /// `target_bytes`. A block that has no DRAM copy leaves the index. The map deletions are
+    /// committed before the extents are freed.
+    fn free_nvme(&self, target_bytes: u64) -> Result<u64> {
+        let Some(store) = &self.store else {
+            return Ok(0);
+        };
+        let mut victims = Vec::new();
+        {
+            let mut residency = self.residency[NVME].lock();
+            let mut bytes = 0;
+            while bytes < target_bytes {
+                let Some(slot) = residency.pop_victim() else {
+                    break;
+                };
+                bytes += slot.nvme().map_or(0, |c| c.entry.extent_len_bytes);
+                victims.push(slot);
+            }
+        }
+        let mut freed = 0;
+        let mut dropped = Vec::new();
+        let _meta = store.meta_lock.lock();
+        let mut deletes = Vec::new();
+        for victim in &victims {
+            let mut shard = self.index.shard(victim.hash).write();
+            let current = shard
+                .find(victim.hash, &victim.key)
+                .is_some_and(|c| Arc::ptr_eq(c, victim));
+            if !current {
+                // Retired meanwhile, which took its copies (and deferred its map delete).
+                continue;
+            }
+            let mut locations = victim.locations.write();
+            let Some(copy) = locations.nvme.take() else {
+                continue;
+            };
+            self.account(NVME, victim, false);
+            self.counters.tiers[NVME]
+                .evictions
+                .fetch_add(1, Ordering::Relaxed);
+            if locations.dram.is_none() {
+                drop(locations);
+                shard.remove_if(victim.hash, &victim.key, |_| true);
+                drop(shard);
+                self.residency[DRAM].lock().remove(victim);
+            }
+            freed += copy.entry.extent_len_bytes;
+            deletes.push((victim.clone(), copy.entry.generation));
+            dropped.push(copy);
+        }
+        let delete_refs: Vec<(&[u8], u64)> =
+            deletes.iter().map(|(s, g)| (&s.key[..], *g)).collect();
+        store.commit(&[], &delete_refs)?;
+        // `dropped` goes here: the entries are durably deleted, the extents may be reused.
+        drop(dropped);
+        Ok(freed)
+    }
+
+    fn flush(&self) -> Result<usize> {
+        let store = self.store.as_ref().ok_or(Error::NotPersistent)?;
+        store.check_poisoned()?;
+        let pending: Vec<Arc<Slot>> = self.residency[DRAM]
+            .lock()
+            .resident()
+            .into_iter()
+            .filter(|s| s.nvme().is_none())
+            .collect();
+        let mut written = 0;
+        for chunk in pending.chunks(BATCH) {
+            for result in self.persist(chunk.to_vec()) {
+                result?;
+                written += 1;
+            }
+        }
+        // Commit pending removals even when nothing was written.
+        let _meta = store.meta_lock.lock();
+        store.commit(&[], &[])?;
+        Ok(written)
+    }
+
+    /// Looks a key up for a read, counting the use.
+    fn lookup(&self, key: &[u8]) -> Option<Arc<Slot>> {
         let Some(slot) = self.index.get(key) else {
-            self.counters.misses.fetch_add(1, Ordering::Relaxed);
+            self.counters.tiers[DRAM]
+                .misses
+                .fetch_add(1, Ordering::Relaxed);
+            if self.store.is_some() {
+                self.counters.tiers[NVME]
+                    .misses
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             return None;
         };
-        self.counters.hits.fetch_add(1, Ordering::Relaxed);
-        self.touch(&slot);
         Some(slot)
     }
 
-    fn touch(&self, slot: &Slot) {
-        self.residency
+    fn touch(&self, tier: usize, slot: &Slot) {
+        self.residency[tier]
             .lock()
-            .touch(slot.entry.load(Ordering::Relaxed), slot.generation);
+            .touch(slot.entries[tier].load(Ordering::Relaxed), slot.generation);
     }
 
-    /// Checks the block's header against what the index says it holds and returns the payload
-    /// in place. A block that fails is dropped from the index, so it is reported once and never
-    /// served.
-    fn verified_payload<'a>(&self, slot: &'a Slot) -> Result<&'a [u8]> {
-        match self.verify(slot) {
-            Ok(payload) => Ok(payload),
-            Err(error) => {
-                tracing::error!(%error, generation = slot.generation, "corrupt block in DRAM; dropping it");
-                let mut shard = self.index.shard(slot.hash).write();
-                let removed =
-                    shard.remove_if(slot.hash, &slot.key, |s| s.generation == slot.generation);
-                if let Some(removed) = removed {
-                    self.residency.lock().remove(&removed);
+    /// Reads a block's payload and hands it to `sink`, from DRAM in place or from NVMe through
+    /// a verified buffer; promotes NVMe hits when configured. Returns the payload length.
+    fn read_slot(&self, slot: &Arc<Slot>, sink: impl FnOnce(&[u8])) -> Result<()> {
+        let locations = slot.locations.read().clone();
+        if let Some(dram) = &locations.dram {
+            let payload = self.checked(slot, self.verify_dram(slot, dram))?;
+            self.hit(DRAM, slot);
+            sink(payload);
+            return Ok(());
+        }
+        let Some(nvme) = &locations.nvme else {
+            // Retired between the lookup and now: a miss that came late. Report it as the
+            // block it was, gone.
+            return Err(Error::BlockMismatch {
+                expected_generation: slot.generation,
+                found_generation: 0,
+                detail: "removed while being read",
+            });
+        };
+        let store = self.store.as_ref().expect("an NVMe copy implies a store");
+        self.counters.tiers[DRAM]
+            .misses
+            .fetch_add(1, Ordering::Relaxed);
+        let buf = self.checked(slot, store.read_block(nvme))?;
+        let payload = self.checked(slot, verify_nvme(slot, nvme, &buf))?;
+        self.hit(NVME, slot);
+        if self.config.promote_on_hit {
+            self.promote(slot, payload, false);
+        }
+        sink(payload);
+        Ok(())
+    }
+
+    fn hit(&self, tier: usize, slot: &Slot) {
+        self.counters.tiers[tier]
+            .hits
+            .fetch_add(1, Ordering::Relaxed);
+        self.touch(tier, slot);
+    }
+
+    fn get_into(&self, key: &[u8], target: &mut [u8]) -> Result<Option<usize>> {
+        let Some(slot) = self.lookup(key) else {
+            return Ok(None);
+        };
+        let needed = slot.payload_len as usize;
+        if target.len() < needed {
+            return Err(Error::BufferTooSmall {
+                needed_bytes: needed,
+                available_bytes: target.len(),
+            });
+        }
+        let locations = slot.locations.read().clone();
+        let direct = locations.dram.is_none()
+            && target.as_ptr() as usize % NVME_PAYLOAD_ALIGN == 0
+            && target.len() >= needed.next_multiple_of(NVME_PAYLOAD_ALIGN);
+        if let (true, Some(nvme)) = (direct, &locations.nvme) {
+            return self.get_into_direct(&slot, nvme, target).map(Some);
+        }
+        // The slot's payload length never changes, so the check above holds for the copy.
+        self.read_slot(&slot, |payload| {
+            target[..payload.len()].copy_from_slice(payload)
+        })?;
+        Ok(Some(needed))
+    }
+
+    /// Reads an NVMe-only block's header sectors into a small buffer and its payload straight
+    /// into `target`, in one batch, then verifies both.
+    fn get_into_direct(
+        &self,
+        slot: &Arc<Slot>,
+        nvme: &NvmeCopy,
+        target: &mut [u8],
+    ) -> Result<usize> {
+        let store = self.store.as_ref().expect("an NVMe copy implies a store");
+        self.counters.tiers[DRAM]
+            .misses
+            .fetch_add(1, Ordering::Relaxed);
+        let entry = nvme.entry;
+        let payload_len = entry.payload_len as usize;
+        let mut head = mooncake_kv_tiers::AlignedBuf::zeroed(entry.payload_offset as usize);
+        let payload_span = payload_len.next_multiple_of(NVME_PAYLOAD_ALIGN);
+        let mut reads = vec![(nvme.extent(), 0, &mut head[..])];
+        if payload_span > 0 {
+            reads.push((
+                nvme.extent(),
+                u64::from(entry.payload_offset),
+                &mut target[..payload_span],
+            ));
+        }
+        for result in store.tier.read_extents(&mut reads) {
+            self.checked(slot, result.map_err(Error::from))?;
+        }
+        self.checked(slot, verify_nvme_head(slot, &entry, &head))?;
+        let actual = crc32fast::hash(&target[..payload_len]);
+        if actual != entry.payload_crc32 {
+            return self.checked(
+                slot,
+                Err(Error::PayloadChecksum {
+                    expected: entry.payload_crc32,
+                    actual,
+                }),
+            );
+        }
+        self.hit(NVME, slot);
+        if self.config.promote_on_hit {
+            self.promote(slot, &target[..payload_len], false);
+        }
+        Ok(payload_len)
+    }
+
+    /// Copies an NVMe block into DRAM. A read hit promotes only into free space below the
+    /// high watermark (`make_room` false: promotion never evicts); a pin makes room.
+    fn promote(&self, slot: &Arc<Slot>, payload: &[u8], make_room: bool) {
+        let len = format::encoded_len(slot.key.len(), payload.len(), DRAM_PAYLOAD_ALIGN) as u64;
+        let extent = if make_room {
+            match self.reserve_dram(len) {
+                Ok(extent) => extent,
+                Err(_) => return,
+            }
+        } else {
+            if self.dram.used_bytes() + len > self.config.high_watermark_bytes() {
+                return;
+            }
+            let Ok(extent) = self.dram.allocate(len) else {
+                return;
+            };
+            extent
+        };
+        let offset = format::payload_offset(slot.key.len(), DRAM_PAYLOAD_ALIGN);
+        let mut copy = DramCopy::new(extent, Arc::clone(&self.dram), offset as u32);
+        if format::encode_into(
+            copy.bytes_mut(),
+            &slot.key,
+            payload,
+            slot.generation,
+            DRAM_PAYLOAD_ALIGN,
+        )
+        .is_err()
+        {
+            return;
+        }
+        let shard = self.index.shard(slot.hash).read();
+        if !shard
+            .find(slot.hash, &slot.key)
+            .is_some_and(|c| Arc::ptr_eq(c, slot))
+        {
+            return;
+        }
+        let mut locations = slot.locations.write();
+        if locations.dram.is_some() || locations.nvme.is_none() {
+            return;
+        }
+        locations.dram = Some(Arc::new(copy));
+        self.account(DRAM, slot, true);
+        self.residency[DRAM].lock().insert(slot);
+        self.counters.promotions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn pin(&self, key: &[u8]) -> Result<Option<PinnedBlock>> {
+        for _ in 0..3 {
+            let hash = self.index.hash(key);
+            let pinned = {
+                let shard = self.index.shard(hash).read();
+                let Some(slot) = shard.find(hash, key) else {
                     drop(shard);
-                    self.account_removed(&removed);
+                    self.counters.tiers[DRAM]
+                        .misses
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Ok(None);
+                };
+                // Under the shard's read lock, so a mover (which checks pins under the write
+                // lock) either ran before and the copy is gone, or runs after and sees the pin.
+                let dram = slot.dram();
+                dram.map(|copy| {
+                    slot.pins.fetch_add(1, Ordering::AcqRel);
+                    PinnedBlock {
+                        slot: Arc::clone(slot),
+                        copy,
+                    }
+                })
+            };
+            match pinned {
+                Some(pinned) => {
+                    self.checked(&pinned.slot, self.verify_dram(&pinned.slot, &pinned.copy))?;
+                    self.hit(DRAM, &pinned.slot);
+                    return Ok(Some(pinned));
                 }
-                Err(error)
+                None => {
+                    // Only on NVMe: bring it into DRAM, making room if needed, then pin.
+                    let Some(slot) = self.index.get(key) else {
+                        return Ok(None);
+                    };
+                    let Some(nvme) = slot.nvme() else { continue };
+                    let store = self.store.as_ref().expect("an NVMe copy implies a store");
+                    let buf = self.checked(&slot, store.read_block(&nvme))?;
+                    let payload = self.checked(&slot, verify_nvme(&slot, &nvme, &buf))?;
+                    self.promote(&slot, payload, true);
+                }
             }
         }
+        Err(Error::NoSpace {
+            required_bytes: 0,
+            capacity_bytes: self.dram.capacity_bytes(),
+            used_bytes: self.dram.used_bytes(),
+            pinned_bytes: self.pinned_bytes(),
+        })
     }
 
-    fn verify<'a>(&self, slot: &'a Slot) -> Result<&'a [u8]> {
-        let bytes = slot.bytes();
+    fn prefix_match(&self, keys: &[&[u8]]) -> usize {
+        let mut matched: Vec<(EntryId, EntryId, u64)> = Vec::with_capacity(keys.len());
+        for key in keys {
+            let hash = self.index.hash(key);
+            let shard = self.index.shard(hash).read();
+            let Some(slot) = shard.find(hash, key) else {
+                break;
+            };
+            matched.push((
+                slot.entries[DRAM].load(Ordering::Relaxed),
+                slot.entries[NVME].load(Ordering::Relaxed),
+                slot.generation,
+            ));
+        }
+        if !matched.is_empty() {
+            let mut residency = self.residency[DRAM].lock();
+            for &(id, _, generation) in &matched {
+                residency.touch(id, generation);
+            }
+            drop(residency);
+            if self.store.is_some() {
+                let mut residency = self.residency[NVME].lock();
+                for &(_, id, generation) in &matched {
+                    residency.touch(id, generation);
+                }
+            }
+        }
+        matched.len()
+    }
+
+    /// Passes a result through; on a verification failure, reports the block, counts it and
+    /// drops it (index and map), so it is never served.
+    fn checked<T>(&self, slot: &Arc<Slot>, result: Result<T>) -> Result<T> {
+        let error = match result {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        let corrupt = !matches!(error, Error::Tier(mooncake_kv_tiers::Error::Io { .. }));
+        if corrupt {
+            tracing::error!(%error, generation = slot.generation, key = ?String::from_utf8_lossy(&slot.key), "corrupt block; dropping it");
+            self.counters.corrupt_blocks.fetch_add(1, Ordering::Relaxed);
+            let removed =
+                self.index
+                    .shard(slot.hash)
+                    .write()
+                    .remove_if(slot.hash, &slot.key, |s| Arc::ptr_eq(s, slot));
+            if let Some(removed) = removed {
+                self.forget_residency(&removed);
+                self.retire(removed);
+            }
+        }
+        Err(error)
+    }
+
+    /// Checks a DRAM copy's header against what the slot says it holds and returns the
+    /// payload in place.
+    fn verify_dram<'a>(&self, slot: &Slot, copy: &'a DramCopy) -> Result<&'a [u8]> {
+        let bytes = copy.bytes();
         let header = format::decode_header(bytes)?;
         let mismatch = |detail| Error::BlockMismatch {
             expected_generation: slot.generation,
@@ -648,7 +1349,7 @@ impl Engine {
         if header.generation != slot.generation {
             return Err(mismatch("generation"));
         }
-        if header.payload_offset != slot.payload_offset || header.payload_len != slot.payload_len {
+        if header.payload_offset != copy.payload_offset || header.payload_len != slot.payload_len {
             return Err(mismatch("payload position"));
         }
         // The header is valid, so key and payload lie within the extent the block was
@@ -671,4 +1372,128 @@ impl Engine {
         }
         Ok(payload)
     }
+
+    fn recover(&self) -> Result<()> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let mut max_generation = 0;
+        let mut slots = Vec::new();
+        store.recover(
+            |key, copy| {
+                max_generation = max_generation.max(copy.entry.generation);
+                let slot = Arc::new(Slot::new(
+                    key,
+                    self.index.hash(key),
+                    copy.entry.generation,
+                    copy.entry.payload_len,
+                    copy.entry.payload_crc32,
+                    Locations { dram: None, nvme: Some(copy) },
+                ));
+                slots.push(slot);
+            },
+            |key, error| {
+                self.counters.corrupt_blocks.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, key = ?String::from_utf8_lossy(key), "dropping a bad map entry");
+            },
+        )?;
+        for slot in &slots {
+            self.index.shard(slot.hash).write().insert(Arc::clone(slot));
+            self.account(NVME, slot, true);
+        }
+        let mut residency = self.residency[NVME].lock();
+        for slot in &slots {
+            residency.insert(slot);
+        }
+        self.next_generation
+            .store(max_generation + 1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn stats(&self) -> EngineStats {
+        let c = &self.counters;
+        let tier = |kind, usage: mooncake_kv_tiers::TierUsage, t: usize| TierStats {
+            kind,
+            capacity_bytes: usage.capacity_bytes,
+            used_bytes: usage.used_bytes,
+            largest_free_bytes: usage.largest_free_bytes,
+            free_extents: usage.free_extents,
+            blocks: c.tiers[t].blocks.load(Ordering::Relaxed),
+            payload_bytes: c.tiers[t].payload_bytes.load(Ordering::Relaxed),
+            hits: c.tiers[t].hits.load(Ordering::Relaxed),
+            misses: c.tiers[t].misses.load(Ordering::Relaxed),
+            evictions: c.tiers[t].evictions.load(Ordering::Relaxed),
+        };
+        let mut tiers = vec![tier(TierKind::Dram, self.dram.usage(), DRAM)];
+        if let Some(store) = &self.store {
+            tiers.push(tier(TierKind::Nvme, store.tier.usage(), NVME));
+        }
+        EngineStats {
+            tiers,
+            puts: c.puts.load(Ordering::Relaxed),
+            removes: c.removes.load(Ordering::Relaxed),
+            demotions: c.demotions.load(Ordering::Relaxed),
+            promotions: c.promotions.load(Ordering::Relaxed),
+            corrupt_blocks: c.corrupt_blocks.load(Ordering::Relaxed),
+            huge_pages: self.dram.huge_page_mode(),
+            nvme_io_backend: self.store.as_ref().map(|s| s.tier.io_backend_name()),
+            nvme_io_fell_back: self.store.as_ref().is_some_and(|s| s.tier.fell_back()),
+        }
+    }
+}
+
+/// Verifies a whole block read from NVMe against its slot and returns the payload.
+fn verify_nvme<'a>(slot: &Slot, copy: &NvmeCopy, buf: &'a [u8]) -> Result<&'a [u8]> {
+    let block = format::decode(buf)?;
+    check_identity(slot, &copy.entry, &block.header, block.key)?;
+    Ok(block.payload)
+}
+
+/// Verifies the header sectors of a block read from NVMe (header, key, padding).
+fn verify_nvme_head(slot: &Slot, entry: &crate::meta::MapEntry, head: &[u8]) -> Result<()> {
+    let header = format::decode_header(head)?;
+    let key_end = HEADER_BYTES + usize::from(header.key_len);
+    let key = head.get(HEADER_BYTES..key_end).ok_or(Error::Truncated {
+        needed_bytes: key_end as u64,
+        available_bytes: head.len() as u64,
+    })?;
+    let key_crc = crc32fast::hash(key);
+    if key_crc != header.key_crc32 {
+        return Err(Error::KeyChecksum {
+            expected: header.key_crc32,
+            actual: key_crc,
+        });
+    }
+    if let Some(at) = head[key_end..].iter().position(|&b| b != 0) {
+        return Err(Error::NonZeroPadding {
+            offset: key_end + at,
+        });
+    }
+    check_identity(slot, entry, &header, key)
+}
+
+fn check_identity(
+    slot: &Slot,
+    entry: &crate::meta::MapEntry,
+    header: &format::Header,
+    key: &[u8],
+) -> Result<()> {
+    let mismatch = |detail| Error::BlockMismatch {
+        expected_generation: slot.generation,
+        found_generation: header.generation,
+        detail,
+    };
+    if header.generation != slot.generation {
+        return Err(mismatch("generation"));
+    }
+    if key != &slot.key[..] {
+        return Err(mismatch("key"));
+    }
+    if header.payload_len != entry.payload_len
+        || header.payload_offset != entry.payload_offset
+        || header.payload_crc32 != entry.payload_crc32
+    {
+        return Err(mismatch("map entry"));
+    }
+    Ok(())
 }

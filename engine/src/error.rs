@@ -133,6 +133,56 @@ pub enum Error {
     /// The storage tier failed.
     #[error("tier: {0}")]
     Tier(#[from] mooncake_kv_tiers::Error),
+    /// The data directory could not be created or a file in it could not be opened.
+    #[error("cannot {action} at {}: {source}", path.display())]
+    DataDir {
+        /// The path concerned.
+        path: std::path::PathBuf,
+        /// What was being attempted.
+        action: &'static str,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another process holds the data directory (a running engine or kvd). Nothing was changed.
+    #[error("data directory {} is in use by another process ({holder})", path.display())]
+    DirectoryInUse {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// What the lock file says about its holder.
+        holder: String,
+    },
+    /// The data directory was written by another format version, or its files disagree with
+    /// each other or with the config. Nothing was changed.
+    #[error("data directory {} cannot be opened: {reason}", path.display())]
+    IncompatibleDataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// What does not match.
+        reason: String,
+    },
+    /// RocksDB failed.
+    #[error("metadata: cannot {action}: {source}")]
+    Metadata {
+        /// What was being attempted.
+        action: &'static str,
+        /// RocksDB's error; its `kind()` tells busy, corruption, I/O and so on apart.
+        #[source]
+        source: rocksdb::Error,
+    },
+    /// A metadata record is malformed.
+    #[error("corrupt metadata: {reason}")]
+    CorruptMetadata {
+        /// What is wrong.
+        reason: String,
+    },
+    /// An earlier sync of the data file or the metadata failed, so what the device holds is
+    /// unknown; the engine persists nothing more until it is reopened.
+    #[error("the engine is poisoned by an earlier failed sync; reopen it")]
+    Poisoned,
+    /// The engine has no NVMe tier (no `data_dir` configured), so it cannot persist.
+    #[error("no data directory configured: nothing can be persisted")]
+    NotPersistent,
 }
 
 /// This crate's result type.

@@ -7,11 +7,13 @@ mod error;
 pub mod eviction;
 pub mod format;
 mod index;
+pub mod meta;
 mod slot;
+pub mod store;
 
 pub use config::EngineConfig;
-pub use engine::{Engine, EngineStats, PinnedBlock, TierStats};
+pub use engine::{Durability, Engine, EngineStats, PinnedBlock, TierStats};
 pub use error::{Error, Result};
 pub use eviction::EvictionPolicyKind;
 pub use format::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
-pub use mooncake_kv_tiers::{HugePageMode, HugePages, TierKind};
+pub use mooncake_kv_tiers::{AlignedBuf, HugePageMode, HugePages, IoBackendKind, TierKind};

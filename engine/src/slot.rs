@@ -1,35 +1,48 @@
-//! A resident block: its metadata and the extent holding its bytes.
+//! A block the engine holds: its identity, and the copies of it on each tier.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use mooncake_kv_tiers::{DramTier, Extent, Tier};
+use mooncake_kv_tiers::{DramTier, Extent, NvmeTier, Tier};
+use parking_lot::RwLock;
 
 use crate::eviction::EntryId;
+use crate::meta::MapEntry;
 
-/// Marks a slot that is not (or no longer) tracked by the eviction policy.
+/// Marks a slot that is not (or no longer) tracked by a tier's eviction policy.
 pub(crate) const NOT_RESIDENT: EntryId = EntryId::MAX;
+/// Index of the DRAM tier in per-tier arrays.
+pub(crate) const DRAM: usize = 0;
+/// Index of the NVMe tier in per-tier arrays.
+pub(crate) const NVME: usize = 1;
 
-/// One block in DRAM. Shared by the index, the residency table and readers through `Arc`;
-/// the extent goes back to the tier when the last of them lets go, so a reader that looked a
-/// block up can always finish copying it, even if it was removed or evicted meanwhile.
+/// One block. Shared by the index, the residency tables and readers through `Arc`. Its
+/// identity (key, generation, payload length and CRC) never changes; which tiers hold a copy
+/// does, under `locations`. Each copy frees its extent when the last `Arc` to it goes, so a
+/// reader that took a copy can always finish reading it, even if the block moved or was
+/// removed meanwhile.
 #[derive(Debug)]
 pub(crate) struct Slot {
     pub(crate) key: Box<[u8]>,
     /// The index's hash of `key`, kept so the index can grow without rehashing keys.
     pub(crate) hash: u64,
-    /// Unique across the engine's life: identifies this slot in checks against reuse.
+    /// Unique across the engine's life (and across restarts): identifies this block.
     pub(crate) generation: u64,
-    pub(crate) payload_offset: u32,
     pub(crate) payload_len: u32,
-    /// Readers holding a pin. A pinned slot is never evicted; the count only changes under a
-    /// read lock of the slot's index shard and is checked under its write lock.
+    pub(crate) payload_crc32: u32,
+    /// Readers holding a pin. A pinned block is neither evicted nor moved; the count only
+    /// changes under a read lock of the block's index shard and is checked under its write lock.
     pub(crate) pins: AtomicU32,
-    /// This slot's id in the residency table, or [`NOT_RESIDENT`].
-    pub(crate) entry: AtomicU32,
-    /// Always `Some` until drop.
-    extent: Option<Extent>,
-    tier: Arc<DramTier>,
+    /// This slot's id in each tier's residency table, or [`NOT_RESIDENT`].
+    pub(crate) entries: [AtomicU32; 2],
+    pub(crate) locations: RwLock<Locations>,
+}
+
+/// The copies of a block. At least one is present while the block is in the index.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Locations {
+    pub(crate) dram: Option<Arc<DramCopy>>,
+    pub(crate) nvme: Option<Arc<NvmeCopy>>,
 }
 
 impl Slot {
@@ -37,21 +50,50 @@ impl Slot {
         key: &[u8],
         hash: u64,
         generation: u64,
-        payload_offset: u32,
         payload_len: u32,
-        extent: Extent,
-        tier: Arc<DramTier>,
+        payload_crc32: u32,
+        locations: Locations,
     ) -> Self {
         Self {
             key: key.into(),
             hash,
             generation,
-            payload_offset,
             payload_len,
+            payload_crc32,
             pins: AtomicU32::new(0),
-            entry: AtomicU32::new(NOT_RESIDENT),
+            entries: [AtomicU32::new(NOT_RESIDENT), AtomicU32::new(NOT_RESIDENT)],
+            locations: RwLock::new(locations),
+        }
+    }
+
+    pub(crate) fn is_pinned(&self) -> bool {
+        self.pins.load(Ordering::Acquire) > 0
+    }
+
+    pub(crate) fn dram(&self) -> Option<Arc<DramCopy>> {
+        self.locations.read().dram.clone()
+    }
+
+    pub(crate) fn nvme(&self) -> Option<Arc<NvmeCopy>> {
+        self.locations.read().nvme.clone()
+    }
+}
+
+/// A block's bytes in the DRAM tier, in the block format with 64-byte payload alignment.
+#[derive(Debug)]
+pub(crate) struct DramCopy {
+    /// Always `Some` until drop.
+    extent: Option<Extent>,
+    tier: Arc<DramTier>,
+    pub(crate) payload_offset: u32,
+}
+
+impl DramCopy {
+    pub(crate) fn new(extent: Extent, tier: Arc<DramTier>, payload_offset: u32) -> Self {
+        Self {
             extent: Some(extent),
             tier,
+            payload_offset,
         }
     }
 
@@ -60,12 +102,12 @@ impl Slot {
         self.tier.bytes(self.extent())
     }
 
-    /// The whole extent's bytes, writable: only before the slot is shared.
+    /// The whole extent's bytes, writable: only before the copy is shared.
     pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
         let extent = self
             .extent
             .as_mut()
-            .expect("slot holds its extent until drop");
+            .expect("a copy holds its extent until drop");
         self.tier.bytes_mut(extent)
     }
 
@@ -73,18 +115,50 @@ impl Slot {
         self.extent().len_bytes()
     }
 
-    pub(crate) fn is_pinned(&self) -> bool {
-        self.pins.load(Ordering::Acquire) > 0
-    }
-
     fn extent(&self) -> &Extent {
         self.extent
             .as_ref()
-            .expect("slot holds its extent until drop")
+            .expect("a copy holds its extent until drop")
     }
 }
 
-impl Drop for Slot {
+impl Drop for DramCopy {
+    fn drop(&mut self) {
+        if let Some(extent) = self.extent.take() {
+            self.tier.free(extent);
+        }
+    }
+}
+
+/// A block's bytes on the NVMe tier, in the block format with 4 KiB payload alignment, and
+/// the map entry that points at them.
+///
+/// Dropping it frees the extent for reuse, so the engine drops the last reference only after
+/// the map entry is deleted durably (or was never committed).
+#[derive(Debug)]
+pub(crate) struct NvmeCopy {
+    extent: Option<Extent>,
+    tier: Arc<NvmeTier>,
+    pub(crate) entry: MapEntry,
+}
+
+impl NvmeCopy {
+    pub(crate) fn new(extent: Extent, tier: Arc<NvmeTier>, entry: MapEntry) -> Self {
+        Self {
+            extent: Some(extent),
+            tier,
+            entry,
+        }
+    }
+
+    pub(crate) fn extent(&self) -> &Extent {
+        self.extent
+            .as_ref()
+            .expect("a copy holds its extent until drop")
+    }
+}
+
+impl Drop for NvmeCopy {
     fn drop(&mut self) {
         if let Some(extent) = self.extent.take() {
             self.tier.free(extent);

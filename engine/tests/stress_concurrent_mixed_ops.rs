@@ -3,7 +3,9 @@
 //! derived from its key and a nonce stored in its first bytes, so every read can be checked
 //! byte for byte without a shared model. What could break: a block freed while being copied,
 //! a slot reused under a reader, a torn or misattributed block, a pinned block evicted or
-//! overwritten in place. Any of those shows up as a mismatch; the test demands zero.
+//! overwritten in place. Any of those shows up as a mismatch; the test demands zero. It runs
+//! twice: DRAM only (eviction drops blocks) and with a data directory (the reclaimer demotes
+//! blocks to NVMe in the background, reads promote them back, flushes persist them).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,14 +51,33 @@ fn is_valid(id: u64, bytes: &[u8]) -> bool {
 }
 
 #[test]
-fn concurrent_mixed_operations_never_return_a_wrong_byte() -> Result<(), Error> {
-    let engine = Arc::new(Engine::open(EngineConfig {
+fn dram_only_concurrent_mixed_operations_never_return_a_wrong_byte() -> Result<(), Error> {
+    run(EngineConfig {
         dram_capacity_bytes: 24 << 20,
         high_watermark_percent: 90,
         low_watermark_percent: 75,
         index_shards: 8,
         ..EngineConfig::default()
-    })?);
+    })
+}
+
+#[test]
+fn with_nvme_concurrent_mixed_operations_never_return_a_wrong_byte() -> Result<(), Error> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run(EngineConfig {
+        dram_capacity_bytes: 12 << 20,
+        high_watermark_percent: 80,
+        low_watermark_percent: 60,
+        index_shards: 8,
+        data_dir: Some(dir.path().to_owned()),
+        nvme_capacity_bytes: 96 << 20,
+        ..EngineConfig::default()
+    })
+}
+
+fn run(config: EngineConfig) -> Result<(), Error> {
+    let persistent = config.data_dir.is_some();
+    let engine = Arc::new(Engine::open(config)?);
     let checked = Arc::new(AtomicU64::new(0));
     let mismatches = Arc::new(AtomicU64::new(0));
     let threads: Vec<_> = (0..THREADS)
@@ -104,8 +125,11 @@ fn concurrent_mixed_operations_never_return_a_wrong_byte() -> Result<(), Error> 
                                 assert_eq!(pinned.key(), &key(id)[..]);
                             }
                         }
-                        88..95 => {
+                        88..94 => {
                             engine.remove(&key(id));
+                        }
+                        94 if persistent && rng.random_range(0..10) == 0 => {
+                            engine.flush()?;
                         }
                         _ => {
                             let chain: Vec<[u8; 12]> = (id..id + 8).map(key).collect();

@@ -91,6 +91,32 @@ impl ExtentAllocator {
         Some(start)
     }
 
+    /// Allocates exactly `[start, start + len_units)` if all of it is free; returns whether it
+    /// was. How a recovered map takes back the extents it names.
+    pub fn take(&mut self, start: u64, len_units: u64) -> bool {
+        let Some(end) = start.checked_add(len_units) else {
+            return false;
+        };
+        if len_units == 0 || end > self.capacity_units {
+            return false;
+        }
+        let Some((&free_start, &free_len)) = self.free_by_start.range(..=start).next_back() else {
+            return false;
+        };
+        if free_start + free_len < end {
+            return false;
+        }
+        self.remove_free(free_start, free_len);
+        if free_start < start {
+            self.insert_free(free_start, start - free_start);
+        }
+        if end < free_start + free_len {
+            self.insert_free(end, free_start + free_len - end);
+        }
+        self.allocated_units += len_units;
+        true
+    }
+
     /// Returns `[start, start + len_units)` to the free space, merging it with free neighbours.
     ///
     /// # Panics
@@ -206,6 +232,20 @@ mod tests {
             "everything merged back into one extent"
         );
         assert_eq!(stats.largest_free_units, 100);
+    }
+
+    #[test]
+    fn take_claims_exact_ranges_only_when_free() {
+        let mut a = ExtentAllocator::new(100);
+        assert!(a.take(10, 5));
+        assert!(!a.take(12, 5), "overlaps the taken range");
+        assert!(!a.take(98, 5), "beyond capacity");
+        assert!(a.take(0, 10));
+        assert!(a.take(15, 85));
+        a.check_invariants();
+        assert_eq!(a.stats().free_units, 0);
+        a.free(10, 5);
+        assert_eq!(a.allocate(5), Some(10));
     }
 
     #[test]

@@ -39,6 +39,13 @@ pub enum Error {
         /// Length of the extent.
         extent_len_bytes: u64,
     },
+    /// A direct transfer was asked for with an offset, length or buffer address that is not a
+    /// multiple of the tier's unit; nothing was read or written.
+    #[error("misaligned direct I/O: {what} is not a multiple of 4 KiB")]
+    Misaligned {
+        /// Which of offset, length or buffer address.
+        what: &'static str,
+    },
     /// Creating or mapping the backing memory failed.
     #[error("cannot {action}: {source}")]
     Io {

@@ -6,6 +6,8 @@
 //! - the [`Tier`] trait, the seam every medium implements (DRAM now; NVMe and HBM later);
 //! - [`DramTier`]: one large memfd-backed region mapped with memmap2 (huge pages when the system
 //!   offers them), carved by a best-fit [`ExtentAllocator`];
+//! - [`NvmeTier`]: a preallocated file or raw device opened with `O_DIRECT`, carved the same way
+//!   in 4 KiB units, with batched io_uring I/O (or pread/pwrite when io_uring is unavailable);
 //! - [`Extent`]: an owned token for an allocated range. It is not `Clone`, so whoever holds it
 //!   owns the bytes, and borrowing it is what grants access to them.
 //!
@@ -32,16 +34,21 @@
 //! One DRAM region per tier, sized once at open; allocations are rounded up to the tier's
 //! allocation unit ([`DramConfig::allocation_unit_bytes`], 512 bytes by default).
 
+mod aligned;
 mod allocator;
 mod dram;
 mod error;
 mod mmap;
+mod nvme;
+mod uring;
 
 use std::fmt;
 
+pub use aligned::{AlignedBuf, IO_ALIGN};
 pub use allocator::{ExtentAllocator, SpaceStats};
 pub use dram::{DramConfig, DramTier};
 pub use error::{Error, Result};
+pub use nvme::{IoBackendKind, NVME_UNIT_BYTES, NvmeConfig, NvmeTier};
 
 /// Which medium a tier is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -49,12 +56,15 @@ pub use error::{Error, Result};
 pub enum TierKind {
     /// Host memory.
     Dram,
+    /// A file or block device on flash.
+    Nvme,
 }
 
 impl fmt::Display for TierKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             TierKind::Dram => "dram",
+            TierKind::Nvme => "nvme",
         })
     }
 }
