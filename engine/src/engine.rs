@@ -300,6 +300,14 @@ impl Drop for Engine {
         if let Some(handle) = self.reclaimer.take() {
             let _ = handle.join();
         }
+        // A clean close commits pending removals; blocks only in DRAM are not written (that is
+        // what `flush` is for).
+        if let Some(store) = &self.inner.store {
+            let _meta = store.meta_lock.lock();
+            if let Err(error) = store.commit(&[], &[]) {
+                tracing::warn!(%error, "pending removals not committed at close");
+            }
+        }
     }
 }
 
@@ -502,7 +510,8 @@ impl Engine {
     /// Removes the block of `key`; returns whether there was one. A reader that already holds
     /// the block (a pin, a copy in progress) finishes with the old bytes; the space is freed
     /// when it lets go. On NVMe, the map entry is deleted at the next commit (a flush, a
-    /// write-through put, a demotion): a crash before that brings the block back.
+    /// write-through put, a demotion, closing the engine): a crash before that brings the
+    /// block back.
     pub fn remove(&self, key: &[u8]) -> bool {
         self.inner.remove(key)
     }

@@ -8,6 +8,7 @@ pub mod eviction;
 pub mod format;
 mod index;
 pub mod meta;
+pub mod offline;
 mod slot;
 pub mod store;
 

@@ -197,6 +197,24 @@ impl MetaStore {
         Ok((store, info))
     }
 
+    /// Opens an existing database read-only (for offline inspection): writes nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Metadata`]; [`Error::CorruptMetadata`] if the node records are malformed.
+    pub fn open_read_only(path: &Path) -> Result<(Self, NodeInfo)> {
+        let db = DB::open_cf_for_read_only(&options(false), path, [CF_BLOCKS, CF_NODE], false)
+            .map_err(rocks("open the metadata read-only"))?;
+        let info = Self::read_node_info(&db)?;
+        Ok((
+            Self {
+                db,
+                sync: WriteOptions::default(),
+            },
+            info,
+        ))
+    }
+
     fn read_node_info(db: &DB) -> Result<NodeInfo> {
         let corrupt = |reason: &str| Error::CorruptMetadata {
             reason: reason.to_owned(),

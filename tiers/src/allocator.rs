@@ -156,6 +156,14 @@ impl ExtentAllocator {
         self.allocated_units
     }
 
+    /// The free extents as (start, length) in units, by start.
+    pub fn free_extents(&self) -> Vec<(u64, u64)> {
+        self.free_by_start
+            .iter()
+            .map(|(&start, &len)| (start, len))
+            .collect()
+    }
+
     /// A snapshot of the free space.
     pub fn stats(&self) -> SpaceStats {
         SpaceStats {
