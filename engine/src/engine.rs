@@ -27,8 +27,10 @@ use crate::{EngineConfig, Error, Result, strict_assert};
 
 /// Payloads in DRAM start on a cache line, so copies out of the tier run at full speed.
 const DRAM_PAYLOAD_ALIGN: usize = 64;
-/// Victims taken from a policy per lock acquisition, and blocks persisted per batch.
+/// Victims taken from a policy per lock acquisition, and blocks demoted per batch.
 const BATCH: usize = 32;
+/// Blocks written per batch by `flush`: one data sync and one metadata sync each.
+const FLUSH_BATCH: usize = 1024;
 /// How often the background reclaimer looks at DRAM usage when nobody wakes it.
 const RECLAIM_POLL: Duration = Duration::from_millis(50);
 /// A put that finds DRAM full while other threads are freeing it waits at most this many
@@ -1049,7 +1051,7 @@ impl Inner {
             .filter(|s| s.nvme().is_none())
             .collect();
         let mut written = 0;
-        for chunk in pending.chunks(BATCH) {
+        for chunk in pending.chunks(FLUSH_BATCH) {
             for result in self.persist(chunk.to_vec()) {
                 result?;
                 written += 1;
