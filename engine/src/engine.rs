@@ -19,6 +19,7 @@ use mooncake_kv_tiers::{DramConfig, DramTier, HugePageMode, Tier, TierKind};
 use parking_lot::{Condvar, Mutex};
 
 use crate::eviction::{EntryId, EvictionPolicy, new_policy};
+use crate::format::Error as FormatError;
 use crate::format::{self, HEADER_BYTES};
 use crate::index::Index;
 use crate::slot::{DRAM, DramCopy, Locations, NOT_RESIDENT, NVME, NvmeCopy, Slot};
@@ -399,7 +400,7 @@ impl Engine {
     ///
     /// # Errors
     ///
-    /// [`Error::EmptyKey`], [`Error::KeyTooLong`], [`Error::ValueTooLarge`]; [`Error::NoSpace`]
+    /// [`Error::Format`] for an empty or too long key or a too large value; [`Error::NoSpace`]
     /// if the block does not fit even after evicting every block that may be evicted.
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<u64> {
         self.put_with(key, value, Durability::Memory)
@@ -441,7 +442,7 @@ impl Engine {
     ///
     /// # Errors
     ///
-    /// A corruption error ([`Error::HeaderChecksum`], [`Error::BlockMismatch`], ...) if the
+    /// A corruption error ([`Error::Format`] for a bad checksum, [`Error::BlockMismatch`]) if the
     /// block fails verification; the block is then dropped, so it is reported once and never
     /// served. [`Error::Tier`] if reading NVMe fails.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -903,10 +904,10 @@ impl Inner {
             strict_assert!(entry.payload_crc32 == slot.payload_crc32);
             if entry.payload_crc32 != slot.payload_crc32 {
                 // The DRAM copy changed under us: memory corruption. Do not persist it.
-                results[i] = Err(Error::PayloadChecksum {
+                results[i] = Err(Error::from(FormatError::PayloadChecksum {
                     expected: slot.payload_crc32,
                     actual: entry.payload_crc32,
-                });
+                }));
                 store.tier.free(extent);
                 continue;
             }
@@ -1182,10 +1183,10 @@ impl Inner {
         if actual != entry.payload_crc32 {
             return self.checked(
                 slot,
-                Err(Error::PayloadChecksum {
+                Err(Error::from(FormatError::PayloadChecksum {
                     expected: entry.payload_crc32,
                     actual,
-                }),
+                })),
             );
         }
         self.hit(NVME, slot);
@@ -1375,10 +1376,10 @@ impl Inner {
         if self.config.verify_payload_on_dram_read || cfg!(feature = "strict-assertions") {
             let actual = crc32fast::hash(payload);
             if actual != header.payload_crc32 {
-                return Err(Error::PayloadChecksum {
+                return Err(Error::from(FormatError::PayloadChecksum {
                     expected: header.payload_crc32,
                     actual,
-                });
+                }));
             }
         }
         Ok(payload)
@@ -1464,21 +1465,23 @@ fn verify_nvme<'a>(slot: &Slot, copy: &NvmeCopy, buf: &'a [u8]) -> Result<&'a [u
 fn verify_nvme_head(slot: &Slot, entry: &crate::meta::MapEntry, head: &[u8]) -> Result<()> {
     let header = format::decode_header(head)?;
     let key_end = HEADER_BYTES + usize::from(header.key_len);
-    let key = head.get(HEADER_BYTES..key_end).ok_or(Error::Truncated {
-        needed_bytes: key_end as u64,
-        available_bytes: head.len() as u64,
-    })?;
+    let key = head
+        .get(HEADER_BYTES..key_end)
+        .ok_or(Error::from(FormatError::Truncated {
+            needed_bytes: key_end as u64,
+            available_bytes: head.len() as u64,
+        }))?;
     let key_crc = crc32fast::hash(key);
     if key_crc != header.key_crc32 {
-        return Err(Error::KeyChecksum {
+        return Err(Error::from(FormatError::KeyChecksum {
             expected: header.key_crc32,
             actual: key_crc,
-        });
+        }));
     }
     if let Some(at) = head[key_end..].iter().position(|&b| b != 0) {
-        return Err(Error::NonZeroPadding {
+        return Err(Error::from(FormatError::NonZeroPadding {
             offset: key_end + at,
-        });
+        }));
     }
     check_identity(slot, entry, &header, key)
 }

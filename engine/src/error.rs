@@ -15,25 +15,11 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
-    /// Keys must not be empty.
-    #[error("empty key")]
-    EmptyKey,
-    /// The key is longer than [`MAX_KEY_BYTES`](crate::MAX_KEY_BYTES).
-    #[error("key of {len_bytes} bytes is longer than the maximum of {max_bytes}")]
-    KeyTooLong {
-        /// Length of the key given.
-        len_bytes: usize,
-        /// The limit.
-        max_bytes: usize,
-    },
-    /// The value is larger than [`MAX_VALUE_BYTES`](crate::MAX_VALUE_BYTES).
-    #[error("value of {len_bytes} bytes is larger than the maximum of {max_bytes}")]
-    ValueTooLarge {
-        /// Length of the value given.
-        len_bytes: usize,
-        /// The limit.
-        max_bytes: usize,
-    },
+    /// A key, value or block broke the block format's rules: bad arguments (an empty or
+    /// too long key, a too large value) or a block that failed verification (a checksum, a
+    /// truncation, a bad header).
+    #[error(transparent)]
+    Format(#[from] mooncake_kv_format::Error),
     /// A caller-provided buffer is too small for what must go into it.
     #[error("buffer of {available_bytes} bytes is too small: {needed_bytes} needed")]
     BufferTooSmall {
@@ -56,66 +42,6 @@ pub enum Error {
         used_bytes: u64,
         /// Bytes held by pinned blocks then.
         pinned_bytes: u64,
-    },
-    /// Fewer bytes than the block needs: `needed_bytes` is what the header (or the fixed
-    /// header size) asks for.
-    #[error("truncated block: {needed_bytes} bytes needed, {available_bytes} available")]
-    Truncated {
-        /// Bytes the block needs.
-        needed_bytes: u64,
-        /// Bytes given.
-        available_bytes: u64,
-    },
-    /// The first four bytes are not the block magic.
-    #[error("not a block: magic {found:02x?}")]
-    BadMagic {
-        /// The bytes found.
-        found: [u8; 4],
-    },
-    /// A format version this build does not read.
-    #[error("unsupported block format version {found}")]
-    UnsupportedVersion {
-        /// The version found.
-        found: u16,
-    },
-    /// A header field holds a value the format does not allow (a nonzero reserved field, a
-    /// payload offset before the end of the key, a length over its limit).
-    #[error("invalid block header: {field} = {value}")]
-    BadHeaderField {
-        /// The field, named as in `docs/format.md`.
-        field: &'static str,
-        /// Its value.
-        value: u64,
-    },
-    /// The header's CRC does not match its bytes.
-    #[error("header checksum mismatch: stored {expected:#010x}, computed {actual:#010x}")]
-    HeaderChecksum {
-        /// The CRC stored in the header.
-        expected: u32,
-        /// The CRC of the bytes read.
-        actual: u32,
-    },
-    /// The key's CRC does not match its bytes.
-    #[error("key checksum mismatch: stored {expected:#010x}, computed {actual:#010x}")]
-    KeyChecksum {
-        /// The CRC stored in the header.
-        expected: u32,
-        /// The CRC of the bytes read.
-        actual: u32,
-    },
-    /// The payload's CRC does not match its bytes.
-    #[error("payload checksum mismatch: stored {expected:#010x}, computed {actual:#010x}")]
-    PayloadChecksum {
-        /// The CRC stored in the header.
-        expected: u32,
-        /// The CRC of the bytes read.
-        actual: u32,
-    },
-    /// The padding between the key and the payload is not zero.
-    #[error("nonzero padding byte at offset {offset}")]
-    NonZeroPadding {
-        /// Offset of the first nonzero byte from the start of the block.
-        offset: usize,
     },
     /// A block read back is intact but is not the block that was asked for (another key or
     /// generation): the slot was reused in between.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use mooncake_kv_tiers::{ExtentAllocator, NVME_UNIT_BYTES};
 
+use crate::format::Error as FormatError;
 use crate::format::{self, Header};
 use crate::meta::{DATA_DIR_VERSION, MapEntry, MetaStore, NodeInfo};
 use crate::store::{DATA_FILE, META_DIR, lock_dir};
@@ -160,14 +161,14 @@ impl DataDir {
     ///
     /// # Errors
     ///
-    /// [`Error::Truncated`] if the data file ends first; [`Error::DataDir`] for read errors.
+    /// [`Error::Format`] (truncated) if the data file ends first; [`Error::DataDir`] for read errors.
     pub fn read_block(&self, entry: &MapEntry) -> Result<Vec<u8>> {
         let end = entry.extent_offset_bytes.saturating_add(entry.block_len());
         if entry.block_len() > entry.extent_len_bytes || end > self.data_len_bytes {
-            return Err(Error::Truncated {
+            return Err(Error::from(FormatError::Truncated {
                 needed_bytes: end,
                 available_bytes: self.data_len_bytes,
-            });
+            }));
         }
         // Bounded: block_len is at most the extent, which is inside the file.
         let mut buf = vec![0u8; entry.block_len() as usize];
@@ -195,7 +196,7 @@ impl DataDir {
                 action: "read the data file",
                 source,
             })?;
-        format::decode_header(&buf)
+        Ok(format::decode_header(&buf)?)
     }
 
     /// Fully verifies one block: every CRC, and key, generation and lengths against the map.

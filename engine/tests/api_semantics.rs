@@ -3,6 +3,7 @@
 //! promises the README makes to an embedder; a regression in any of them would hand a serving
 //! engine the wrong block or a panic instead of an error.
 
+use mooncake_kv_engine::format::Error as FormatError;
 use mooncake_kv_engine::{Engine, EngineConfig, Error, MAX_KEY_BYTES, MAX_VALUE_BYTES, TierKind};
 
 fn engine() -> Engine {
@@ -130,7 +131,10 @@ fn batch_forms_match_single_calls() -> Result<(), Error> {
     assert_eq!(engine.stats().tiers[0].blocks, 7);
     // A bad item fails alone.
     let results = engine.put_batch(&[(b"", b"x"), (b"ok", b"y")]);
-    assert!(matches!(results[0], Err(Error::EmptyKey)));
+    assert!(matches!(
+        results[0],
+        Err(Error::Format(FormatError::EmptyKey))
+    ));
     assert!(results[1].is_ok());
     Ok(())
 }
@@ -154,11 +158,14 @@ fn prefix_match_counts_leading_present_keys() -> Result<(), Error> {
 #[test]
 fn bad_arguments_are_typed_errors() {
     let engine = engine();
-    assert!(matches!(engine.put(b"", b"v"), Err(Error::EmptyKey)));
+    assert!(matches!(
+        engine.put(b"", b"v"),
+        Err(Error::Format(FormatError::EmptyKey))
+    ));
     let long_key = vec![0u8; MAX_KEY_BYTES + 1];
     assert!(matches!(
         engine.put(&long_key, b"v"),
-        Err(Error::KeyTooLong { .. })
+        Err(Error::Format(FormatError::KeyTooLong { .. }))
     ));
     assert!(
         engine.put(&long_key[..MAX_KEY_BYTES], b"v").is_ok(),
@@ -167,7 +174,7 @@ fn bad_arguments_are_typed_errors() {
     let big = vec![0u8; MAX_VALUE_BYTES + 1];
     assert!(matches!(
         engine.put(b"k", &big),
-        Err(Error::ValueTooLarge { .. })
+        Err(Error::Format(FormatError::ValueTooLarge { .. }))
     ));
     engine.put(b"k", &[3; 100]).expect("put");
     let mut small = [0u8; 99];

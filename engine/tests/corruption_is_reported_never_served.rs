@@ -8,6 +8,7 @@
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use mooncake_kv_engine::format::Error as FormatError;
 use mooncake_kv_engine::offline::DataDir;
 use mooncake_kv_engine::{AlignedBuf, Engine, EngineConfig, Error};
 
@@ -75,12 +76,12 @@ fn damaged_blocks_are_reported_and_never_returned() -> Result<(), Error> {
     // Each read path reports its damaged block once...
     assert!(matches!(
         engine.get(&key(3)),
-        Err(Error::PayloadChecksum { .. })
+        Err(Error::Format(FormatError::PayloadChecksum { .. }))
     ));
     let mut aligned = AlignedBuf::zeroed(64 << 10);
     assert!(matches!(
         engine.get_into(&key(7), &mut aligned),
-        Err(Error::HeaderChecksum { .. })
+        Err(Error::Format(FormatError::HeaderChecksum { .. }))
     ));
     assert!(engine.pin(&key(11)).is_err());
     assert_eq!(engine.stats().corrupt_blocks, 3);

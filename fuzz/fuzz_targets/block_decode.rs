@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mooncake_kv_engine::format;
+use mooncake_kv_format as format;
 
 fuzz_target!(|data: &[u8]| {
     let header_only = format::decode_header(data);

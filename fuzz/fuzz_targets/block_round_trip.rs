@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mooncake_kv_engine::format;
+use mooncake_kv_format as format;
 
 fuzz_target!(|input: (Vec<u8>, Vec<u8>, u64, u8, u32)| {
     let (key, payload, generation, align_log2, flip) = input;

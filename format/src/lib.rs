@@ -20,9 +20,104 @@
 //! ```
 //!
 //! All integers are little-endian. Decoding is total: every input yields a [`Block`] or an
-//! [`Error`], reads only inside the input and allocates nothing.
+//! [`Error`], reads only inside the input and allocates nothing. The full description, with a
+//! version table, is `docs/format.md` in the repository.
 
-use crate::{Error, Result};
+/// What encoding or decoding a block can fail with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Keys must not be empty.
+    #[error("empty key")]
+    EmptyKey,
+    /// The key is longer than [`MAX_KEY_BYTES`].
+    #[error("key of {len_bytes} bytes is longer than the maximum of {max_bytes}")]
+    KeyTooLong {
+        /// Length of the key given.
+        len_bytes: usize,
+        /// The limit.
+        max_bytes: usize,
+    },
+    /// The value is larger than [`MAX_VALUE_BYTES`].
+    #[error("value of {len_bytes} bytes is larger than the maximum of {max_bytes}")]
+    ValueTooLarge {
+        /// Length of the value given.
+        len_bytes: usize,
+        /// The limit.
+        max_bytes: usize,
+    },
+    /// The buffer to encode into is too small.
+    #[error("buffer of {available_bytes} bytes is too small: {needed_bytes} needed")]
+    BufferTooSmall {
+        /// Bytes needed.
+        needed_bytes: usize,
+        /// Bytes available.
+        available_bytes: usize,
+    },
+    /// Fewer bytes than the block needs: `needed_bytes` is what the header (or the fixed
+    /// header size) asks for.
+    #[error("truncated block: {needed_bytes} bytes needed, {available_bytes} available")]
+    Truncated {
+        /// Bytes the block needs.
+        needed_bytes: u64,
+        /// Bytes given.
+        available_bytes: u64,
+    },
+    /// The first four bytes are not the block magic.
+    #[error("not a block: magic {found:02x?}")]
+    BadMagic {
+        /// The bytes found.
+        found: [u8; 4],
+    },
+    /// A format version this build does not read.
+    #[error("unsupported block format version {found}")]
+    UnsupportedVersion {
+        /// The version found.
+        found: u16,
+    },
+    /// A header field holds a value the format does not allow (a nonzero reserved field, a
+    /// payload offset before the end of the key, a length over its limit).
+    #[error("invalid block header: {field} = {value}")]
+    BadHeaderField {
+        /// The field, named as in `docs/format.md`.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+    },
+    /// The header's CRC does not match its bytes.
+    #[error("header checksum mismatch: stored {expected:#010x}, computed {actual:#010x}")]
+    HeaderChecksum {
+        /// The CRC stored in the header.
+        expected: u32,
+        /// The CRC of the bytes read.
+        actual: u32,
+    },
+    /// The key's CRC does not match its bytes.
+    #[error("key checksum mismatch: stored {expected:#010x}, computed {actual:#010x}")]
+    KeyChecksum {
+        /// The CRC stored in the header.
+        expected: u32,
+        /// The CRC of the bytes read.
+        actual: u32,
+    },
+    /// The payload's CRC does not match its bytes.
+    #[error("payload checksum mismatch: stored {expected:#010x}, computed {actual:#010x}")]
+    PayloadChecksum {
+        /// The CRC stored in the header.
+        expected: u32,
+        /// The CRC of the bytes read.
+        actual: u32,
+    },
+    /// The padding between the key and the payload is not zero.
+    #[error("nonzero padding byte at offset {offset}")]
+    NonZeroPadding {
+        /// Offset of the first nonzero byte from the start of the block.
+        offset: usize,
+    },
+}
+
+/// This crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The four bytes every block starts with.
 pub const MAGIC: [u8; 4] = *b"MCKV";

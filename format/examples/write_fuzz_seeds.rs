@@ -1,12 +1,12 @@
 //! Writes the seed corpus of the `block_decode` fuzz target: a few valid blocks and near
 //! misses, so the fuzzer starts from the format instead of from noise.
 //!
-//! `cargo run -p mooncake-kv-engine --example write_fuzz_seeds [DIR]` (default
+//! `cargo run -p mooncake-kv-format --example write_fuzz_seeds [DIR]` (default
 //! `fuzz/corpus/block_decode`).
 
 use std::path::PathBuf;
 
-use mooncake_kv_engine::format;
+use mooncake_kv_format as format;
 
 fn block(key: &[u8], payload: &[u8], generation: u64, align: usize) -> Vec<u8> {
     let mut buf = vec![0u8; format::encoded_len(key.len(), payload.len(), align)];
