@@ -23,8 +23,9 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// Bytes per second of our tier: `depth` random transfers of `block` bytes in flight at once,
-/// batch after batch, for `seconds`.
+/// Bytes per second of our tier: random transfers of `block` bytes with `depth` in flight, for
+/// `seconds`. Each call hands the tier a batch of `8 * depth` transfers, which it keeps
+/// `depth` deep (a new one is submitted as each completes), as fio does.
 fn ours(path: &Path, file_bytes: u64, block: usize, depth: u32, write: bool, seconds: f64) -> f64 {
     let tier = NvmeTier::open(NvmeConfig {
         capacity_bytes: file_bytes,
@@ -37,7 +38,8 @@ fn ours(path: &Path, file_bytes: u64, block: usize, depth: u32, write: bool, sec
     let mut extents: Vec<Extent> = (0..file_bytes / block as u64)
         .map(|_| tier.allocate(block as u64).expect("allocate"))
         .collect();
-    let mut bufs: Vec<AlignedBuf> = (0..depth).map(|_| AlignedBuf::zeroed(block)).collect();
+    let batch = 8 * depth as usize;
+    let mut bufs: Vec<AlignedBuf> = (0..batch).map(|_| AlignedBuf::zeroed(block)).collect();
     for (i, buf) in bufs.iter_mut().enumerate() {
         buf.fill(i as u8 + 1);
     }
@@ -46,8 +48,8 @@ fn ours(path: &Path, file_bytes: u64, block: usize, depth: u32, write: bool, sec
     let started = Instant::now();
     let budget = Duration::from_secs_f64(seconds);
     while started.elapsed() < budget {
-        // A batch of `depth` distinct random extents.
-        let mut picks: Vec<usize> = (0..depth as usize)
+        // A batch of distinct random extents.
+        let mut picks: Vec<usize> = (0..batch)
             .map(|_| rng.random_range(0..extents.len()))
             .collect();
         picks.sort_unstable();

@@ -40,6 +40,12 @@ pub struct EngineConfig {
     /// Size of the NVMe data file, preallocated when the directory is created. Default: 4 GiB.
     /// A multiple of 4 KiB, at least 1 MiB. Must match an existing directory's.
     pub nvme_capacity_bytes: u64,
+    /// When NVMe usage rises above this share of `nvme_capacity_bytes`, the background
+    /// reclaimer evicts the coldest NVMe blocks until usage is at most
+    /// `nvme_low_watermark_percent`. Default: 95. From 1 to 100, above the low mark.
+    pub nvme_high_watermark_percent: u8,
+    /// Where NVMe eviction stops. Default: 85. Below the high mark.
+    pub nvme_low_watermark_percent: u8,
     /// NVMe I/O backend. Default: [`IoBackendKind::Auto`] (io_uring, else pread/pwrite with a
     /// warning and a flag in stats).
     pub nvme_io_backend: IoBackendKind,
@@ -63,6 +69,8 @@ impl Default for EngineConfig {
             verify_payload_on_dram_read: false,
             data_dir: None,
             nvme_capacity_bytes: 4 << 30,
+            nvme_high_watermark_percent: 95,
+            nvme_low_watermark_percent: 85,
             nvme_io_backend: IoBackendKind::Auto,
             nvme_io_depth: 64,
             promote_on_hit: true,
@@ -114,6 +122,21 @@ impl EngineConfig {
                 ),
             );
         }
+        if !(1..=100).contains(&self.nvme_high_watermark_percent) {
+            return bad(
+                "nvme_high_watermark_percent",
+                format!("{} is not from 1 to 100", self.nvme_high_watermark_percent),
+            );
+        }
+        if self.nvme_low_watermark_percent >= self.nvme_high_watermark_percent {
+            return bad(
+                "nvme_low_watermark_percent",
+                format!(
+                    "{} is not below nvme_high_watermark_percent ({})",
+                    self.nvme_low_watermark_percent, self.nvme_high_watermark_percent
+                ),
+            );
+        }
         if !(1..=4096).contains(&self.nvme_io_depth) {
             return bad(
                 "nvme_io_depth",
@@ -129,6 +152,14 @@ impl EngineConfig {
 
     pub(crate) fn low_watermark_bytes(&self) -> u64 {
         self.dram_capacity_bytes / 100 * u64::from(self.low_watermark_percent)
+    }
+
+    pub(crate) fn nvme_high_watermark_bytes(&self) -> u64 {
+        self.nvme_capacity_bytes / 100 * u64::from(self.nvme_high_watermark_percent)
+    }
+
+    pub(crate) fn nvme_low_watermark_bytes(&self) -> u64 {
+        self.nvme_capacity_bytes / 100 * u64::from(self.nvme_low_watermark_percent)
     }
 }
 

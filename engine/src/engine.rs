@@ -683,6 +683,19 @@ impl Inner {
             if self.dram.used_bytes() > self.config.high_watermark_bytes() {
                 self.reclaim_dram();
             }
+            self.reclaim_nvme();
+        }
+    }
+
+    /// Brings NVMe usage back under its low watermark once it passes the high one.
+    fn reclaim_nvme(&self) {
+        let Some(store) = &self.store else { return };
+        let used = store.tier.used_bytes();
+        if used <= self.config.nvme_high_watermark_bytes() {
+            return;
+        }
+        if let Err(error) = self.free_nvme(used - self.config.nvme_low_watermark_bytes()) {
+            tracing::warn!(%error, "evicting from NVMe failed");
         }
     }
 
@@ -940,6 +953,9 @@ impl Inner {
             slot.locations.write().nvme = Some(copy);
             self.account(NVME, slot, true);
             self.residency[NVME].lock().insert(slot);
+        }
+        if store.tier.used_bytes() > self.config.nvme_high_watermark_bytes() {
+            self.wake_reclaimer();
         }
         results
     }

@@ -208,3 +208,36 @@ fn write_through_needs_a_data_directory() {
     ));
     assert!(matches!(engine.flush(), Err(Error::NotPersistent)));
 }
+
+#[test]
+fn a_directory_of_another_format_version_is_refused_and_left_unchanged() -> Result<(), Error> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let engine = Engine::open(config(dir.path()))?;
+        engine.put(b"k", b"v")?;
+        engine.flush()?;
+    }
+    // Rewrite the recorded version as a future build would have written it.
+    {
+        let cfs = ["blocks", "node"];
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), dir.path().join("meta"), cfs)
+            .expect("open the metadata");
+        let node = db.cf_handle("node").expect("node family");
+        db.put_cf(node, b"format_version", 2u32.to_le_bytes())
+            .expect("write the version");
+        db.flush_cf(node).expect("flush");
+    }
+    let before = snapshot(dir.path());
+    match Engine::open(config(dir.path())) {
+        Err(Error::IncompatibleDataDir { reason, .. }) => {
+            assert!(reason.contains("format version 2"), "{reason}")
+        }
+        other => panic!("expected IncompatibleDataDir, got {other:?}"),
+    }
+    assert_eq!(
+        snapshot(dir.path()),
+        before,
+        "a refused directory is left as it was"
+    );
+    Ok(())
+}
