@@ -1,0 +1,98 @@
+//! Memory registration and one-sided reads between processes.
+//!
+//! A process registers memory in a [`Registry`] and gets a [`RegionHandle`]: region id,
+//! length and a random remote key. A peer that has the handle reads bytes out of the region
+//! through a [`Transport`] without the owner running any code but a check of the key and the
+//! bounds of each read:
+//!
+//! - [`TcpTransport`] / [`TcpServer`]: works everywhere. The owner's listener writes the bytes
+//!   from the region to the socket; the reader receives them straight into its buffer.
+//!   Requests are pipelined over several connections.
+//! - [`ShmTransport`] / [`ShmServer`]: same host. The owner hands the region's memfd over a
+//!   Unix socket once; the reader maps it read-only, and a read is a `memcpy`.
+//! - RDMA (feature `rdma`): see the `rdma` module.
+//!
+//! This crate moves opaque bytes. It knows nothing of blocks, keys or tiers; verifying that the
+//! bytes read are the block that was wanted happens in the layer above, and must, because the
+//! owner may rewrite a region while a peer reads it.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use mooncake_kv_transfer::{MemfdRegion, ReadOp, Registry, RemoteSlice, TcpServer, TcpTransport, Transport};
+//!
+//! let registry = Arc::new(Registry::new()?);
+//! let region = Arc::new(MemfdRegion::new(1 << 20)?);
+//! region.write(4096, b"hello, peer");
+//! let handle = registry.register(region)?;
+//! let server = TcpServer::bind("127.0.0.1:0", Arc::clone(&registry))?;
+//!
+//! let transport = TcpTransport::new(server.local_addr(), 2, Duration::from_secs(5))?;
+//! let mut buf = [0u8; 11];
+//! let src = RemoteSlice { region_id: handle.region_id, offset: 4096, remote_key: handle.remote_key };
+//! transport.read(src, &mut buf)?;
+//! assert_eq!(&buf, b"hello, peer");
+//! # Ok::<(), mooncake_kv_transfer::Error>(())
+//! ```
+//!
+//! # Limits
+//!
+//! [`MAX_READ_BYTES`] per read; [`MAX_REGIONS`] regions per registry.
+
+mod error;
+mod memory;
+#[cfg(feature = "rdma")]
+pub mod rdma;
+mod registry;
+mod shm;
+mod tcp;
+pub mod wire;
+
+use std::fmt;
+
+pub use error::{Error, Result};
+pub use memory::{MemfdRegion, MemorySource};
+pub use registry::{MAX_REGIONS, RegionHandle, Registry};
+pub use shm::{ShmServer, ShmTransport};
+pub use tcp::{TcpServer, TcpTransport};
+
+/// Longest single read: 128 MiB, sixteen times the largest KVCache block the design expects.
+pub const MAX_READ_BYTES: u64 = 128 << 20;
+
+/// Where to read from: a region of a peer, an offset in it, and the region's remote key. The
+/// length is that of the destination buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteSlice {
+    /// The region, from its [`RegionHandle`].
+    pub region_id: u64,
+    /// Offset in the region.
+    pub offset: u64,
+    /// The region's remote key, from its [`RegionHandle`].
+    pub remote_key: u64,
+}
+
+/// One read of a batch: from `src` into all of `dst`.
+#[derive(Debug)]
+pub struct ReadOp<'a> {
+    /// Where to read from.
+    pub src: RemoteSlice,
+    /// Where the bytes go; its length is the read's.
+    pub dst: &'a mut [u8],
+}
+
+/// One-sided access to memory another process registered.
+pub trait Transport: Send + Sync + fmt::Debug {
+    /// Reads `dst.len()` bytes at `src` into `dst`.
+    ///
+    /// # Errors
+    ///
+    /// The owner's refusals ([`Error::BadRemoteKey`], [`Error::OutOfBounds`],
+    /// [`Error::UnknownRegion`], [`Error::TooLarge`]) and transport failures. On an error the
+    /// contents of `dst` are unspecified.
+    fn read(&self, src: RemoteSlice, dst: &mut [u8]) -> Result<()>;
+
+    /// Many reads with many in flight; one result per read, in order.
+    fn read_batch(&self, ops: &mut [ReadOp<'_>]) -> Vec<Result<()>>;
+}

@@ -1,0 +1,267 @@
+//! Registered memory and the few operations on raw pointers the transports need. This is the
+//! only module of the crate with `unsafe`.
+//!
+//! Memory registered for one-sided reads can be written by its owner while a peer reads it:
+//! that is the nature of one-sided access, and why the layer above verifies every block it
+//! reads. So this crate never makes a Rust reference (`&[u8]`) to registered memory. The tcp
+//! server hands raw pointers to the kernel (`write(2)`), which copies from them; the
+//! shared-memory reader copies with `ptr::copy_nonoverlapping` from a read-only mapping of
+//! another process's memory. A concurrent writer can make the copied bytes torn, never make
+//! this process touch memory that is not mapped: every access is bounds-checked against the
+//! region, and the region's memory is kept alive (by `Arc`, or by the reader's own mapping)
+//! for as long as any access to it is in flight.
+#![expect(
+    unsafe_code,
+    reason = "raw-pointer access to registered memory; the invariants are in the module docs"
+)]
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::{MmapOptions, MmapRaw};
+use rustix::fs::{MemfdFlags, memfd_create};
+
+use crate::{Error, Result};
+
+/// Memory a process registers so that peers can read it one-sidedly.
+///
+/// # Safety
+///
+/// An implementation promises that `as_ptr()..as_ptr() + len()` stays mapped and readable,
+/// at the same address, for as long as the value lives; and that `memfd()`, if it returns a
+/// file, maps (at the given page-aligned offset) to the same bytes.
+pub unsafe trait MemorySource: Send + Sync + 'static {
+    /// Start of the memory.
+    fn as_ptr(&self) -> *const u8;
+    /// Length in bytes.
+    fn len(&self) -> usize;
+    /// Whether the memory is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The memfd holding the memory and the offset of `as_ptr()` in it, for local peers that
+    /// map it (the shared-memory transport). `None` when the memory is not shareable.
+    fn memfd(&self) -> Option<(BorrowedFd<'_>, u64)> {
+        None
+    }
+}
+
+/// A memfd-backed region owned by this crate: registered memory for anyone who does not
+/// already have some (tests, benchmarks, staging buffers).
+#[derive(Debug)]
+pub struct MemfdRegion {
+    map: MmapRaw,
+    file: File,
+}
+
+impl MemfdRegion {
+    /// A zero-filled region of `len` bytes (at least one page is mapped).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the memfd cannot be created, sized or mapped.
+    pub fn new(len: usize) -> Result<Self> {
+        let fd = memfd_create("mooncake-transfer", MemfdFlags::CLOEXEC).map_err(|e| Error::Io {
+            action: "create a memfd",
+            source: e.into(),
+        })?;
+        let file = File::from(fd);
+        file.set_len(len.max(1) as u64)
+            .map_err(Error::io("size a memfd"))?;
+        let map = MmapOptions::new()
+            .len(len.max(1))
+            .map_raw(&file)
+            .map_err(Error::io("map a memfd"))?;
+        Ok(Self { map, file })
+    }
+
+    /// Writes `bytes` at `offset`. The owner's side of one-sided access: peers may be reading
+    /// concurrently and can see a mix of old and new bytes.
+    ///
+    /// # Panics
+    ///
+    /// If the write does not fit in the region.
+    pub fn write(&self, offset: usize, bytes: &[u8]) {
+        let end = offset
+            .checked_add(bytes.len())
+            .expect("write end overflows");
+        assert!(end <= self.map.len(), "write beyond the region");
+        // SAFETY: in bounds of the live mapping (checked above). No Rust reference to the
+        // mapping exists anywhere (module docs), so writing through the raw pointer aliases
+        // nothing; concurrent readers copy raw bytes and tolerate tearing.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.map.as_mut_ptr().add(offset),
+                bytes.len(),
+            );
+        }
+    }
+}
+
+// SAFETY: the mapping lives as long as the `MemfdRegion` and never moves; the memfd maps to
+// the same bytes at offset 0.
+unsafe impl MemorySource for MemfdRegion {
+    fn as_ptr(&self) -> *const u8 {
+        self.map.as_ptr()
+    }
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+    fn memfd(&self) -> Option<(BorrowedFd<'_>, u64)> {
+        Some((self.file.as_fd(), 0))
+    }
+}
+
+/// Copies `dst.len()` bytes starting `offset` bytes into `memory` into `dst`.
+///
+/// # Panics
+///
+/// If the range is outside `memory` (callers check bounds first and report an error).
+pub(crate) fn copy_out(memory: &dyn MemorySource, offset: usize, dst: &mut [u8]) {
+    let end = offset.checked_add(dst.len()).expect("copy end overflows");
+    assert!(end <= memory.len(), "copy beyond the region");
+    // SAFETY: in bounds (checked above) of memory that stays mapped while `memory` is
+    // borrowed (the `MemorySource` contract). `dst` is a distinct, exclusively borrowed
+    // buffer, so the ranges do not overlap. The source may be written concurrently by its
+    // owner; the copy then holds torn bytes, which the caller's verification rejects.
+    unsafe {
+        std::ptr::copy_nonoverlapping(memory.as_ptr().add(offset), dst.as_mut_ptr(), dst.len())
+    }
+}
+
+/// Writes `len` bytes of `memory` starting at `offset` to a socket, all of them.
+///
+/// # Panics
+///
+/// If the range is outside `memory` (the server checks bounds first and refuses the read).
+pub(crate) fn send_from(
+    socket: BorrowedFd<'_>,
+    memory: &dyn MemorySource,
+    offset: usize,
+    len: usize,
+) -> std::io::Result<()> {
+    let end = offset.checked_add(len).expect("send end overflows");
+    assert!(end <= memory.len(), "send beyond the region");
+    let mut sent = 0;
+    while sent < len {
+        // SAFETY: the pointer and length describe bytes inside the region (checked above),
+        // which stays mapped while `memory` is borrowed. The kernel only reads them; no Rust
+        // reference to them is made.
+        let n = unsafe {
+            libc::write(
+                socket.as_raw_fd(),
+                memory.as_ptr().add(offset + sent).cast(),
+                len - sent,
+            )
+        };
+        if n < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        sent += n as usize;
+    }
+    Ok(())
+}
+
+/// A table of one `u64` per region slot, in a memfd: the owner writes each slot's current
+/// epoch (0 when the slot is free); shared-memory readers map it read-only and check the epoch
+/// of a region around every copy, which is how an unregistration reaches them.
+#[derive(Debug)]
+pub(crate) struct ControlTable {
+    map: MmapRaw,
+    file: File,
+    slots: usize,
+}
+
+impl ControlTable {
+    pub(crate) fn new(slots: usize) -> Result<Self> {
+        let region = MemfdRegion::new(slots * 8)?;
+        Ok(Self {
+            map: region.map,
+            file: region.file,
+            slots,
+        })
+    }
+
+    /// Maps a control table received from an owner, read-only.
+    pub(crate) fn map_remote(file: File, slots: usize) -> Result<Self> {
+        let len = file
+            .metadata()
+            .map_err(Error::io("stat the control table"))?
+            .len();
+        if len < (slots * 8) as u64 {
+            return Err(Error::Protocol(crate::wire::FrameError::BadField {
+                field: "control_len",
+                value: len,
+            }));
+        }
+        let map = MmapOptions::new()
+            .len(slots * 8)
+            .map_raw_read_only(&file)
+            .map_err(Error::io("map the control table"))?;
+        Ok(Self { map, file, slots })
+    }
+
+    pub(crate) fn memfd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    fn slot(&self, slot: usize) -> &AtomicU64 {
+        assert!(slot < self.slots, "control slot out of range");
+        // SAFETY: the mapping is at least `slots * 8` bytes, page-aligned (so every 8-byte slot
+        // is aligned for AtomicU64), and lives as long as `self`. All access to these bytes,
+        // here and in every process mapping them, is through atomics.
+        unsafe { &*self.map.as_ptr().cast::<AtomicU64>().add(slot) }
+    }
+
+    pub(crate) fn load(&self, slot: usize) -> u64 {
+        self.slot(slot).load(Ordering::Acquire)
+    }
+
+    /// Owner only (the reader's mapping is read-only and would fault).
+    pub(crate) fn store(&self, slot: usize, epoch: u64) {
+        self.slot(slot).store(epoch, Ordering::Release);
+    }
+}
+
+/// A region of another process, mapped read-only.
+#[derive(Debug)]
+pub(crate) struct RemoteMapping {
+    map: MmapRaw,
+}
+
+impl RemoteMapping {
+    pub(crate) fn map(file: &File, offset: u64, len: u64) -> Result<Self> {
+        let len = usize::try_from(len).map_err(|_| {
+            Error::Protocol(crate::wire::FrameError::BadField {
+                field: "len",
+                value: len,
+            })
+        })?;
+        let map = MmapOptions::new()
+            .offset(offset)
+            .len(len.max(1))
+            .map_raw_read_only(file)
+            .map_err(Error::io("map a shared region"))?;
+        Ok(Self { map })
+    }
+}
+
+// SAFETY: a read-only mapping that lives, at the same address, as long as the value. Other
+// processes may write the bytes; copies out of it tolerate that (module docs).
+unsafe impl MemorySource for RemoteMapping {
+    fn as_ptr(&self) -> *const u8 {
+        self.map.as_ptr()
+    }
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}

@@ -1,0 +1,380 @@
+//! The shared-memory transport, for a reader on the owner's host. The owner serves a Unix
+//! socket: to each reader it first hands its control table (the epoch of every region slot),
+//! then, on request and after checking the remote key, a region's memfd. The reader maps the
+//! region read-only once; a read is then a bounds check, an epoch check, a `memcpy`, and the
+//! epoch check again. Unregistering a region changes its epoch, so later reads fail with
+//! [`Error::UnknownRegion`]; the reader's mapping keeps the memory alive, so no read ever
+//! touches unmapped memory.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+
+use crate::memory::{ControlTable, MemorySource, RemoteMapping, copy_out};
+use crate::registry::{MAX_REGIONS, Registry, split};
+use crate::wire::{
+    FrameError, MAP_REQUEST_BYTES, MAP_RESPONSE_BYTES, MapRequest, MapResponse, Status,
+};
+use crate::{Error, MAX_READ_BYTES, ReadOp, RemoteSlice, Result, Transport};
+
+/// The owner's Unix-socket listener. Dropping it stops accepting, closes every connection,
+/// joins its threads and removes the socket file.
+pub struct ShmServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<UnixStream>>>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ShmServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmServer")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl ShmServer {
+    /// Listens on a Unix socket at `path` (which must not exist) and serves `registry`'s
+    /// memfd-backed regions.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the socket cannot be bound.
+    pub fn bind(path: impl AsRef<Path>, registry: Arc<Registry>) -> Result<Self> {
+        let path = path.as_ref().to_owned();
+        let listener =
+            UnixListener::bind(&path).map_err(Error::io("bind the shared-memory socket"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let acceptor = {
+            let (stop, connections) = (Arc::clone(&stop), Arc::clone(&connections));
+            std::thread::Builder::new()
+                .name("mooncake-shm-accept".into())
+                .spawn(move || {
+                    for stream in listener.incoming() {
+                        if stop.load(Ordering::Acquire) {
+                            break;
+                        }
+                        let Ok(stream) = stream else { continue };
+                        if let Ok(clone) = stream.try_clone() {
+                            connections.lock().push(clone);
+                        }
+                        let registry = Arc::clone(&registry);
+                        let _ = std::thread::Builder::new()
+                            .name("mooncake-shm-serve".into())
+                            .spawn(move || {
+                                if let Err(error) = serve(stream, &registry) {
+                                    tracing::debug!(%error, "shared-memory connection closed");
+                                }
+                            });
+                    }
+                })
+                .map_err(Error::io("start the shared-memory acceptor"))?
+        };
+        Ok(Self {
+            path,
+            stop,
+            connections,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ShmServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = UnixStream::connect(&self.path);
+        for stream in self.connections.lock().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(handle) = self.acceptor.take() {
+            let _ = handle.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn send_with_fd(stream: &UnixStream, frame: &[u8], fd: Option<BorrowedFd<'_>>) -> Result<()> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds;
+    if let Some(fd) = fd {
+        fds = [fd];
+        control.push(SendAncillaryMessage::ScmRights(&fds));
+    }
+    let sent = rustix::net::sendmsg(
+        stream,
+        &[IoSlice::new(frame)],
+        &mut control,
+        SendFlags::empty(),
+    )
+    .map_err(|e| Error::Io {
+        action: "send a frame",
+        source: e.into(),
+    })?;
+    // The descriptor went with the first byte; the rest is plain data.
+    (&*stream)
+        .write_all(&frame[sent..])
+        .map_err(Error::io("send a frame"))
+}
+
+fn recv_with_fd<const N: usize>(stream: &UnixStream) -> Result<([u8; N], Option<OwnedFd>)> {
+    let mut frame = [0u8; N];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = rustix::net::recvmsg(
+        stream,
+        &mut [IoSliceMut::new(&mut frame)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(|e| Error::Io {
+        action: "receive a frame",
+        source: e.into(),
+    })?;
+    if received.bytes == 0 {
+        return Err(Error::Io {
+            action: "receive a frame",
+            source: std::io::ErrorKind::UnexpectedEof.into(),
+        });
+    }
+    let mut fd = None;
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = message {
+            // Keep the first; any others close when dropped.
+            for received_fd in fds {
+                fd.get_or_insert(received_fd);
+            }
+        }
+    }
+    (&*stream)
+        .read_exact(&mut frame[received.bytes..])
+        .map_err(Error::io("receive a frame"))?;
+    Ok((frame, fd))
+}
+
+fn serve(stream: UnixStream, registry: &Registry) -> Result<()> {
+    // Hello: the control table, so the reader can see unregistrations.
+    let hello = MapResponse {
+        status: Status::Ok,
+        len: (MAX_REGIONS * 8) as u64,
+        memfd_offset: 0,
+    }
+    .encode();
+    send_with_fd(&stream, &hello, Some(registry.control.memfd()))?;
+    loop {
+        let mut frame = [0u8; MAP_REQUEST_BYTES];
+        match (&stream).read_exact(&mut frame) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => {
+                return Err(Error::Io {
+                    action: "read a map request",
+                    source: e,
+                });
+            }
+        }
+        let request = MapRequest::decode(&frame)?;
+        match registry.lookup(request.region_id, request.remote_key) {
+            Ok(region) => match region.memory.memfd() {
+                Some((fd, offset)) => {
+                    let response = MapResponse {
+                        status: Status::Ok,
+                        len: region.handle.len,
+                        memfd_offset: offset,
+                    };
+                    send_with_fd(&stream, &response.encode(), Some(fd))?;
+                }
+                None => send_with_fd(&stream, &refusal(Status::NotShareable), None)?,
+            },
+            Err(Error::BadRemoteKey { .. }) => {
+                send_with_fd(&stream, &refusal(Status::BadRemoteKey), None)?
+            }
+            Err(_) => send_with_fd(&stream, &refusal(Status::UnknownRegion), None)?,
+        }
+    }
+}
+
+fn refusal(status: Status) -> [u8; MAP_RESPONSE_BYTES] {
+    MapResponse {
+        status,
+        len: 0,
+        memfd_offset: 0,
+    }
+    .encode()
+}
+
+/// A region mapped into this process.
+struct Mapped {
+    remote_key: u64,
+    len: u64,
+    mapping: RemoteMapping,
+}
+
+/// The reader's side: a connection to one owner on this host and the regions mapped from it.
+pub struct ShmTransport {
+    stream: Mutex<UnixStream>,
+    control: ControlTable,
+    regions: Mutex<HashMap<u64, Arc<Mapped>>>,
+}
+
+impl std::fmt::Debug for ShmTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmTransport")
+            .field("mapped", &self.regions.lock().len())
+            .finish()
+    }
+}
+
+impl ShmTransport {
+    /// Connects to the owner's socket at `path`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the socket cannot be reached; [`Error::Protocol`] if the owner's hello
+    /// is malformed.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Self> {
+        let stream =
+            UnixStream::connect(path).map_err(Error::io("connect to the shared-memory socket"))?;
+        let (frame, fd) = recv_with_fd::<MAP_RESPONSE_BYTES>(&stream)?;
+        let hello = MapResponse::decode(&frame)?;
+        let fd = fd.ok_or(FrameError::BadField {
+            field: "control_fd",
+            value: 0,
+        })?;
+        if hello.status != Status::Ok || hello.len != (MAX_REGIONS * 8) as u64 {
+            return Err(FrameError::BadField {
+                field: "control_len",
+                value: hello.len,
+            }
+            .into());
+        }
+        let control = ControlTable::map_remote(File::from(fd), MAX_REGIONS)?;
+        Ok(Self {
+            stream: Mutex::new(stream),
+            control,
+            regions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn current(&self, region_id: u64) -> bool {
+        let (slot, epoch) = split(region_id);
+        slot < MAX_REGIONS && self.control.load(slot) == epoch
+    }
+
+    fn mapped(&self, src: &RemoteSlice) -> Result<Arc<Mapped>> {
+        if let Some(m) = self.regions.lock().get(&src.region_id) {
+            if m.remote_key == src.remote_key {
+                return Ok(Arc::clone(m));
+            }
+        }
+        // Ask the owner, who checks the key.
+        let stream = self.stream.lock();
+        send_with_fd(
+            &stream,
+            &MapRequest {
+                region_id: src.region_id,
+                remote_key: src.remote_key,
+            }
+            .encode(),
+            None,
+        )?;
+        let (frame, fd) = recv_with_fd::<MAP_RESPONSE_BYTES>(&stream)?;
+        drop(stream);
+        let response = MapResponse::decode(&frame)?;
+        let region_id = src.region_id;
+        match response.status {
+            Status::Ok => {}
+            Status::BadRemoteKey => return Err(Error::BadRemoteKey { region_id }),
+            Status::UnknownRegion => return Err(Error::UnknownRegion { region_id }),
+            Status::NotShareable => return Err(Error::NotShareable { region_id }),
+            other => return Err(Error::UnexpectedStatus(other)),
+        }
+        let fd = fd.ok_or(FrameError::BadField {
+            field: "memfd",
+            value: 0,
+        })?;
+        if response.memfd_offset % 4096 != 0 || response.len == 0 {
+            return Err(FrameError::BadField {
+                field: "memfd_offset",
+                value: response.memfd_offset,
+            }
+            .into());
+        }
+        let mapping = RemoteMapping::map(&File::from(fd), response.memfd_offset, response.len)?;
+        let mapped = Arc::new(Mapped {
+            remote_key: src.remote_key,
+            len: response.len,
+            mapping,
+        });
+        self.regions.lock().insert(region_id, Arc::clone(&mapped));
+        Ok(mapped)
+    }
+}
+
+impl Transport for ShmTransport {
+    fn read(&self, src: RemoteSlice, dst: &mut [u8]) -> Result<()> {
+        let len = dst.len() as u64;
+        if len > MAX_READ_BYTES {
+            return Err(Error::TooLarge {
+                len,
+                max: MAX_READ_BYTES,
+            });
+        }
+        if !self.current(src.region_id) {
+            self.regions.lock().remove(&src.region_id);
+            return Err(Error::UnknownRegion {
+                region_id: src.region_id,
+            });
+        }
+        let mapped = self.mapped(&src)?;
+        if src
+            .offset
+            .checked_add(len)
+            .is_none_or(|end| end > mapped.len)
+        {
+            return Err(Error::OutOfBounds {
+                region_id: src.region_id,
+                offset: src.offset,
+                len,
+            });
+        }
+        // Bounds checked against the region's length, which the mapping covers.
+        copy_out(
+            &mapped.mapping as &dyn MemorySource,
+            src.offset as usize,
+            dst,
+        );
+        // Unregistered during the copy: the bytes may be from whatever reuses the memory.
+        if !self.current(src.region_id) {
+            self.regions.lock().remove(&src.region_id);
+            return Err(Error::UnknownRegion {
+                region_id: src.region_id,
+            });
+        }
+        Ok(())
+    }
+
+    fn read_batch(&self, ops: &mut [ReadOp<'_>]) -> Vec<Result<()>> {
+        ops.iter_mut().map(|op| self.read(op.src, op.dst)).collect()
+    }
+}

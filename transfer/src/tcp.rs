@@ -1,0 +1,394 @@
+//! The tcp transport: one-sided reads emulated over TCP. The owner runs a data-plane listener
+//! that serves each read straight from registered memory (header, then the bytes handed from
+//! the region to the kernel: no engine code, no intermediate copy); the reader pipelines
+//! requests over several connections and receives each payload straight into its buffer.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::memory::send_from;
+use crate::registry::Registry;
+use crate::wire::{FrameError, REQUEST_BYTES, RESPONSE_BYTES, ReadRequest, ReadResponse, Status};
+use crate::{Error, ReadOp, RemoteSlice, Result, Transport};
+
+/// Requests in flight per connection before the reader waits for a response.
+const PIPELINE_DEPTH: usize = 16;
+
+/// The owner's data-plane listener. Dropping it stops accepting, closes every connection and
+/// joins its threads.
+pub struct TcpServer {
+    local_addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<TcpStream>>>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for TcpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpServer")
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+impl TcpServer {
+    /// Listens on `addr` (port 0 picks a free port) and serves reads of `registry`'s regions.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the address cannot be bound.
+    pub fn bind(addr: impl ToSocketAddrs, registry: Arc<Registry>) -> Result<Self> {
+        let listener = TcpListener::bind(addr).map_err(Error::io("bind the tcp data plane"))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(Error::io("read the bound address"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let acceptor = {
+            let (stop, connections) = (Arc::clone(&stop), Arc::clone(&connections));
+            std::thread::Builder::new()
+                .name("mooncake-tcp-accept".into())
+                .spawn(move || accept_loop(&listener, &registry, &stop, &connections))
+                .map_err(Error::io("start the tcp acceptor"))?
+        };
+        Ok(Self {
+            local_addr,
+            stop,
+            connections,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// Where the server listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wake the acceptor with a connection of our own, then close every connection.
+        let _ = TcpStream::connect_timeout(&self.local_addr, Duration::from_secs(1));
+        for stream in self.connections.lock().drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        if let Some(handle) = self.acceptor.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn accept_loop(
+    listener: &TcpListener,
+    registry: &Arc<Registry>,
+    stop: &AtomicBool,
+    connections: &Mutex<Vec<TcpStream>>,
+) {
+    for stream in listener.incoming() {
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        let Ok(stream) = stream else { continue };
+        let _ = stream.set_nodelay(true);
+        if let Ok(clone) = stream.try_clone() {
+            let mut open = connections.lock();
+            // Forget connections that have closed, so the list stays bounded.
+            open.retain(|s| s.peer_addr().is_ok());
+            open.push(clone);
+        }
+        let registry = Arc::clone(registry);
+        let spawned = std::thread::Builder::new()
+            .name("mooncake-tcp-serve".into())
+            .spawn(move || {
+                if let Err(error) = serve(stream, &registry) {
+                    tracing::debug!(%error, "tcp data-plane connection closed");
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "cannot start a thread for a tcp connection; dropping it");
+        }
+    }
+}
+
+/// Serves one connection until it closes or sends a frame that does not decode.
+fn serve(stream: TcpStream, registry: &Registry) -> Result<()> {
+    let mut reader = std::io::BufReader::with_capacity(
+        64 * REQUEST_BYTES,
+        stream.try_clone().map_err(Error::io("clone a socket"))?,
+    );
+    let mut writer = &stream;
+    let mut frame = [0u8; REQUEST_BYTES];
+    loop {
+        match reader.read_exact(&mut frame) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => {
+                return Err(Error::Io {
+                    action: "read a request",
+                    source: e,
+                });
+            }
+        }
+        // A frame that does not decode means the stream is out of step: close it.
+        let request = ReadRequest::decode(&frame)?;
+        let checked = registry.check(
+            request.region_id,
+            request.remote_key,
+            request.offset,
+            request.len.into(),
+        );
+        let status = match &checked {
+            Ok(_) => Status::Ok,
+            Err(Error::BadRemoteKey { .. }) => Status::BadRemoteKey,
+            Err(Error::OutOfBounds { .. }) => Status::OutOfBounds,
+            Err(Error::TooLarge { .. }) => Status::TooLarge,
+            Err(_) => Status::UnknownRegion,
+        };
+        let len = if status == Status::Ok { request.len } else { 0 };
+        let header = ReadResponse {
+            request_id: request.request_id,
+            status,
+            len,
+        }
+        .encode();
+        writer
+            .write_all(&header)
+            .map_err(Error::io("write a response"))?;
+        if let Ok(region) = checked {
+            // The `Arc` keeps the memory alive for the send even if the region is unregistered
+            // meanwhile. Bounds were checked above.
+            send_from(
+                stream.as_fd(),
+                region.memory.as_ref(),
+                request.offset as usize,
+                len as usize,
+            )
+            .map_err(Error::io("send region bytes"))?;
+        }
+    }
+}
+
+/// The reader's side: a pool of connections to one owner.
+pub struct TcpTransport {
+    addr: SocketAddr,
+    connections: Vec<Mutex<Option<Connection>>>,
+    next: AtomicUsize,
+    next_request: AtomicU64,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for TcpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpTransport")
+            .field("addr", &self.addr)
+            .field("connections", &self.connections.len())
+            .finish()
+    }
+}
+
+struct Connection {
+    stream: TcpStream,
+}
+
+impl TcpTransport {
+    /// A transport to the owner at `addr` with up to `connections` connections (at least one),
+    /// opened as needed; `timeout` bounds every socket operation.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if `addr` does not resolve.
+    pub fn new(addr: impl ToSocketAddrs, connections: usize, timeout: Duration) -> Result<Self> {
+        let addr = addr
+            .to_socket_addrs()
+            .map_err(Error::io("resolve the owner's address"))?
+            .next()
+            .ok_or_else(|| Error::Io {
+                action: "resolve the owner's address",
+                source: std::io::ErrorKind::NotFound.into(),
+            })?;
+        Ok(Self {
+            addr,
+            connections: (0..connections.max(1)).map(|_| Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+            next_request: AtomicU64::new(1),
+            timeout,
+        })
+    }
+
+    fn connect(&self) -> Result<Connection> {
+        let stream = TcpStream::connect_timeout(&self.addr, self.timeout)
+            .map_err(Error::io("connect to the owner"))?;
+        stream
+            .set_nodelay(true)
+            .map_err(Error::io("set TCP_NODELAY"))?;
+        stream
+            .set_read_timeout(Some(self.timeout))
+            .map_err(Error::io("set a read timeout"))?;
+        stream
+            .set_write_timeout(Some(self.timeout))
+            .map_err(Error::io("set a write timeout"))?;
+        Ok(Connection { stream })
+    }
+
+    /// Runs `ops` on connection `index`, pipelined. A transport error poisons the connection
+    /// (it is dropped and reopened next time) and fails the reads not yet answered.
+    fn run_on(&self, index: usize, ops: &mut [ReadOp<'_>]) -> Vec<Result<()>> {
+        let mut slot = self.connections[index].lock();
+        let connection = match slot.take() {
+            Some(c) => c,
+            None => match self.connect() {
+                Ok(c) => c,
+                Err(error) => {
+                    let mut error = Some(error);
+                    return ops
+                        .iter()
+                        .map(|_| {
+                            Err(error.take().unwrap_or_else(|| Error::Io {
+                                action: "connect to the owner",
+                                source: std::io::ErrorKind::NotConnected.into(),
+                            }))
+                        })
+                        .collect();
+                }
+            },
+        };
+        let mut results: Vec<Result<()>> = Vec::with_capacity(ops.len());
+        match self.pipeline(&connection, ops, &mut results) {
+            Ok(()) => *slot = Some(connection),
+            Err(error) => {
+                let _ = connection.stream.shutdown(Shutdown::Both);
+                let mut error = Some(error);
+                while results.len() < ops.len() {
+                    results.push(Err(error.take().unwrap_or_else(|| Error::Io {
+                        action: "read from the owner",
+                        source: std::io::ErrorKind::ConnectionAborted.into(),
+                    })));
+                }
+            }
+        }
+        results
+    }
+
+    fn pipeline(
+        &self,
+        connection: &Connection,
+        ops: &mut [ReadOp<'_>],
+        results: &mut Vec<Result<()>>,
+    ) -> Result<()> {
+        let mut stream = &connection.stream;
+        let first_id = self
+            .next_request
+            .fetch_add(ops.len() as u64, Ordering::Relaxed);
+        let mut sent = 0;
+        while results.len() < ops.len() {
+            // Keep up to PIPELINE_DEPTH requests outstanding; requests are small, so the
+            // owner's responses can never block on a request we have not read.
+            let mut batch = Vec::new();
+            while sent < ops.len() && sent - results.len() < PIPELINE_DEPTH {
+                let op = &ops[sent];
+                let len = u32::try_from(op.dst.len()).unwrap_or(u32::MAX);
+                batch.extend_from_slice(
+                    &ReadRequest {
+                        request_id: first_id + sent as u64,
+                        region_id: op.src.region_id,
+                        offset: op.src.offset,
+                        remote_key: op.src.remote_key,
+                        len,
+                    }
+                    .encode(),
+                );
+                sent += 1;
+            }
+            if !batch.is_empty() {
+                stream
+                    .write_all(&batch)
+                    .map_err(Error::io("send requests"))?;
+            }
+            let index = results.len();
+            let mut header = [0u8; RESPONSE_BYTES];
+            stream
+                .read_exact(&mut header)
+                .map_err(Error::io("read a response"))?;
+            let response = ReadResponse::decode(&header)?;
+            let expected = first_id + index as u64;
+            if response.request_id != expected {
+                return Err(FrameError::OutOfOrder {
+                    expected,
+                    found: response.request_id,
+                }
+                .into());
+            }
+            let op = &mut ops[index];
+            let (src, len) = (op.src, op.dst.len() as u64);
+            results.push(match response.status {
+                Status::Ok => {
+                    if response.len as usize != op.dst.len() {
+                        return Err(FrameError::BadField {
+                            field: "len",
+                            value: response.len.into(),
+                        }
+                        .into());
+                    }
+                    // Straight into the caller's buffer.
+                    stream
+                        .read_exact(op.dst)
+                        .map_err(Error::io("read region bytes"))?;
+                    Ok(())
+                }
+                Status::BadRemoteKey => Err(Error::BadRemoteKey {
+                    region_id: src.region_id,
+                }),
+                Status::OutOfBounds => Err(Error::OutOfBounds {
+                    region_id: src.region_id,
+                    offset: src.offset,
+                    len,
+                }),
+                Status::UnknownRegion => Err(Error::UnknownRegion {
+                    region_id: src.region_id,
+                }),
+                Status::TooLarge => Err(Error::TooLarge {
+                    len,
+                    max: crate::MAX_READ_BYTES,
+                }),
+                other => Err(Error::UnexpectedStatus(other)),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Transport for TcpTransport {
+    fn read(&self, src: RemoteSlice, dst: &mut [u8]) -> Result<()> {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
+        let mut ops = [ReadOp { src, dst }];
+        self.run_on(index, &mut ops).remove(0)
+    }
+
+    fn read_batch(&self, ops: &mut [ReadOp<'_>]) -> Vec<Result<()>> {
+        if ops.len() <= PIPELINE_DEPTH || self.connections.len() == 1 {
+            let index = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
+            return self.run_on(index, ops);
+        }
+        // Spread the batch over the connections, one thread each.
+        let per = ops.len().div_ceil(self.connections.len());
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = ops
+                .chunks_mut(per)
+                .enumerate()
+                .map(|(i, chunk)| scope.spawn(move || self.run_on(i, chunk)))
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("a tcp reader thread panicked"))
+                .collect()
+        })
+    }
+}
