@@ -309,6 +309,12 @@ impl MapRequest {
     /// The first check that failed.
     pub fn decode(bytes: &[u8]) -> Result<Self, FrameError> {
         let b = open::<MAP_REQUEST_BYTES>(bytes, MAP_REQUEST_MAGIC)?;
+        if u16_at(b, 6) != 0 || b[24..28].iter().any(|&x| x != 0) {
+            return Err(FrameError::BadField {
+                field: "reserved",
+                value: 0,
+            });
+        }
         Ok(Self {
             region_id: u64_at(b, 8),
             remote_key: u64_at(b, 16),
@@ -334,6 +340,12 @@ impl MapResponse {
     /// The first check that failed.
     pub fn decode(bytes: &[u8]) -> Result<Self, FrameError> {
         let b = open::<MAP_RESPONSE_BYTES>(bytes, MAP_RESPONSE_MAGIC)?;
+        if b[24..28].iter().any(|&x| x != 0) {
+            return Err(FrameError::BadField {
+                field: "reserved",
+                value: 0,
+            });
+        }
         Ok(Self {
             status: Status::from_code(u16_at(b, 6)),
             len: u64_at(b, 8),
@@ -392,6 +404,40 @@ mod tests {
                 needed: 48
             })
         );
+    }
+
+    #[test]
+    fn reserved_bytes_must_be_zero() {
+        // Found by the frame_decode fuzz target: padding was accepted and lost on re-encode.
+        let mut b = MapRequest {
+            region_id: 1,
+            remote_key: 2,
+        }
+        .encode();
+        b[25] = 1;
+        seal(&mut b);
+        assert!(matches!(
+            MapRequest::decode(&b),
+            Err(FrameError::BadField {
+                field: "reserved",
+                ..
+            })
+        ));
+        let mut b = MapResponse {
+            status: Status::Ok,
+            len: 1,
+            memfd_offset: 0,
+        }
+        .encode();
+        b[27] = 1;
+        seal(&mut b);
+        assert!(matches!(
+            MapResponse::decode(&b),
+            Err(FrameError::BadField {
+                field: "reserved",
+                ..
+            })
+        ));
     }
 
     #[test]
