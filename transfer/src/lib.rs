@@ -41,6 +41,7 @@
 //!
 //! [`MAX_READ_BYTES`] per read; [`MAX_REGIONS`] regions per registry.
 
+mod conns;
 mod error;
 mod memory;
 #[cfg(feature = "rdma")]

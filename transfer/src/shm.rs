@@ -23,6 +23,7 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 
+use crate::conns::OpenConnections;
 use crate::memory::{ControlTable, MemorySource, RemoteMapping, copy_out};
 use crate::registry::{MAX_REGIONS, Registry, split};
 use crate::wire::{
@@ -35,7 +36,7 @@ use crate::{Error, MAX_READ_BYTES, ReadOp, RemoteSlice, Result, Transport};
 pub struct ShmServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
-    connections: Arc<Mutex<Vec<UnixStream>>>,
+    connections: Arc<OpenConnections>,
     acceptor: Option<JoinHandle<()>>,
 }
 
@@ -59,7 +60,7 @@ impl ShmServer {
         let listener =
             UnixListener::bind(&path).map_err(Error::io("bind the shared-memory socket"))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let connections = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(OpenConnections::default());
         let acceptor = {
             let (stop, connections) = (Arc::clone(&stop), Arc::clone(&connections));
             std::thread::Builder::new()
@@ -70,16 +71,23 @@ impl ShmServer {
                             break;
                         }
                         let Ok(stream) = stream else { continue };
-                        if let Ok(clone) = stream.try_clone() {
-                            connections.lock().push(clone);
-                        }
-                        let registry = Arc::clone(&registry);
+                        let admitted = stream
+                            .try_clone()
+                            .ok()
+                            .and_then(|c| connections.admit(OwnedFd::from(c)));
+                        let Some(id) = admitted else {
+                            tracing::warn!("too many shared-memory connections; refusing one");
+                            continue;
+                        };
+                        let (registry, connections) =
+                            (Arc::clone(&registry), Arc::clone(&connections));
                         let _ = std::thread::Builder::new()
                             .name("mooncake-shm-serve".into())
                             .spawn(move || {
                                 if let Err(error) = serve(stream, &registry) {
                                     tracing::debug!(%error, "shared-memory connection closed");
                                 }
+                                connections.close(id);
                             });
                     }
                 })
@@ -103,9 +111,7 @@ impl Drop for ShmServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         let _ = UnixStream::connect(&self.path);
-        for stream in self.connections.lock().drain(..) {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
-        }
+        self.connections.shutdown_all();
         if let Some(handle) = self.acceptor.take() {
             let _ = handle.join();
         }

@@ -5,7 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use crate::conns::OpenConnections;
 use crate::memory::send_from;
 use crate::registry::Registry;
 use crate::wire::{FrameError, REQUEST_BYTES, RESPONSE_BYTES, ReadRequest, ReadResponse, Status};
@@ -26,7 +27,7 @@ const PIPELINE_DEPTH: usize = 16;
 pub struct TcpServer {
     local_addr: SocketAddr,
     stop: Arc<AtomicBool>,
-    connections: Arc<Mutex<Vec<TcpStream>>>,
+    connections: Arc<OpenConnections>,
     acceptor: Option<JoinHandle<()>>,
 }
 
@@ -50,7 +51,7 @@ impl TcpServer {
             .local_addr()
             .map_err(Error::io("read the bound address"))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let connections = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(OpenConnections::default());
         let acceptor = {
             let (stop, connections) = (Arc::clone(&stop), Arc::clone(&connections));
             std::thread::Builder::new()
@@ -77,9 +78,7 @@ impl Drop for TcpServer {
         self.stop.store(true, Ordering::Release);
         // Wake the acceptor with a connection of our own, then close every connection.
         let _ = TcpStream::connect_timeout(&self.local_addr, Duration::from_secs(1));
-        for stream in self.connections.lock().drain(..) {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
+        self.connections.shutdown_all();
         if let Some(handle) = self.acceptor.take() {
             let _ = handle.join();
         }
@@ -90,7 +89,7 @@ fn accept_loop(
     listener: &TcpListener,
     registry: &Arc<Registry>,
     stop: &AtomicBool,
-    connections: &Mutex<Vec<TcpStream>>,
+    connections: &Arc<OpenConnections>,
 ) {
     for stream in listener.incoming() {
         if stop.load(Ordering::Acquire) {
@@ -98,19 +97,22 @@ fn accept_loop(
         }
         let Ok(stream) = stream else { continue };
         let _ = stream.set_nodelay(true);
-        if let Ok(clone) = stream.try_clone() {
-            let mut open = connections.lock();
-            // Forget connections that have closed, so the list stays bounded.
-            open.retain(|s| s.peer_addr().is_ok());
-            open.push(clone);
-        }
-        let registry = Arc::clone(registry);
+        let Some(id) = stream
+            .try_clone()
+            .ok()
+            .and_then(|clone| connections.admit(OwnedFd::from(clone)))
+        else {
+            tracing::warn!("too many tcp data-plane connections; refusing one");
+            continue;
+        };
+        let (registry, connections) = (Arc::clone(registry), Arc::clone(connections));
         let spawned = std::thread::Builder::new()
             .name("mooncake-tcp-serve".into())
             .spawn(move || {
                 if let Err(error) = serve(stream, &registry) {
                     tracing::debug!(%error, "tcp data-plane connection closed");
                 }
+                connections.close(id);
             });
         if let Err(error) = spawned {
             tracing::warn!(%error, "cannot start a thread for a tcp connection; dropping it");
