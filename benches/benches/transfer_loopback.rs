@@ -1,13 +1,16 @@
 //! One-sided reads next to their raw references, in one run on one machine:
 //!
-//! - `tcp/1_stream`: one 64 KiB / 512 KiB / 2 MiB read at a time over one connection of the tcp
-//!   transport (owner in this process, on 127.0.0.1), next to `raw_tcp/1_stream`: a plain
-//!   socket where a 4-byte request gets the same bytes back from a buffer, same sizes.
-//! - `tcp/4_streams`: a batch of 64 reads spread over 4 connections, next to
-//!   `raw_tcp/4_streams`: 4 plain sockets, 16 request/responses each, in parallel.
-//! - `shm`: a read through the shared-memory transport next to `memcpy` of the same bytes.
+//! - `tcp_1_stream`: one 64 KiB / 512 KiB / 2 MiB read at a time over one connection of the
+//!   tcp transport (owner in this process, on 127.0.0.1), next to `raw_tcp_1_stream`: a plain
+//!   socket where an 8-byte request (offset, length) gets those bytes back from a buffer the
+//!   size of the region. Both walk the same offsets through 64 MiB, so both read memory as
+//!   cold as each other.
+//! - `tcp_4_streams`: a batch of 64 reads spread over 4 connections, next to
+//!   `raw_tcp_4_streams`: 4 plain sockets, 16 request/responses each, in parallel.
+//! - `shm`: a read through the shared-memory transport next to `memcpy` of the same bytes (the
+//!   same offsets of a 64 MiB buffer).
 //!
-//! Criterion's median time of `tcp/1_stream` at 64 KiB is the p50 latency of a read.
+//! Criterion's median time of `tcp_1_stream` at 64 KiB is the p50 latency of a read.
 //! Run: `cargo bench -p mooncake-kv-benches --bench transfer_loopback`.
 
 use std::hint::black_box;
@@ -25,22 +28,30 @@ use mooncake_kv_transfer::{
 const SIZES: [usize; 3] = [64 << 10, 512 << 10, 2 << 20];
 const REGION_BYTES: usize = 64 << 20;
 
-/// A plain TCP server: for each 4-byte little-endian length it reads, it writes that many
-/// bytes from a buffer.
+/// The offset of the `i`th read of `size` bytes: a walk through the region.
+fn offset_of(i: usize, size: usize) -> usize {
+    (i * size) % (REGION_BYTES - size)
+}
+
+/// A plain TCP server: for each request (u32 offset, u32 length, little-endian) it writes
+/// those bytes of a buffer as large as the registered region.
 fn raw_server() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let source: Arc<Vec<u8>> = Arc::new(vec![7u8; REGION_BYTES]);
     std::thread::spawn(move || {
-        let source = vec![7u8; 2 << 20];
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
-            let source = source.clone();
+            let source = Arc::clone(&source);
             std::thread::spawn(move || {
                 stream.set_nodelay(true).ok();
-                let mut len = [0u8; 4];
-                while stream.read_exact(&mut len).is_ok() {
-                    let n = u32::from_le_bytes(len) as usize;
-                    if stream.write_all(&source[..n]).is_err() {
+                let mut request = [0u8; 8];
+                while stream.read_exact(&mut request).is_ok() {
+                    let offset =
+                        u32::from_le_bytes([request[0], request[1], request[2], request[3]]);
+                    let len = u32::from_le_bytes([request[4], request[5], request[6], request[7]]);
+                    let (offset, len) = (offset as usize, len as usize);
+                    if stream.write_all(&source[offset..offset + len]).is_err() {
                         break;
                     }
                 }
@@ -56,10 +67,11 @@ fn raw_connect(addr: std::net::SocketAddr) -> TcpStream {
     stream
 }
 
-fn raw_read(stream: &mut TcpStream, buf: &mut [u8]) {
-    stream
-        .write_all(&(buf.len() as u32).to_le_bytes())
-        .expect("request");
+fn raw_read(stream: &mut TcpStream, offset: usize, buf: &mut [u8]) {
+    let mut request = [0u8; 8];
+    request[..4].copy_from_slice(&(offset as u32).to_le_bytes());
+    request[4..].copy_from_slice(&(buf.len() as u32).to_le_bytes());
+    stream.write_all(&request).expect("request");
     stream.read_exact(buf).expect("response");
 }
 
@@ -78,9 +90,10 @@ fn transfer(c: &mut Criterion) {
     let raw_addr = raw_server();
     let mut raw_one = raw_connect(raw_addr);
     let mut raw_four: Vec<TcpStream> = (0..4).map(|_| raw_connect(raw_addr)).collect();
+    let big_source = vec![9u8; REGION_BYTES];
     let src = |i: usize, size: usize| RemoteSlice {
         region_id: handle.region_id,
-        offset: ((i * size) % (REGION_BYTES - size)) as u64,
+        offset: offset_of(i, size) as u64,
         remote_key: handle.remote_key,
     };
 
@@ -90,7 +103,10 @@ fn transfer(c: &mut Criterion) {
         let mut buf = vec![0u8; size];
         let mut i = 0;
         group.bench_function(BenchmarkId::new("raw_tcp_1_stream", size), |b| {
-            b.iter(|| raw_read(&mut raw_one, black_box(&mut buf)))
+            b.iter(|| {
+                i += 1;
+                raw_read(&mut raw_one, offset_of(i, size), black_box(&mut buf))
+            })
         });
         group.bench_function(BenchmarkId::new("tcp_1_stream", size), |b| {
             b.iter(|| {
@@ -103,8 +119,11 @@ fn transfer(c: &mut Criterion) {
             "the transport must deliver the region's bytes"
         );
         group.bench_function(BenchmarkId::new("memcpy", size), |b| {
-            let source = vec![9u8; size];
-            b.iter(|| buf.copy_from_slice(black_box(&source)))
+            b.iter(|| {
+                i += 1;
+                let offset = offset_of(i, size);
+                buf.copy_from_slice(black_box(&big_source[offset..offset + size]))
+            })
         });
         group.bench_function(BenchmarkId::new("shm", size), |b| {
             b.iter(|| {
@@ -120,8 +139,14 @@ fn transfer(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("raw_tcp_4_streams", size), |b| {
             b.iter(|| {
                 std::thread::scope(|scope| {
-                    for (stream, chunk) in raw_four.iter_mut().zip(bufs.chunks_mut(16)) {
-                        scope.spawn(move || chunk.iter_mut().for_each(|buf| raw_read(stream, buf)));
+                    for (s, (stream, chunk)) in
+                        raw_four.iter_mut().zip(bufs.chunks_mut(16)).enumerate()
+                    {
+                        scope.spawn(move || {
+                            for (k, buf) in chunk.iter_mut().enumerate() {
+                                raw_read(stream, offset_of(s * 16 + k, size), buf);
+                            }
+                        });
                     }
                 })
             })
