@@ -62,6 +62,23 @@ pub enum Error {
         /// What the verbs library said.
         reason: String,
     },
+    /// A verbs call failed (RDMA transport).
+    #[error("RDMA: cannot {action}: {source}")]
+    Rdma {
+        /// What was being attempted.
+        action: &'static str,
+        /// The error libibverbs reported.
+        #[source]
+        source: io::Error,
+    },
+    /// An RDMA READ completed with an error status; the connection it ran on is closed.
+    #[error("RDMA read failed: {status} (vendor error {vendor_err:#x})")]
+    RdmaCompletion {
+        /// The completion status, as libibverbs words it.
+        status: String,
+        /// The device's own error code.
+        vendor_err: u32,
+    },
     /// A socket or mapping operation failed.
     #[error("cannot {action}: {source}")]
     Io {

@@ -1,8 +1,8 @@
 //! Registered regions: who may read what.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::memory::{ControlTable, MemorySource};
 use crate::{Error, MAX_READ_BYTES, Result};
@@ -30,9 +30,18 @@ pub(crate) struct Registered {
     pub(crate) memory: Arc<dyn MemorySource>,
 }
 
+/// Told when a region is unregistered, so that a transport that granted access to it outside
+/// the registry (an RDMA registration with the device) withdraws that access before
+/// [`Registry::unregister`] returns.
+pub(crate) trait Revoke: Send + Sync {
+    /// Withdraws every access granted to `region_id`.
+    fn revoke(&self, region_id: u64);
+}
+
 /// Regions this process has registered. Thread-safe; share it with `Arc`.
 pub struct Registry {
     slots: RwLock<Vec<Option<Arc<Registered>>>>,
+    revokers: Mutex<Vec<Weak<dyn Revoke>>>,
     /// Epochs of the slots, readable by local peers (the shared-memory transport).
     pub(crate) control: ControlTable,
     next_epoch: std::sync::atomic::AtomicU64,
@@ -60,6 +69,7 @@ impl Registry {
     pub fn new() -> Result<Self> {
         Ok(Self {
             slots: RwLock::new(vec![None; MAX_REGIONS]),
+            revokers: Mutex::new(Vec::new()),
             control: ControlTable::new(MAX_REGIONS)?,
             next_epoch: std::sync::atomic::AtomicU64::new(1),
         })
@@ -117,7 +127,30 @@ impl Registry {
         *entry = None;
         debug_assert_eq!(self.control.load(slot), epoch);
         self.control.store(slot, 0);
+        drop(slots);
+        // After the slot is cleared: a transport that grants access checks the registry after
+        // recording its grant, so every grant is either seen here or refused there.
+        let mut revokers = self.revokers.lock();
+        revokers.retain(|r| {
+            r.upgrade().is_some_and(|r| {
+                r.revoke(region_id);
+                true
+            })
+        });
         true
+    }
+
+    /// Asks to be told of every later unregistration (see [`Revoke`]). Held weakly: a
+    /// revoker that is dropped is forgotten.
+    #[cfg_attr(
+        all(not(feature = "rdma"), not(test)),
+        expect(
+            dead_code,
+            reason = "only the RDMA transport grants access outside the registry"
+        )
+    )]
+    pub(crate) fn add_revoker(&self, revoker: Weak<dyn Revoke>) {
+        self.revokers.lock().push(revoker);
     }
 
     /// Checks a read against a region: key, bounds, size. What every transport's owner side
@@ -215,5 +248,39 @@ mod tests {
             registry.check(a.region_id, c.remote_key, 0, 1),
             Err(Error::UnknownRegion { .. })
         ));
+    }
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<u64>>);
+
+    impl Revoke for Recorder {
+        fn revoke(&self, region_id: u64) {
+            self.0.lock().push(region_id);
+        }
+    }
+
+    #[test]
+    fn unregistering_tells_every_live_revoker_once() {
+        let registry = Registry::new().unwrap();
+        let recorder = Arc::new(Recorder::default());
+        let as_revoker: Arc<dyn Revoke> = recorder.clone();
+        registry.add_revoker(Arc::downgrade(&as_revoker));
+        let a = registry
+            .register(Arc::new(MemfdRegion::new(4096).unwrap()))
+            .unwrap();
+        assert!(registry.unregister(a.region_id));
+        assert!(
+            !registry.unregister(a.region_id),
+            "a second unregister is a no-op"
+        );
+        assert_eq!(*recorder.0.lock(), vec![a.region_id]);
+        // A dropped revoker is forgotten, not called.
+        drop(as_revoker);
+        drop(recorder);
+        let b = registry
+            .register(Arc::new(MemfdRegion::new(4096).unwrap()))
+            .unwrap();
+        assert!(registry.unregister(b.region_id));
+        assert!(registry.revokers.lock().is_empty());
     }
 }

@@ -10,6 +10,10 @@ pub const RESPONSE_BYTES: usize = 32;
 pub const MAP_REQUEST_BYTES: usize = 32;
 /// Bytes of a [`MapResponse`] on the wire.
 pub const MAP_RESPONSE_BYTES: usize = 32;
+/// Bytes of an [`QpEndpoint`] on the wire (RDMA queue-pair handshake).
+pub const ENDPOINT_BYTES: usize = 40;
+/// Bytes of an [`RdmaGrant`] on the wire.
+pub const GRANT_BYTES: usize = 40;
 /// Version of every frame layout.
 pub const WIRE_VERSION: u16 = 1;
 
@@ -17,6 +21,8 @@ const REQUEST_MAGIC: [u8; 4] = *b"MKRQ";
 const RESPONSE_MAGIC: [u8; 4] = *b"MKRS";
 const MAP_REQUEST_MAGIC: [u8; 4] = *b"MKMQ";
 const MAP_RESPONSE_MAGIC: [u8; 4] = *b"MKMS";
+const ENDPOINT_MAGIC: [u8; 4] = *b"MKEP";
+const GRANT_MAGIC: [u8; 4] = *b"MKRG";
 const KIND_READ: u16 = 1;
 
 /// Why bytes are not a valid frame.
@@ -154,6 +160,38 @@ pub struct MapResponse {
     pub len: u64,
     /// Offset of the region in the memfd, a multiple of the page size.
     pub memfd_offset: u64,
+}
+
+/// What one side of an RDMA reliable-connected queue pair tells the other, over the tcp control
+/// channel, to connect it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QpEndpoint {
+    /// Queue pair number, 24 bits.
+    pub qp_num: u32,
+    /// Local identifier of the port (InfiniBand); 0 on RoCE.
+    pub lid: u16,
+    /// Global identifier (RoCE, or routed InfiniBand); all zero when unused.
+    pub gid: [u8; 16],
+    /// First packet sequence number, 24 bits.
+    pub psn: u32,
+    /// The port's active MTU as the verbs enumeration gives it (1 = 256 bytes ... 5 = 4096).
+    pub mtu: u8,
+}
+
+/// The owner's answer to a [`MapRequest`] on the RDMA control channel: where the region lies in
+/// the owner's address space and the key its RDMA device checks on every read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RdmaGrant {
+    /// Outcome; on a refusal every other field but `region_id` is zero.
+    pub status: Status,
+    /// The region asked for.
+    pub region_id: u64,
+    /// Address of the region's first byte in the owner's registration.
+    pub addr: u64,
+    /// Length of the region.
+    pub len: u64,
+    /// The RDMA remote key of the region's registration.
+    pub rkey: u32,
 }
 
 fn put(buf: &mut [u8], at: usize, bytes: &[u8]) {
@@ -354,6 +392,115 @@ impl MapResponse {
     }
 }
 
+impl QpEndpoint {
+    /// The frame's bytes.
+    pub fn encode(&self) -> [u8; ENDPOINT_BYTES] {
+        let mut b = [0u8; ENDPOINT_BYTES];
+        put(&mut b, 0, &header(ENDPOINT_MAGIC, self.lid));
+        put(&mut b, 8, &self.qp_num.to_le_bytes());
+        put(&mut b, 12, &self.psn.to_le_bytes());
+        put(&mut b, 16, &self.gid);
+        b[32] = self.mtu;
+        seal(&mut b);
+        b
+    }
+
+    /// Decodes a frame.
+    ///
+    /// # Errors
+    ///
+    /// The first check that failed, including a queue pair number or PSN wider than 24 bits
+    /// and an MTU code outside 1..=5.
+    pub fn decode(bytes: &[u8]) -> Result<Self, FrameError> {
+        let b = open::<ENDPOINT_BYTES>(bytes, ENDPOINT_MAGIC)?;
+        let (qp_num, psn, mtu) = (u32_at(b, 8), u32_at(b, 12), b[32]);
+        for (field, value) in [("qp_num", qp_num), ("psn", psn)] {
+            if value >= 1 << 24 {
+                return Err(FrameError::BadField {
+                    field,
+                    value: value.into(),
+                });
+            }
+        }
+        if !(1..=5).contains(&mtu) {
+            return Err(FrameError::BadField {
+                field: "mtu",
+                value: mtu.into(),
+            });
+        }
+        if b[33..36].iter().any(|&x| x != 0) {
+            return Err(FrameError::BadField {
+                field: "reserved",
+                value: 0,
+            });
+        }
+        let mut gid = [0u8; 16];
+        gid.copy_from_slice(&b[16..32]);
+        Ok(Self {
+            qp_num,
+            lid: u16_at(b, 6),
+            gid,
+            psn,
+            mtu,
+        })
+    }
+}
+
+impl RdmaGrant {
+    /// A refusal of `region_id` with `status`.
+    pub fn refusal(region_id: u64, status: Status) -> Self {
+        Self {
+            status,
+            region_id,
+            addr: 0,
+            len: 0,
+            rkey: 0,
+        }
+    }
+
+    /// The frame's bytes.
+    pub fn encode(&self) -> [u8; GRANT_BYTES] {
+        let mut b = [0u8; GRANT_BYTES];
+        put(&mut b, 0, &header(GRANT_MAGIC, self.status.code()));
+        put(&mut b, 8, &self.region_id.to_le_bytes());
+        put(&mut b, 16, &self.addr.to_le_bytes());
+        put(&mut b, 24, &self.len.to_le_bytes());
+        put(&mut b, 32, &self.rkey.to_le_bytes());
+        seal(&mut b);
+        b
+    }
+
+    /// Decodes a frame.
+    ///
+    /// # Errors
+    ///
+    /// The first check that failed; a refusal that carries an address, length or key, and a
+    /// grant whose end overflows the address space, are `BadField`s.
+    pub fn decode(bytes: &[u8]) -> Result<Self, FrameError> {
+        let b = open::<GRANT_BYTES>(bytes, GRANT_MAGIC)?;
+        let grant = Self {
+            status: Status::from_code(u16_at(b, 6)),
+            region_id: u64_at(b, 8),
+            addr: u64_at(b, 16),
+            len: u64_at(b, 24),
+            rkey: u32_at(b, 32),
+        };
+        if grant.status != Status::Ok && (grant.addr != 0 || grant.len != 0 || grant.rkey != 0) {
+            return Err(FrameError::BadField {
+                field: "refusal",
+                value: grant.len,
+            });
+        }
+        if grant.addr.checked_add(grant.len).is_none() {
+            return Err(FrameError::BadField {
+                field: "len",
+                value: grant.len,
+            });
+        }
+        Ok(grant)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,7 +526,79 @@ mod tests {
             let _ = ReadResponse::decode(&bytes);
             let _ = MapRequest::decode(&bytes);
             let _ = MapResponse::decode(&bytes);
+            let _ = QpEndpoint::decode(&bytes);
+            let _ = RdmaGrant::decode(&bytes);
         }
+
+        #[test]
+        fn grants_round_trip(region in any::<u64>(), addr in 0u64..1 << 47, len in 0u64..1 << 40, rkey in any::<u32>()) {
+            let g = RdmaGrant { status: Status::Ok, region_id: region, addr, len, rkey };
+            prop_assert_eq!(RdmaGrant::decode(&g.encode()), Ok(g));
+            let refusal = RdmaGrant::refusal(region, Status::BadRemoteKey);
+            prop_assert_eq!(RdmaGrant::decode(&refusal.encode()), Ok(refusal));
+        }
+    }
+
+    #[test]
+    fn endpoints_round_trip_and_reject_damage() {
+        let e = QpEndpoint {
+            qp_num: 0x1234,
+            lid: 7,
+            gid: [0xfe; 16],
+            psn: 0xabcdef,
+            mtu: 5,
+        };
+        assert_eq!(QpEndpoint::decode(&e.encode()), Ok(e));
+        for bit in 0..ENDPOINT_BYTES * 8 {
+            let mut bad = e.encode();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(QpEndpoint::decode(&bad).is_err(), "bit {bit}");
+        }
+        for (bad, field) in [
+            (QpEndpoint { psn: 1 << 24, ..e }, "psn"),
+            (
+                QpEndpoint {
+                    qp_num: 1 << 24,
+                    ..e
+                },
+                "qp_num",
+            ),
+            (QpEndpoint { mtu: 0, ..e }, "mtu"),
+            (QpEndpoint { mtu: 6, ..e }, "mtu"),
+        ] {
+            assert!(matches!(
+                QpEndpoint::decode(&bad.encode()),
+                Err(FrameError::BadField { field: f, .. }) if f == field
+            ));
+        }
+        assert!(matches!(
+            QpEndpoint::decode(&[0; 10]),
+            Err(FrameError::Short { .. })
+        ));
+    }
+
+    #[test]
+    fn a_refusing_grant_carries_no_key_and_a_grant_cannot_wrap() {
+        let mut refusal = RdmaGrant::refusal(9, Status::UnknownRegion);
+        refusal.rkey = 5;
+        assert!(matches!(
+            RdmaGrant::decode(&refusal.encode()),
+            Err(FrameError::BadField {
+                field: "refusal",
+                ..
+            })
+        ));
+        let wrapping = RdmaGrant {
+            status: Status::Ok,
+            region_id: 1,
+            addr: u64::MAX - 10,
+            len: 11,
+            rkey: 1,
+        };
+        assert!(matches!(
+            RdmaGrant::decode(&wrapping.encode()),
+            Err(FrameError::BadField { field: "len", .. })
+        ));
     }
 
     #[test]
