@@ -5,15 +5,14 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::conns::OpenConnections;
+use crate::conns::Acceptor;
 use crate::memory::send_from;
 use crate::registry::Registry;
 use crate::wire::{FrameError, REQUEST_BYTES, RESPONSE_BYTES, ReadRequest, ReadResponse, Status};
@@ -25,16 +24,13 @@ const PIPELINE_DEPTH: usize = 16;
 /// The owner's data-plane listener. Dropping it stops accepting, closes every connection and
 /// joins its threads.
 pub struct TcpServer {
-    local_addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    connections: Arc<OpenConnections>,
-    acceptor: Option<JoinHandle<()>>,
+    acceptor: Acceptor,
 }
 
 impl std::fmt::Debug for TcpServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TcpServer")
-            .field("local_addr", &self.local_addr)
+            .field("local_addr", &self.local_addr())
             .finish()
     }
 }
@@ -47,76 +43,13 @@ impl TcpServer {
     /// [`Error::Io`] if the address cannot be bound.
     pub fn bind(addr: impl ToSocketAddrs, registry: Arc<Registry>) -> Result<Self> {
         let listener = TcpListener::bind(addr).map_err(Error::io("bind the tcp data plane"))?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(Error::io("read the bound address"))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let connections = Arc::new(OpenConnections::default());
-        let acceptor = {
-            let (stop, connections) = (Arc::clone(&stop), Arc::clone(&connections));
-            std::thread::Builder::new()
-                .name("mooncake-tcp-accept".into())
-                .spawn(move || accept_loop(&listener, &registry, &stop, &connections))
-                .map_err(Error::io("start the tcp acceptor"))?
-        };
-        Ok(Self {
-            local_addr,
-            stop,
-            connections,
-            acceptor: Some(acceptor),
-        })
+        let acceptor = Acceptor::spawn(listener, "tcp", move |stream| serve(stream, &registry))?;
+        Ok(Self { acceptor })
     }
 
     /// Where the server listens.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-}
-
-impl Drop for TcpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        // Wake the acceptor with a connection of our own, then close every connection.
-        let _ = TcpStream::connect_timeout(&self.local_addr, Duration::from_secs(1));
-        self.connections.shutdown_all();
-        if let Some(handle) = self.acceptor.take() {
-            let _ = handle.join();
-        }
-    }
-}
-
-fn accept_loop(
-    listener: &TcpListener,
-    registry: &Arc<Registry>,
-    stop: &AtomicBool,
-    connections: &Arc<OpenConnections>,
-) {
-    for stream in listener.incoming() {
-        if stop.load(Ordering::Acquire) {
-            break;
-        }
-        let Ok(stream) = stream else { continue };
-        let _ = stream.set_nodelay(true);
-        let Some(id) = stream
-            .try_clone()
-            .ok()
-            .and_then(|clone| connections.admit(OwnedFd::from(clone)))
-        else {
-            tracing::warn!("too many tcp data-plane connections; refusing one");
-            continue;
-        };
-        let (registry, connections) = (Arc::clone(registry), Arc::clone(connections));
-        let spawned = std::thread::Builder::new()
-            .name("mooncake-tcp-serve".into())
-            .spawn(move || {
-                if let Err(error) = serve(stream, &registry) {
-                    tracing::debug!(%error, "tcp data-plane connection closed");
-                }
-                connections.close(id);
-            });
-        if let Err(error) = spawned {
-            tracing::warn!(%error, "cannot start a thread for a tcp connection; dropping it");
-        }
+        self.acceptor.local_addr()
     }
 }
 

@@ -33,16 +33,14 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ibverbs_sys as ffi;
 use parking_lot::Mutex;
 
-use crate::conns::OpenConnections;
+use crate::conns::Acceptor;
 use crate::registry::{Registry, Revoke};
 use crate::wire::{
     ENDPOINT_BYTES, GRANT_BYTES, MAP_REQUEST_BYTES, MapRequest, QpEndpoint, RdmaGrant, Status,
@@ -402,21 +400,17 @@ impl Grants {
 }
 
 /// The owner's RDMA control listener: connects queue pairs and grants regions. Dropping it
-/// stops accepting, closes every connection (destroying its queue pair) and deregisters every
-/// region it registered.
+/// stops accepting and closes every connection (destroying its queue pair); the regions it
+/// registered are deregistered once the last connection thread has let go of them.
 pub struct RdmaServer {
-    local_addr: SocketAddr,
+    acceptor: Acceptor,
     device: String,
-    stop: Arc<AtomicBool>,
-    connections: Arc<OpenConnections>,
-    acceptor: Option<JoinHandle<()>>,
-    grants: Arc<Grants>,
 }
 
 impl std::fmt::Debug for RdmaServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RdmaServer")
-            .field("local_addr", &self.local_addr)
+            .field("local_addr", &self.local_addr())
             .field("device", &self.device)
             .finish()
     }
@@ -436,6 +430,7 @@ impl RdmaServer {
     ) -> Result<Self> {
         config.validate()?;
         let context = Context::open(config.device.as_deref(), config.port, config.gid_index)?;
+        let device = context.name.clone();
         let pd = Pd::new(&context)?;
         let grants = Arc::new(Grants {
             registry: Arc::clone(&registry),
@@ -446,82 +441,14 @@ impl RdmaServer {
         registry.add_revoker(Arc::downgrade(&revoker));
         let listener =
             TcpListener::bind(addr).map_err(Error::io("bind the RDMA control listener"))?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(Error::io("read the bound address"))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let connections = Arc::new(OpenConnections::default());
-        let acceptor = {
-            let (stop, connections, grants) = (
-                Arc::clone(&stop),
-                Arc::clone(&connections),
-                Arc::clone(&grants),
-            );
-            std::thread::Builder::new()
-                .name("mooncake-rdma-accept".into())
-                .spawn(move || owner_accept(&listener, &grants, &stop, &connections))
-                .map_err(Error::io("start the RDMA acceptor"))?
-        };
-        Ok(Self {
-            local_addr,
-            device: context.name.clone(),
-            stop,
-            connections,
-            acceptor: Some(acceptor),
-            grants,
-        })
+        let acceptor =
+            Acceptor::spawn(listener, "rdma", move |stream| owner_serve(stream, &grants))?;
+        Ok(Self { acceptor, device })
     }
 
     /// Where the control listener listens.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-}
-
-impl Drop for RdmaServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        let _ = TcpStream::connect_timeout(&self.local_addr, Duration::from_secs(1));
-        self.connections.shutdown_all();
-        if let Some(handle) = self.acceptor.take() {
-            let _ = handle.join();
-        }
-        self.grants.registrations.lock().clear();
-    }
-}
-
-fn owner_accept(
-    listener: &TcpListener,
-    grants: &Arc<Grants>,
-    stop: &AtomicBool,
-    connections: &Arc<OpenConnections>,
-) {
-    for stream in listener.incoming() {
-        if stop.load(Ordering::Acquire) {
-            break;
-        }
-        let Ok(stream) = stream else { continue };
-        let _ = stream.set_nodelay(true);
-        let Some(id) = stream
-            .try_clone()
-            .ok()
-            .and_then(|clone| connections.admit(OwnedFd::from(clone)))
-        else {
-            tracing::warn!("too many RDMA control connections; refusing one");
-            continue;
-        };
-        let (grants, connections) = (Arc::clone(grants), Arc::clone(connections));
-        let spawned = std::thread::Builder::new()
-            .name("mooncake-rdma-serve".into())
-            .spawn(move || {
-                if let Err(error) = owner_serve(stream, &grants) {
-                    tracing::debug!(%error, "RDMA control connection closed");
-                }
-                connections.close(id);
-            });
-        if let Err(error) = spawned {
-            tracing::warn!(%error, "cannot start a thread for an RDMA connection; dropping it");
-        }
+        self.acceptor.local_addr()
     }
 }
 
