@@ -175,6 +175,22 @@ impl PinnedBlock {
         self.slot.generation
     }
 
+    /// Where the block (header first, in the block format) starts in the DRAM region: what a
+    /// node hands a peer that reads it one-sidedly from the registered region.
+    pub fn block_offset(&self) -> u64 {
+        self.copy.offset_bytes()
+    }
+
+    /// Bytes of the whole block in DRAM: header, key, padding, payload.
+    pub fn block_len(&self) -> u64 {
+        u64::from(self.copy.payload_offset) + u64::from(self.slot.payload_len)
+    }
+
+    /// Offset of the payload from the start of the block.
+    pub fn payload_offset(&self) -> u32 {
+        self.copy.payload_offset
+    }
+
     /// The payload, in place in the DRAM tier.
     pub fn payload(&self) -> &[u8] {
         let start = self.copy.payload_offset as usize;
@@ -384,6 +400,12 @@ impl Engine {
     /// The DRAM tier, for registering its region with a transfer engine.
     pub fn dram(&self) -> &DramTier {
         &self.inner.dram
+    }
+
+    /// The DRAM tier, shared: what a node registers for one-sided reads. The region stays
+    /// mapped as long as any handle lives, even after the engine is dropped.
+    pub fn dram_shared(&self) -> Arc<DramTier> {
+        Arc::clone(&self.inner.dram)
     }
 
     /// The node id of the data directory (created once, when it was first opened).

@@ -115,6 +115,11 @@ impl DramCopy {
         self.extent().len_bytes()
     }
 
+    /// Where the block starts in the DRAM region.
+    pub(crate) fn offset_bytes(&self) -> u64 {
+        self.extent().offset_bytes()
+    }
+
     fn extent(&self) -> &Extent {
         self.extent
             .as_ref()

@@ -220,3 +220,24 @@ fn stats_count_hits_misses_and_puts() -> Result<(), Error> {
     assert!(dram.used_bytes > 0 && dram.used_bytes < 1024);
     Ok(())
 }
+
+#[test]
+fn a_pinned_block_says_where_it_lies_in_the_shared_region() -> Result<(), Error> {
+    use std::os::unix::fs::FileExt;
+    let engine = engine();
+    let value: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+    let generation = engine.put(b"located", &value)?;
+    engine.put(b"other", &[9; 1000])?;
+    let pinned = engine.pin(b"located")?.expect("present");
+    // Read the block the way a peer would: from the region's memfd at the offset given.
+    let file = std::fs::File::from(engine.dram().memfd().try_clone_to_owned().unwrap());
+    let mut bytes = vec![0u8; usize::try_from(pinned.block_len()).unwrap()];
+    file.read_exact_at(&mut bytes, pinned.block_offset()).unwrap();
+    let block = mooncake_kv_engine::format::decode(&bytes).expect("a whole, valid block");
+    assert_eq!(block.key, b"located");
+    assert_eq!(block.payload, &value[..]);
+    assert_eq!(block.header.generation, generation);
+    assert_eq!(block.header.payload_offset, pinned.payload_offset());
+    assert!(pinned.block_offset() + pinned.block_len() <= engine.dram().region_len_bytes());
+    Ok(())
+}
