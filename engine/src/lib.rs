@@ -17,4 +17,6 @@ pub use error::{Error, Result};
 pub use eviction::EvictionPolicyKind;
 pub use mooncake_kv_format as format;
 pub use mooncake_kv_format::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
-pub use mooncake_kv_tiers::{AlignedBuf, HugePageMode, HugePages, IoBackendKind, TierKind};
+pub use mooncake_kv_tiers::{
+    AlignedBuf, DramTier, HugePageMode, HugePages, IoBackendKind, TierKind,
+};

@@ -232,7 +232,8 @@ fn a_pinned_block_says_where_it_lies_in_the_shared_region() -> Result<(), Error>
     // Read the block the way a peer would: from the region's memfd at the offset given.
     let file = std::fs::File::from(engine.dram().memfd().try_clone_to_owned().unwrap());
     let mut bytes = vec![0u8; usize::try_from(pinned.block_len()).unwrap()];
-    file.read_exact_at(&mut bytes, pinned.block_offset()).unwrap();
+    file.read_exact_at(&mut bytes, pinned.block_offset())
+        .unwrap();
     let block = mooncake_kv_engine::format::decode(&bytes).expect("a whole, valid block");
     assert_eq!(block.key, b"located");
     assert_eq!(block.payload, &value[..]);

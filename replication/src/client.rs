@@ -1,0 +1,627 @@
+//! The client: control requests to a node, and verified one-sided reads of its blocks.
+
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use mooncake_kv_engine::format::{self, HEADER_BYTES, MAX_PAYLOAD_OFFSET};
+use mooncake_kv_transfer::{ReadOp, RemoteSlice, ShmTransport, TcpTransport, Transport};
+use parking_lot::Mutex;
+
+use crate::proto::{
+    Descriptor, ErrorReply, FrameError, HelloReply, NodeStats, Outcome, ReadFrameError, Request,
+    Response, decode_response, encode_body, read_frame, write_frame,
+};
+
+/// Which data path reads blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportChoice {
+    /// Shared memory when the node is on this host (it offers a socket and the control
+    /// address is loopback), tcp otherwise.
+    #[default]
+    Auto,
+    /// Always the tcp data plane.
+    Tcp,
+    /// Always shared memory; connecting fails if the node offers none.
+    Shm,
+}
+
+/// How a client connects.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The node's shared secret, if it has one.
+    pub token: Option<Vec<u8>>,
+    /// Bounds connecting and every request. Default 5 s.
+    pub timeout: Duration,
+    /// Control connections (and tcp data connections) in the pool. Default 4.
+    pub connections: usize,
+    /// Data path. Default [`TransportChoice::Auto`].
+    pub transport: TransportChoice,
+    /// Lookups per read before giving up on a block that keeps changing under the reader.
+    /// Default 4.
+    pub max_attempts: u32,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            token: None,
+            timeout: Duration::from_secs(5),
+            connections: 4,
+            transport: TransportChoice::Auto,
+            max_attempts: 4,
+        }
+    }
+}
+
+/// What a client call can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The connection to the node failed.
+    #[error("cannot {action}: {source}")]
+    Io {
+        /// What was being attempted.
+        action: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The node sent bytes that are not a valid frame or response.
+    #[error("protocol error: {0}")]
+    Protocol(#[from] FrameError),
+    /// The node refused the request.
+    #[error("refused by the node ({:?}): {}", .0.code, .0.message)]
+    Refused(ErrorReply),
+    /// The one-sided read failed (refused by the owner, or the data path broke).
+    #[error("read failed: {0}")]
+    Transfer(#[from] mooncake_kv_transfer::Error),
+    /// The block changed under every attempt to read it.
+    #[error("block still changing after {attempts} lookups")]
+    Stale {
+        /// Lookups made.
+        attempts: u32,
+    },
+    /// The caller's buffer is smaller than the value.
+    #[error("buffer of {available} bytes is smaller than the value's {needed}")]
+    BufferTooSmall {
+        /// Bytes of the value.
+        needed: usize,
+        /// Bytes of the buffer.
+        available: usize,
+    },
+}
+
+type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+fn io(action: &'static str) -> impl FnOnce(std::io::Error) -> ClientError {
+    move |source| ClientError::Io { action, source }
+}
+
+struct Control {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    body: Vec<u8>,
+}
+
+/// A connection to one node. `Send + Sync`: share it between threads.
+pub struct Client {
+    addr: SocketAddr,
+    config: ClientConfig,
+    hello: HelloReply,
+    pool: Vec<Mutex<Option<Control>>>,
+    next: AtomicUsize,
+    next_request: AtomicU64,
+    transport: Box<dyn Transport>,
+    transport_name: &'static str,
+    retries: AtomicU64,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.addr)
+            .field("transport", &self.transport_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects to the node at `addr` (its control plane), says hello (with the token), and
+    /// opens the data path.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Io`] if the node cannot be reached, [`ClientError::Refused`] for a
+    /// wrong token, [`ClientError::Transfer`] if the data path cannot be opened.
+    pub fn connect(addr: impl ToSocketAddrs, config: ClientConfig) -> Result<Self> {
+        let addr = addr
+            .to_socket_addrs()
+            .map_err(io("resolve the node's address"))?
+            .next()
+            .ok_or_else(|| ClientError::Io {
+                action: "resolve the node's address",
+                source: std::io::ErrorKind::NotFound.into(),
+            })?;
+        let (control, hello) = open_control(addr, &config)?;
+        let mut data_addr: SocketAddr = hello.data_addr.parse().map_err(|_| {
+            ClientError::Protocol(FrameError::Malformed(format!(
+                "data address {:?}",
+                hello.data_addr
+            )))
+        })?;
+        if data_addr.ip().is_unspecified() {
+            data_addr.set_ip(addr.ip());
+        }
+        let shm_path = hello
+            .shm_path
+            .as_deref()
+            .filter(|_| addr.ip().is_loopback())
+            .filter(|p| Path::new(p).exists());
+        let connections = config.connections.max(1);
+        let (transport, transport_name): (Box<dyn Transport>, &'static str) =
+            match (config.transport, shm_path) {
+                (TransportChoice::Shm, None) => {
+                    return Err(ClientError::Transfer(mooncake_kv_transfer::Error::Io {
+                        action: "use shared memory (the node offers none to this host)",
+                        source: std::io::ErrorKind::Unsupported.into(),
+                    }));
+                }
+                (TransportChoice::Shm | TransportChoice::Auto, Some(path)) => {
+                    match ShmTransport::connect(path) {
+                        Ok(t) => (Box::new(t), "shm"),
+                        Err(error) if config.transport == TransportChoice::Auto => {
+                            tracing::info!(%error, "shared memory unavailable; using tcp");
+                            (
+                                Box::new(TcpTransport::new(
+                                    data_addr,
+                                    connections,
+                                    config.timeout,
+                                )?),
+                                "tcp",
+                            )
+                        }
+                        Err(error) => return Err(error.into()),
+                    }
+                }
+                _ => (
+                    Box::new(TcpTransport::new(data_addr, connections, config.timeout)?),
+                    "tcp",
+                ),
+            };
+        let pool: Vec<_> = (0..connections).map(|_| Mutex::new(None)).collect();
+        *pool[0].lock() = Some(control);
+        Ok(Self {
+            addr,
+            config,
+            hello,
+            pool,
+            next: AtomicUsize::new(0),
+            next_request: AtomicU64::new(1),
+            transport,
+            transport_name,
+            retries: AtomicU64::new(0),
+        })
+    }
+
+    /// The data path in use: `"shm"` or `"tcp"`.
+    pub fn transport_name(&self) -> &'static str {
+        self.transport_name
+    }
+
+    /// What the node said when this client connected.
+    pub fn hello(&self) -> &HelloReply {
+        &self.hello
+    }
+
+    /// Reads that failed verification (the block moved or changed between lookup and read)
+    /// and were looked up again.
+    pub fn verification_retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    /// Sends one request and waits for its response. A pooled connection that turns out to be
+    /// broken is replaced and the request sent once more.
+    fn call(&self, request: &Request<'_>) -> Result<Response> {
+        let body = encode_body(request);
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len();
+        let mut slot = self.pool[index].lock();
+        for attempt in 0..2 {
+            let reused = slot.is_some();
+            let mut control = match slot.take() {
+                Some(c) => c,
+                None => open_control(self.addr, &self.config)?.0,
+            };
+            let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+            match exchange(&mut control, id, &body) {
+                Ok(response) => {
+                    *slot = Some(control);
+                    return match response {
+                        Response::Error(reply) => Err(ClientError::Refused(reply)),
+                        other => Ok(other),
+                    };
+                }
+                Err(ClientError::Io { .. }) if reused && attempt == 0 => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Err(ClientError::Io {
+            action: "reach the node",
+            source: std::io::ErrorKind::ConnectionAborted.into(),
+        })
+    }
+
+    /// Stores `value` under `key`; returns the block's generation.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Refused`] with the node's reason (too large, no space, ...), or a
+    /// connection error.
+    pub fn put(&self, key: &[u8], value: &[u8]) -> Result<u64> {
+        let mut outcomes = self.put_batch(&[(key, value)], false)?;
+        match outcomes.pop() {
+            Some(Ok(generation)) => Ok(generation),
+            Some(Err(reply)) => Err(ClientError::Refused(reply)),
+            None => Err(FrameError::Malformed("empty put response".to_owned()).into()),
+        }
+    }
+
+    /// Stores several blocks in one request; `durable` makes each durable before the answer
+    /// (write-through). One outcome per item, in order.
+    ///
+    /// # Errors
+    ///
+    /// When the request as a whole fails.
+    pub fn put_batch(
+        &self,
+        items: &[(&[u8], &[u8])],
+        durable: bool,
+    ) -> Result<Vec<Result<u64, ErrorReply>>> {
+        let response = self.call(&Request::Put {
+            items: items.to_vec(),
+            durable,
+        })?;
+        let Response::Put(outcomes) = response else {
+            return Err(unexpected("put"));
+        };
+        if outcomes.len() != items.len() {
+            return Err(unexpected("put"));
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| match o {
+                Outcome::Ok(g) => Ok(g),
+                Outcome::Err(e) => Err(e),
+            })
+            .collect())
+    }
+
+    fn lookup(&self, key: &[u8]) -> Result<Option<Descriptor>> {
+        let Response::Lookup(mut outcomes) = self.call(&Request::Lookup { keys: vec![key] })?
+        else {
+            return Err(unexpected("lookup"));
+        };
+        match (outcomes.pop(), outcomes.is_empty()) {
+            (Some(Outcome::Ok(d)), true) => Ok(d),
+            (Some(Outcome::Err(e)), true) => Err(ClientError::Refused(e)),
+            _ => Err(unexpected("lookup")),
+        }
+    }
+
+    /// The value of `key`, or `None` on a miss.
+    ///
+    /// # Errors
+    ///
+    /// As [`get_into`](Self::get_into).
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        for _ in 0..self.config.max_attempts {
+            let Some(d) = self.lookup(key)? else {
+                return Ok(None);
+            };
+            check_descriptor(&d)?;
+            let mut value = vec![0u8; d.payload_len as usize];
+            if self.read_verified(key, &d, &mut value)? {
+                return Ok(Some(value));
+            }
+        }
+        Err(ClientError::Stale {
+            attempts: self.config.max_attempts,
+        })
+    }
+
+    /// Reads the value of `key` straight into `dst` (one-sided, then verified); returns its
+    /// length, or `None` on a miss. Bytes of `dst` past the value are left alone.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::BufferTooSmall`]; [`ClientError::Stale`] if the block changed under
+    /// every attempt; [`ClientError::Transfer`] if the read was refused; connection errors.
+    pub fn get_into(&self, key: &[u8], dst: &mut [u8]) -> Result<Option<usize>> {
+        for _ in 0..self.config.max_attempts {
+            let Some(d) = self.lookup(key)? else {
+                return Ok(None);
+            };
+            check_descriptor(&d)?;
+            let len = d.payload_len as usize;
+            if dst.len() < len {
+                return Err(ClientError::BufferTooSmall {
+                    needed: len,
+                    available: dst.len(),
+                });
+            }
+            if self.read_verified(key, &d, &mut dst[..len])? {
+                return Ok(Some(len));
+            }
+        }
+        Err(ClientError::Stale {
+            attempts: self.config.max_attempts,
+        })
+    }
+
+    /// Reads the block `d` describes: its header and key into a small buffer, its payload
+    /// straight into `payload`; then checks both against the descriptor and the key.
+    /// `Ok(false)` when they do not match (the slot was reused or the block moved).
+    fn read_verified(&self, key: &[u8], d: &Descriptor, payload: &mut [u8]) -> Result<bool> {
+        let mut head = vec![0u8; d.payload_offset as usize];
+        let mut ops = [
+            ReadOp {
+                src: RemoteSlice {
+                    region_id: d.region_id,
+                    offset: d.offset,
+                    remote_key: d.remote_key,
+                },
+                dst: &mut head,
+            },
+            ReadOp {
+                src: RemoteSlice {
+                    region_id: d.region_id,
+                    offset: d.offset + u64::from(d.payload_offset),
+                    remote_key: d.remote_key,
+                },
+                dst: payload,
+            },
+        ];
+        for result in self.transport.read_batch(&mut ops) {
+            result?;
+        }
+        let [ReadOp { dst: head, .. }, ReadOp { dst: payload, .. }] = ops;
+        if verify(key, d, head, payload) {
+            Ok(true)
+        } else {
+            self.retries.fetch_add(1, Ordering::Relaxed);
+            Ok(false)
+        }
+    }
+
+    /// Which of `keys` have blocks.
+    ///
+    /// # Errors
+    ///
+    /// Connection errors and refusals.
+    pub fn exists(&self, keys: &[&[u8]]) -> Result<Vec<bool>> {
+        match self.call(&Request::Exists {
+            keys: keys.to_vec(),
+        })? {
+            Response::Flags(flags) if flags.len() == keys.len() => Ok(flags),
+            _ => Err(unexpected("exists")),
+        }
+    }
+
+    /// How many leading keys of the chain have blocks.
+    ///
+    /// # Errors
+    ///
+    /// Connection errors and refusals.
+    pub fn prefix_match(&self, keys: &[&[u8]]) -> Result<usize> {
+        match self.call(&Request::PrefixMatch {
+            keys: keys.to_vec(),
+        })? {
+            Response::Count(n) if n as usize <= keys.len() => Ok(n as usize),
+            _ => Err(unexpected("prefix_match")),
+        }
+    }
+
+    /// Removes blocks; says which existed.
+    ///
+    /// # Errors
+    ///
+    /// Connection errors and refusals.
+    pub fn remove(&self, keys: &[&[u8]]) -> Result<Vec<bool>> {
+        match self.call(&Request::Remove {
+            keys: keys.to_vec(),
+        })? {
+            Response::Flags(flags) if flags.len() == keys.len() => Ok(flags),
+            _ => Err(unexpected("remove")),
+        }
+    }
+
+    /// The node's figures.
+    ///
+    /// # Errors
+    ///
+    /// Connection errors and refusals.
+    pub fn stats(&self) -> Result<NodeStats> {
+        match self.call(&Request::Stats)? {
+            Response::Stats(stats) => Ok(stats),
+            _ => Err(unexpected("stats")),
+        }
+    }
+
+    /// Whether the node serves.
+    ///
+    /// # Errors
+    ///
+    /// Connection errors and refusals.
+    pub fn health(&self) -> Result<bool> {
+        match self.call(&Request::Health)? {
+            Response::Health { serving } => Ok(serving),
+            _ => Err(unexpected("health")),
+        }
+    }
+}
+
+fn unexpected(what: &str) -> ClientError {
+    ClientError::Protocol(FrameError::Malformed(format!(
+        "the node's answer does not fit a {what} request"
+    )))
+}
+
+/// A descriptor is the node's word, but its sizes still bound what this client allocates.
+fn check_descriptor(d: &Descriptor) -> Result<()> {
+    let plausible = (HEADER_BYTES..=MAX_PAYLOAD_OFFSET + HEADER_BYTES)
+        .contains(&(d.payload_offset as usize))
+        && d.payload_len as usize <= mooncake_kv_engine::MAX_VALUE_BYTES
+        && d.block_len == u64::from(d.payload_offset) + u64::from(d.payload_len);
+    if plausible {
+        Ok(())
+    } else {
+        Err(FrameError::Malformed(format!("implausible descriptor {d:?}")).into())
+    }
+}
+
+/// Whether `head` (header, key, padding) and `payload` are the block `d` describes, under
+/// `key`, whole.
+fn verify(key: &[u8], d: &Descriptor, head: &[u8], payload: &[u8]) -> bool {
+    let Ok(header) = format::decode_header(head) else {
+        return false;
+    };
+    let key_end = HEADER_BYTES + key.len();
+    header.generation == d.generation
+        && header.payload_len == d.payload_len
+        && header.payload_offset == d.payload_offset
+        && usize::from(header.key_len) == key.len()
+        && head.len() == header.payload_offset as usize
+        && head.get(HEADER_BYTES..key_end) == Some(key)
+        && crc32fast::hash(key) == header.key_crc32
+        && head[key_end..].iter().all(|&b| b == 0)
+        && crc32fast::hash(payload) == header.payload_crc32
+}
+
+fn open_control(addr: SocketAddr, config: &ClientConfig) -> Result<(Control, HelloReply)> {
+    let stream =
+        TcpStream::connect_timeout(&addr, config.timeout).map_err(io("connect to the node"))?;
+    stream.set_nodelay(true).map_err(io("set TCP_NODELAY"))?;
+    stream
+        .set_read_timeout(Some(config.timeout))
+        .map_err(io("set a read timeout"))?;
+    stream
+        .set_write_timeout(Some(config.timeout))
+        .map_err(io("set a write timeout"))?;
+    let reader =
+        BufReader::with_capacity(64 << 10, stream.try_clone().map_err(io("clone a socket"))?);
+    let mut control = Control {
+        stream,
+        reader,
+        body: Vec::new(),
+    };
+    let token = config.token.as_deref().unwrap_or_default();
+    let body = encode_body(&Request::Hello { token });
+    match exchange(&mut control, 0, &body)? {
+        Response::Hello(hello) => Ok((control, hello)),
+        Response::Error(reply) => Err(ClientError::Refused(reply)),
+        _ => Err(unexpected("hello")),
+    }
+}
+
+fn exchange(control: &mut Control, id: u64, body: &[u8]) -> Result<Response> {
+    let mut frame = Vec::with_capacity(crate::proto::FRAME_HEADER_BYTES + body.len());
+    write_frame(&mut frame, id, body).map_err(io("encode a request"))?;
+    control
+        .stream
+        .write_all(&frame)
+        .map_err(io("send a request"))?;
+    let header = match read_frame(&mut control.reader, &mut control.body) {
+        Ok(Some(header)) => header,
+        Ok(None) => {
+            return Err(ClientError::Io {
+                action: "read a response",
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            });
+        }
+        Err(ReadFrameError::Io(source)) => {
+            return Err(ClientError::Io {
+                action: "read a response",
+                source,
+            });
+        }
+        Err(ReadFrameError::Frame(e)) => return Err(e.into()),
+    };
+    let response = decode_response(&control.body)?;
+    // A node that refuses a frame it could not read answers with request id 0.
+    if header.request_id != id && !matches!(response, Response::Error(_)) {
+        return Err(FrameError::Malformed(format!(
+            "response to request {} where {id} was due",
+            header.request_id
+        ))
+        .into());
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(key: &[u8], payload: &[u8], generation: u64) -> (Descriptor, Vec<u8>) {
+        let len = format::encoded_len(key.len(), payload.len(), 64);
+        let mut bytes = vec![0u8; len];
+        format::encode_into(&mut bytes, key, payload, generation, 64).unwrap();
+        let header = format::decode_header(&bytes).unwrap();
+        let d = Descriptor {
+            region_id: 1,
+            remote_key: 2,
+            offset: 0,
+            block_len: len as u64,
+            payload_offset: header.payload_offset,
+            payload_len: header.payload_len,
+            generation,
+            lease_ms: 0,
+        };
+        (d, bytes)
+    }
+
+    #[test]
+    fn verification_accepts_the_block_and_nothing_else() {
+        let (d, bytes) = block(b"key", &[5u8; 3000], 9);
+        let split = d.payload_offset as usize;
+        let (head, payload) = bytes.split_at(split);
+        assert!(verify(b"key", &d, head, payload));
+        // Another key, another generation, a torn payload, a torn header.
+        assert!(!verify(b"kez", &d, head, payload));
+        assert!(!verify(
+            b"key",
+            &Descriptor {
+                generation: 10,
+                ..d
+            },
+            head,
+            payload
+        ));
+        let mut torn = payload.to_vec();
+        torn[1234] ^= 1;
+        assert!(!verify(b"key", &d, head, &torn));
+        let mut bad_head = head.to_vec();
+        bad_head[70] ^= 1;
+        assert!(!verify(b"key", &d, &bad_head, payload));
+        // A reused slot: another block of the same length at the same place.
+        let (_, other) = block(b"key", &[6u8; 3000], 11);
+        let (other_head, other_payload) = other.split_at(split);
+        assert!(!verify(b"key", &d, other_head, other_payload));
+        assert!(!verify(b"key", &d, head, other_payload));
+    }
+
+    #[test]
+    fn implausible_descriptors_are_refused_before_allocating() {
+        let (d, _) = block(b"k", b"v", 1);
+        assert!(check_descriptor(&d).is_ok());
+        let huge = Descriptor {
+            payload_len: u32::MAX,
+            block_len: u64::from(d.payload_offset) + u64::from(u32::MAX),
+            ..d
+        };
+        assert!(check_descriptor(&huge).is_err());
+        assert!(check_descriptor(&Descriptor { block_len: 5, ..d }).is_err());
+    }
+}

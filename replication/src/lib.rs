@@ -1,0 +1,41 @@
+//! The mooncake KVCache node and its client.
+//!
+//! A [`Node`] serves one [`Engine`](mooncake_kv_engine::Engine) to peers: a control plane over
+//! TCP ([`proto`]: put, lookup, exists, prefix_match, remove, stats, health) and the engine's
+//! DRAM region registered with the transfer crate, served by its tcp data plane and, for
+//! clients on the same host, its shared-memory socket.
+//!
+//! A [`Client`] reads a block in two steps: a lookup returns a [`Descriptor`](proto::Descriptor)
+//! (where the block lies, its generation, a lease that keeps it in place for a while), then a
+//! one-sided read fetches the header and key into a small buffer and the payload straight into
+//! the caller's. The client checks magic, key, generation and both CRCs against the
+//! descriptor; a block that moved or was replaced in between fails that check and is looked
+//! up again. Leases make that rare; correctness never depends on them.
+//!
+//! # Example
+//!
+//! ```
+//! use mooncake_kv_replication::{Client, ClientConfig, Node, NodeConfig};
+//! use mooncake_kv_engine::EngineConfig;
+//!
+//! let node = Node::start(NodeConfig {
+//!     listen: "127.0.0.1:0".into(),
+//!     data_listen: "127.0.0.1:0".into(),
+//!     engine: EngineConfig { dram_capacity_bytes: 16 << 20, ..EngineConfig::default() },
+//!     ..NodeConfig::default()
+//! })?;
+//! let client = Client::connect(node.control_addr(), ClientConfig::default())?;
+//! client.put(b"block-0", &[7u8; 65536])?;
+//! assert_eq!(client.get(b"block-0")?.as_deref(), Some(&[7u8; 65536][..]));
+//! assert_eq!(client.prefix_match(&[b"block-0", b"block-1"])?, 1);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod client;
+mod metrics;
+mod node;
+pub mod proto;
+mod region;
+
+pub use client::{Client, ClientConfig, ClientError, TransportChoice};
+pub use node::{Node, NodeConfig, NodeError};

@@ -1,0 +1,219 @@
+//! The node's counters and latency histograms, rendered in the Prometheus text format.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use mooncake_kv_engine::EngineStats;
+
+/// Reads one figure of a tier.
+type TierFigure = fn(&mooncake_kv_engine::TierStats) -> u64;
+
+/// Request kinds, in the order of [`crate::proto::NodeStats::requests`].
+pub(crate) const KINDS: [&str; 7] = [
+    "put",
+    "lookup",
+    "exists",
+    "prefix_match",
+    "remove",
+    "stats",
+    "health",
+];
+
+/// Upper bounds of the latency buckets, in microseconds.
+const BOUNDS_US: [u64; 15] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    1_000_000,
+];
+
+#[derive(Debug, Default)]
+struct Histogram {
+    /// One per bound, plus the overflow bucket.
+    buckets: [AtomicU64; BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, elapsed: Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let at = BOUNDS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(BOUNDS_US.len());
+        self.buckets[at].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+}
+
+/// Everything the node counts. Relaxed atomics: each figure is exact, a set of them read
+/// together is only roughly simultaneous.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    requests: [AtomicU64; KINDS.len()],
+    latency: [Histogram; KINDS.len()],
+    pub(crate) errors: AtomicU64,
+    pub(crate) rejected_frames: AtomicU64,
+    pub(crate) unauthorized: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_described: AtomicU64,
+    pub(crate) connections: AtomicU64,
+}
+
+impl Metrics {
+    pub(crate) fn record(&self, kind: usize, elapsed: Duration) {
+        self.requests[kind].fetch_add(1, Ordering::Relaxed);
+        self.latency[kind].observe(elapsed);
+    }
+
+    pub(crate) fn requests(&self) -> Vec<u64> {
+        self.requests
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The Prometheus text exposition of the node's figures and the engine's.
+    pub(crate) fn render(&self, engine: &EngineStats, leases: u64) -> String {
+        let mut out = String::with_capacity(8192);
+        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        };
+        let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        };
+        let _ = writeln!(
+            out,
+            "# HELP mooncake_requests_total Control-plane requests served, by kind.\n\
+             # TYPE mooncake_requests_total counter"
+        );
+        for (kind, count) in KINDS.iter().zip(&self.requests) {
+            let _ = writeln!(
+                out,
+                "mooncake_requests_total{{kind=\"{kind}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP mooncake_request_duration_seconds Time to serve a request, by kind.\n\
+             # TYPE mooncake_request_duration_seconds histogram"
+        );
+        for (kind, h) in KINDS.iter().zip(&self.latency) {
+            let mut cumulative = 0;
+            for (i, bucket) in h.buckets.iter().enumerate() {
+                cumulative += bucket.load(Ordering::Relaxed);
+                let le = BOUNDS_US
+                    .get(i)
+                    .map_or_else(|| "+Inf".to_owned(), |&us| format!("{}", us as f64 / 1e6));
+                let _ = writeln!(
+                    out,
+                    "mooncake_request_duration_seconds_bucket{{kind=\"{kind}\",le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let sum = h.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+            let _ = writeln!(
+                out,
+                "mooncake_request_duration_seconds_sum{{kind=\"{kind}\"}} {sum}\n\
+                 mooncake_request_duration_seconds_count{{kind=\"{kind}\"}} {cumulative}"
+            );
+        }
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        counter(
+            &mut out,
+            "mooncake_errors_total",
+            "Requests or items refused (bad input, no space, unauthorized, internal).",
+            load(&self.errors),
+        );
+        counter(
+            &mut out,
+            "mooncake_rejected_frames_total",
+            "Frames that failed their checks; the connection was closed.",
+            load(&self.rejected_frames),
+        );
+        counter(
+            &mut out,
+            "mooncake_unauthorized_total",
+            "Connections refused for a missing or wrong token.",
+            load(&self.unauthorized),
+        );
+        counter(
+            &mut out,
+            "mooncake_put_bytes_total",
+            "Value bytes received in puts.",
+            load(&self.bytes_in),
+        );
+        counter(
+            &mut out,
+            "mooncake_lookup_bytes_total",
+            "Block bytes described by lookups (read one-sidedly by clients).",
+            load(&self.bytes_described),
+        );
+        gauge(
+            &mut out,
+            "mooncake_connections",
+            "Open control connections.",
+            load(&self.connections),
+        );
+        gauge(&mut out, "mooncake_leases", "Leases held now.", leases);
+        let _ = writeln!(
+            out,
+            "# HELP mooncake_tier_used_bytes Bytes in allocated extents, by tier.\n\
+             # TYPE mooncake_tier_used_bytes gauge"
+        );
+        for t in &engine.tiers {
+            let _ = writeln!(
+                out,
+                "mooncake_tier_used_bytes{{tier=\"{:?}\"}} {}",
+                t.kind, t.used_bytes
+            );
+        }
+        let per_tier: [(&str, &str, TierFigure); 4] = [
+            ("mooncake_tier_capacity_bytes", "gauge", |t| {
+                t.capacity_bytes
+            }),
+            ("mooncake_tier_blocks", "gauge", |t| t.blocks),
+            ("mooncake_tier_hits_total", "counter", |t| t.hits),
+            ("mooncake_tier_evictions_total", "counter", |t| t.evictions),
+        ];
+        for (name, kind, get) in per_tier {
+            let _ = writeln!(
+                out,
+                "# HELP {name} See the engine's TierStats.\n# TYPE {name} {kind}"
+            );
+            for t in &engine.tiers {
+                let _ = writeln!(out, "{name}{{tier=\"{:?}\"}} {}", t.kind, get(t));
+            }
+        }
+        counter(
+            &mut out,
+            "mooncake_puts_total",
+            "Blocks stored.",
+            engine.puts,
+        );
+        counter(
+            &mut out,
+            "mooncake_demotions_total",
+            "Blocks written from DRAM to NVMe to make room.",
+            engine.demotions,
+        );
+        counter(
+            &mut out,
+            "mooncake_promotions_total",
+            "Blocks copied from NVMe into DRAM on a read.",
+            engine.promotions,
+        );
+        counter(
+            &mut out,
+            "mooncake_corrupt_blocks_total",
+            "Blocks that failed verification on a read (dropped, never served).",
+            engine.corrupt_blocks,
+        );
+        out
+    }
+}

@@ -1,0 +1,556 @@
+//! The node: one engine served to peers. A control listener answers [`Request`]s; the
+//! engine's DRAM region is registered with the transfer crate and served by its tcp data plane
+//! and, for clients on the same host, its shared-memory socket.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mooncake_kv_engine::format::Error as FormatError;
+use mooncake_kv_engine::{Durability, Engine, EngineConfig, PinnedBlock};
+use mooncake_kv_transfer::{RegionHandle, Registry, ShmServer, TcpServer};
+use parking_lot::{Condvar, Mutex};
+
+use crate::metrics::Metrics;
+use crate::proto::{
+    Descriptor, ErrorCode, ErrorReply, HelloReply, NodeStats, Outcome, ReadFrameError, Request,
+    Response, decode_request, encode_body, read_frame, write_frame,
+};
+use crate::region::DramRegion;
+
+/// How a node is set up. [`NodeConfig::default`] serves on loopback with a DRAM-only engine.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Control-plane address. Default `127.0.0.1:7700`; port 0 picks a free port.
+    pub listen: String,
+    /// tcp data-plane address. Default `127.0.0.1:7701`.
+    pub data_listen: String,
+    /// Unix socket of the shared-memory transport; `None` turns it off. Default: none.
+    pub shm_path: Option<PathBuf>,
+    /// Shared secret every client must present in `Hello`; `None`: none required.
+    pub token: Option<Vec<u8>>,
+    /// How long a lookup pins a block. Default 2 s.
+    pub lease: Duration,
+    /// Most leases held at once; beyond, lookups answer without a lease. Default 65,536.
+    pub max_leases: usize,
+    /// Most control connections at once. Default 1,024.
+    pub max_connections: usize,
+    /// The engine.
+    pub engine: EngineConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7700".to_owned(),
+            data_listen: "127.0.0.1:7701".to_owned(),
+            shm_path: None,
+            token: None,
+            lease: Duration::from_secs(2),
+            max_leases: 1 << 16,
+            max_connections: 1024,
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+/// What starting a node can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The engine did not open (bad config, directory in use, ...).
+    #[error("engine: {0}")]
+    Engine(#[from] mooncake_kv_engine::Error),
+    /// Registering memory or starting a data plane failed.
+    #[error("transfer: {0}")]
+    Transfer(#[from] mooncake_kv_transfer::Error),
+    /// A listener or thread could not be started.
+    #[error("cannot {action}: {source}")]
+    Io {
+        /// What was being attempted.
+        action: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(action: &'static str) -> impl FnOnce(std::io::Error) -> NodeError {
+    move |source| NodeError::Io { action, source }
+}
+
+struct Shared {
+    engine: Engine,
+    hello: HelloReply,
+    handle: RegionHandle,
+    token: Option<Vec<u8>>,
+    lease: Duration,
+    max_leases: usize,
+    max_connections: usize,
+    /// Pinned blocks in the order their leases end (every lease has the same length).
+    leases: Mutex<VecDeque<(Instant, PinnedBlock)>>,
+    metrics: Metrics,
+    stopping: AtomicBool,
+    /// A clone of each open connection, to stop reading them at shutdown.
+    connections: Mutex<HashMap<u64, TcpStream>>,
+    next_connection: AtomicU64,
+    /// Signalled when the last connection thread ends.
+    idle: Condvar,
+}
+
+/// A running node. [`Node::shutdown`] stops it cleanly; dropping it does the same.
+pub struct Node {
+    shared: Arc<Shared>,
+    control_addr: SocketAddr,
+    data_addr: SocketAddr,
+    acceptor: Option<JoinHandle<()>>,
+    sweeper: Option<JoinHandle<()>>,
+    registry: Arc<Registry>,
+    tcp: Option<TcpServer>,
+    shm: Option<ShmServer>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("control_addr", &self.control_addr)
+            .field("data_addr", &self.data_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Opens the engine, registers its DRAM region, and starts the data planes and the
+    /// control listener.
+    ///
+    /// # Errors
+    ///
+    /// [`NodeError`] naming what could not be set up; nothing keeps running then.
+    pub fn start(config: NodeConfig) -> Result<Self, NodeError> {
+        let engine = Engine::open(config.engine.clone())?;
+        let registry = Arc::new(Registry::new()?);
+        let handle = registry.register(Arc::new(DramRegion::of(&engine)))?;
+        let tcp = TcpServer::bind(config.data_listen.as_str(), Arc::clone(&registry))?;
+        let data_addr = tcp.local_addr();
+        let shm = match &config.shm_path {
+            Some(path) => {
+                // A socket file left by a node that crashed would make bind fail.
+                let _ = std::fs::remove_file(path);
+                Some(ShmServer::bind(path, Arc::clone(&registry))?)
+            }
+            None => None,
+        };
+        let listener =
+            TcpListener::bind(config.listen.as_str()).map_err(io("bind the control listener"))?;
+        let control_addr = listener
+            .local_addr()
+            .map_err(io("read the control address"))?;
+        let hello = HelloReply {
+            node_id: engine.node_id().unwrap_or([0; 16]),
+            data_addr: data_addr.to_string(),
+            shm_path: config
+                .shm_path
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
+            region_id: handle.region_id,
+            region_len: handle.len,
+            remote_key: handle.remote_key,
+            lease_ms: u32::try_from(config.lease.as_millis()).unwrap_or(u32::MAX),
+        };
+        let shared = Arc::new(Shared {
+            engine,
+            hello,
+            handle,
+            token: config.token,
+            lease: config.lease,
+            max_leases: config.max_leases,
+            max_connections: config.max_connections,
+            leases: Mutex::new(VecDeque::new()),
+            metrics: Metrics::default(),
+            stopping: AtomicBool::new(false),
+            connections: Mutex::new(HashMap::new()),
+            next_connection: AtomicU64::new(0),
+            idle: Condvar::new(),
+        });
+        let acceptor = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("mooncake-node-accept".into())
+                .spawn(move || accept_loop(&listener, &shared))
+                .map_err(io("start the control acceptor"))?
+        };
+        let sweeper = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("mooncake-node-leases".into())
+                .spawn(move || sweep_leases(&shared))
+                .map_err(io("start the lease sweeper"))?
+        };
+        tracing::info!(%control_addr, %data_addr, shm = ?config.shm_path, "node serving");
+        Ok(Self {
+            shared,
+            control_addr,
+            data_addr,
+            acceptor: Some(acceptor),
+            sweeper: Some(sweeper),
+            registry,
+            tcp: Some(tcp),
+            shm,
+        })
+    }
+
+    /// The control plane's address.
+    pub fn control_addr(&self) -> SocketAddr {
+        self.control_addr
+    }
+
+    /// The tcp data plane's address.
+    pub fn data_addr(&self) -> SocketAddr {
+        self.data_addr
+    }
+
+    /// The engine this node serves.
+    pub fn engine(&self) -> &Engine {
+        &self.shared.engine
+    }
+
+    /// The node's figures in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        let leases = self.shared.leases.lock().len() as u64;
+        self.shared
+            .metrics
+            .render(&self.shared.engine.stats(), leases)
+    }
+
+    /// Stops accepting connections, lets each open connection finish the request it is
+    /// serving (no new ones are read), waits up to `grace` for them, releases every lease,
+    /// stops the data planes, flushes the engine (every block held becomes durable when there
+    /// is a data directory) and closes it.
+    ///
+    /// # Errors
+    ///
+    /// The flush's.
+    pub fn shutdown(mut self, grace: Duration) -> Result<usize, mooncake_kv_engine::Error> {
+        self.stop(grace);
+        let flushed = if self.shared.engine.config().data_dir.is_some() {
+            self.shared.engine.flush()?
+        } else {
+            0
+        };
+        tracing::info!(flushed, "node stopped");
+        Ok(flushed)
+    }
+
+    fn stop(&mut self, grace: Duration) {
+        if self.shared.stopping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = TcpStream::connect_timeout(&self.control_addr, Duration::from_secs(1));
+        if let Some(handle) = self.acceptor.take() {
+            let _ = handle.join();
+        }
+        // Stop reading requests; a thread in the middle of one still writes its response.
+        for stream in self.shared.connections.lock().values() {
+            let _ = stream.shutdown(Shutdown::Read);
+        }
+        let deadline = Instant::now() + grace;
+        let mut connections = self.shared.connections.lock();
+        while !connections.is_empty() {
+            if self
+                .shared
+                .idle
+                .wait_until(&mut connections, deadline)
+                .timed_out()
+            {
+                tracing::warn!(
+                    open = connections.len(),
+                    "connections still open after the grace period; closing them"
+                );
+                for stream in connections.values() {
+                    let _ = stream.shutdown(Shutdown::Both);
+                }
+                break;
+            }
+        }
+        drop(connections);
+        if let Some(handle) = self.sweeper.take() {
+            let _ = handle.join();
+        }
+        self.shared.leases.lock().clear();
+        self.registry.unregister(self.shared.handle.region_id);
+        self.shm = None;
+        self.tcp = None;
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}
+
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    for stream in listener.incoming() {
+        if shared.stopping.load(Ordering::Acquire) {
+            break;
+        }
+        let Ok(stream) = stream else { continue };
+        let _ = stream.set_nodelay(true);
+        let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut connections = shared.connections.lock();
+            if connections.len() >= shared.max_connections {
+                tracing::warn!("too many control connections; refusing one");
+                continue;
+            }
+            let Ok(clone) = stream.try_clone() else {
+                continue;
+            };
+            connections.insert(id, clone);
+        }
+        shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::clone(shared);
+        let spawned = std::thread::Builder::new()
+            .name("mooncake-node-serve".into())
+            .spawn(move || {
+                if let Err(error) = serve(stream, &shared) {
+                    tracing::debug!(%error, "control connection closed");
+                }
+                shared.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+                let mut connections = shared.connections.lock();
+                connections.remove(&id);
+                if connections.is_empty() {
+                    shared.idle.notify_all();
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "cannot start a thread for a connection");
+        }
+    }
+}
+
+fn sweep_leases(shared: &Shared) {
+    while !shared.stopping.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = Instant::now();
+        let mut leases = shared.leases.lock();
+        while leases.front().is_some_and(|(end, _)| *end <= now) {
+            leases.pop_front();
+        }
+    }
+}
+
+/// Serves one connection until it closes, sends a frame that fails its checks, or fails
+/// authentication.
+fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let mut reader = BufReader::with_capacity(256 << 10, stream.try_clone()?);
+    let mut writer = BufWriter::with_capacity(64 << 10, &stream);
+    let mut body = Vec::new();
+    let mut authenticated = false;
+    loop {
+        let header = match read_frame(&mut reader, &mut body) {
+            Ok(Some(header)) => header,
+            Ok(None) => return Ok(()),
+            Err(ReadFrameError::Io(e)) => return Err(e),
+            Err(ReadFrameError::Frame(error)) => {
+                // The stream is out of step: say why, then close.
+                shared
+                    .metrics
+                    .rejected_frames
+                    .fetch_add(1, Ordering::Relaxed);
+                let reply = refuse(ErrorCode::BadRequest, format!("bad frame: {error}"));
+                write_frame(&mut writer, 0, &encode_body(&reply))?;
+                return writer.flush();
+            }
+        };
+        let (response, close) = match decode_request(&body) {
+            Err(error) => {
+                shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                (refuse(ErrorCode::BadRequest, error.to_string()), false)
+            }
+            Ok(Request::Hello { token }) => {
+                if token_ok(shared.token.as_deref(), token) {
+                    authenticated = true;
+                    (Response::Hello(shared.hello.clone()), false)
+                } else {
+                    shared.metrics.unauthorized.fetch_add(1, Ordering::Relaxed);
+                    (
+                        refuse(ErrorCode::Unauthorized, "missing or wrong token".to_owned()),
+                        true,
+                    )
+                }
+            }
+            Ok(_) if !authenticated => (
+                refuse(
+                    ErrorCode::Unauthorized,
+                    "send Hello (with the token, if the node has one) first".to_owned(),
+                ),
+                true,
+            ),
+            Ok(request) => (handle(shared, request), false),
+        };
+        write_frame(&mut writer, header.request_id, &encode_body(&response))?;
+        writer.flush()?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+/// Compares in time independent of where the first difference is.
+fn token_ok(expected: Option<&[u8]>, given: &[u8]) -> bool {
+    let Some(expected) = expected else {
+        return true;
+    };
+    if expected.len() != given.len() {
+        return false;
+    }
+    expected
+        .iter()
+        .zip(given)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+fn refuse(code: ErrorCode, message: String) -> Response {
+    Response::Error(ErrorReply { code, message })
+}
+
+fn engine_refusal(error: &mooncake_kv_engine::Error) -> ErrorReply {
+    use mooncake_kv_engine::Error as E;
+    let code = match error {
+        E::Format(FormatError::KeyTooLong { .. } | FormatError::ValueTooLarge { .. }) => {
+            ErrorCode::TooLarge
+        }
+        E::Format(FormatError::EmptyKey) => ErrorCode::BadRequest,
+        E::NoSpace { .. } => ErrorCode::NoSpace,
+        _ => ErrorCode::Internal,
+    };
+    ErrorReply {
+        code,
+        message: error.to_string(),
+    }
+}
+
+fn handle(shared: &Shared, request: Request<'_>) -> Response {
+    let started = Instant::now();
+    let engine = &shared.engine;
+    let metrics = &shared.metrics;
+    let count_errors = |n: usize| {
+        if n > 0 {
+            metrics.errors.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    };
+    let (kind, response) = match request {
+        Request::Hello { .. } => unreachable!("handled by serve"),
+        Request::Put { items, durable } => {
+            let durability = if durable {
+                Durability::WriteThrough
+            } else {
+                Durability::Memory
+            };
+            let outcomes: Vec<Outcome<u64>> = items
+                .iter()
+                .map(|(key, value)| {
+                    metrics
+                        .bytes_in
+                        .fetch_add(value.len() as u64, Ordering::Relaxed);
+                    match engine.put_with(key, value, durability) {
+                        Ok(generation) => Outcome::Ok(generation),
+                        Err(error) => Outcome::Err(engine_refusal(&error)),
+                    }
+                })
+                .collect();
+            count_errors(
+                outcomes
+                    .iter()
+                    .filter(|o| matches!(o, Outcome::Err(_)))
+                    .count(),
+            );
+            (0, Response::Put(outcomes))
+        }
+        Request::Lookup { keys } => {
+            let outcomes: Vec<_> = keys.iter().map(|key| lookup(shared, key)).collect();
+            count_errors(
+                outcomes
+                    .iter()
+                    .filter(|o| matches!(o, Outcome::Err(_)))
+                    .count(),
+            );
+            (1, Response::Lookup(outcomes))
+        }
+        Request::Exists { keys } => (2, Response::Flags(engine.exists_batch(&keys))),
+        Request::PrefixMatch { keys } => (3, Response::Count(engine.prefix_match(&keys) as u64)),
+        Request::Remove { keys } => (4, Response::Flags(engine.remove_batch(&keys))),
+        Request::Stats => (5, Response::Stats(node_stats(shared))),
+        Request::Health => (
+            6,
+            Response::Health {
+                serving: !shared.stopping.load(Ordering::Acquire),
+            },
+        ),
+    };
+    metrics.record(kind, started.elapsed());
+    response
+}
+
+fn lookup(shared: &Shared, key: &[u8]) -> Outcome<Option<Descriptor>> {
+    let pinned = match shared.engine.pin(key) {
+        Ok(Some(pinned)) => pinned,
+        Ok(None) => return Outcome::Ok(None),
+        Err(error) => return Outcome::Err(engine_refusal(&error)),
+    };
+    let mut descriptor = Descriptor {
+        region_id: shared.handle.region_id,
+        remote_key: shared.handle.remote_key,
+        offset: pinned.block_offset(),
+        block_len: pinned.block_len(),
+        payload_offset: pinned.payload_offset(),
+        payload_len: u32::try_from(pinned.payload().len()).unwrap_or(u32::MAX),
+        generation: pinned.generation(),
+        lease_ms: 0,
+    };
+    shared
+        .metrics
+        .bytes_described
+        .fetch_add(descriptor.block_len, Ordering::Relaxed);
+    let mut leases = shared.leases.lock();
+    if leases.len() < shared.max_leases {
+        descriptor.lease_ms = shared.hello.lease_ms;
+        leases.push_back((Instant::now() + shared.lease, pinned));
+    }
+    Outcome::Ok(Some(descriptor))
+}
+
+fn node_stats(shared: &Shared) -> NodeStats {
+    let stats = shared.engine.stats();
+    NodeStats {
+        tier_blocks: stats.tiers.iter().map(|t| t.blocks).collect(),
+        tier_used_bytes: stats.tiers.iter().map(|t| t.used_bytes).collect(),
+        tier_capacity_bytes: stats.tiers.iter().map(|t| t.capacity_bytes).collect(),
+        evictions: stats.tiers.first().map_or(0, |t| t.evictions),
+        requests: shared.metrics.requests(),
+        errors: shared.metrics.errors.load(Ordering::Relaxed),
+        leases: shared.leases.lock().len() as u64,
+        connections: shared.metrics.connections.load(Ordering::Relaxed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(token_ok(None, b"anything"));
+        assert!(token_ok(Some(b"secret"), b"secret"));
+        assert!(!token_ok(Some(b"secret"), b"secreT"));
+        assert!(!token_ok(Some(b"secret"), b"secret2"));
+        assert!(!token_ok(Some(b"secret"), b""));
+    }
+}

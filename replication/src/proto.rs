@@ -1,0 +1,475 @@
+//! The node's control protocol: length-prefixed, versioned, checksummed frames with a bincode
+//! body. Every frame is untrusted input: the header is checked field by field, the body
+//! length is bounded before anything is allocated, and the body decodes under a byte limit
+//! (bincode refuses a length prefix larger than what is left), so a frame yields a message or
+//! a [`FrameError`], never a panic. Layout in `docs/format.md`.
+//!
+//! Requests borrow their keys and values from the received body (a put's value is copied
+//! once, from the body into the engine's DRAM tier).
+
+use std::io::{Read, Write};
+
+use bincode::{BorrowDecode, Decode, Encode};
+
+/// Bytes of a frame header.
+pub const FRAME_HEADER_BYTES: usize = 32;
+/// Version of the protocol.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest body: a largest value plus room for its key and the encoding.
+pub const MAX_BODY_BYTES: usize = mooncake_kv_engine::MAX_VALUE_BYTES + (1 << 20);
+const MAGIC: [u8; 4] = *b"MKCP";
+
+/// Why bytes are not a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// Not a frame of this protocol.
+    #[error("bad magic {0:02x?}")]
+    BadMagic([u8; 4]),
+    /// A version this build does not speak.
+    #[error("unsupported protocol version {0} (this build speaks {PROTOCOL_VERSION})")]
+    UnsupportedVersion(u16),
+    /// Reserved bytes are not zero.
+    #[error("reserved header bytes are not zero")]
+    Reserved,
+    /// The header's CRC does not match.
+    #[error("frame header checksum mismatch")]
+    HeaderChecksum,
+    /// The body's CRC does not match.
+    #[error("frame body checksum mismatch")]
+    BodyChecksum,
+    /// The body is longer than [`MAX_BODY_BYTES`].
+    #[error("frame body of {0} bytes exceeds the limit of {MAX_BODY_BYTES}")]
+    TooLarge(u64),
+    /// The body does not decode as the message expected.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+/// A frame header: which request, how long the body, its CRC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Chosen by the client, echoed in the response.
+    pub request_id: u64,
+    /// Bytes of the body that follows.
+    pub body_len: u32,
+    /// CRC32 of the body.
+    pub body_crc32: u32,
+}
+
+impl FrameHeader {
+    /// The header's bytes.
+    pub fn encode(&self) -> [u8; FRAME_HEADER_BYTES] {
+        let mut b = [0u8; FRAME_HEADER_BYTES];
+        b[..4].copy_from_slice(&MAGIC);
+        b[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        b[8..16].copy_from_slice(&self.request_id.to_le_bytes());
+        b[16..20].copy_from_slice(&self.body_len.to_le_bytes());
+        b[20..24].copy_from_slice(&self.body_crc32.to_le_bytes());
+        let crc = crc32fast::hash(&b[..28]);
+        b[28..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes and checks a header.
+    ///
+    /// # Errors
+    ///
+    /// The first check that failed.
+    pub fn decode(b: &[u8; FRAME_HEADER_BYTES]) -> Result<Self, FrameError> {
+        let magic = [b[0], b[1], b[2], b[3]];
+        if magic != MAGIC {
+            return Err(FrameError::BadMagic(magic));
+        }
+        let u32_at = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        if u32_at(28) != crc32fast::hash(&b[..28]) {
+            return Err(FrameError::HeaderChecksum);
+        }
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        if version != PROTOCOL_VERSION {
+            return Err(FrameError::UnsupportedVersion(version));
+        }
+        if b[6..8].iter().chain(&b[24..28]).any(|&x| x != 0) {
+            return Err(FrameError::Reserved);
+        }
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&b[8..16]);
+        let body_len = u32_at(16);
+        if body_len as usize > MAX_BODY_BYTES {
+            return Err(FrameError::TooLarge(body_len.into()));
+        }
+        Ok(Self {
+            request_id: u64::from_le_bytes(id),
+            body_len,
+            body_crc32: u32_at(20),
+        })
+    }
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_BODY_BYTES>()
+}
+
+/// Encodes `message` as a frame body.
+pub fn encode_body<T: Encode>(message: &T) -> Vec<u8> {
+    // Encoding into a Vec cannot fail for these types (no I/O, no limit on writes).
+    bincode::encode_to_vec(message, config()).unwrap_or_default()
+}
+
+/// Decodes a request borrowing from `body`.
+///
+/// # Errors
+///
+/// [`FrameError::Malformed`] for any body that is not exactly one request.
+pub fn decode_request(body: &[u8]) -> Result<Request<'_>, FrameError> {
+    let (request, used): (Request<'_>, usize) =
+        bincode::borrow_decode_from_slice(body, config())
+            .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if used != body.len() {
+        return Err(FrameError::Malformed(format!(
+            "{} trailing bytes",
+            body.len() - used
+        )));
+    }
+    Ok(request)
+}
+
+/// Decodes a response.
+///
+/// # Errors
+///
+/// [`FrameError::Malformed`] for any body that is not exactly one response.
+pub fn decode_response(body: &[u8]) -> Result<Response, FrameError> {
+    let (response, used): (Response, usize) = bincode::decode_from_slice(body, config())
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if used != body.len() {
+        return Err(FrameError::Malformed(format!(
+            "{} trailing bytes",
+            body.len() - used
+        )));
+    }
+    Ok(response)
+}
+
+/// Writes one frame.
+///
+/// # Errors
+///
+/// The stream's.
+pub fn write_frame(out: &mut impl Write, request_id: u64, body: &[u8]) -> std::io::Result<()> {
+    let header = FrameHeader {
+        request_id,
+        body_len: u32::try_from(body.len()).map_err(|_| std::io::ErrorKind::InvalidInput)?,
+        body_crc32: crc32fast::hash(body),
+    };
+    out.write_all(&header.encode())?;
+    out.write_all(body)
+}
+
+/// What reading a frame can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadFrameError {
+    /// The stream failed or ended.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The bytes are not a frame.
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+}
+
+/// Reads one frame into `body` (resized to the body's length, which the header bounds).
+/// `Ok(None)` when the stream ends cleanly before a frame starts.
+///
+/// # Errors
+///
+/// I/O errors, and frames that fail their checks.
+pub fn read_frame(
+    input: &mut impl Read,
+    body: &mut Vec<u8>,
+) -> Result<Option<FrameHeader>, ReadFrameError> {
+    let mut raw = [0u8; FRAME_HEADER_BYTES];
+    let mut filled = 0;
+    while filled < raw.len() {
+        match input.read(&mut raw[filled..]) {
+            Ok(0) if filled == 0 => return Ok(None),
+            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let header = FrameHeader::decode(&raw)?;
+    body.clear();
+    body.resize(header.body_len as usize, 0);
+    input.read_exact(body)?;
+    if crc32fast::hash(body) != header.body_crc32 {
+        return Err(FrameError::BodyChecksum.into());
+    }
+    Ok(Some(header))
+}
+
+/// A request to a node.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, BorrowDecode)]
+pub enum Request<'a> {
+    /// First request of a connection: the token (empty when the node has none) and the
+    /// protocol version the client speaks.
+    Hello {
+        /// The shared secret, if the node requires one.
+        token: &'a [u8],
+    },
+    /// Store blocks; each value travels in the body.
+    Put {
+        /// Key and value of each block.
+        items: Vec<(&'a [u8], &'a [u8])>,
+        /// Make each block durable before answering (write-through).
+        durable: bool,
+    },
+    /// Where to read blocks one-sidedly, with a lease on each.
+    Lookup {
+        /// The keys.
+        keys: Vec<&'a [u8]>,
+    },
+    /// Which keys have blocks.
+    Exists {
+        /// The keys.
+        keys: Vec<&'a [u8]>,
+    },
+    /// How many leading keys of a chain have blocks.
+    PrefixMatch {
+        /// The chain.
+        keys: Vec<&'a [u8]>,
+    },
+    /// Remove blocks.
+    Remove {
+        /// The keys.
+        keys: Vec<&'a [u8]>,
+    },
+    /// Counters and tier usage.
+    Stats,
+    /// Whether the node serves.
+    Health,
+}
+
+/// Why a node refused a request or one item of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub enum ErrorCode {
+    /// The request is malformed or not allowed now (e.g. no `Hello` first).
+    BadRequest,
+    /// Missing or wrong token.
+    Unauthorized,
+    /// A key or value over the limits.
+    TooLarge,
+    /// No room, even after eviction.
+    NoSpace,
+    /// The node is shutting down.
+    ShuttingDown,
+    /// Anything else; the message says what.
+    Internal,
+}
+
+/// A refusal: a code for programs, a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ErrorReply {
+    /// What kind of refusal.
+    pub code: ErrorCode,
+    /// What happened, in words.
+    pub message: String,
+}
+
+/// What a client needs to read a node's blocks.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct HelloReply {
+    /// The node's stable id (all zero for a node without a data directory).
+    pub node_id: [u8; 16],
+    /// The tcp data plane's address.
+    pub data_addr: String,
+    /// The shared-memory socket's path, for clients on the same host.
+    pub shm_path: Option<String>,
+    /// The registered DRAM region: id, length, remote key.
+    pub region_id: u64,
+    /// Length of the region.
+    pub region_len: u64,
+    /// Key of the region.
+    pub remote_key: u64,
+    /// How long a lookup's lease lasts, in milliseconds.
+    pub lease_ms: u32,
+}
+
+/// Where a block lies, for a one-sided read, and what it must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct Descriptor {
+    /// The region.
+    pub region_id: u64,
+    /// The region's remote key.
+    pub remote_key: u64,
+    /// Offset of the block (its header) in the region.
+    pub offset: u64,
+    /// Bytes of the whole block.
+    pub block_len: u64,
+    /// Offset of the payload in the block.
+    pub payload_offset: u32,
+    /// Bytes of the payload.
+    pub payload_len: u32,
+    /// The block's generation: what the header read must carry.
+    pub generation: u64,
+    /// The lease ends this many milliseconds after the lookup was answered (0: no lease).
+    pub lease_ms: u32,
+}
+
+/// The answer to one item of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Outcome<T> {
+    /// Done.
+    Ok(T),
+    /// Refused.
+    Err(ErrorReply),
+}
+
+/// Node counters, as `stats` reports them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode)]
+pub struct NodeStats {
+    /// Blocks held, per tier (DRAM, then NVMe when present).
+    pub tier_blocks: Vec<u64>,
+    /// Bytes used, per tier.
+    pub tier_used_bytes: Vec<u64>,
+    /// Capacity, per tier.
+    pub tier_capacity_bytes: Vec<u64>,
+    /// Blocks evicted from DRAM (dropped or demoted).
+    pub evictions: u64,
+    /// Requests served, by kind: put, lookup, exists, prefix_match, remove, stats, health.
+    pub requests: Vec<u64>,
+    /// Requests or items refused.
+    pub errors: u64,
+    /// Leases held now.
+    pub leases: u64,
+    /// Open control connections.
+    pub connections: u64,
+}
+
+/// A node's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Response {
+    /// To `Hello`.
+    Hello(HelloReply),
+    /// To `Put`: each block's generation, or why it was refused.
+    Put(Vec<Outcome<u64>>),
+    /// To `Lookup`: a descriptor, `None` for a miss, or why not.
+    Lookup(Vec<Outcome<Option<Descriptor>>>),
+    /// To `Exists` and `Remove`.
+    Flags(Vec<bool>),
+    /// To `PrefixMatch`.
+    Count(u64),
+    /// To `Stats`.
+    Stats(NodeStats),
+    /// To `Health`.
+    Health {
+        /// Whether the node serves (false while shutting down).
+        serving: bool,
+    },
+    /// The whole request was refused.
+    Error(ErrorReply),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn requests_round_trip_borrowing_their_bytes() {
+        let value = vec![7u8; 100_000];
+        let request = Request::Put {
+            items: vec![(b"k".as_slice(), value.as_slice())],
+            durable: true,
+        };
+        let body = encode_body(&request);
+        let decoded = decode_request(&body).unwrap();
+        assert_eq!(decoded, request);
+        let Request::Put { items, .. } = decoded else {
+            unreachable!()
+        };
+        let inside = body.as_ptr_range();
+        assert!(
+            inside.contains(&items[0].1.as_ptr()),
+            "the value is not copied"
+        );
+    }
+
+    #[test]
+    fn a_length_prefix_beyond_the_body_is_refused_without_allocating() {
+        // Variant 4 (Exists) with a vector length of 2^60: bincode must refuse, not allocate.
+        let mut body = vec![4u8];
+        body.push(255);
+        body.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(matches!(
+            decode_request(&body),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn frames_round_trip_and_every_header_bit_flip_is_caught() {
+        let mut out = Vec::new();
+        let body = encode_body(&Request::Stats);
+        write_frame(&mut out, 42, &body).unwrap();
+        let mut read_body = Vec::new();
+        let header = read_frame(&mut out.as_slice(), &mut read_body)
+            .unwrap()
+            .unwrap();
+        assert_eq!(header.request_id, 42);
+        assert_eq!(decode_request(&read_body).unwrap(), Request::Stats);
+        let raw: [u8; FRAME_HEADER_BYTES] = out[..FRAME_HEADER_BYTES].try_into().unwrap();
+        for bit in 0..FRAME_HEADER_BYTES * 8 {
+            let mut bad = raw;
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(FrameHeader::decode(&bad).is_err(), "bit {bit}");
+        }
+        let mut damaged = out.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        assert!(matches!(
+            read_frame(&mut damaged.as_slice(), &mut read_body),
+            Err(ReadFrameError::Frame(FrameError::BodyChecksum))
+        ));
+        assert!(
+            read_frame(&mut [].as_slice(), &mut read_body)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn an_oversize_body_is_refused_from_the_header_alone() {
+        let header = FrameHeader {
+            request_id: 1,
+            body_len: u32::MAX,
+            body_crc32: 0,
+        };
+        assert!(matches!(
+            FrameHeader::decode(&header.encode()),
+            Err(FrameError::TooLarge(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn any_body_decodes_or_fails_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_request(&bytes);
+            let _ = decode_response(&bytes);
+        }
+
+        #[test]
+        fn responses_round_trip(gens in proptest::collection::vec(any::<u64>(), 0..20), msg in ".{0,40}") {
+            let response = Response::Put(
+                gens.iter()
+                    .map(|&g| if g % 3 == 0 {
+                        Outcome::Err(ErrorReply { code: ErrorCode::NoSpace, message: msg.clone() })
+                    } else {
+                        Outcome::Ok(g)
+                    })
+                    .collect(),
+            );
+            prop_assert_eq!(decode_response(&encode_body(&response)).unwrap(), response);
+        }
+    }
+}
