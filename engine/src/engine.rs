@@ -1283,6 +1283,8 @@ impl Inner {
     }
 
     fn pin(&self, key: &[u8]) -> Result<Option<PinnedBlock>> {
+        // Bytes the block needs in DRAM, for the error if it never gets there.
+        let mut needed_bytes = 0;
         for _ in 0..3 {
             let hash = self.index.hash(key);
             let pinned = {
@@ -1320,12 +1322,15 @@ impl Inner {
                     let store = self.store.as_ref().expect("an NVMe copy implies a store");
                     let buf = self.checked(&slot, store.read_block(&nvme))?;
                     let payload = self.checked(&slot, verify_nvme(&slot, &nvme, &buf))?;
+                    needed_bytes =
+                        format::encoded_len(slot.key.len(), payload.len(), DRAM_PAYLOAD_ALIGN)
+                            as u64;
                     self.promote(&slot, payload, true);
                 }
             }
         }
         Err(Error::NoSpace {
-            required_bytes: 0,
+            required_bytes: needed_bytes,
             capacity_bytes: self.dram.capacity_bytes(),
             used_bytes: self.dram.used_bytes(),
             pinned_bytes: self.pinned_bytes(),

@@ -117,6 +117,8 @@ pub struct Client {
     transport: Box<dyn Transport>,
     transport_name: &'static str,
     retries: AtomicU64,
+    /// Leases of blocks this client has finished reading, ended with its next lookup.
+    done_leases: Mutex<Vec<u64>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -203,6 +205,7 @@ impl Client {
             transport,
             transport_name,
             retries: AtomicU64::new(0),
+            done_leases: Mutex::new(Vec::new()),
         })
     }
 
@@ -299,7 +302,11 @@ impl Client {
     }
 
     fn lookup(&self, key: &[u8]) -> Result<Option<Descriptor>> {
-        let Response::Lookup(mut outcomes) = self.call(&Request::Lookup { keys: vec![key] })?
+        let release = std::mem::take(&mut *self.done_leases.lock());
+        let Response::Lookup(mut outcomes) = self.call(&Request::Lookup {
+            keys: vec![key],
+            release,
+        })?
         else {
             return Err(unexpected("lookup"));
         };
@@ -383,7 +390,11 @@ impl Client {
                 dst: payload,
             },
         ];
-        for result in self.transport.read_batch(&mut ops) {
+        let results = self.transport.read_batch(&mut ops);
+        if d.lease_id != 0 {
+            self.done_leases.lock().push(d.lease_id);
+        }
+        for result in results {
             result?;
         }
         let [ReadOp { dst: head, .. }, ReadOp { dst: payload, .. }] = ops;
@@ -578,6 +589,7 @@ mod tests {
             payload_len: header.payload_len,
             generation,
             lease_ms: 0,
+            lease_id: 0,
         };
         (d, bytes)
     }

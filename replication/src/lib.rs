@@ -38,4 +38,4 @@ pub mod proto;
 mod region;
 
 pub use client::{Client, ClientConfig, ClientError, TransportChoice};
-pub use node::{Node, NodeConfig, NodeError};
+pub use node::{Node, NodeConfig, NodeError, NodeMetrics};

@@ -84,6 +84,48 @@ fn io(action: &'static str) -> impl FnOnce(std::io::Error) -> NodeError {
     move |source| NodeError::Io { action, source }
 }
 
+/// Blocks pinned for remote readers.
+#[derive(Default)]
+struct Leases {
+    by_id: HashMap<u64, PinnedBlock>,
+    /// Lease ids in the order they end (every lease has the same length).
+    ends: VecDeque<(Instant, u64)>,
+    next_id: u64,
+}
+
+impl Leases {
+    fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    fn grant(&mut self, pinned: PinnedBlock, end: Instant) -> u64 {
+        self.next_id += 1;
+        self.by_id.insert(self.next_id, pinned);
+        self.ends.push_back((end, self.next_id));
+        self.next_id
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(end, id)) = self.ends.front() {
+            if end > now {
+                break;
+            }
+            self.ends.pop_front();
+            self.by_id.remove(&id);
+        }
+        // Released leases leave their ids in `ends`; keep it from growing past what is held.
+        if self.ends.len() > 2 * self.by_id.len() + 1024 {
+            let by_id = &self.by_id;
+            self.ends.retain(|(_, id)| by_id.contains_key(id));
+        }
+    }
+
+    fn clear(&mut self) {
+        self.by_id.clear();
+        self.ends.clear();
+    }
+}
+
 struct Shared {
     engine: Engine,
     hello: HelloReply,
@@ -92,8 +134,7 @@ struct Shared {
     lease: Duration,
     max_leases: usize,
     max_connections: usize,
-    /// Pinned blocks in the order their leases end (every lease has the same length).
-    leases: Mutex<VecDeque<(Instant, PinnedBlock)>>,
+    leases: Mutex<Leases>,
     metrics: Metrics,
     stopping: AtomicBool,
     /// A clone of each open connection, to stop reading them at shutdown.
@@ -101,6 +142,24 @@ struct Shared {
     next_connection: AtomicU64,
     /// Signalled when the last connection thread ends.
     idle: Condvar,
+}
+
+impl Shared {
+    fn metrics_text(&self) -> String {
+        let leases = self.leases.lock().len() as u64;
+        self.metrics.render(&self.engine.stats(), leases)
+    }
+}
+
+/// Renders a node's metrics; see [`Node::metrics`].
+#[derive(Debug, Clone)]
+pub struct NodeMetrics(std::sync::Weak<Shared>);
+
+impl NodeMetrics {
+    /// The Prometheus text, or `None` once the node has stopped.
+    pub fn render(&self) -> Option<String> {
+        self.0.upgrade().map(|shared| shared.metrics_text())
+    }
 }
 
 /// A running node. [`Node::shutdown`] stops it cleanly; dropping it does the same.
@@ -170,7 +229,7 @@ impl Node {
             lease: config.lease,
             max_leases: config.max_leases,
             max_connections: config.max_connections,
-            leases: Mutex::new(VecDeque::new()),
+            leases: Mutex::new(Leases::default()),
             metrics: Metrics::default(),
             stopping: AtomicBool::new(false),
             connections: Mutex::new(HashMap::new()),
@@ -221,10 +280,13 @@ impl Node {
 
     /// The node's figures in the Prometheus text format.
     pub fn metrics_text(&self) -> String {
-        let leases = self.shared.leases.lock().len() as u64;
-        self.shared
-            .metrics
-            .render(&self.shared.engine.stats(), leases)
+        self.shared.metrics_text()
+    }
+
+    /// A handle that renders the node's figures from another thread (an HTTP endpoint). It
+    /// does not keep the node alive: once the node is shut down it renders nothing.
+    pub fn metrics(&self) -> NodeMetrics {
+        NodeMetrics(Arc::downgrade(&self.shared))
     }
 
     /// Stops accepting connections, lets each open connection finish the request it is
@@ -337,11 +399,7 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
 fn sweep_leases(shared: &Shared) {
     while !shared.stopping.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(20));
-        let now = Instant::now();
-        let mut leases = shared.leases.lock();
-        while leases.front().is_some_and(|(end, _)| *end <= now) {
-            leases.pop_front();
-        }
+        shared.leases.lock().expire(Instant::now());
     }
 }
 
@@ -474,7 +532,13 @@ fn handle(shared: &Shared, request: Request<'_>) -> Response {
             );
             (0, Response::Put(outcomes))
         }
-        Request::Lookup { keys } => {
+        Request::Lookup { keys, release } => {
+            {
+                let mut leases = shared.leases.lock();
+                for id in release {
+                    leases.by_id.remove(&id);
+                }
+            }
             let outcomes: Vec<_> = keys.iter().map(|key| lookup(shared, key)).collect();
             count_errors(
                 outcomes
@@ -514,6 +578,7 @@ fn lookup(shared: &Shared, key: &[u8]) -> Outcome<Option<Descriptor>> {
         payload_len: u32::try_from(pinned.payload().len()).unwrap_or(u32::MAX),
         generation: pinned.generation(),
         lease_ms: 0,
+        lease_id: 0,
     };
     shared
         .metrics
@@ -522,7 +587,7 @@ fn lookup(shared: &Shared, key: &[u8]) -> Outcome<Option<Descriptor>> {
     let mut leases = shared.leases.lock();
     if leases.len() < shared.max_leases {
         descriptor.lease_ms = shared.hello.lease_ms;
-        leases.push_back((Instant::now() + shared.lease, pinned));
+        descriptor.lease_id = leases.grant(pinned, Instant::now() + shared.lease);
     }
     Outcome::Ok(Some(descriptor))
 }

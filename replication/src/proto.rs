@@ -224,10 +224,13 @@ pub enum Request<'a> {
         /// Make each block durable before answering (write-through).
         durable: bool,
     },
-    /// Where to read blocks one-sidedly, with a lease on each.
+    /// Where to read blocks one-sidedly, with a lease on each; also ends the leases the
+    /// client is done with (it has read those blocks), so they need not wait to expire.
     Lookup {
         /// The keys.
         keys: Vec<&'a [u8]>,
+        /// Leases to end now.
+        release: Vec<u64>,
     },
     /// Which keys have blocks.
     Exists {
@@ -314,6 +317,8 @@ pub struct Descriptor {
     pub generation: u64,
     /// The lease ends this many milliseconds after the lookup was answered (0: no lease).
     pub lease_ms: u32,
+    /// Names the lease, to end it early in a later lookup (0: no lease).
+    pub lease_id: u64,
 }
 
 /// The answer to one item of a request.

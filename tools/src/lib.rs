@@ -1,6 +1,8 @@
 //! Shared pieces of the command-line tools: how keys are printed and parsed, and the
 //! self-describing values the crash test writes.
 
+pub mod bench;
+
 /// Shows a key as text when it is printable UTF-8, else as `0x` and hex.
 pub fn display_key(key: &[u8]) -> String {
     match std::str::from_utf8(key) {

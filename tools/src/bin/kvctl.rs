@@ -1,36 +1,93 @@
-//! kvctl: inspect and verify a mooncake node's data directory.
+//! kvctl: talk to a running mooncake-kvd, or inspect and verify a stopped node's data
+//! directory.
 //!
-//! These commands open a *stopped* node's directory read-only; they refuse a directory that a
-//! running engine or kvd holds. Tables are for people; `--json` prints one JSON document for
-//! scripts.
+//! Online commands (`stat`, `get`, `put`, `del`, `exists`, `bench`) connect to `--addr`. The
+//! offline ones (`inspect`, `ls`, `header`, `verify`) open a *stopped* node's directory
+//! read-only; they refuse a directory that a running engine or kvd holds. Tables are for
+//! people; `--json` prints one JSON document for scripts.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use mooncake_kv_engine::offline::DataDir;
+use mooncake_kv_replication::{Client, ClientConfig, TransportChoice};
 use mooncake_kv_tools::{display_key, hex, parse_key};
 use serde_json::json;
 
-/// Inspect and verify a mooncake KVCache node's data directory.
+/// Talk to a running mooncake KVCache node, or inspect and verify a stopped one's data
+/// directory.
 ///
-/// Exit status: 0 on success, 1 when `verify` found corrupt blocks, 2 on any error (bad
-/// arguments, a directory that cannot be opened or is in use).
+/// Exit status: 0 on success, 1 when `verify` found corrupt blocks, `get` found no block or
+/// `bench` saw wrong bytes, 2 on any error (bad arguments, a node that cannot be reached, a
+/// directory that cannot be opened or is in use).
 #[derive(Parser)]
 #[command(name = "kvctl", version, about, long_about)]
 struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// The node's control address, for the online commands.
+    #[arg(long, global = true, default_value = "127.0.0.1:7700")]
+    addr: String,
+    /// File holding the node's shared secret, if it has one.
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    /// Data path for reads: auto (shared memory on the same host, else tcp), tcp or shm.
+    #[arg(long, global = true, default_value = "auto")]
+    transport: Transport,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Transport {
+    Auto,
+    Tcp,
+    Shm,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// A running node's figures: blocks and bytes per tier, requests, errors, leases.
+    Stat,
+    /// Fetch a block's value (verified) to a file, or to stdout.
+    Get {
+        /// The key: text, or 0x followed by hex digits for arbitrary bytes.
+        key: String,
+        /// Write the value here instead of stdout.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Store a file's bytes (or stdin's, with `-`) as a block.
+    Put {
+        /// The key.
+        key: String,
+        /// The value's file; `-` reads stdin.
+        file: PathBuf,
+        /// Make the block durable before answering (write-through to NVMe).
+        #[arg(long)]
+        durable: bool,
+    },
+    /// Remove blocks.
+    Del {
+        /// The keys.
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Which keys have blocks.
+    Exists {
+        /// The keys.
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Load a running node: gets and puts of self-checking values from several threads; prints
+    /// throughput and latency quantiles, and how many values came back wrong (must be 0).
+    Bench(BenchArgs),
     /// Summary of a stopped node's data directory: node id, format version, blocks, bytes,
     /// free space, and orphans (blocks written but never committed, reclaimed on open).
     Inspect {
@@ -60,6 +117,40 @@ enum Command {
     },
 }
 
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Bytes per value (at least 16).
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u64).range(16..=64 << 20))]
+    value_size: u64,
+    /// Keys per request.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    batch: u64,
+    /// Client threads.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    concurrency: u64,
+    /// Percentage of operations that are reads.
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(0..=100))]
+    read_percent: u8,
+    /// Keys in the key space.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    keys: u64,
+    /// Seconds to run (unless --count is given).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Operations to run, instead of a duration.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Do not put every key before measuring.
+    #[arg(long)]
+    no_prefill: bool,
+    /// Prefix of the keys (several benches can share a node).
+    #[arg(long, default_value = "bench/")]
+    key_prefix: String,
+    /// Seed of the key choice and the values.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(&cli) {
@@ -75,8 +166,62 @@ fn open(dir: &Path) -> anyhow::Result<DataDir> {
     DataDir::open(dir).with_context(|| format!("cannot open {}", dir.display()))
 }
 
+fn connect(cli: &Cli) -> anyhow::Result<Client> {
+    let token = match &cli.token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read token file {}", path.display()))?
+                .trim_end_matches(['\n', '\r'])
+                .as_bytes()
+                .to_vec(),
+        ),
+        None => None,
+    };
+    let transport = match cli.transport {
+        Transport::Auto => TransportChoice::Auto,
+        Transport::Tcp => TransportChoice::Tcp,
+        Transport::Shm => TransportChoice::Shm,
+    };
+    Client::connect(
+        cli.addr.as_str(),
+        ClientConfig {
+            token,
+            transport,
+            ..ClientConfig::default()
+        },
+    )
+    .with_context(|| format!("cannot connect to the node at {}", cli.addr))
+}
+
+fn keys(texts: &[String]) -> anyhow::Result<Vec<Vec<u8>>> {
+    texts
+        .iter()
+        .map(|t| parse_key(t).map_err(anyhow::Error::msg))
+        .collect()
+}
+
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
+        Command::Stat => online::stat(cli),
+        Command::Get { key, output } => online::get(cli, key, output.as_deref()),
+        Command::Put { key, file, durable } => online::put(cli, key, file, *durable),
+        Command::Del { keys: texts } => {
+            let client = connect(cli)?;
+            let keys = keys(texts)?;
+            let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+            let removed = client.remove(&refs)?;
+            online::print_flags(cli, texts, &removed, "removed", "absent");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Exists { keys: texts } => {
+            let client = connect(cli)?;
+            let keys = keys(texts)?;
+            let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+            let present = client.exists(&refs)?;
+            online::print_flags(cli, texts, &present, "present", "absent");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => online::bench(cli, args),
         Command::Inspect { dir } => {
             let summary = open(dir)?.summary()?;
             if cli.json {
@@ -226,6 +371,283 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+    }
+}
+
+mod online {
+    use super::*;
+    use mooncake_kv_tools::bench::{self, BenchOptions};
+
+    pub(super) fn stat(cli: &Cli) -> anyhow::Result<ExitCode> {
+        let client = connect(cli)?;
+        let stats = client.stats()?;
+        let serving = client.health()?;
+        let tiers = ["dram", "nvme"];
+        if cli.json {
+            let per_tier: Vec<_> = (0..stats.tier_blocks.len())
+                .map(|i| {
+                    json!({
+                        "tier": tiers.get(i).copied().unwrap_or("other"),
+                        "blocks": stats.tier_blocks[i],
+                        "used_bytes": stats.tier_used_bytes.get(i),
+                        "capacity_bytes": stats.tier_capacity_bytes.get(i),
+                    })
+                })
+                .collect();
+            println!(
+                "{}",
+                json!({
+                    "addr": cli.addr,
+                    "serving": serving,
+                    "node_id": hex(&client.hello().node_id),
+                    "transport": client.transport_name(),
+                    "tiers": per_tier,
+                    "evictions": stats.evictions,
+                    "requests": stats.requests,
+                    "errors": stats.errors,
+                    "leases": stats.leases,
+                    "connections": stats.connections,
+                })
+            );
+        } else {
+            println!("{:<16} {}", "node", cli.addr);
+            println!("{:<16} {}", "serving", serving);
+            println!("{:<16} {}", "node id", hex(&client.hello().node_id));
+            println!("{:<16} {}", "reads via", client.transport_name());
+            for i in 0..stats.tier_blocks.len() {
+                let name = tiers.get(i).copied().unwrap_or("other");
+                println!(
+                    "{:<16} {} blocks, {} of {}",
+                    name,
+                    stats.tier_blocks[i],
+                    bytes(stats.tier_used_bytes.get(i).copied().unwrap_or(0)),
+                    bytes(stats.tier_capacity_bytes.get(i).copied().unwrap_or(0)),
+                );
+            }
+            println!("{:<16} {}", "evictions", stats.evictions);
+            let kinds = [
+                "put",
+                "lookup",
+                "exists",
+                "prefix_match",
+                "remove",
+                "stats",
+                "health",
+            ];
+            let requests: Vec<String> = kinds
+                .iter()
+                .zip(&stats.requests)
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect();
+            println!("{:<16} {}", "requests", requests.join(" "));
+            println!("{:<16} {}", "errors", stats.errors);
+            println!("{:<16} {}", "leases", stats.leases);
+            println!("{:<16} {}", "connections", stats.connections);
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub(super) fn get(cli: &Cli, key: &str, output: Option<&Path>) -> anyhow::Result<ExitCode> {
+        let key_bytes = parse_key(key).map_err(anyhow::Error::msg)?;
+        let client = connect(cli)?;
+        let Some(value) = client.get(&key_bytes)? else {
+            eprintln!("kvctl: no block under {key}");
+            return Ok(ExitCode::from(1));
+        };
+        match output {
+            Some(path) => std::fs::write(path, &value)
+                .with_context(|| format!("cannot write {}", path.display()))?,
+            None => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&value)?;
+                out.flush()?;
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub(super) fn put(
+        cli: &Cli,
+        key: &str,
+        file: &Path,
+        durable: bool,
+    ) -> anyhow::Result<ExitCode> {
+        let key_bytes = parse_key(key).map_err(anyhow::Error::msg)?;
+        let limit = mooncake_kv_engine::MAX_VALUE_BYTES as u64;
+        let mut value = Vec::new();
+        // Read at most one byte past the limit, so that an oversize input is refused here
+        // without reading all of it.
+        if file == Path::new("-") {
+            std::io::stdin()
+                .lock()
+                .take(limit + 1)
+                .read_to_end(&mut value)?;
+        } else {
+            std::fs::File::open(file)
+                .with_context(|| format!("cannot open {}", file.display()))?
+                .take(limit + 1)
+                .read_to_end(&mut value)?;
+        }
+        if value.len() as u64 > limit {
+            anyhow::bail!("the value is larger than the limit of {limit} bytes");
+        }
+        let client = connect(cli)?;
+        let mut outcomes = client.put_batch(&[(&key_bytes, &value)], durable)?;
+        let generation = outcomes
+            .pop()
+            .context("the node answered no outcome")?
+            .map_err(|reply| anyhow::anyhow!("refused ({:?}): {}", reply.code, reply.message))?;
+        if cli.json {
+            println!(
+                "{}",
+                json!({ "key": key, "bytes": value.len(), "generation": generation })
+            );
+        } else {
+            println!(
+                "stored {key}: {} bytes, generation {generation}",
+                value.len()
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub(super) fn print_flags(cli: &Cli, keys: &[String], flags: &[bool], yes: &str, no: &str) {
+        if cli.json {
+            let rows: Vec<_> = keys
+                .iter()
+                .zip(flags)
+                .map(|(k, f)| json!({ "key": k, yes: f }))
+                .collect();
+            println!("{}", json!({ "keys": rows }));
+        } else {
+            for (k, f) in keys.iter().zip(flags) {
+                println!("{k} {}", if *f { yes } else { no });
+            }
+        }
+    }
+
+    pub(super) fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+        if !(args.duration.is_finite() && args.duration > 0.0) {
+            anyhow::bail!("--duration must be a positive number of seconds");
+        }
+        let options = BenchOptions {
+            value_bytes: usize::try_from(args.value_size)?,
+            batch: usize::try_from(args.batch)?,
+            concurrency: usize::try_from(args.concurrency)?,
+            read_percent: args.read_percent,
+            keys: args.keys,
+            duration: Duration::from_secs_f64(args.duration),
+            count: args.count,
+            prefill: !args.no_prefill,
+            key_prefix: args.key_prefix.clone(),
+            seed: args.seed,
+        };
+        let client = connect(cli)?;
+        let show = !cli.json && std::io::stderr().is_terminal();
+        if options.prefill {
+            let bar = bar(show, options.keys, "prefill");
+            bench::prefill(&client, &options, &|n| bar.inc(n))?;
+            bar.finish_and_clear();
+        }
+        let bar = match options.count {
+            Some(count) => bar(show, count, "bench"),
+            None => bar(
+                show,
+                (options.duration.as_secs_f64() * 10.0) as u64,
+                "bench",
+            ),
+        };
+        let report = if options.count.is_some() {
+            bench::run(&client, &options, &|n| bar.inc(n))
+        } else {
+            let ticker = {
+                let bar = bar.clone();
+                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let s = std::sync::Arc::clone(&stop);
+                let h = std::thread::spawn(move || {
+                    while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(100));
+                        bar.inc(1);
+                    }
+                });
+                (stop, h)
+            };
+            let report = bench::run(&client, &options, &|_| {});
+            ticker.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = ticker.1.join();
+            report
+        };
+        bar.finish_and_clear();
+        let q = |x: &bench::Quantiles| json!({ "p50_us": x.p50_us, "p99_us": x.p99_us, "p999_us": x.p999_us });
+        if cli.json {
+            println!(
+                "{}",
+                json!({
+                    "addr": cli.addr,
+                    "transport": client.transport_name(),
+                    "value_bytes": options.value_bytes,
+                    "batch": options.batch,
+                    "concurrency": options.concurrency,
+                    "read_percent": options.read_percent,
+                    "seconds": report.elapsed.as_secs_f64(),
+                    "reads": report.reads,
+                    "misses": report.misses,
+                    "writes": report.writes,
+                    "ops_per_second": report.ops_per_second(),
+                    "mib_per_second": report.mib_per_second(),
+                    "read_latency": q(&report.read_latency),
+                    "write_latency": q(&report.write_latency),
+                    "wrong_values": report.wrong_values,
+                    "errors": report.errors,
+                    "first_error": report.first_error,
+                    "verification_retries": report.verification_retries,
+                })
+            );
+        } else {
+            println!(
+                "{} ops in {:.2} s over {}: {:.0} ops/s, {:.1} MiB/s",
+                report.reads + report.writes,
+                report.elapsed.as_secs_f64(),
+                client.transport_name(),
+                report.ops_per_second(),
+                report.mib_per_second()
+            );
+            for (what, n, l) in [
+                ("reads", report.reads, &report.read_latency),
+                ("writes", report.writes, &report.write_latency),
+            ] {
+                if n > 0 {
+                    println!(
+                        "{what:<7} {n:>10}  p50 {:>9.1} us  p99 {:>9.1} us  p999 {:>9.1} us",
+                        l.p50_us, l.p99_us, l.p999_us
+                    );
+                }
+            }
+            println!(
+                "misses {}, errors {}, wrong values {}, verification retries {}",
+                report.misses, report.errors, report.wrong_values, report.verification_retries
+            );
+            if let Some(error) = &report.first_error {
+                println!("first error: {error}");
+            }
+        }
+        Ok(if report.wrong_values > 0 {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        })
+    }
+
+    fn bar(show: bool, len: u64, what: &'static str) -> ProgressBar {
+        if !show {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(len);
+        if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {elapsed}") {
+            bar.set_style(style);
+        }
+        bar.set_message(what);
+        bar
     }
 }
 

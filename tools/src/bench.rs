@@ -1,0 +1,355 @@
+//! `kvctl bench`: a load generator against a running node, and the self-checking values it
+//! writes.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use mooncake_kv_replication::{Client, ClientError};
+
+/// What a bench run does.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Bytes of each value (at least 16: seed and key index head every value).
+    pub value_bytes: usize,
+    /// Keys per request (a put batch, or that many gets back to back).
+    pub batch: usize,
+    /// Client threads.
+    pub concurrency: usize,
+    /// Share of operations that are reads, 0 to 100.
+    pub read_percent: u8,
+    /// Keys in the key space.
+    pub keys: u64,
+    /// Stop after this long (when `count` is `None`).
+    pub duration: Duration,
+    /// Stop after this many operations in all.
+    pub count: Option<u64>,
+    /// Put every key once before measuring.
+    pub prefill: bool,
+    /// Prefix of every key.
+    pub key_prefix: String,
+    /// Seed of the key choice and of the values written.
+    pub seed: u64,
+}
+
+/// Latency quantiles, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Quantiles {
+    /// Median.
+    pub p50_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+}
+
+/// What a bench run measured.
+#[derive(Debug, Clone, Default)]
+pub struct BenchReport {
+    /// Reads done (hits and misses).
+    pub reads: u64,
+    /// Reads that found no block.
+    pub misses: u64,
+    /// Writes done.
+    pub writes: u64,
+    /// Value bytes moved (read and written).
+    pub bytes: u64,
+    /// Wall time of the measured part.
+    pub elapsed: Duration,
+    /// Per read.
+    pub read_latency: Quantiles,
+    /// Per put request.
+    pub write_latency: Quantiles,
+    /// Values whose bytes were not what was written under their key.
+    pub wrong_values: u64,
+    /// Operations that failed, and the first error seen.
+    pub errors: u64,
+    /// The first error seen, in words.
+    pub first_error: Option<String>,
+    /// Reads the client re-did after a verification failure (block moved or replaced).
+    pub verification_retries: u64,
+}
+
+impl BenchReport {
+    /// Operations per second.
+    pub fn ops_per_second(&self) -> f64 {
+        (self.reads + self.writes) as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Value bytes per second, in MiB.
+    pub fn mib_per_second(&self) -> f64 {
+        self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9) / f64::from(1 << 20)
+    }
+}
+
+/// The key of index `i`.
+pub fn bench_key(prefix: &str, i: u64) -> Vec<u8> {
+    format!("{prefix}{i:016x}").into_bytes()
+}
+
+fn stream_state(seed: u64, index: u64) -> u64 {
+    (seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1
+}
+
+/// Fills `out` with the value written under key index `index` by a writer using `seed`: the
+/// seed, the index, then a stream that is a function of both. Any reader can check it.
+pub fn fill_value(index: u64, seed: u64, out: &mut [u8]) {
+    let mut state = stream_state(seed, index);
+    let (head, rest) = out.split_at_mut(16.min(out.len()));
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&seed.to_le_bytes());
+    id[8..].copy_from_slice(&index.to_le_bytes());
+    head.copy_from_slice(&id[..head.len()]);
+    for chunk in rest.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+/// Whether `value` is exactly a value [`fill_value`] writes for key index `index` (with
+/// whatever seed it carries).
+pub fn check_value(index: u64, value: &[u8]) -> bool {
+    if value.len() < 16 {
+        return false;
+    }
+    let mut seed = [0u8; 8];
+    seed.copy_from_slice(&value[..8]);
+    let seed = u64::from_le_bytes(seed);
+    if value[8..16] != index.to_le_bytes() {
+        return false;
+    }
+    let mut state = stream_state(seed, index);
+    value[16..].chunks(8).all(|chunk| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk == &state.to_le_bytes()[..chunk.len()]
+    })
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // splitmix64
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    reads: u64,
+    misses: u64,
+    writes: u64,
+    bytes: u64,
+    wrong: u64,
+    errors: u64,
+    first_error: Option<String>,
+    read_ns: Vec<u64>,
+    write_ns: Vec<u64>,
+}
+
+impl Tally {
+    fn error(&mut self, error: &ClientError) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(error.to_string());
+        }
+    }
+}
+
+/// Puts every key once (in batches), so that reads hit.
+///
+/// # Errors
+///
+/// The first put that fails.
+pub fn prefill(
+    client: &Client,
+    o: &BenchOptions,
+    progress: &dyn Fn(u64),
+) -> Result<(), ClientError> {
+    let mut values = vec![vec![0u8; o.value_bytes]; o.batch.max(1)];
+    let mut i = 0;
+    while i < o.keys {
+        let n = (o.keys - i).min(values.len() as u64) as usize;
+        let keys: Vec<Vec<u8>> = (0..n as u64)
+            .map(|k| bench_key(&o.key_prefix, i + k))
+            .collect();
+        for (k, v) in values.iter_mut().take(n).enumerate() {
+            fill_value(i + k as u64, o.seed, v);
+        }
+        let items: Vec<(&[u8], &[u8])> = keys
+            .iter()
+            .zip(&values)
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        for outcome in client.put_batch(&items, false)? {
+            outcome.map_err(ClientError::Refused)?;
+        }
+        i += n as u64;
+        progress(n as u64);
+    }
+    Ok(())
+}
+
+/// Runs the load; `progress` is called with the operations done since its last call.
+pub fn run(client: &Client, o: &BenchOptions, progress: &(dyn Fn(u64) + Sync)) -> BenchReport {
+    let retries_before = client.verification_retries();
+    let stop = AtomicBool::new(false);
+    let done = AtomicU64::new(0);
+    let started = Instant::now();
+    let tallies: Vec<Tally> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..o.concurrency.max(1))
+            .map(|t| {
+                let (stop, done) = (&stop, &done);
+                scope.spawn(move || worker(client, o, t as u64, stop, done, started, progress))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let elapsed = started.elapsed();
+    let mut report = BenchReport {
+        elapsed,
+        verification_retries: client.verification_retries() - retries_before,
+        ..BenchReport::default()
+    };
+    let (mut read_ns, mut write_ns) = (Vec::new(), Vec::new());
+    for t in tallies {
+        report.reads += t.reads;
+        report.misses += t.misses;
+        report.writes += t.writes;
+        report.bytes += t.bytes;
+        report.wrong_values += t.wrong;
+        report.errors += t.errors;
+        if report.first_error.is_none() {
+            report.first_error = t.first_error;
+        }
+        read_ns.extend(t.read_ns);
+        write_ns.extend(t.write_ns);
+    }
+    report.read_latency = quantiles(&mut read_ns);
+    report.write_latency = quantiles(&mut write_ns);
+    report
+}
+
+fn quantiles(ns: &mut [u64]) -> Quantiles {
+    if ns.is_empty() {
+        return Quantiles::default();
+    }
+    ns.sort_unstable();
+    let at = |q: f64| ns[((ns.len() as f64 * q) as usize).min(ns.len() - 1)] as f64 / 1e3;
+    Quantiles {
+        p50_us: at(0.50),
+        p99_us: at(0.99),
+        p999_us: at(0.999),
+    }
+}
+
+fn worker(
+    client: &Client,
+    o: &BenchOptions,
+    thread: u64,
+    stop: &AtomicBool,
+    done: &AtomicU64,
+    started: Instant,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Tally {
+    let mut rng = Rng(o.seed ^ (thread + 1).wrapping_mul(0xd6e8_feb8_6659_fd93));
+    let mut tally = Tally::default();
+    let batch = o.batch.max(1);
+    let mut buf = vec![0u8; o.value_bytes];
+    let mut values = vec![vec![0u8; o.value_bytes]; batch];
+    let write_seed = o.seed.wrapping_add(thread + 1);
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(count) = o.count {
+            if done.fetch_add(batch as u64, Ordering::Relaxed) >= count {
+                stop.store(true, Ordering::Relaxed);
+                break;
+            }
+        } else if started.elapsed() >= o.duration {
+            stop.store(true, Ordering::Relaxed);
+            break;
+        }
+        let indexes: Vec<u64> = (0..batch).map(|_| rng.next() % o.keys.max(1)).collect();
+        if (rng.next() % 100) < u64::from(o.read_percent) {
+            for &i in &indexes {
+                let key = bench_key(&o.key_prefix, i);
+                let t = Instant::now();
+                let result = client.get_into(&key, &mut buf);
+                tally.read_ns.push(t.elapsed().as_nanos() as u64);
+                tally.reads += 1;
+                match result {
+                    Ok(Some(n)) => {
+                        tally.bytes += n as u64;
+                        if !check_value(i, &buf[..n]) {
+                            tally.wrong += 1;
+                        }
+                    }
+                    Ok(None) => tally.misses += 1,
+                    Err(e) => tally.error(&e),
+                }
+            }
+        } else {
+            let keys: Vec<Vec<u8>> = indexes
+                .iter()
+                .map(|&i| bench_key(&o.key_prefix, i))
+                .collect();
+            for (v, &i) in values.iter_mut().zip(&indexes) {
+                fill_value(i, write_seed, v);
+            }
+            let items: Vec<(&[u8], &[u8])> = keys
+                .iter()
+                .zip(&values)
+                .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                .collect();
+            let t = Instant::now();
+            let result = client.put_batch(&items, false);
+            tally.write_ns.push(t.elapsed().as_nanos() as u64);
+            match result {
+                Ok(outcomes) => {
+                    for outcome in outcomes {
+                        match outcome {
+                            Ok(_) => {
+                                tally.writes += 1;
+                                tally.bytes += o.value_bytes as u64;
+                            }
+                            Err(reply) => tally.error(&ClientError::Refused(reply)),
+                        }
+                    }
+                }
+                Err(e) => tally.error(&e),
+            }
+        }
+        progress(batch as u64);
+    }
+    tally
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_check_against_their_key_whatever_the_writer() {
+        let mut a = vec![0u8; 1000];
+        fill_value(7, 1, &mut a);
+        assert!(check_value(7, &a));
+        let mut b = vec![0u8; 1000];
+        fill_value(7, 2, &mut b);
+        assert!(check_value(7, &b));
+        assert_ne!(a, b);
+        assert!(!check_value(8, &a), "another key's value");
+        let mut torn = a.clone();
+        torn[500..].copy_from_slice(&b[500..]);
+        assert!(!check_value(7, &torn), "half of one write, half of another");
+        assert!(!check_value(7, &a[..10]));
+    }
+}

@@ -1,0 +1,316 @@
+//! mooncake-kvd: a KVCache node. Serves one engine (DRAM, and NVMe when it has a data
+//! directory) to clients over a TCP control plane, a tcp data plane for one-sided reads, and a
+//! shared-memory socket for clients on the same host; Prometheus metrics over HTTP.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use mooncake_kv_engine::EngineConfig;
+use mooncake_kv_replication::{Node, NodeConfig, NodeMetrics};
+use serde::Deserialize;
+
+/// Run a mooncake KVCache node.
+///
+/// With no flags and no config file it serves on loopback only: control 127.0.0.1:7700, tcp
+/// data plane 127.0.0.1:7701, metrics http://127.0.0.1:7702/metrics, a data directory
+/// `./mooncake-data`, 256 MiB of DRAM and 1 GiB of NVMe file. Flags override the config file.
+///
+/// SIGTERM or SIGINT: stop accepting, finish the requests in flight, flush every block to the
+/// data directory, close it, exit 0.
+#[derive(Parser, Debug)]
+#[command(name = "mooncake-kvd", version, about, long_about)]
+struct Cli {
+    /// TOML config file; its keys are the long flags' names with `_` for `-`
+    /// (e.g. `dram_mib = 512`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Control-plane address (port 0 picks a free port).
+    #[arg(long)]
+    listen: Option<String>,
+    /// tcp data-plane address.
+    #[arg(long)]
+    data_listen: Option<String>,
+    /// Prometheus metrics address (http://ADDR/metrics); "off" turns it off.
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Data directory (NVMe data file, RocksDB metadata). Created if missing.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Keep everything in DRAM: no data directory, nothing survives a restart.
+    #[arg(long)]
+    memory_only: bool,
+    /// DRAM tier size in MiB.
+    #[arg(long)]
+    dram_mib: Option<u64>,
+    /// NVMe data file size in MiB (fixed when the directory is created).
+    #[arg(long)]
+    nvme_mib: Option<u64>,
+    /// File holding the shared secret clients must present (trailing newline ignored).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Do not offer the shared-memory transport to local clients.
+    #[arg(long)]
+    no_shm: bool,
+    /// How long a lookup pins a block, in milliseconds.
+    #[arg(long)]
+    lease_ms: Option<u64>,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, default_value = "info")]
+    log: tracing::Level,
+}
+
+/// The config file. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_listen: Option<String>,
+    metrics_listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    memory_only: Option<bool>,
+    dram_mib: Option<u64>,
+    nvme_mib: Option<u64>,
+    token_file: Option<PathBuf>,
+    shm: Option<bool>,
+    lease_ms: Option<u64>,
+}
+
+/// What the node runs with, after the file and the flags.
+#[derive(Debug)]
+struct Settings {
+    node: NodeConfig,
+    metrics_listen: Option<String>,
+}
+
+fn settings(cli: &Cli) -> anyhow::Result<Settings> {
+    let file: FileConfig = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("bad config {}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let memory_only = cli.memory_only || file.memory_only.unwrap_or(false);
+    let data_dir = (!memory_only).then(|| {
+        cli.data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("mooncake-data"))
+    });
+    let mib = |flag: Option<u64>, file: Option<u64>, default: u64, what: &str| {
+        let v = flag.or(file).unwrap_or(default);
+        v.checked_mul(1 << 20)
+            .filter(|_| v > 0)
+            .with_context(|| format!("{what} must be a positive number of MiB, not {v}"))
+    };
+    let token = match cli.token_file.clone().or(file.token_file) {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read token file {}", path.display()))?;
+            let token = text.trim_end_matches(['\n', '\r']).as_bytes().to_vec();
+            if token.is_empty() {
+                bail!("token file {} is empty", path.display());
+            }
+            Some(token)
+        }
+        None => None,
+    };
+    let listen = cli
+        .listen
+        .clone()
+        .or(file.listen)
+        .unwrap_or_else(|| "127.0.0.1:7700".to_owned());
+    let shm = !cli.no_shm && file.shm.unwrap_or(true);
+    let shm_path = shm.then(|| match &data_dir {
+        Some(dir) => dir.join("kvd.sock"),
+        None => std::env::temp_dir().join(format!(
+            "mooncake-kvd-{}.sock",
+            listen.rsplit(':').next().unwrap_or("0")
+        )),
+    });
+    let lease_ms = cli.lease_ms.or(file.lease_ms).unwrap_or(2000);
+    let metrics_listen = cli
+        .metrics_listen
+        .clone()
+        .or(file.metrics_listen)
+        .unwrap_or_else(|| "127.0.0.1:7702".to_owned());
+    Ok(Settings {
+        node: NodeConfig {
+            listen,
+            data_listen: cli
+                .data_listen
+                .clone()
+                .or(file.data_listen)
+                .unwrap_or_else(|| "127.0.0.1:7701".to_owned()),
+            shm_path,
+            token,
+            lease: Duration::from_millis(lease_ms),
+            engine: EngineConfig {
+                dram_capacity_bytes: mib(cli.dram_mib, file.dram_mib, 256, "dram_mib")?,
+                nvme_capacity_bytes: mib(cli.nvme_mib, file.nvme_mib, 1024, "nvme_mib")?,
+                data_dir,
+                ..EngineConfig::default()
+            },
+            ..NodeConfig::default()
+        },
+        metrics_listen: (metrics_listen != "off").then_some(metrics_listen),
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_max_level(cli.log)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("mooncake-kvd: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    let settings = settings(cli)?;
+    if let Some(dir) = &settings.node.engine.data_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("cannot install a signal handler")?;
+    }
+    let node = Node::start(settings.node).context("cannot start the node")?;
+    let metrics_addr = match &settings.metrics_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .with_context(|| format!("cannot bind the metrics listener on {addr}"))?;
+            let local = listener.local_addr()?;
+            let metrics = node.metrics();
+            std::thread::Builder::new()
+                .name("mooncake-metrics".into())
+                .spawn(move || serve_metrics(&listener, &metrics))?;
+            Some(local)
+        }
+        None => None,
+    };
+    // One line on stdout for people and scripts (tests read the ports from it).
+    println!(
+        "mooncake-kvd serving control={} data={} metrics={}",
+        node.control_addr(),
+        node.data_addr(),
+        metrics_addr.map_or_else(|| "off".to_owned(), |a| format!("http://{a}/metrics")),
+    );
+    std::io::stdout().flush()?;
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tracing::info!("signal received; shutting down");
+    let flushed = node
+        .shutdown(Duration::from_secs(10))
+        .context("flush at shutdown failed")?;
+    eprintln!("mooncake-kvd: stopped cleanly ({flushed} blocks flushed)");
+    Ok(())
+}
+
+/// Answers `GET /metrics` (Prometheus text) and `GET /health`; anything else is a 404.
+fn serve_metrics(listener: &TcpListener, metrics: &NodeMetrics) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        if let Err(error) = answer_http(stream, metrics) {
+            tracing::debug!(%error, "metrics request failed");
+        }
+    }
+}
+
+fn answer_http(stream: TcpStream, metrics: &NodeMetrics) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = String::new();
+    // Bounded: a request line longer than 8 KiB is not one we answer.
+    BufReader::new(Read::take(&stream, 8192)).read_line(&mut line)?;
+    let path = line.split_whitespace().nth(1).unwrap_or("");
+    let (status, content_type, body) = match (line.starts_with("GET "), path) {
+        (true, "/metrics") => match metrics.render() {
+            Some(text) => ("200 OK", "text/plain; version=0.0.4", text),
+            None => (
+                "503 Service Unavailable",
+                "text/plain",
+                "stopping\n".to_owned(),
+            ),
+        },
+        (true, "/health") => ("200 OK", "text/plain", "ok\n".to_owned()),
+        _ => ("404 Not Found", "text/plain", "try /metrics\n".to_owned()),
+    };
+    let mut out = &stream;
+    write!(
+        out,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("mooncake-kvd").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_serve_loopback_with_a_local_data_directory() {
+        let s = settings(&cli(&[])).unwrap();
+        assert_eq!(s.node.listen, "127.0.0.1:7700");
+        assert_eq!(s.node.data_listen, "127.0.0.1:7701");
+        assert_eq!(s.metrics_listen.as_deref(), Some("127.0.0.1:7702"));
+        assert_eq!(
+            s.node.engine.data_dir.as_deref(),
+            Some(std::path::Path::new("mooncake-data"))
+        );
+        assert_eq!(s.node.engine.dram_capacity_bytes, 256 << 20);
+        assert!(s.node.token.is_none());
+        assert!(s.node.shm_path.is_some());
+    }
+
+    #[test]
+    fn flags_override_the_file_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kvd.toml");
+        std::fs::write(
+            &file,
+            "dram_mib = 64\nlisten = \"127.0.0.1:9000\"\nshm = false\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let s = settings(&cli(&["--config", path, "--dram-mib", "32"])).unwrap();
+        assert_eq!(s.node.engine.dram_capacity_bytes, 32 << 20);
+        assert_eq!(s.node.listen, "127.0.0.1:9000");
+        assert!(s.node.shm_path.is_none());
+        std::fs::write(&file, "dram_mb = 64\n").unwrap();
+        let error = settings(&cli(&["--config", path])).unwrap_err();
+        assert!(format!("{error:#}").contains("dram_mb"), "{error:#}");
+        assert!(settings(&cli(&["--dram-mib", "0"])).is_err());
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let s = settings(&cli(&[
+            "--token-file",
+            token.to_str().unwrap(),
+            "--memory-only",
+        ]))
+        .unwrap();
+        assert_eq!(s.node.token.as_deref(), Some(&b"s3cret"[..]));
+        assert!(s.node.engine.data_dir.is_none());
+    }
+}
