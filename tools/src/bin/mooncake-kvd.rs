@@ -61,6 +61,10 @@ struct Cli {
     /// How long a lookup pins a block, in milliseconds.
     #[arg(long)]
     lease_ms: Option<u64>,
+    /// Most leases held at once; beyond, lookups answer without pinning (reads stay correct:
+    /// the client verifies every block and looks up again if it moved). 0 never pins.
+    #[arg(long)]
+    max_leases: Option<usize>,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, default_value = "info")]
     log: tracing::Level,
@@ -80,6 +84,7 @@ struct FileConfig {
     token_file: Option<PathBuf>,
     shm: Option<bool>,
     lease_ms: Option<u64>,
+    max_leases: Option<usize>,
 }
 
 /// What the node runs with, after the file and the flags.
@@ -153,6 +158,7 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
             shm_path,
             token,
             lease: Duration::from_millis(lease_ms),
+            max_leases: cli.max_leases.or(file.max_leases).unwrap_or(1 << 16),
             engine: EngineConfig {
                 dram_capacity_bytes: mib(cli.dram_mib, file.dram_mib, 256, "dram_mib")?,
                 nvme_capacity_bytes: mib(cli.nvme_mib, file.nvme_mib, 1024, "nvme_mib")?,
