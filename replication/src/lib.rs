@@ -28,6 +28,8 @@
 //! client.put(b"block-0", &[7u8; 65536])?;
 //! assert_eq!(client.get(b"block-0")?.as_deref(), Some(&[7u8; 65536][..]));
 //! assert_eq!(client.prefix_match(&[b"block-0", b"block-1"])?, 1);
+//! let mut kv_page = vec![0u8; 65536];
+//! assert_eq!(client.get_into(b"block-0", &mut kv_page)?, Some(65536));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
