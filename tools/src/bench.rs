@@ -81,6 +81,30 @@ impl BenchReport {
     }
 }
 
+/// The reference a same-host get is measured against: one thread copying `value_bytes` at a
+/// time out of a 256 MiB buffer (so the source is as cold as a node's DRAM tier), for about
+/// `seconds`. Returns MiB per second.
+pub fn memcpy_reference(value_bytes: usize, seconds: f64) -> f64 {
+    const SOURCE: usize = 256 << 20;
+    let value_bytes = value_bytes.clamp(1, SOURCE / 2);
+    let source = vec![0x5au8; SOURCE];
+    let mut dst = vec![0u8; value_bytes];
+    let slots = SOURCE / value_bytes;
+    let started = Instant::now();
+    let mut copied = 0u64;
+    let mut i = 0;
+    while started.elapsed().as_secs_f64() < seconds {
+        for _ in 0..16 {
+            let at = (i % slots) * value_bytes;
+            dst.copy_from_slice(std::hint::black_box(&source[at..at + value_bytes]));
+            std::hint::black_box(&mut dst);
+            i += 1;
+            copied += value_bytes as u64;
+        }
+    }
+    copied as f64 / started.elapsed().as_secs_f64() / f64::from(1 << 20)
+}
+
 /// The key of index `i`.
 pub fn bench_key(prefix: &str, i: u64) -> Vec<u8> {
     format!("{prefix}{i:016x}").into_bytes()

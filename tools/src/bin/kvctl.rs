@@ -149,6 +149,10 @@ struct BenchArgs {
     /// Seed of the key choice and the values.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Also measure, in this run, one thread copying values of the same size with memcpy
+    /// (the reference for same-host reads), and print the ratio.
+    #[arg(long)]
+    memcpy_reference: bool,
 }
 
 fn main() -> ExitCode {
@@ -578,6 +582,11 @@ mod online {
             report
         };
         bar.finish_and_clear();
+        let memcpy = args
+            .memcpy_reference
+            .then(|| bench::memcpy_reference(options.value_bytes, 1.0));
+        // Per client thread, the bench's bytes per second next to one memcpy thread's.
+        let per_thread = report.mib_per_second() / options.concurrency as f64;
         let q = |x: &bench::Quantiles| json!({ "p50_us": x.p50_us, "p99_us": x.p99_us, "p999_us": x.p999_us });
         if cli.json {
             println!(
@@ -601,6 +610,8 @@ mod online {
                     "errors": report.errors,
                     "first_error": report.first_error,
                     "verification_retries": report.verification_retries,
+                    "memcpy_mib_per_second": memcpy,
+                    "ratio_to_memcpy_per_thread": memcpy.map(|m| per_thread / m),
                 })
             );
         } else {
@@ -629,6 +640,13 @@ mod online {
             );
             if let Some(error) = &report.first_error {
                 println!("first error: {error}");
+            }
+            if let Some(m) = memcpy {
+                println!(
+                    "memcpy of the same size, one thread: {m:.1} MiB/s; this bench per thread: \
+                     {per_thread:.1} MiB/s ({:.2}x)",
+                    per_thread / m
+                );
             }
         }
         Ok(if report.wrong_values > 0 {
