@@ -110,29 +110,34 @@ pub fn bench_key(prefix: &str, i: u64) -> Vec<u8> {
     format!("{prefix}{i:016x}").into_bytes()
 }
 
-fn stream_state(seed: u64, index: u64) -> u64 {
-    (seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1
+/// Step between consecutive 8-byte words of a value: odd, so words never repeat.
+const STEP: u64 = 0x9e37_79b9_7f4a_7c15;
+
+fn first_word(seed: u64, index: u64) -> u64 {
+    let mut z = seed ^ index.wrapping_mul(0xd6e8_feb8_6659_fd93);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Fills `out` with the value written under key index `index` by a writer using `seed`: the
-/// seed, the index, then a stream that is a function of both. Any reader can check it.
+/// seed, the index, then 8-byte words that are a function of both and of their position.
+/// Any reader can check it, about as fast as it can read it.
 pub fn fill_value(index: u64, seed: u64, out: &mut [u8]) {
-    let mut state = stream_state(seed, index);
     let (head, rest) = out.split_at_mut(16.min(out.len()));
     let mut id = [0u8; 16];
     id[..8].copy_from_slice(&seed.to_le_bytes());
     id[8..].copy_from_slice(&index.to_le_bytes());
     head.copy_from_slice(&id[..head.len()]);
+    let mut word = first_word(seed, index);
     for chunk in rest.chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+        chunk.copy_from_slice(&word.to_le_bytes()[..chunk.len()]);
+        word = word.wrapping_add(STEP);
     }
 }
 
 /// Whether `value` is exactly a value [`fill_value`] writes for key index `index` (with
-/// whatever seed it carries).
+/// whatever seed it carries): a value of another key, or made of pieces of two writes, fails.
 pub fn check_value(index: u64, value: &[u8]) -> bool {
     if value.len() < 16 {
         return false;
@@ -143,13 +148,17 @@ pub fn check_value(index: u64, value: &[u8]) -> bool {
     if value[8..16] != index.to_le_bytes() {
         return false;
     }
-    let mut state = stream_state(seed, index);
-    value[16..].chunks(8).all(|chunk| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        chunk == &state.to_le_bytes()[..chunk.len()]
-    })
+    let mut word = first_word(seed, index);
+    let mut chunks = value[16..].chunks_exact(8);
+    let mut ok = true;
+    for chunk in chunks.by_ref() {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        ok &= u64::from_le_bytes(w) == word;
+        word = word.wrapping_add(STEP);
+    }
+    let tail = chunks.remainder();
+    ok && tail == &word.to_le_bytes()[..tail.len()]
 }
 
 struct Rng(u64);
