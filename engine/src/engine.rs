@@ -186,6 +186,13 @@ impl PinnedBlock {
         u64::from(self.copy.payload_offset) + u64::from(self.slot.payload_len)
     }
 
+    /// The whole block in place in the DRAM tier (header, key, padding, payload): what a node
+    /// sends a peer.
+    pub fn block_bytes(&self) -> &[u8] {
+        let len = self.copy.payload_offset as usize + self.slot.payload_len as usize;
+        &self.copy.bytes()[..len]
+    }
+
     /// Offset of the payload from the start of the block.
     pub fn payload_offset(&self) -> u32 {
         self.copy.payload_offset

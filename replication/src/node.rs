@@ -450,7 +450,16 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 ),
                 true,
             ),
-            Ok(request) => (handle(shared, request), false),
+            Ok(request) => {
+                let (response, inline) = handle(shared, request);
+                write_frame(&mut writer, header.request_id, &encode_body(&response))?;
+                // Inline blocks follow the body, straight from the pinned DRAM copies.
+                for block in &inline {
+                    writer.write_all(block.block_bytes())?;
+                }
+                writer.flush()?;
+                continue;
+            }
         };
         write_frame(&mut writer, header.request_id, &encode_body(&response))?;
         writer.flush()?;
@@ -495,7 +504,8 @@ fn engine_refusal(error: &mooncake_kv_engine::Error) -> ErrorReply {
     }
 }
 
-fn handle(shared: &Shared, request: Request<'_>) -> Response {
+/// Serves one request; returns the response and the blocks to send after it (inline lookups).
+fn handle(shared: &Shared, request: Request<'_>) -> (Response, Vec<PinnedBlock>) {
     let started = Instant::now();
     let engine = &shared.engine;
     let metrics = &shared.metrics;
@@ -504,8 +514,15 @@ fn handle(shared: &Shared, request: Request<'_>) -> Response {
             metrics.errors.fetch_add(n as u64, Ordering::Relaxed);
         }
     };
+    let mut inline_blocks = Vec::new();
     let (kind, response) = match request {
-        Request::Hello { .. } => unreachable!("handled by serve"),
+        Request::Hello { .. } => (
+            0,
+            Response::Error(ErrorReply {
+                code: ErrorCode::BadRequest,
+                message: "Hello is only the first request".to_owned(),
+            }),
+        ),
         Request::Put { items, durable } => {
             let durability = if durable {
                 Durability::WriteThrough
@@ -532,14 +549,21 @@ fn handle(shared: &Shared, request: Request<'_>) -> Response {
             );
             (0, Response::Put(outcomes))
         }
-        Request::Lookup { keys, release } => {
+        Request::Lookup {
+            keys,
+            release,
+            inline,
+        } => {
             {
                 let mut leases = shared.leases.lock();
                 for id in release {
                     leases.by_id.remove(&id);
                 }
             }
-            let outcomes: Vec<_> = keys.iter().map(|key| lookup(shared, key)).collect();
+            let outcomes: Vec<_> = keys
+                .iter()
+                .map(|key| lookup(shared, key, inline.then_some(&mut inline_blocks)))
+                .collect();
             count_errors(
                 outcomes
                     .iter()
@@ -560,10 +584,16 @@ fn handle(shared: &Shared, request: Request<'_>) -> Response {
         ),
     };
     metrics.record(kind, started.elapsed());
-    response
+    (response, inline_blocks)
 }
 
-fn lookup(shared: &Shared, key: &[u8]) -> Outcome<Option<Descriptor>> {
+/// Pins the block of `key` and describes it; with `inline`, hands the pin over to be sent
+/// after the response, else keeps it as a lease.
+fn lookup(
+    shared: &Shared,
+    key: &[u8],
+    inline: Option<&mut Vec<PinnedBlock>>,
+) -> Outcome<Option<Descriptor>> {
     let pinned = match shared.engine.pin(key) {
         Ok(Some(pinned)) => pinned,
         Ok(None) => return Outcome::Ok(None),
@@ -584,6 +614,10 @@ fn lookup(shared: &Shared, key: &[u8]) -> Outcome<Option<Descriptor>> {
         .metrics
         .bytes_described
         .fetch_add(descriptor.block_len, Ordering::Relaxed);
+    if let Some(inline) = inline {
+        inline.push(pinned);
+        return Outcome::Ok(Some(descriptor));
+    }
     let mut leases = shared.leases.lock();
     if leases.len() < shared.max_leases {
         descriptor.lease_ms = shared.hello.lease_ms;

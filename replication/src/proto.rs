@@ -231,6 +231,10 @@ pub enum Request<'a> {
         keys: Vec<&'a [u8]>,
         /// Leases to end now.
         release: Vec<u64>,
+        /// Send each block found right after the response body (in order, `block_len` bytes
+        /// each) instead of leasing it for a one-sided read: one round trip instead of two,
+        /// for clients that read over tcp anyway. The client verifies the bytes the same way.
+        inline: bool,
     },
     /// Which keys have blocks.
     Exists {

@@ -85,6 +85,19 @@ fn client(kvd: &Kvd, transport: TransportChoice) -> Client {
     .expect("connect")
 }
 
+/// A tcp client that reads one-sidedly from the data plane rather than inline.
+fn one_sided_client(kvd: &Kvd) -> Client {
+    Client::connect(
+        kvd.control,
+        ClientConfig {
+            transport: TransportChoice::Tcp,
+            inline_tcp_reads: false,
+            ..ClientConfig::default()
+        },
+    )
+    .expect("connect")
+}
+
 fn kvctl(kvd: &Kvd, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_kvctl"))
         .arg("--addr")
@@ -116,6 +129,7 @@ fn library_and_kvctl_round_trip_and_a_restart_serves_flushed_blocks() {
     let kvd = Kvd::start(&args);
     let mut rng = StdRng::seed_from_u64(5);
     let tcp = client(&kvd, TransportChoice::Tcp);
+    let one_sided = one_sided_client(&kvd);
     let shm = client(&kvd, TransportChoice::Shm);
     assert_eq!(tcp.transport_name(), "tcp");
     assert_eq!(shm.transport_name(), "shm");
@@ -134,6 +148,11 @@ fn library_and_kvctl_round_trip_and_a_restart_serves_flushed_blocks() {
     }
     for (key, v) in &stored {
         assert_eq!(tcp.get(key).unwrap().as_deref(), Some(&v[..]), "tcp get");
+        assert_eq!(
+            one_sided.get(key).unwrap().as_deref(),
+            Some(&v[..]),
+            "one-sided tcp get"
+        );
         assert_eq!(shm.get(key).unwrap().as_deref(), Some(&v[..]), "shm get");
         let mut buf = vec![0xaa; v.len() + 10];
         assert_eq!(shm.get_into(key, &mut buf).unwrap(), Some(v.len()));
@@ -146,10 +165,17 @@ fn library_and_kvctl_round_trip_and_a_restart_serves_flushed_blocks() {
         tcp.exists(&[b"chain/0", b"nope"]).unwrap(),
         vec![true, false]
     );
-    assert!(matches!(
-        tcp.get_into(&stored[1].0, &mut [0u8; 3]),
-        Err(ClientError::BufferTooSmall { .. })
-    ));
+    for reader in [&tcp, &one_sided, &shm] {
+        assert!(matches!(
+            reader.get_into(&stored[1].0, &mut [0u8; 3]),
+            Err(ClientError::BufferTooSmall { .. })
+        ));
+    }
+    // The inline path skipped the block it could not deliver and stays in step.
+    assert_eq!(
+        tcp.get(&stored[1].0).unwrap().as_deref(),
+        Some(&stored[1].1[..])
+    );
     assert_eq!(tcp.remove(&[b"chain/59"]).unwrap(), vec![true]);
     assert_eq!(tcp.get(b"chain/59").unwrap(), None);
     stored.pop();
@@ -184,7 +210,7 @@ fn library_and_kvctl_round_trip_and_a_restart_serves_flushed_blocks() {
     assert!(metrics.contains("mooncake_requests_total{kind=\"put\"}"));
 
     // SIGTERM: exit 0, everything flushed; a new kvd on the same directory serves it all.
-    drop((tcp, shm));
+    drop((tcp, one_sided, shm));
     let status = kvd.terminate();
     assert!(status.success(), "kvd exit status {status}");
     let kvd = Kvd::start(&args);
@@ -355,7 +381,8 @@ fn crc32(bytes: &[u8]) -> u32 {
 
 /// The race test: a writer process keeps overwriting a small key space on a node whose DRAM
 /// holds a fraction of it (memory only, so eviction drops blocks and their space is reused at
-/// once), while reader processes hammer verified one-sided reads over tcp and shared memory.
+/// once), while reader processes hammer verified reads: one-sided over tcp and shared memory,
+/// and inline over tcp.
 /// Every value carries its key and a checkable pattern; not one may come back wrong.
 ///
 /// Run twice: with leases (a block being read stays put), and with none at all, where only
@@ -374,7 +401,12 @@ fn race(extra: &[&str]) -> u64 {
     let kvd = Kvd::start(&args);
     let seconds = std::env::var("RACE_SECONDS").unwrap_or_else(|_| "4".to_owned());
     let bench = |transport: &str, read_percent: &str, seed: &str| {
+        let (transport, one_sided) = match transport {
+            "one-sided" => ("tcp", true),
+            other => (other, false),
+        };
         Command::new(env!("CARGO_BIN_EXE_kvctl"))
+            .args(one_sided.then_some("--one-sided"))
             .args([
                 "--addr",
                 &kvd.control.to_string(),
@@ -406,12 +438,14 @@ fn race(extra: &[&str]) -> u64 {
     };
     let writer = bench("tcp", "0", "11");
     std::thread::sleep(Duration::from_millis(300));
-    let tcp_reader = bench("tcp", "100", "12");
+    let tcp_reader = bench("one-sided", "100", "12");
+    let inline_reader = bench("tcp", "100", "14");
     let shm_reader = bench("shm", "100", "13");
     let (mut total_reads, mut retries) = (0, 0);
     for (name, child) in [
         ("writer", writer),
-        ("tcp reader", tcp_reader),
+        ("one-sided tcp reader", tcp_reader),
+        ("inline tcp reader", inline_reader),
         ("shm reader", shm_reader),
     ] {
         let out = child.wait_with_output().expect("bench output");

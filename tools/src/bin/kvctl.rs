@@ -40,6 +40,10 @@ struct Cli {
     /// Data path for reads: auto (shared memory on the same host, else tcp), tcp or shm.
     #[arg(long, global = true, default_value = "auto")]
     transport: Transport,
+    /// Over tcp, read each block one-sidedly from the node's data plane after the lookup,
+    /// instead of receiving it inline with the lookup's answer.
+    #[arg(long, global = true)]
+    one_sided: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -191,6 +195,7 @@ fn connect(cli: &Cli) -> anyhow::Result<Client> {
         ClientConfig {
             token,
             transport,
+            inline_tcp_reads: !cli.one_sided,
             ..ClientConfig::default()
         },
     )
