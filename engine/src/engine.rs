@@ -221,6 +221,48 @@ impl fmt::Debug for PinnedBlock {
     }
 }
 
+/// DRAM space reserved for one block by [`Engine::reserve`], not yet visible to readers.
+/// Dropping it returns the space; [`Engine::commit`] makes it a block.
+pub struct Reservation {
+    key: Box<[u8]>,
+    payload_len: u32,
+    copy: DramCopy,
+}
+
+impl Reservation {
+    /// The key the block will have.
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// Bytes of the payload.
+    pub fn payload_len(&self) -> usize {
+        self.payload_len as usize
+    }
+
+    /// Where the payload goes in the shared DRAM region, for a peer that writes it there.
+    pub fn payload_region_offset(&self) -> u64 {
+        self.copy.offset_bytes() + u64::from(self.copy.payload_offset)
+    }
+
+    /// The payload's space, to fill locally.
+    pub fn payload_mut(&mut self) -> &mut [u8] {
+        let start = self.copy.payload_offset as usize;
+        let len = self.payload_len as usize;
+        &mut self.copy.bytes_mut()[start..start + len]
+    }
+}
+
+impl fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reservation")
+            .field("key_len", &self.key.len())
+            .field("payload_len", &self.payload_len)
+            .field("payload_region_offset", &self.payload_region_offset())
+            .finish()
+    }
+}
+
 /// One tier's eviction policy and the table that maps its entry ids back to slots.
 #[derive(Debug)]
 struct Residency {
@@ -456,6 +498,40 @@ impl Engine {
         Ok(generation)
     }
 
+    /// The first half of a two-phase put: reserves DRAM space for a block of `payload_len`
+    /// bytes under `key` (evicting as a put would), invisible to readers. Fill the payload
+    /// (locally with [`Reservation::payload_mut`], or let a peer write it one-sidedly at
+    /// [`Reservation::payload_region_offset`] of the shared region), then
+    /// [`commit`](Self::commit). Dropping the reservation returns the space.
+    ///
+    /// # Errors
+    ///
+    /// As [`put`](Self::put).
+    pub fn reserve(&self, key: &[u8], payload_len: usize) -> Result<Reservation> {
+        self.inner.reserve(key, payload_len)
+    }
+
+    /// The second half of a two-phase put: checksums the payload where it lies, writes the
+    /// header and key, and makes the block visible, replacing any block the key had. The
+    /// payload is never copied. Returns the block's generation.
+    ///
+    /// # Errors
+    ///
+    /// With [`Durability::WriteThrough`], as [`put_with`](Self::put_with).
+    pub fn commit(&self, reservation: Reservation, durability: Durability) -> Result<u64> {
+        let inner = &self.inner;
+        if durability == Durability::WriteThrough && inner.store.is_none() {
+            return Err(Error::NotPersistent);
+        }
+        let slot = inner.commit(reservation)?;
+        let generation = slot.generation;
+        inner.after_puts();
+        if durability == Durability::WriteThrough {
+            inner.persist(vec![slot]).remove(0)?;
+        }
+        Ok(generation)
+    }
+
     /// [`put`](Self::put) for many blocks; one result per item, in order. A failed item does
     /// not stop the others.
     pub fn put_batch(&self, items: &[(&[u8], &[u8])]) -> Vec<Result<u64>> {
@@ -572,6 +648,61 @@ impl Engine {
 }
 
 impl Inner {
+    fn reserve(&self, key: &[u8], payload_len: usize) -> Result<Reservation> {
+        format::check_key(key)?;
+        if payload_len > format::MAX_VALUE_BYTES {
+            return Err(format::Error::ValueTooLarge {
+                len_bytes: payload_len,
+                max_bytes: format::MAX_VALUE_BYTES,
+            }
+            .into());
+        }
+        let block_len = format::encoded_len(key.len(), payload_len, DRAM_PAYLOAD_ALIGN);
+        let extent = self.reserve_dram(block_len as u64)?;
+        let payload_offset = format::payload_offset(key.len(), DRAM_PAYLOAD_ALIGN);
+        let mut copy = DramCopy::new(extent, Arc::clone(&self.dram), payload_offset as u32);
+        // Whatever block lay here before must not be taken for itself by a reader holding a
+        // stale descriptor while the new payload is written over it.
+        copy.bytes_mut()[..format::HEADER_BYTES].fill(0);
+        Ok(Reservation {
+            key: key.into(),
+            payload_len: payload_len as u32,
+            copy,
+        })
+    }
+
+    fn commit(&self, reservation: Reservation) -> Result<Arc<Slot>> {
+        let Reservation {
+            key,
+            payload_len,
+            mut copy,
+        } = reservation;
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let block_len = format::seal_in_place(
+            copy.bytes_mut(),
+            &key,
+            payload_len as usize,
+            generation,
+            DRAM_PAYLOAD_ALIGN,
+        )?;
+        strict_assert!(format::decode(&copy.bytes()[..block_len]).is_ok());
+        let header = format::decode_header(copy.bytes())?;
+        let slot = Arc::new(Slot::new(
+            &key,
+            self.index.hash(&key),
+            generation,
+            header.payload_len,
+            header.payload_crc32,
+            Locations {
+                dram: Some(Arc::new(copy)),
+                nvme: None,
+            },
+        ));
+        self.publish(&slot);
+        self.counters.puts.fetch_add(1, Ordering::Relaxed);
+        Ok(slot)
+    }
+
     fn put_one(&self, key: &[u8], value: &[u8]) -> Result<Arc<Slot>> {
         format::check_key(key)?;
         format::check_value(value)?;

@@ -242,3 +242,48 @@ fn a_pinned_block_says_where_it_lies_in_the_shared_region() -> Result<(), Error>
     assert!(pinned.block_offset() + pinned.block_len() <= engine.dram().region_len_bytes());
     Ok(())
 }
+
+#[test]
+fn a_two_phase_put_is_invisible_until_committed_and_returns_its_space_if_dropped()
+-> Result<(), Error> {
+    use mooncake_kv_engine::Durability;
+    let engine = engine();
+    engine.put(b"k", b"old")?;
+    let value: Vec<u8> = (0..100_000u32).map(|i| (i % 239) as u8).collect();
+    let mut reservation = engine.reserve(b"k", value.len())?;
+    assert_eq!(reservation.payload_len(), value.len());
+    reservation.payload_mut().copy_from_slice(&value);
+    // Until the commit, readers see the old block.
+    assert_eq!(engine.get(b"k")?.as_deref(), Some(&b"old"[..]));
+    let used = engine.stats().tiers[0].used_bytes;
+    let generation = engine.commit(reservation, Durability::Memory)?;
+    assert_eq!(engine.get(b"k")?.as_deref(), Some(&value[..]));
+    assert_eq!(engine.pin(b"k")?.expect("present").generation(), generation);
+    assert!(
+        engine.stats().tiers[0].used_bytes < used,
+        "the old block's space came back"
+    );
+
+    // A dropped reservation gives its space back and leaves nothing behind.
+    let before = engine.stats().tiers[0].used_bytes;
+    let abandoned = engine.reserve(b"never", 1 << 20)?;
+    assert!(engine.stats().tiers[0].used_bytes > before);
+    drop(abandoned);
+    assert_eq!(engine.stats().tiers[0].used_bytes, before);
+    assert!(!engine.exists(b"never"));
+
+    // Limits as for put.
+    assert!(matches!(
+        engine.reserve(b"big", MAX_VALUE_BYTES + 1),
+        Err(Error::Format(FormatError::ValueTooLarge { .. }))
+    ));
+    assert!(matches!(
+        engine.reserve(b"", 1),
+        Err(Error::Format(FormatError::EmptyKey))
+    ));
+    assert!(matches!(
+        engine.commit(engine.reserve(b"x", 1)?, Durability::WriteThrough),
+        Err(Error::NotPersistent)
+    ));
+    Ok(())
+}

@@ -288,6 +288,54 @@ pub fn encode_into(
         payload_crc.update(target);
     }
 
+    write_head(head, key, payload.len(), payload_crc.finalize(), generation);
+    Ok(block_len)
+}
+
+/// Seals a block whose payload is already in place: `block` holds the payload at
+/// [`payload_offset`]`(key.len(), payload_align)`; this writes the header, key and padding
+/// before it (checksumming the payload where it lies) and returns the block's length. For
+/// payloads written by someone else (a peer, a device) into reserved space: no copy.
+///
+/// # Errors
+///
+/// As [`encode_into`], with `payload_len` in place of the payload.
+///
+/// # Panics
+///
+/// If `payload_align` is not a power of two of at most [`MAX_PAYLOAD_ALIGN`].
+pub fn seal_in_place(
+    block: &mut [u8],
+    key: &[u8],
+    payload_len: usize,
+    generation: u64,
+    payload_align: usize,
+) -> Result<usize> {
+    check_key(key)?;
+    if payload_len > MAX_VALUE_BYTES {
+        return Err(Error::ValueTooLarge {
+            len_bytes: payload_len,
+            max_bytes: MAX_VALUE_BYTES,
+        });
+    }
+    let payload_start = payload_offset(key.len(), payload_align);
+    let block_len = payload_start + payload_len;
+    if block.len() < block_len {
+        return Err(Error::BufferTooSmall {
+            needed_bytes: block_len,
+            available_bytes: block.len(),
+        });
+    }
+    let (head, rest) = block.split_at_mut(payload_start);
+    let payload_crc = crc32fast::hash(&rest[..payload_len]);
+    write_head(head, key, payload_len, payload_crc, generation);
+    Ok(block_len)
+}
+
+/// Writes header, key and zero padding into `head` (everything before the payload). The
+/// lengths were checked by the caller.
+fn write_head(head: &mut [u8], key: &[u8], payload_len: usize, payload_crc: u32, generation: u64) {
+    let payload_start = head.len();
     let (header, key_and_padding) = head.split_at_mut(HEADER_BYTES);
     let (key_target, padding) = key_and_padding.split_at_mut(key.len());
     key_target.copy_from_slice(key);
@@ -297,16 +345,15 @@ pub fn encode_into(
     header[offset::MAGIC..][..4].copy_from_slice(&MAGIC);
     put_u16(header, offset::VERSION, FORMAT_VERSION);
     put_u16(header, offset::HEADER_LEN, HEADER_BYTES as u16);
-    // Both fit: checked against MAX_VALUE_BYTES and MAX_PAYLOAD_OFFSET above.
-    put_u32(header, offset::PAYLOAD_LEN, payload.len() as u32);
+    // Both fit: checked against MAX_VALUE_BYTES and MAX_PAYLOAD_OFFSET by the callers.
+    put_u32(header, offset::PAYLOAD_LEN, payload_len as u32);
     put_u32(header, offset::PAYLOAD_OFFSET, payload_start as u32);
     put_u64(header, offset::GENERATION, generation);
     put_u16(header, offset::KEY_LEN, key.len() as u16);
     put_u32(header, offset::KEY_CRC, crc32fast::hash(key));
-    put_u32(header, offset::PAYLOAD_CRC, payload_crc.finalize());
+    put_u32(header, offset::PAYLOAD_CRC, payload_crc);
     let header_crc = crc32fast::hash(&header[..offset::HEADER_CRC]);
     put_u32(header, offset::HEADER_CRC, header_crc);
-    Ok(block_len)
 }
 
 /// Decodes and checks the fixed header at the start of `bytes`: magic, version, header
@@ -484,6 +531,25 @@ mod tests {
         assert_eq!(block[64], b'k');
         assert!(block[65..128].iter().all(|&b| b == 0));
         assert_eq!(&block[128..], b"payload");
+    }
+
+    proptest! {
+        #[test]
+        fn sealing_in_place_gives_the_same_block_as_encoding(
+            key in proptest::collection::vec(any::<u8>(), 1..100),
+            payload in proptest::collection::vec(any::<u8>(), 0..5000),
+            generation in any::<u64>(),
+            align in prop_oneof![Just(64usize), Just(4096)],
+        ) {
+            let expected = encode(&key, &payload, generation, align);
+            // Garbage where the header and key go, the payload already in place.
+            let mut block = vec![0xa5; expected.len()];
+            let start = payload_offset(key.len(), align);
+            block[start..].copy_from_slice(&payload);
+            let len = seal_in_place(&mut block, &key, payload.len(), generation, align).unwrap();
+            prop_assert_eq!(len, expected.len());
+            prop_assert_eq!(&block, &expected);
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 
 use crate::proto::{
     Descriptor, ErrorReply, FrameError, HelloReply, NodeStats, Outcome, ReadFrameError, Request,
-    Response, decode_response, encode_body, read_frame, write_frame,
+    ReservedReply, Response, decode_response, encode_body, read_frame, write_frame,
 };
 
 /// Which data path reads blocks.
@@ -394,6 +394,61 @@ impl Client {
                 Outcome::Err(e) => Err(e),
             })
             .collect())
+    }
+
+    /// The first half of a two-phase put: room on the node for `len` payload bytes under
+    /// `key`. Commit it with [`commit`](Self::commit) before it expires.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Refused`] (too large, no space), connection errors.
+    pub fn reserve(&self, key: &[u8], len: u32) -> Result<ReservedReply> {
+        match self.call(&Request::Reserve { key, len })? {
+            Response::Reserved(reply) if reply.len == len => Ok(reply),
+            _ => Err(unexpected("reserve")),
+        }
+    }
+
+    /// The second half: makes the reserved block visible. Over tcp the payload travels with
+    /// this request (`Some`); a transport that writes one-sidedly would have put it in place
+    /// (`None`). Returns the block's generation.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Refused`] for an unknown or expired reservation or a payload of the
+    /// wrong length; connection errors.
+    pub fn commit(
+        &self,
+        reservation: &ReservedReply,
+        payload: Option<&[u8]>,
+        durable: bool,
+    ) -> Result<u64> {
+        match self.call(&Request::Commit {
+            reservation: reservation.reservation,
+            payload,
+            durable,
+        })? {
+            Response::Put(mut outcomes) if outcomes.len() == 1 => match outcomes.pop() {
+                Some(Outcome::Ok(generation)) => Ok(generation),
+                Some(Outcome::Err(reply)) => Err(ClientError::Refused(reply)),
+                None => Err(unexpected("commit")),
+            },
+            _ => Err(unexpected("commit")),
+        }
+    }
+
+    /// Gives a reservation back at once; says whether it was still open.
+    ///
+    /// # Errors
+    ///
+    /// Connection errors.
+    pub fn abort(&self, reservation: &ReservedReply) -> Result<bool> {
+        match self.call(&Request::Abort {
+            reservation: reservation.reservation,
+        })? {
+            Response::Flags(flags) if flags.len() == 1 => Ok(flags[0]),
+            _ => Err(unexpected("abort")),
+        }
     }
 
     fn lookup(&self, key: &[u8]) -> Result<Option<Descriptor>> {

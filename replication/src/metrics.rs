@@ -10,7 +10,7 @@ use mooncake_kv_engine::EngineStats;
 type TierFigure = fn(&mooncake_kv_engine::TierStats) -> u64;
 
 /// Request kinds, in the order of [`crate::proto::NodeStats::requests`].
-pub(crate) const KINDS: [&str; 7] = [
+pub(crate) const KINDS: [&str; 9] = [
     "put",
     "lookup",
     "exists",
@@ -18,6 +18,8 @@ pub(crate) const KINDS: [&str; 7] = [
     "remove",
     "stats",
     "health",
+    "reserve",
+    "commit",
 ];
 
 /// Upper bounds of the latency buckets, in microseconds.

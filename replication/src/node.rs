@@ -12,14 +12,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mooncake_kv_engine::format::Error as FormatError;
-use mooncake_kv_engine::{Durability, Engine, EngineConfig, PinnedBlock};
+use mooncake_kv_engine::{Durability, Engine, EngineConfig, PinnedBlock, Reservation};
 use mooncake_kv_transfer::{RegionHandle, Registry, ShmServer, TcpServer};
 use parking_lot::{Condvar, Mutex};
 
 use crate::metrics::Metrics;
 use crate::proto::{
     Descriptor, ErrorCode, ErrorReply, HelloReply, NodeStats, Outcome, ReadFrameError, Request,
-    Response, decode_request, encode_body, read_frame, write_frame,
+    ReservedReply, Response, decode_request, encode_body, read_frame, write_frame,
 };
 use crate::region::DramRegion;
 
@@ -40,6 +40,10 @@ pub struct NodeConfig {
     pub max_leases: usize,
     /// Most control connections at once. Default 1,024.
     pub max_connections: usize,
+    /// How long a two-phase put's reservation waits for its commit. Default 10 s.
+    pub reservation_timeout: Duration,
+    /// Most reservations held at once. Default 4,096.
+    pub max_reservations: usize,
     /// The engine.
     pub engine: EngineConfig,
 }
@@ -54,6 +58,8 @@ impl Default for NodeConfig {
             lease: Duration::from_secs(2),
             max_leases: 1 << 16,
             max_connections: 1024,
+            reservation_timeout: Duration::from_secs(10),
+            max_reservations: 4096,
             engine: EngineConfig::default(),
         }
     }
@@ -135,6 +141,11 @@ struct Shared {
     max_leases: usize,
     max_connections: usize,
     leases: Mutex<Leases>,
+    /// Two-phase puts waiting for their commit, with their deadline.
+    reservations: Mutex<HashMap<u64, (Instant, Reservation)>>,
+    next_reservation: AtomicU64,
+    reservation_timeout: Duration,
+    max_reservations: usize,
     metrics: Metrics,
     stopping: AtomicBool,
     /// A clone of each open connection, to stop reading them at shutdown.
@@ -230,6 +241,10 @@ impl Node {
             max_leases: config.max_leases,
             max_connections: config.max_connections,
             leases: Mutex::new(Leases::default()),
+            reservations: Mutex::new(HashMap::new()),
+            next_reservation: AtomicU64::new(0),
+            reservation_timeout: config.reservation_timeout,
+            max_reservations: config.max_reservations,
             metrics: Metrics::default(),
             stopping: AtomicBool::new(false),
             connections: Mutex::new(HashMap::new()),
@@ -344,6 +359,7 @@ impl Node {
             let _ = handle.join();
         }
         self.shared.leases.lock().clear();
+        self.shared.reservations.lock().clear();
         self.registry.unregister(self.shared.handle.region_id);
         self.shm = None;
         self.tcp = None;
@@ -399,7 +415,13 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
 fn sweep_leases(shared: &Shared) {
     while !shared.stopping.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(20));
-        shared.leases.lock().expire(Instant::now());
+        let now = Instant::now();
+        shared.leases.lock().expire(now);
+        // Dropping a reservation returns its space to the engine.
+        shared
+            .reservations
+            .lock()
+            .retain(|_, (deadline, _)| *deadline > now);
     }
 }
 
@@ -549,6 +571,20 @@ fn handle(shared: &Shared, request: Request<'_>) -> (Response, Vec<PinnedBlock>)
             );
             (0, Response::Put(outcomes))
         }
+        Request::Reserve { key, len } => (7, reserve(shared, key, len)),
+        Request::Commit {
+            reservation,
+            payload,
+            durable,
+        } => {
+            let outcome = commit(shared, reservation, payload, durable);
+            count_errors(usize::from(matches!(outcome, Outcome::Err(_))));
+            (8, Response::Put(vec![outcome]))
+        }
+        Request::Abort { reservation } => {
+            let existed = shared.reservations.lock().remove(&reservation).is_some();
+            (8, Response::Flags(vec![existed]))
+        }
         Request::Lookup {
             keys,
             release,
@@ -624,6 +660,74 @@ fn lookup(
         descriptor.lease_id = leases.grant(pinned, Instant::now() + shared.lease);
     }
     Outcome::Ok(Some(descriptor))
+}
+
+fn reserve(shared: &Shared, key: &[u8], len: u32) -> Response {
+    let mut reservations = shared.reservations.lock();
+    if reservations.len() >= shared.max_reservations {
+        shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
+        return refuse(
+            ErrorCode::NoSpace,
+            format!("{} reservations are open already", reservations.len()),
+        );
+    }
+    let reservation = match shared.engine.reserve(key, len as usize) {
+        Ok(r) => r,
+        Err(error) => {
+            shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            return Response::Error(engine_refusal(&error));
+        }
+    };
+    let id = shared.next_reservation.fetch_add(1, Ordering::Relaxed) + 1;
+    let reply = ReservedReply {
+        reservation: id,
+        region_id: shared.handle.region_id,
+        offset: reservation.payload_region_offset(),
+        len,
+        expires_ms: u32::try_from(shared.reservation_timeout.as_millis()).unwrap_or(u32::MAX),
+    };
+    reservations.insert(
+        id,
+        (Instant::now() + shared.reservation_timeout, reservation),
+    );
+    Response::Reserved(reply)
+}
+
+fn commit(shared: &Shared, id: u64, payload: Option<&[u8]>, durable: bool) -> Outcome<u64> {
+    let refusal = |code, message: String| Outcome::Err(ErrorReply { code, message });
+    let Some((_, mut reservation)) = shared.reservations.lock().remove(&id) else {
+        return refusal(
+            ErrorCode::BadRequest,
+            format!("no reservation {id} (never made, committed, aborted, or expired)"),
+        );
+    };
+    if let Some(payload) = payload {
+        if payload.len() != reservation.payload_len() {
+            return refusal(
+                ErrorCode::BadRequest,
+                format!(
+                    "payload of {} bytes for a reservation of {}",
+                    payload.len(),
+                    reservation.payload_len()
+                ),
+            );
+        }
+        shared
+            .metrics
+            .bytes_in
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        // The one copy: from the request into the reserved space.
+        reservation.payload_mut().copy_from_slice(payload);
+    }
+    let durability = if durable {
+        Durability::WriteThrough
+    } else {
+        Durability::Memory
+    };
+    match shared.engine.commit(reservation, durability) {
+        Ok(generation) => Outcome::Ok(generation),
+        Err(error) => Outcome::Err(engine_refusal(&error)),
+    }
 }
 
 fn node_stats(shared: &Shared) -> NodeStats {

@@ -224,6 +224,30 @@ pub enum Request<'a> {
         /// Make each block durable before answering (write-through).
         durable: bool,
     },
+    /// The first half of a two-phase put: room for a block of `len` payload bytes under
+    /// `key`, invisible until committed, reclaimed if not committed in time.
+    Reserve {
+        /// The key.
+        key: &'a [u8],
+        /// Bytes of the payload.
+        len: u32,
+    },
+    /// The second half: makes a reserved block visible. The payload either travels here (over
+    /// tcp: copied once, into the reserved space) or was written one-sidedly into the
+    /// reserved region range by a transport that can write.
+    Commit {
+        /// From the `Reserved` answer.
+        reservation: u64,
+        /// The payload, when it travels with the request.
+        payload: Option<&'a [u8]>,
+        /// Make the block durable before answering (write-through).
+        durable: bool,
+    },
+    /// Gives a reservation back at once.
+    Abort {
+        /// From the `Reserved` answer.
+        reservation: u64,
+    },
     /// Where to read blocks one-sidedly, with a lease on each; also ends the leases the
     /// client is done with (it has read those blocks), so they need not wait to expire.
     Lookup {
@@ -302,6 +326,21 @@ pub struct HelloReply {
     pub lease_ms: u32,
 }
 
+/// Where a reserved block's payload goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct ReservedReply {
+    /// Names the reservation in `Commit` and `Abort`.
+    pub reservation: u64,
+    /// The region the payload goes into.
+    pub region_id: u64,
+    /// Offset of the payload in the region.
+    pub offset: u64,
+    /// Bytes of the payload.
+    pub len: u32,
+    /// The reservation is reclaimed this many milliseconds after this answer unless committed.
+    pub expires_ms: u32,
+}
+
 /// Where a block lies, for a one-sided read, and what it must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
 pub struct Descriptor {
@@ -345,7 +384,8 @@ pub struct NodeStats {
     pub tier_capacity_bytes: Vec<u64>,
     /// Blocks evicted from DRAM (dropped or demoted).
     pub evictions: u64,
-    /// Requests served, by kind: put, lookup, exists, prefix_match, remove, stats, health.
+    /// Requests served, by kind: put, lookup, exists, prefix_match, remove, stats, health,
+    /// reserve, commit.
     pub requests: Vec<u64>,
     /// Requests or items refused.
     pub errors: u64,
@@ -360,7 +400,9 @@ pub struct NodeStats {
 pub enum Response {
     /// To `Hello`.
     Hello(HelloReply),
-    /// To `Put`: each block's generation, or why it was refused.
+    /// To `Reserve`.
+    Reserved(ReservedReply),
+    /// To `Put` and `Commit`: each block's generation, or why it was refused.
     Put(Vec<Outcome<u64>>),
     /// To `Lookup`: a descriptor, `None` for a miss, or why not.
     Lookup(Vec<Outcome<Option<Descriptor>>>),
