@@ -67,6 +67,9 @@ pub struct BenchReport {
     pub first_error: Option<String>,
     /// Reads the client re-did after a verification failure (block moved or replaced).
     pub verification_retries: u64,
+    /// Value bytes read per second of time spent inside reads (the bench's own checking of
+    /// each value excluded), in MiB: what one reader thread gets, to set next to memcpy.
+    pub read_mib_per_busy_second: f64,
 }
 
 impl BenchReport {
@@ -268,6 +271,10 @@ pub fn run(client: &Client, o: &BenchOptions, progress: &(dyn Fn(u64) + Sync)) -
         read_ns.extend(t.read_ns);
         write_ns.extend(t.write_ns);
     }
+    let busy_ns: u64 = read_ns.iter().sum();
+    let read_bytes = (report.reads - report.misses) as f64 * o.value_bytes as f64;
+    report.read_mib_per_busy_second =
+        read_bytes / (busy_ns as f64 / 1e9).max(1e-9) / f64::from(1 << 20);
     report.read_latency = quantiles(&mut read_ns);
     report.write_latency = quantiles(&mut write_ns);
     report
