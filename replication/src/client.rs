@@ -243,7 +243,7 @@ impl Client {
     /// Sends one request and waits for its response. A pooled connection that turns out to be
     /// broken is replaced and the request sent once more.
     fn call(&self, request: &Request<'_>) -> Result<Response> {
-        self.call_then(request, |_, response| Ok(response))
+        self.call_then(request, &[], |_, response| Ok(response))
     }
 
     /// Sends one request, then hands its response and the connection to `then` (which may
@@ -252,6 +252,7 @@ impl Client {
     fn call_then<T>(
         &self,
         request: &Request<'_>,
+        trailer: &[&[u8]],
         mut then: impl FnMut(&mut Control, Response) -> Result<T>,
     ) -> Result<T> {
         let body = encode_body(request);
@@ -264,7 +265,7 @@ impl Client {
                 None => open_control(self.addr, &self.config)?.0,
             };
             let id = self.next_request.fetch_add(1, Ordering::Relaxed);
-            match exchange(&mut control, id, &body) {
+            match exchange(&mut control, id, &body, trailer) {
                 Ok(Response::Error(reply)) => {
                     *slot = Some(control);
                     return Err(ClientError::Refused(reply));
@@ -303,7 +304,7 @@ impl Client {
             release,
             inline: true,
         };
-        self.call_then(&request, |control, response| {
+        self.call_then(&request, &[], |control, response| {
             let Response::Lookup(mut outcomes) = response else {
                 return Err(unexpected("lookup"));
             };
@@ -377,10 +378,32 @@ impl Client {
         items: &[(&[u8], &[u8])],
         durable: bool,
     ) -> Result<Vec<Result<u64, ErrorReply>>> {
-        let response = self.call(&Request::Put {
-            items: items.to_vec(),
-            durable,
-        })?;
+        let limit = mooncake_kv_engine::MAX_VALUE_BYTES;
+        let mut lens = Vec::with_capacity(items.len());
+        for (key, value) in items {
+            match u32::try_from(value.len()) {
+                Ok(len) if value.len() <= limit => lens.push((*key, len)),
+                _ => {
+                    return Err(ClientError::Refused(ErrorReply {
+                        code: crate::proto::ErrorCode::TooLarge,
+                        message: format!(
+                            "value of {} bytes exceeds the limit of {limit} (not sent)",
+                            value.len()
+                        ),
+                    }));
+                }
+            }
+        }
+        // The values follow the frame straight from the caller's buffers.
+        let values: Vec<&[u8]> = items.iter().map(|(_, v)| *v).collect();
+        let response = self.call_then(
+            &Request::Put {
+                items: lens,
+                durable,
+            },
+            &values,
+            |_, response| Ok(response),
+        )?;
         let Response::Put(outcomes) = response else {
             return Err(unexpected("put"));
         };
@@ -700,20 +723,28 @@ fn open_control(addr: SocketAddr, config: &ClientConfig) -> Result<(Control, Hel
     };
     let token = config.token.as_deref().unwrap_or_default();
     let body = encode_body(&Request::Hello { token });
-    match exchange(&mut control, 0, &body)? {
+    match exchange(&mut control, 0, &body, &[])? {
         Response::Hello(hello) => Ok((control, hello)),
         Response::Error(reply) => Err(ClientError::Refused(reply)),
         _ => Err(unexpected("hello")),
     }
 }
 
-fn exchange(control: &mut Control, id: u64, body: &[u8]) -> Result<Response> {
+/// Sends a frame (and the bytes that follow it, `trailer`), then reads the response.
+fn exchange(control: &mut Control, id: u64, body: &[u8], trailer: &[&[u8]]) -> Result<Response> {
+    // Header and body are small (values travel in the trailer): one write.
     let mut frame = Vec::with_capacity(crate::proto::FRAME_HEADER_BYTES + body.len());
     write_frame(&mut frame, id, body).map_err(io("encode a request"))?;
     control
         .stream
         .write_all(&frame)
         .map_err(io("send a request"))?;
+    for bytes in trailer {
+        control
+            .stream
+            .write_all(bytes)
+            .map_err(io("send a value"))?;
+    }
     let header = match read_frame(&mut control.reader, &mut control.body) {
         Ok(Some(header)) => header,
         Ok(None) => {

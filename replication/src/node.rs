@@ -3,7 +3,7 @@
 //! and, for clients on the same host, its shared-memory socket.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -472,6 +472,13 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 ),
                 true,
             ),
+            Ok(Request::Put { items, durable }) => {
+                match put_from_stream(shared, &mut reader, &items, durable)? {
+                    Ok(response) => (response, false),
+                    // The values cannot be skipped sensibly: answer, then close.
+                    Err(refusal) => (refusal, true),
+                }
+            }
             Ok(request) => {
                 let (response, inline) = handle(shared, request);
                 write_frame(&mut writer, header.request_id, &encode_body(&response))?;
@@ -489,6 +496,62 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// Serves a put whose values follow the frame: each value is received straight into the DRAM
+/// space reserved for its block, then sealed and published. A value the engine refuses is
+/// read and dropped, so the stream stays in step. `Ok(Err(_))` when the lengths are beyond
+/// the limits (the connection is then closed); `Err` when the stream fails.
+fn put_from_stream(
+    shared: &Shared,
+    reader: &mut impl Read,
+    items: &[(&[u8], u32)],
+    durable: bool,
+) -> std::io::Result<Result<Response, Response>> {
+    let started = Instant::now();
+    let metrics = &shared.metrics;
+    if let Some(&(_, len)) = items
+        .iter()
+        .find(|(_, len)| *len as usize > mooncake_kv_engine::MAX_VALUE_BYTES)
+    {
+        metrics.errors.fetch_add(1, Ordering::Relaxed);
+        return Ok(Err(refuse(
+            ErrorCode::TooLarge,
+            format!(
+                "value of {len} bytes exceeds the limit of {}",
+                mooncake_kv_engine::MAX_VALUE_BYTES
+            ),
+        )));
+    }
+    let durability = if durable {
+        Durability::WriteThrough
+    } else {
+        Durability::Memory
+    };
+    let mut outcomes = Vec::with_capacity(items.len());
+    for &(key, len) in items {
+        metrics.bytes_in.fetch_add(len.into(), Ordering::Relaxed);
+        let outcome = match shared.engine.reserve(key, len as usize) {
+            Ok(mut reservation) => {
+                // The only copy: from the socket into the block's place in DRAM.
+                reader.read_exact(reservation.payload_mut())?;
+                match shared.engine.commit(reservation, durability) {
+                    Ok(generation) => Outcome::Ok(generation),
+                    Err(error) => Outcome::Err(engine_refusal(&error)),
+                }
+            }
+            Err(error) => {
+                std::io::copy(&mut reader.take(len.into()), &mut std::io::sink())?;
+                Outcome::Err(engine_refusal(&error))
+            }
+        };
+        if matches!(outcome, Outcome::Err(_)) {
+            metrics.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        outcomes.push(outcome);
+    }
+    metrics.record(0, started.elapsed());
+    Ok(Ok(Response::Put(outcomes)))
 }
 
 /// Compares in time independent of where the first difference is.
@@ -516,7 +579,7 @@ fn engine_refusal(error: &mooncake_kv_engine::Error) -> ErrorReply {
         E::Format(FormatError::KeyTooLong { .. } | FormatError::ValueTooLarge { .. }) => {
             ErrorCode::TooLarge
         }
-        E::Format(FormatError::EmptyKey) => ErrorCode::BadRequest,
+        E::Format(FormatError::EmptyKey) | E::NotPersistent => ErrorCode::BadRequest,
         E::NoSpace { .. } => ErrorCode::NoSpace,
         _ => ErrorCode::Internal,
     };
@@ -545,32 +608,13 @@ fn handle(shared: &Shared, request: Request<'_>) -> (Response, Vec<PinnedBlock>)
                 message: "Hello is only the first request".to_owned(),
             }),
         ),
-        Request::Put { items, durable } => {
-            let durability = if durable {
-                Durability::WriteThrough
-            } else {
-                Durability::Memory
-            };
-            let outcomes: Vec<Outcome<u64>> = items
-                .iter()
-                .map(|(key, value)| {
-                    metrics
-                        .bytes_in
-                        .fetch_add(value.len() as u64, Ordering::Relaxed);
-                    match engine.put_with(key, value, durability) {
-                        Ok(generation) => Outcome::Ok(generation),
-                        Err(error) => Outcome::Err(engine_refusal(&error)),
-                    }
-                })
-                .collect();
-            count_errors(
-                outcomes
-                    .iter()
-                    .filter(|o| matches!(o, Outcome::Err(_)))
-                    .count(),
-            );
-            (0, Response::Put(outcomes))
-        }
+        Request::Put { .. } => (
+            0,
+            Response::Error(ErrorReply {
+                code: ErrorCode::Internal,
+                message: "a put is served with its values".to_owned(),
+            }),
+        ),
         Request::Reserve { key, len } => (7, reserve(shared, key, len)),
         Request::Commit {
             reservation,

@@ -217,10 +217,11 @@ pub enum Request<'a> {
         /// The shared secret, if the node requires one.
         token: &'a [u8],
     },
-    /// Store blocks; each value travels in the body.
+    /// Store blocks. Each value's bytes follow the frame, in order, outside the body: the node
+    /// receives them straight into the space it reserved for the block (no copy in between).
     Put {
-        /// Key and value of each block.
-        items: Vec<(&'a [u8], &'a [u8])>,
+        /// Key and value length of each block.
+        items: Vec<(&'a [u8], u32)>,
         /// Make each block durable before answering (write-through).
         durable: bool,
     },
@@ -428,22 +429,32 @@ mod tests {
 
     #[test]
     fn requests_round_trip_borrowing_their_bytes() {
-        let value = vec![7u8; 100_000];
-        let request = Request::Put {
-            items: vec![(b"k".as_slice(), value.as_slice())],
+        let payload = vec![7u8; 100_000];
+        let request = Request::Commit {
+            reservation: 3,
+            payload: Some(&payload),
             durable: true,
         };
         let body = encode_body(&request);
         let decoded = decode_request(&body).unwrap();
         assert_eq!(decoded, request);
-        let Request::Put { items, .. } = decoded else {
+        let Request::Commit {
+            payload: Some(borrowed),
+            ..
+        } = decoded
+        else {
             unreachable!()
         };
         let inside = body.as_ptr_range();
         assert!(
-            inside.contains(&items[0].1.as_ptr()),
-            "the value is not copied"
+            inside.contains(&borrowed.as_ptr()),
+            "the payload is not copied"
         );
+        let put = Request::Put {
+            items: vec![(b"k".as_slice(), 100_000)],
+            durable: false,
+        };
+        assert_eq!(decode_request(&encode_body(&put)).unwrap(), put);
     }
 
     #[test]

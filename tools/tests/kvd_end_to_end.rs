@@ -306,7 +306,8 @@ fn bad_input_is_refused_and_the_node_keeps_serving() {
         assert!(answer.len() < 4096, "a refusal is short");
     }
 
-    // An oversize value: refused with a typed error, the connection stays usable.
+    // An oversize value: refused with a typed error (by the client, before sending it), the
+    // connection stays usable.
     let big = vec![1u8; mooncake_kv_engine::MAX_VALUE_BYTES + 1];
     match good.put(b"big", &big) {
         Err(ClientError::Refused(reply)) => assert_eq!(reply.code, ErrorCode::TooLarge),
@@ -358,7 +359,68 @@ fn bad_input_is_refused_and_the_node_keeps_serving() {
     )
     .unwrap();
     assert_eq!(fresh.get(b"k").unwrap().as_deref(), Some(&b"value"[..]));
-    assert!(fresh.stats().unwrap().errors >= 2);
+    assert!(fresh.stats().unwrap().errors >= 1);
+    assert!(kvd.terminate().success());
+}
+
+/// A foreign client that announces a value over the limit: the node answers TooLarge and
+/// closes, without reading (or allocating for) the value.
+fn oversize_put_from_a_raw_socket(kvd: &Kvd) {
+    use mooncake_kv_replication::proto::{
+        Request, Response, decode_response, encode_body, read_frame, write_frame,
+    };
+    let mut s = TcpStream::connect(kvd.control).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut body = Vec::new();
+    for (id, request) in [
+        (
+            1,
+            Request::Hello {
+                token: b"open sesame",
+            },
+        ),
+        (
+            2,
+            Request::Put {
+                items: vec![(b"big".as_slice(), u32::MAX)],
+                durable: false,
+            },
+        ),
+    ] {
+        write_frame(&mut s, id, &encode_body(&request)).unwrap();
+        read_frame(&mut s, &mut body).unwrap().expect("an answer");
+    }
+    match decode_response(&body).unwrap() {
+        Response::Error(reply) => assert_eq!(reply.code, ErrorCode::TooLarge),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert!(
+        read_frame(&mut s, &mut body).unwrap().is_none(),
+        "then closed"
+    );
+}
+
+#[test]
+fn values_over_the_limit_are_refused_before_they_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "open sesame").unwrap();
+    let kvd = Kvd::start(&["--memory-only", "--token-file", token.to_str().unwrap()]);
+    oversize_put_from_a_raw_socket(&kvd);
+    let client = Client::connect(
+        kvd.control,
+        ClientConfig {
+            token: Some(b"open sesame".to_vec()),
+            ..ClientConfig::default()
+        },
+    )
+    .unwrap();
+    client.put(b"after", b"still serving").unwrap();
+    assert_eq!(
+        client.get(b"after").unwrap().as_deref(),
+        Some(&b"still serving"[..])
+    );
+    assert!(client.stats().unwrap().errors >= 1);
     assert!(kvd.terminate().success());
 }
 
