@@ -4,8 +4,10 @@
 //! (bincode refuses a length prefix larger than what is left), so a frame yields a message or
 //! a [`FrameError`], never a panic. Layout in `docs/format.md`.
 //!
-//! Requests borrow their keys and values from the received body (a put's value is copied
-//! once, from the body into the engine's DRAM tier).
+//! Requests borrow their keys from the received body. Block bytes travel outside the body,
+//! right after the frame: a put's values (received straight into the space reserved for each
+//! block) and an inline lookup's blocks (sent straight from DRAM, received straight into the
+//! reader's buffer).
 
 use std::io::{Read, Write};
 
