@@ -338,10 +338,15 @@ impl Client {
                     &mut owned
                 }
             };
-            reader
-                .read_exact(payload)
-                .map_err(io("read a block payload"))?;
-            if !verify(key, &d, &head, payload) {
+            // Checksummed piece by piece as it arrives, while each piece is in cache.
+            let mut crc = crc32fast::Hasher::new();
+            for piece in payload.chunks_mut(RECEIVE_CHUNK) {
+                reader
+                    .read_exact(piece)
+                    .map_err(io("read a block payload"))?;
+                crc.update(piece);
+            }
+            if !verify_with_crc(key, &d, &head, crc.finalize()) {
                 return Ok(Inline::Mismatch);
             }
             Ok(if dst.is_some() {
@@ -689,6 +694,11 @@ fn check_descriptor(d: &Descriptor) -> Result<()> {
 /// Whether `head` (header, key, padding) and `payload` are the block `d` describes, under
 /// `key`, whole.
 fn verify(key: &[u8], d: &Descriptor, head: &[u8], payload: &[u8]) -> bool {
+    verify_with_crc(key, d, head, crc32fast::hash(payload))
+}
+
+/// [`verify`] for a payload whose CRC32 was computed as it arrived.
+fn verify_with_crc(key: &[u8], d: &Descriptor, head: &[u8], payload_crc: u32) -> bool {
     let Ok(header) = format::decode_header(head) else {
         return false;
     };
@@ -701,8 +711,12 @@ fn verify(key: &[u8], d: &Descriptor, head: &[u8], payload: &[u8]) -> bool {
         && head.get(HEADER_BYTES..key_end) == Some(key)
         && crc32fast::hash(key) == header.key_crc32
         && head[key_end..].iter().all(|&b| b == 0)
-        && crc32fast::hash(payload) == header.payload_crc32
+        && payload_crc == header.payload_crc32
 }
+
+/// Bytes received at a time when checksumming a payload as it arrives: small enough to be
+/// checksummed while still in cache.
+const RECEIVE_CHUNK: usize = 128 << 10;
 
 fn open_control(addr: SocketAddr, config: &ClientConfig) -> Result<(Control, HelloReply)> {
     let stream =

@@ -108,6 +108,48 @@ pub fn memcpy_reference(value_bytes: usize, seconds: f64) -> f64 {
     copied as f64 / started.elapsed().as_secs_f64() / f64::from(1 << 20)
 }
 
+/// The reference a tcp get is measured against: a plain TCP socket pair on loopback, where
+/// an 8-byte request (offset) gets `value_bytes` back, written from a 256 MiB buffer at a
+/// rotating offset (as cold as a node's DRAM tier) and received into one buffer, one request
+/// at a time, for about `seconds`. Returns MiB per second, or `None` if the sockets fail.
+pub fn raw_tcp_reference(value_bytes: usize, seconds: f64) -> Option<f64> {
+    use std::io::{Read, Write};
+    const SOURCE: usize = 256 << 20;
+    let value_bytes = value_bytes.clamp(1, SOURCE / 2);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+    let addr = listener.local_addr().ok()?;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let source = vec![0x5au8; SOURCE];
+        let (mut stream, _) = listener.accept()?;
+        stream.set_nodelay(true)?;
+        let mut request = [0u8; 8];
+        while stream.read_exact(&mut request).is_ok() {
+            let at =
+                usize::try_from(u64::from_le_bytes(request)).unwrap_or(0) % (SOURCE - value_bytes);
+            stream.write_all(&source[at..at + value_bytes])?;
+        }
+        Ok(())
+    });
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_nodelay(true).ok()?;
+    let mut dst = vec![0u8; value_bytes];
+    let slots = (SOURCE / value_bytes).max(1) as u64;
+    let started = Instant::now();
+    let mut received = 0u64;
+    let mut i = 0u64;
+    while started.elapsed().as_secs_f64() < seconds {
+        let at = (i % slots) * value_bytes as u64;
+        stream.write_all(&at.to_le_bytes()).ok()?;
+        stream.read_exact(&mut dst).ok()?;
+        received += value_bytes as u64;
+        i += 1;
+    }
+    let rate = received as f64 / started.elapsed().as_secs_f64() / f64::from(1 << 20);
+    drop(stream);
+    let _ = server.join();
+    Some(rate)
+}
+
 /// The key of index `i`.
 pub fn bench_key(prefix: &str, i: u64) -> Vec<u8> {
     format!("{prefix}{i:016x}").into_bytes()

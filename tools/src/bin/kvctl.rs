@@ -158,6 +158,10 @@ struct BenchArgs {
     /// second spent in them.
     #[arg(long)]
     memcpy_reference: bool,
+    /// Also measure, in this run, a plain TCP socket pair on loopback moving values of the
+    /// same size one request at a time (the reference for tcp reads), and print the ratio.
+    #[arg(long)]
+    tcp_reference: bool,
 }
 
 fn main() -> ExitCode {
@@ -591,6 +595,11 @@ mod online {
         let memcpy = args
             .memcpy_reference
             .then(|| bench::memcpy_reference(options.value_bytes, 1.0));
+        let raw_tcp = if args.tcp_reference {
+            bench::raw_tcp_reference(options.value_bytes, 2.0)
+        } else {
+            None
+        };
         // One reader thread's bytes per second of time spent in reads, next to one memcpy
         // thread's.
         let per_thread = report.read_mib_per_busy_second;
@@ -620,6 +629,8 @@ mod online {
                     "memcpy_mib_per_second": memcpy,
                     "read_mib_per_busy_second": per_thread,
                     "ratio_to_memcpy_per_thread": memcpy.map(|m| per_thread / m),
+                    "raw_tcp_mib_per_second": raw_tcp,
+                    "ratio_to_raw_tcp": raw_tcp.map(|r| per_thread / r),
                 })
             );
         } else {
@@ -648,6 +659,13 @@ mod online {
             );
             if let Some(error) = &report.first_error {
                 println!("first error: {error}");
+            }
+            if let Some(r) = raw_tcp {
+                println!(
+                    "raw TCP loopback of the same size, one stream: {r:.1} MiB/s; reads, per \
+                     second spent in them: {per_thread:.1} MiB/s ({:.2}x)",
+                    per_thread / r
+                );
             }
             if let Some(m) = memcpy {
                 println!(
