@@ -685,11 +685,22 @@ impl Inner {
             generation,
             DRAM_PAYLOAD_ALIGN,
         )?;
+        self.publish_written(&key, generation, copy, block_len)
+    }
+
+    /// Makes a block written into `copy` (sealed, `block_len` bytes) the key's block.
+    fn publish_written(
+        &self,
+        key: &[u8],
+        generation: u64,
+        copy: DramCopy,
+        block_len: usize,
+    ) -> Result<Arc<Slot>> {
         strict_assert!(format::decode(&copy.bytes()[..block_len]).is_ok());
         let header = format::decode_header(copy.bytes())?;
         let slot = Arc::new(Slot::new(
-            &key,
-            self.index.hash(&key),
+            key,
+            self.index.hash(key),
             generation,
             header.payload_len,
             header.payload_crc32,
@@ -716,22 +727,7 @@ impl Inner {
         let written =
             format::encode_into(copy.bytes_mut(), key, value, generation, DRAM_PAYLOAD_ALIGN)?;
         strict_assert!(written == block_len);
-        strict_assert!(format::decode(&copy.bytes()[..block_len]).is_ok());
-        let header = format::decode_header(copy.bytes())?;
-        let slot = Arc::new(Slot::new(
-            key,
-            self.index.hash(key),
-            generation,
-            header.payload_len,
-            header.payload_crc32,
-            Locations {
-                dram: Some(Arc::new(copy)),
-                nvme: None,
-            },
-        ));
-        self.publish(&slot);
-        self.counters.puts.fetch_add(1, Ordering::Relaxed);
-        Ok(slot)
+        self.publish_written(key, generation, copy, block_len)
     }
 
     /// Makes a written slot visible. If a concurrent put of the same key already published a

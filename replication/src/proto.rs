@@ -13,6 +13,19 @@ use std::io::{Read, Write};
 
 use bincode::{BorrowDecode, Decode, Encode};
 
+/// Request kinds, in the order of [`NodeStats::requests`] and of the node's metrics.
+pub const REQUEST_KINDS: [&str; 9] = [
+    "put",
+    "lookup",
+    "exists",
+    "prefix_match",
+    "remove",
+    "stats",
+    "health",
+    "reserve",
+    "commit",
+];
+
 /// Bytes of a frame header.
 pub const FRAME_HEADER_BYTES: usize = 32;
 /// Version of the protocol.

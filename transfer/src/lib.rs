@@ -83,6 +83,37 @@ pub struct ReadOp<'a> {
     pub dst: &'a mut [u8],
 }
 
+/// Runs a batch over `lanes` connections, one thread per share, and gathers the results in
+/// order; small batches run on the caller's thread.
+pub(crate) fn spread_batch<'a, F>(
+    ops: &mut [ReadOp<'a>],
+    lanes: usize,
+    small: usize,
+    next: &std::sync::atomic::AtomicUsize,
+    run_on: F,
+) -> Vec<Result<()>>
+where
+    F: Fn(usize, &mut [ReadOp<'a>]) -> Vec<Result<()>> + Sync,
+{
+    if ops.len() <= small || lanes <= 1 {
+        let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % lanes.max(1);
+        return run_on(index, ops);
+    }
+    let per = ops.len().div_ceil(lanes);
+    let run_on = &run_on;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = ops
+            .chunks_mut(per)
+            .enumerate()
+            .map(|(i, chunk)| scope.spawn(move || run_on(i, chunk)))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a reader thread panicked"))
+            .collect()
+    })
+}
+
 /// One-sided access to memory another process registered.
 pub trait Transport: Send + Sync + fmt::Debug {
     /// Reads `dst.len()` bytes at `src` into `dst`.

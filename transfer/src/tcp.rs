@@ -308,22 +308,12 @@ impl Transport for TcpTransport {
     }
 
     fn read_batch(&self, ops: &mut [ReadOp<'_>]) -> Vec<Result<()>> {
-        if ops.len() <= PIPELINE_DEPTH || self.connections.len() == 1 {
-            let index = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
-            return self.run_on(index, ops);
-        }
-        // Spread the batch over the connections, one thread each.
-        let per = ops.len().div_ceil(self.connections.len());
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = ops
-                .chunks_mut(per)
-                .enumerate()
-                .map(|(i, chunk)| scope.spawn(move || self.run_on(i, chunk)))
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().expect("a tcp reader thread panicked"))
-                .collect()
-        })
+        crate::spread_batch(
+            ops,
+            self.connections.len(),
+            PIPELINE_DEPTH,
+            &self.next,
+            |i, chunk| self.run_on(i, chunk),
+        )
     }
 }

@@ -439,15 +439,7 @@ mod online {
                 );
             }
             println!("{:<16} {}", "evictions", stats.evictions);
-            let kinds = [
-                "put",
-                "lookup",
-                "exists",
-                "prefix_match",
-                "remove",
-                "stats",
-                "health",
-            ];
+            let kinds = mooncake_kv_replication::proto::REQUEST_KINDS;
             let requests: Vec<String> = kinds
                 .iter()
                 .zip(&stats.requests)

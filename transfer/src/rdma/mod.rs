@@ -851,23 +851,13 @@ impl Transport for RdmaTransport {
     }
 
     fn read_batch(&self, ops: &mut [ReadOp<'_>]) -> Vec<Result<()>> {
-        let per_connection = self.config.reads_in_flight as usize;
-        if ops.len() <= per_connection || self.connections.len() == 1 {
-            let index = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
-            return self.run_on(index, ops);
-        }
-        let per = ops.len().div_ceil(self.connections.len());
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = ops
-                .chunks_mut(per)
-                .enumerate()
-                .map(|(i, chunk)| scope.spawn(move || self.run_on(i, chunk)))
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().expect("an RDMA reader thread panicked"))
-                .collect()
-        })
+        crate::spread_batch(
+            ops,
+            self.connections.len(),
+            self.config.reads_in_flight as usize,
+            &self.next,
+            |i, chunk| self.run_on(i, chunk),
+        )
     }
 }
 
