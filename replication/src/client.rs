@@ -571,38 +571,120 @@ impl Client {
     /// `Ok(false)` when they do not match (the slot was reused or the block moved).
     fn read_verified(&self, key: &[u8], d: &Descriptor, payload: &mut [u8]) -> Result<bool> {
         let mut head = vec![0u8; d.payload_offset as usize];
-        let mut ops = [
-            ReadOp {
-                src: RemoteSlice {
-                    region_id: d.region_id,
-                    offset: d.offset,
-                    remote_key: d.remote_key,
-                },
-                dst: &mut head,
-            },
-            ReadOp {
-                src: RemoteSlice {
-                    region_id: d.region_id,
-                    offset: d.offset + u64::from(d.payload_offset),
-                    remote_key: d.remote_key,
-                },
-                dst: payload,
-            },
-        ];
-        let results = self.transport.read_batch(&mut ops);
+        let mut ops = block_reads(d, &mut head, payload);
+        let results = self.transport.read_batch_crc32(&mut ops);
         if d.lease_id != 0 {
             self.done_leases.lock().push(d.lease_id);
         }
-        for result in results {
-            result?;
+        let mut crcs = [0u32; 2];
+        for (crc, result) in crcs.iter_mut().zip(results) {
+            *crc = result?;
         }
-        let [ReadOp { dst: head, .. }, ReadOp { dst: payload, .. }] = ops;
-        if verify(key, d, head, payload) {
+        if verify_with_crc(key, d, ops[0].dst, crcs[1]) {
             Ok(true)
         } else {
             self.retries.fetch_add(1, Ordering::Relaxed);
             Ok(false)
         }
+    }
+
+    /// [`get_into`](Self::get_into) for many keys: one lookup for all of them, then all the
+    /// one-sided reads in one batch. A block that fails verification is read again on its
+    /// own. One result per item, in order. (Over tcp with inline reads, the items are read one
+    /// after another.)
+    pub fn get_into_batch(&self, items: &mut [(&[u8], &mut [u8])]) -> Vec<Result<Option<usize>>> {
+        if self.inline() || items.len() <= 1 {
+            return items
+                .iter_mut()
+                .map(|(key, dst)| self.get_into(key, dst))
+                .collect();
+        }
+        let keys: Vec<&[u8]> = items.iter().map(|(key, _)| *key).collect();
+        let release = std::mem::take(&mut *self.done_leases.lock());
+        let outcomes = match self.call(&Request::Lookup {
+            keys: keys.clone(),
+            release,
+            inline: false,
+        }) {
+            Ok(Response::Lookup(outcomes)) if outcomes.len() == keys.len() => outcomes,
+            // The batch as a whole failed: each item says why on its own.
+            _ => {
+                return items
+                    .iter_mut()
+                    .map(|(key, dst)| self.get_into(key, dst))
+                    .collect();
+            }
+        };
+        let mut results: Vec<Option<Result<Option<usize>>>> = keys.iter().map(|_| None).collect();
+        let mut planned: Vec<(usize, Descriptor)> = Vec::new();
+        for (i, outcome) in outcomes.into_iter().enumerate() {
+            match outcome {
+                Outcome::Err(reply) => results[i] = Some(Err(ClientError::Refused(reply))),
+                Outcome::Ok(None) => results[i] = Some(Ok(None)),
+                Outcome::Ok(Some(d)) => {
+                    if let Err(error) = check_descriptor(&d) {
+                        results[i] = Some(Err(error));
+                    } else if items[i].1.len() < d.payload_len as usize {
+                        results[i] = Some(Err(ClientError::BufferTooSmall {
+                            needed: d.payload_len as usize,
+                            available: items[i].1.len(),
+                        }));
+                    } else {
+                        planned.push((i, d));
+                    }
+                }
+            }
+        }
+        let mut heads: Vec<Vec<u8>> = planned
+            .iter()
+            .map(|(_, d)| vec![0u8; d.payload_offset as usize])
+            .collect();
+        let mut retry = Vec::new();
+        {
+            // The planned items' buffers, in order (indexes in `planned` increase).
+            let mut next = planned.iter().peekable();
+            let mut payloads: Vec<&mut [u8]> = Vec::with_capacity(planned.len());
+            for (i, (_, dst)) in items.iter_mut().enumerate() {
+                if let Some((_, d)) = next.next_if(|(j, _)| *j == i) {
+                    payloads.push(&mut dst[..d.payload_len as usize]);
+                }
+            }
+            let mut ops: Vec<ReadOp<'_>> = Vec::with_capacity(planned.len() * 2);
+            for (((_, d), head), payload) in planned.iter().zip(&mut heads).zip(payloads) {
+                ops.extend(block_reads(d, head, payload));
+            }
+            let mut crcs = self.transport.read_batch_crc32(&mut ops).into_iter();
+            self.done_leases.lock().extend(
+                planned
+                    .iter()
+                    .map(|(_, d)| d.lease_id)
+                    .filter(|&id| id != 0),
+            );
+            for (k, (i, d)) in planned.iter().enumerate() {
+                let (Some(head_read), Some(payload_read)) = (crcs.next(), crcs.next()) else {
+                    break;
+                };
+                results[*i] = Some(match (head_read, payload_read) {
+                    (Err(e), _) | (_, Err(e)) => Err(e.into()),
+                    (Ok(_), Ok(crc)) if verify_with_crc(keys[*i], d, ops[2 * k].dst, crc) => {
+                        Ok(Some(d.payload_len as usize))
+                    }
+                    (Ok(_), Ok(_)) => {
+                        self.retries.fetch_add(1, Ordering::Relaxed);
+                        retry.push(*i);
+                        continue;
+                    }
+                });
+            }
+        }
+        for i in retry {
+            let (key, dst) = &mut items[i];
+            results[i] = Some(self.get_into(key, dst));
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(unexpected("lookup"))))
+            .collect()
     }
 
     /// Which of `keys` have blocks.
@@ -672,6 +754,26 @@ impl Client {
     }
 }
 
+/// The two one-sided reads of a block: header, key and padding into `head`, the payload
+/// into `payload`.
+fn block_reads<'a>(d: &Descriptor, head: &'a mut [u8], payload: &'a mut [u8]) -> [ReadOp<'a>; 2] {
+    let at = |offset| RemoteSlice {
+        region_id: d.region_id,
+        offset,
+        remote_key: d.remote_key,
+    };
+    [
+        ReadOp {
+            src: at(d.offset),
+            dst: head,
+        },
+        ReadOp {
+            src: at(d.offset + u64::from(d.payload_offset)),
+            dst: payload,
+        },
+    ]
+}
+
 fn unexpected(what: &str) -> ClientError {
     ClientError::Protocol(FrameError::Malformed(format!(
         "the node's answer does not fit a {what} request"
@@ -691,13 +793,8 @@ fn check_descriptor(d: &Descriptor) -> Result<()> {
     }
 }
 
-/// Whether `head` (header, key, padding) and `payload` are the block `d` describes, under
-/// `key`, whole.
-fn verify(key: &[u8], d: &Descriptor, head: &[u8], payload: &[u8]) -> bool {
-    verify_with_crc(key, d, head, crc32fast::hash(payload))
-}
-
-/// [`verify`] for a payload whose CRC32 was computed as it arrived.
+/// Whether `head` (header, key, padding) and a payload whose CRC32 is `payload_crc` are the
+/// block `d` describes, under `key`, whole.
 fn verify_with_crc(key: &[u8], d: &Descriptor, head: &[u8], payload_crc: u32) -> bool {
     let Ok(header) = format::decode_header(head) else {
         return false;
@@ -790,6 +887,10 @@ fn exchange(control: &mut Control, id: u64, body: &[u8], trailer: &[&[u8]]) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn verify(key: &[u8], d: &Descriptor, head: &[u8], payload: &[u8]) -> bool {
+        verify_with_crc(key, d, head, crc32fast::hash(payload))
+    }
 
     fn block(key: &[u8], payload: &[u8], generation: u64) -> (Descriptor, Vec<u8>) {
         let len = format::encoded_len(key.len(), payload.len(), 64);

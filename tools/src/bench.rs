@@ -11,7 +11,7 @@ use mooncake_kv_replication::{Client, ClientError};
 pub struct BenchOptions {
     /// Bytes of each value (at least 16: seed and key index head every value).
     pub value_bytes: usize,
-    /// Keys per request (a put batch, or that many gets back to back).
+    /// Keys per request (a put batch, or a batch of gets: one lookup, then all the reads).
     pub batch: usize,
     /// Client threads.
     pub concurrency: usize,
@@ -55,7 +55,7 @@ pub struct BenchReport {
     pub bytes: u64,
     /// Wall time of the measured part.
     pub elapsed: Duration,
-    /// Per read.
+    /// Per read request (a batch of gets counts once).
     pub read_latency: Quantiles,
     /// Per put request.
     pub write_latency: Quantiles,
@@ -233,6 +233,19 @@ struct Tally {
 }
 
 impl Tally {
+    fn read_outcome(&mut self, index: u64, result: Result<Option<&[u8]>, ClientError>) {
+        match result {
+            Ok(Some(value)) => {
+                self.bytes += value.len() as u64;
+                if !check_value(index, value) {
+                    self.wrong += 1;
+                }
+            }
+            Ok(None) => self.misses += 1,
+            Err(e) => self.error(&e),
+        }
+    }
+
     fn error(&mut self, error: &ClientError) {
         self.errors += 1;
         if self.first_error.is_none() {
@@ -361,23 +374,32 @@ fn worker(
             break;
         }
         let indexes: Vec<u64> = (0..batch).map(|_| rng.next() % o.keys.max(1)).collect();
-        if (rng.next() % 100) < u64::from(o.read_percent) {
-            for &i in &indexes {
-                let key = bench_key(&o.key_prefix, i);
-                let t = Instant::now();
-                let result = client.get_into(&key, &mut buf);
-                tally.read_ns.push(t.elapsed().as_nanos() as u64);
-                tally.reads += 1;
-                match result {
-                    Ok(Some(n)) => {
-                        tally.bytes += n as u64;
-                        if !check_value(i, &buf[..n]) {
-                            tally.wrong += 1;
-                        }
-                    }
-                    Ok(None) => tally.misses += 1,
-                    Err(e) => tally.error(&e),
-                }
+        let read = (rng.next() % 100) < u64::from(o.read_percent);
+        if read && batch == 1 {
+            let i = indexes[0];
+            let key = bench_key(&o.key_prefix, i);
+            let t = Instant::now();
+            let result = client.get_into(&key, &mut buf);
+            tally.read_ns.push(t.elapsed().as_nanos() as u64);
+            tally.reads += 1;
+            tally.read_outcome(i, result.map(|n| n.map(|n| &buf[..n])));
+        } else if read {
+            let keys: Vec<Vec<u8>> = indexes
+                .iter()
+                .map(|&i| bench_key(&o.key_prefix, i))
+                .collect();
+            let mut items: Vec<(&[u8], &mut [u8])> = keys
+                .iter()
+                .zip(values.iter_mut())
+                .map(|(k, v)| (k.as_slice(), v.as_mut_slice()))
+                .collect();
+            let t = Instant::now();
+            let results = client.get_into_batch(&mut items);
+            // One request: its latency counts once.
+            tally.read_ns.push(t.elapsed().as_nanos() as u64);
+            tally.reads += batch as u64;
+            for ((&i, (_, value)), result) in indexes.iter().zip(&items).zip(results) {
+                tally.read_outcome(i, result.map(|n| n.map(|n| &value[..n])));
             }
         } else {
             let keys: Vec<Vec<u8>> = indexes

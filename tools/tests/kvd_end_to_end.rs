@@ -171,6 +171,34 @@ fn library_and_kvctl_round_trip_and_a_restart_serves_flushed_blocks() {
             Err(ClientError::BufferTooSmall { .. })
         ));
     }
+    // Batches: one lookup, then all the reads; a miss and a short buffer answered per item.
+    for reader in [&tcp, &one_sided, &shm] {
+        let mut bufs: Vec<Vec<u8>> = stored
+            .iter()
+            .take(7)
+            .map(|(_, v)| vec![0; v.len()])
+            .collect();
+        bufs.push(vec![0; 10]);
+        bufs.push(vec![0; 1]);
+        let mut keys: Vec<&[u8]> = stored.iter().take(7).map(|(k, _)| k.as_slice()).collect();
+        keys.push(b"no-such-key");
+        keys.push(stored[1].0.as_slice());
+        let mut items: Vec<(&[u8], &mut [u8])> = keys
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(k, b)| (*k, b.as_mut_slice()))
+            .collect();
+        let results = reader.get_into_batch(&mut items);
+        for (i, (_, v)) in stored.iter().take(7).enumerate() {
+            assert_eq!(results[i].as_ref().unwrap(), &Some(v.len()));
+            assert_eq!(&bufs[i], v, "batch item {i}");
+        }
+        assert!(matches!(results[7], Ok(None)));
+        assert!(matches!(
+            results[8],
+            Err(ClientError::BufferTooSmall { .. })
+        ));
+    }
     // The inline path skipped the block it could not deliver and stays in step.
     assert_eq!(
         tcp.get(&stored[1].0).unwrap().as_deref(),
@@ -463,9 +491,10 @@ fn race(extra: &[&str]) -> u64 {
     let kvd = Kvd::start(&args);
     let seconds = std::env::var("RACE_SECONDS").unwrap_or_else(|_| "4".to_owned());
     let bench = |transport: &str, read_percent: &str, seed: &str| {
-        let (transport, one_sided) = match transport {
-            "one-sided" => ("tcp", true),
-            other => (other, false),
+        let (transport, one_sided, batch) = match transport {
+            "one-sided" => ("tcp", true, "1"),
+            "shm-batch" => ("shm", false, "8"),
+            other => (other, false, "1"),
         };
         Command::new(env!("CARGO_BIN_EXE_kvctl"))
             .args(one_sided.then_some("--one-sided"))
@@ -493,7 +522,7 @@ fn race(extra: &[&str]) -> u64 {
                 "--seed",
                 seed,
             ])
-            .args(["--read-percent", read_percent])
+            .args(["--read-percent", read_percent, "--batch", batch])
             .stdout(Stdio::piped())
             .spawn()
             .expect("start kvctl bench")
@@ -503,12 +532,14 @@ fn race(extra: &[&str]) -> u64 {
     let tcp_reader = bench("one-sided", "100", "12");
     let inline_reader = bench("tcp", "100", "14");
     let shm_reader = bench("shm", "100", "13");
+    let batch_reader = bench("shm-batch", "100", "15");
     let (mut total_reads, mut retries) = (0, 0);
     for (name, child) in [
         ("writer", writer),
         ("one-sided tcp reader", tcp_reader),
         ("inline tcp reader", inline_reader),
         ("shm reader", shm_reader),
+        ("batched shm reader", batch_reader),
     ] {
         let out = child.wait_with_output().expect("bench output");
         let report: serde_json::Value = serde_json::from_slice(&out.stdout)

@@ -337,8 +337,17 @@ impl ShmTransport {
     }
 }
 
-impl Transport for ShmTransport {
-    fn read(&self, src: RemoteSlice, dst: &mut [u8]) -> Result<()> {
+/// Bytes copied at a time when checksumming a read as it is copied.
+const CRC_PIECE: usize = 64 << 10;
+
+impl ShmTransport {
+    /// One read; with `crc`, checksums each piece right after copying it.
+    fn read_into(
+        &self,
+        src: RemoteSlice,
+        dst: &mut [u8],
+        crc: Option<&mut crc32fast::Hasher>,
+    ) -> Result<()> {
         let len = dst.len() as u64;
         if len > MAX_READ_BYTES {
             return Err(Error::TooLarge {
@@ -365,11 +374,16 @@ impl Transport for ShmTransport {
             });
         }
         // Bounds checked against the region's length, which the mapping covers.
-        copy_out(
-            &mapped.mapping as &dyn MemorySource,
-            src.offset as usize,
-            dst,
-        );
+        let memory = &mapped.mapping as &dyn MemorySource;
+        match crc {
+            None => copy_out(memory, src.offset as usize, dst),
+            Some(hasher) => {
+                for (i, piece) in dst.chunks_mut(CRC_PIECE).enumerate() {
+                    copy_out(memory, src.offset as usize + i * CRC_PIECE, piece);
+                    hasher.update(piece);
+                }
+            }
+        }
         // Unregistered during the copy: the bytes may be from whatever reuses the memory.
         if !self.current(src.region_id) {
             self.regions.lock().remove(&src.region_id);
@@ -378,6 +392,22 @@ impl Transport for ShmTransport {
             });
         }
         Ok(())
+    }
+}
+
+impl Transport for ShmTransport {
+    fn read(&self, src: RemoteSlice, dst: &mut [u8]) -> Result<()> {
+        self.read_into(src, dst, None)
+    }
+
+    fn read_batch_crc32(&self, ops: &mut [ReadOp<'_>]) -> Vec<Result<u32>> {
+        ops.iter_mut()
+            .map(|op| {
+                let mut crc = crc32fast::Hasher::new();
+                self.read_into(op.src, op.dst, Some(&mut crc))
+                    .map(|()| crc.finalize())
+            })
+            .collect()
     }
 
     fn read_batch(&self, ops: &mut [ReadOp<'_>]) -> Vec<Result<()>> {

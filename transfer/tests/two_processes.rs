@@ -235,6 +235,34 @@ fn random_reads_are_exact_and_bad_reads_are_refused() {
         for (s, b) in specs.iter().zip(&bufs) {
             assert!(check(s.0, s.2, b), "{name}: wrong bytes in a batch");
         }
+        // The same batch with checksums: the bytes and the CRC of what landed in each buffer.
+        for b in &mut bufs {
+            b.fill(0);
+        }
+        let mut ops: Vec<ReadOp<'_>> = specs
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(s, b)| ReadOp {
+                src: slice(&s.1, s.2),
+                dst: b,
+            })
+            .collect();
+        let crcs: Vec<u32> = transport
+            .read_batch_crc32(&mut ops)
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| panic!("{name}: {e}")))
+            .collect();
+        for ((s, b), crc) in specs.iter().zip(&bufs).zip(crcs) {
+            assert!(
+                check(s.0, s.2, b),
+                "{name}: wrong bytes in a checksummed batch"
+            );
+            assert_eq!(
+                crc,
+                crc32fast::hash(b),
+                "{name}: checksum of the bytes read"
+            );
+        }
         // Refusals, each typed; the owner stays up for the next good read.
         let h = peer.regions[0].1;
         let mut buf = [0u8; 16];

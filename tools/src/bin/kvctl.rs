@@ -126,7 +126,7 @@ struct BenchArgs {
     /// Bytes per value (at least 16).
     #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u64).range(16..=64 << 20))]
     value_size: u64,
-    /// Keys per request.
+    /// Keys per request: a put batch, or a batch of gets (one lookup, then all the reads).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=4096))]
     batch: u64,
     /// Client threads.
