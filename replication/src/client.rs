@@ -115,6 +115,11 @@ enum Inline {
     Mismatch,
 }
 
+/// Read-ahead on a control connection: enough for a frame header, a typical answer and a
+/// block header, and small so that the bytes of a block that follow are read straight into
+/// their buffer, not copied out of this one (at most this much of a payload is).
+const CONTROL_BUFFER: usize = 4096;
+
 struct Control {
     stream: TcpStream,
     reader: BufReader<TcpStream>,
@@ -825,8 +830,10 @@ fn open_control(addr: SocketAddr, config: &ClientConfig) -> Result<(Control, Hel
     stream
         .set_write_timeout(Some(config.timeout))
         .map_err(io("set a write timeout"))?;
-    let reader =
-        BufReader::with_capacity(64 << 10, stream.try_clone().map_err(io("clone a socket"))?);
+    let reader = BufReader::with_capacity(
+        CONTROL_BUFFER,
+        stream.try_clone().map_err(io("clone a socket"))?,
+    );
     let mut control = Control {
         stream,
         reader,

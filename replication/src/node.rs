@@ -428,7 +428,9 @@ fn sweep_leases(shared: &Shared) {
 /// Serves one connection until it closes, sends a frame that fails its checks, or fails
 /// authentication.
 fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
-    let mut reader = BufReader::with_capacity(256 << 10, stream.try_clone()?);
+    // Small read-ahead: put values that follow a frame are read straight into the space
+    // reserved for them; at most this much of one is copied out of the buffer.
+    let mut reader = BufReader::with_capacity(4096, stream.try_clone()?);
     let mut writer = BufWriter::with_capacity(64 << 10, &stream);
     let mut body = Vec::new();
     let mut authenticated = false;
