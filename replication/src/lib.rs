@@ -36,6 +36,7 @@
 mod client;
 mod metrics;
 mod node;
+pub mod placement;
 pub mod proto;
 mod region;
 
