@@ -86,6 +86,12 @@ pub enum NodeError {
     },
 }
 
+fn random_id() -> std::io::Result<[u8; 16]> {
+    let mut id = [0u8; 16];
+    rustix::rand::getrandom(&mut id, rustix::rand::GetRandomFlags::empty())?;
+    Ok(id)
+}
+
 fn io(action: &'static str) -> impl FnOnce(std::io::Error) -> NodeError {
     move |source| NodeError::Io { action, source }
 }
@@ -221,7 +227,12 @@ impl Node {
             .local_addr()
             .map_err(io("read the control address"))?;
         let hello = HelloReply {
-            node_id: engine.node_id().unwrap_or([0; 16]),
+            node_id: match engine.node_id() {
+                Some(id) => id,
+                // A node without a data directory gets a fresh id each time it starts: it
+                // comes back empty, so it is a new member as far as anyone can tell.
+                None => random_id().map_err(io("draw a node id"))?,
+            },
             data_addr: data_addr.to_string(),
             shm_path: config
                 .shm_path

@@ -326,7 +326,8 @@ pub struct ErrorReply {
 /// What a client needs to read a node's blocks.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub struct HelloReply {
-    /// The node's stable id (all zero for a node without a data directory).
+    /// The node's id: stable across restarts with a data directory, fresh at each start
+    /// without one.
     pub node_id: [u8; 16],
     /// The tcp data plane's address.
     pub data_addr: String,
