@@ -34,6 +34,7 @@
 //! ```
 
 mod client;
+pub mod cluster;
 pub mod membership;
 mod metrics;
 mod node;

@@ -159,6 +159,13 @@ impl Drop for StaticMembership {
     }
 }
 
+/// A member's id in placement: the first 8 bytes of its node id.
+pub(crate) fn member_id(node_id: &[u8; 16]) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&node_id[..8]);
+    u64::from_le_bytes(first)
+}
+
 fn liveness(config: &StaticConfig, last_seen: Option<Instant>, now: Instant) -> Liveness {
     match last_seen.map(|t| now.saturating_duration_since(t)) {
         Some(silence) if silence < config.suspect_after => Liveness::Live,
@@ -195,11 +202,7 @@ fn heartbeat_loop(config: &StaticConfig, peers: &Mutex<Vec<Peer>>, stop: &Atomic
                 continue;
             }
             let now = Instant::now();
-            let id = clients[i].as_ref().map(|c| {
-                let mut first = [0u8; 8];
-                first.copy_from_slice(&c.hello().node_id[..8]);
-                u64::from_le_bytes(first)
-            });
+            let id = clients[i].as_ref().map(|c| member_id(&c.hello().node_id));
             let mut peers = peers.lock();
             let peer = &mut peers[i];
             let was = liveness(config, peer.last_seen, now);

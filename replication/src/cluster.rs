@@ -1,0 +1,269 @@
+//! A client of a cluster of nodes: replicated puts acknowledged by a write quorum, reads from
+//! any replica that holds the block, failing over on errors, misses and verification
+//! failures. Placement is computed here from the membership view (rendezvous hashing), so no
+//! node is asked where a key lives.
+//!
+//! Not here yet: repair (copying blocks that lost a replica to their new owners) and the etcd
+//! membership backend.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::membership::{Liveness, StaticConfig, StaticMembership};
+use crate::placement;
+use crate::proto::ErrorReply;
+use crate::{Client, ClientConfig, ClientError};
+
+/// How a cluster client places and acknowledges blocks.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// The members and how they are watched.
+    pub membership: StaticConfig,
+    /// Replicas of each block (R). Default 2.
+    pub replication_factor: usize,
+    /// Replicas that must hold a block before a put is acknowledged (W). Default 2.
+    pub write_quorum: usize,
+    /// How each member is reached.
+    pub client: ClientConfig,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            membership: StaticConfig::default(),
+            replication_factor: 2,
+            write_quorum: 2,
+            client: ClientConfig::default(),
+        }
+    }
+}
+
+/// Why one replica did not take a put.
+#[derive(Debug)]
+pub struct ReplicaFailure {
+    /// The member.
+    pub member: u64,
+    /// Its address.
+    pub addr: Option<SocketAddr>,
+    /// What happened.
+    pub error: ClientError,
+}
+
+/// What a cluster call can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// Fewer replicas than the write quorum took the block.
+    #[error("put held by {acked} of {wanted} replicas, {quorum} needed: {}", describe(.failures))]
+    Quorum {
+        /// Replicas that hold the block.
+        acked: usize,
+        /// Replicas asked.
+        wanted: usize,
+        /// The write quorum.
+        quorum: usize,
+        /// Why each other replica did not.
+        failures: Vec<ReplicaFailure>,
+    },
+    /// No live member to ask.
+    #[error("no live member")]
+    NoLiveMember,
+    /// Every replica failed (not merely missed) the read.
+    #[error("every replica failed: {}", describe(.0))]
+    AllReplicasFailed(Vec<ReplicaFailure>),
+    /// The settings do not make sense.
+    #[error("bad cluster settings: {0}")]
+    Config(String),
+    /// The membership thread could not start.
+    #[error("cannot start membership: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn describe(failures: &[ReplicaFailure]) -> String {
+    failures
+        .iter()
+        .map(|f| match f.addr {
+            Some(addr) => format!("{addr}: {}", f.error),
+            None => format!("member {:#x}: {}", f.member, f.error),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// A client of a whole cluster.
+#[derive(Debug)]
+pub struct ClusterClient {
+    config: ClusterConfig,
+    membership: StaticMembership,
+    /// One client per member id, opened on first use.
+    clients: Mutex<HashMap<u64, Arc<Client>>>,
+}
+
+impl ClusterClient {
+    /// Starts watching the members.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::Config`] for R = 0 or W outside 1..=R; [`ClusterError::Io`] if the
+    /// membership thread cannot start.
+    pub fn new(config: ClusterConfig) -> Result<Self, ClusterError> {
+        if config.replication_factor == 0
+            || config.write_quorum == 0
+            || config.write_quorum > config.replication_factor
+        {
+            return Err(ClusterError::Config(format!(
+                "need 1 <= write_quorum ({}) <= replication_factor ({})",
+                config.write_quorum, config.replication_factor
+            )));
+        }
+        let membership = StaticMembership::start(config.membership.clone())?;
+        Ok(Self {
+            config,
+            membership,
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The membership this client sees.
+    pub fn membership(&self) -> &StaticMembership {
+        &self.membership
+    }
+
+    /// The members that hold `key`'s replicas now, primary first, with their addresses.
+    pub fn replicas(&self, key: &[u8]) -> Vec<(u64, SocketAddr)> {
+        let view = self.membership.view();
+        let addr_of: HashMap<u64, SocketAddr> = view
+            .iter()
+            .filter(|p| p.liveness == Liveness::Live)
+            .filter_map(|p| Some((p.id?, p.addr)))
+            .collect();
+        placement::replicas(
+            key,
+            &self.membership.live_members(),
+            self.config.replication_factor,
+        )
+        .into_iter()
+        .filter_map(|id| Some((id, *addr_of.get(&id)?)))
+        .collect()
+    }
+
+    fn client(&self, id: u64, addr: SocketAddr) -> Result<Arc<Client>, ClientError> {
+        if let Some(client) = self.clients.lock().get(&id) {
+            return Ok(Arc::clone(client));
+        }
+        let client = Arc::new(Client::connect(addr, self.config.client.clone())?);
+        // The address may now belong to another member (a node restarted empty).
+        if crate::membership::member_id(&client.hello().node_id) != id {
+            return Err(ClientError::Refused(ErrorReply {
+                code: crate::proto::ErrorCode::BadRequest,
+                message: format!("{addr} is no longer member {id:#x}"),
+            }));
+        }
+        self.clients.lock().insert(id, Arc::clone(&client));
+        Ok(client)
+    }
+
+    fn forget(&self, id: u64) {
+        self.clients.lock().remove(&id);
+    }
+
+    /// Stores `value` on the key's R replicas; acknowledged once W hold it. Returns the ids of
+    /// the replicas that hold it.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::Quorum`] naming each replica that failed and why;
+    /// [`ClusterError::NoLiveMember`].
+    pub fn put(&self, key: &[u8], value: &[u8]) -> Result<Vec<u64>, ClusterError> {
+        let replicas = self.replicas(key);
+        if replicas.is_empty() {
+            return Err(ClusterError::NoLiveMember);
+        }
+        let outcomes: Vec<(u64, SocketAddr, Result<u64, ClientError>)> =
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = replicas
+                    .iter()
+                    .map(|&(id, addr)| {
+                        scope.spawn(move || {
+                            let result = self.client(id, addr).and_then(|c| c.put(key, value));
+                            (id, addr, result)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().filter_map(|h| h.join().ok()).collect()
+            });
+        let mut acked = Vec::new();
+        let mut failures = Vec::new();
+        for (id, addr, result) in outcomes {
+            match result {
+                Ok(_) => acked.push(id),
+                Err(error) => {
+                    self.forget(id);
+                    failures.push(ReplicaFailure {
+                        member: id,
+                        addr: Some(addr),
+                        error,
+                    });
+                }
+            }
+        }
+        // Fewer live members than R: the quorum counts against what could be asked.
+        let quorum = self.config.write_quorum.min(replicas.len());
+        if acked.len() >= quorum {
+            Ok(acked)
+        } else {
+            Err(ClusterError::Quorum {
+                acked: acked.len(),
+                wanted: replicas.len(),
+                quorum,
+                failures,
+            })
+        }
+    }
+
+    /// The value of `key` from the first replica that has it: the key's replicas in placement
+    /// order, then every other live member (a block written under an older membership may
+    /// sit elsewhere until repair moves it). `None` when no member has it.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::AllReplicasFailed`] only when every member asked failed; a miss on one
+    /// and a hit on another is a hit.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ClusterError> {
+        let mut order = self.replicas(key);
+        for peer in self.membership.view() {
+            if let (Liveness::Live, Some(id)) = (peer.liveness, peer.id) {
+                if !order.iter().any(|&(o, _)| o == id) {
+                    order.push((id, peer.addr));
+                }
+            }
+        }
+        if order.is_empty() {
+            return Err(ClusterError::NoLiveMember);
+        }
+        let mut failures = Vec::new();
+        let asked = order.len();
+        for (id, addr) in order {
+            match self.client(id, addr).and_then(|c| c.get(key)) {
+                Ok(Some(value)) => return Ok(Some(value)),
+                Ok(None) => {}
+                Err(error) => {
+                    self.forget(id);
+                    failures.push(ReplicaFailure {
+                        member: id,
+                        addr: Some(addr),
+                        error,
+                    });
+                }
+            }
+        }
+        if failures.len() == asked {
+            Err(ClusterError::AllReplicasFailed(failures))
+        } else {
+            Ok(None)
+        }
+    }
+}
