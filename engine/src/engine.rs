@@ -603,6 +603,15 @@ impl Engine {
         self.inner.index.contains(key)
     }
 
+    /// The keys of every block held now, in no particular order: a snapshot, taken one index
+    /// shard at a time (a key put or removed meanwhile may or may not be in it). For repair
+    /// and inspection; it copies every key.
+    pub fn keys(&self) -> Vec<Vec<u8>> {
+        let mut keys = Vec::new();
+        self.inner.index.for_each_key(|key| keys.push(key.to_vec()));
+        keys
+    }
+
     /// [`exists`](Self::exists) for many keys, in order.
     pub fn exists_batch(&self, keys: &[&[u8]]) -> Vec<bool> {
         keys.iter().map(|key| self.exists(key)).collect()

@@ -53,6 +53,16 @@ impl Index {
         &self.shards[((hash >> SHARD_SHIFT) & self.mask) as usize]
     }
 
+    /// Calls `each` with every key, one shard at a time (a shard's lock is held while its
+    /// keys are visited, so `each` must be quick and must not touch the index).
+    pub(crate) fn for_each_key(&self, mut each: impl FnMut(&[u8])) {
+        for shard in &self.shards {
+            for slot in shard.read().table.iter() {
+                each(&slot.key);
+            }
+        }
+    }
+
     pub(crate) fn get(&self, key: &[u8]) -> Option<Arc<Slot>> {
         let hash = self.hash(key);
         self.shard(hash).read().find(hash, key).cloned()

@@ -287,3 +287,22 @@ fn a_two_phase_put_is_invisible_until_committed_and_returns_its_space_if_dropped
     ));
     Ok(())
 }
+
+#[test]
+fn keys_lists_every_block_once() -> Result<(), Error> {
+    let engine = engine();
+    for i in 0..500 {
+        engine.put(format!("k{i}").as_bytes(), b"v")?;
+    }
+    engine.remove(b"k7");
+    engine.put(b"k8", b"overwritten")?;
+    let mut keys = engine.keys();
+    keys.sort();
+    let mut expected: Vec<Vec<u8>> = (0..500)
+        .filter(|&i| i != 7)
+        .map(|i| format!("k{i}").into_bytes())
+        .collect();
+    expected.sort();
+    assert_eq!(keys, expected);
+    Ok(())
+}

@@ -41,6 +41,7 @@ mod node;
 pub mod placement;
 pub mod proto;
 mod region;
+pub mod repair;
 
 pub use client::{Client, ClientConfig, ClientError, TransportChoice};
 pub use node::{Node, NodeConfig, NodeError, NodeMetrics};

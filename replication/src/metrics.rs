@@ -65,7 +65,12 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of the node's figures and the engine's.
-    pub(crate) fn render(&self, engine: &EngineStats, leases: u64) -> String {
+    pub(crate) fn render(
+        &self,
+        engine: &EngineStats,
+        leases: u64,
+        repair: Option<&crate::repair::RepairStats>,
+    ) -> String {
         let mut out = String::with_capacity(8192);
         let counter = |out: &mut String, name: &str, help: &str, value: u64| {
             let _ = writeln!(
@@ -188,6 +193,39 @@ impl Metrics {
             "Blocks stored.",
             engine.puts,
         );
+        if let Some(r) = repair {
+            let figures = [
+                (
+                    "mooncake_repair_passes_total",
+                    "Repair passes over this node's blocks (one per membership change).",
+                    &r.passes,
+                ),
+                (
+                    "mooncake_repair_blocks_copied_total",
+                    "Blocks copied to a replica that lacked them.",
+                    &r.blocks_copied,
+                ),
+                (
+                    "mooncake_repair_bytes_copied_total",
+                    "Bytes of those blocks.",
+                    &r.bytes_copied,
+                ),
+                (
+                    "mooncake_repair_failures_total",
+                    "Repair copies that failed (retried at the next pass).",
+                    &r.failures,
+                ),
+            ];
+            for (name, help, value) in figures {
+                counter(&mut out, name, help, load(value));
+            }
+            gauge(
+                &mut out,
+                "mooncake_repair_pending_blocks",
+                "Blocks left to examine in the repair pass under way.",
+                load(&r.pending),
+            );
+        }
         counter(
             &mut out,
             "mooncake_demotions_total",

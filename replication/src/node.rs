@@ -22,6 +22,7 @@ use crate::proto::{
     ReservedReply, Response, decode_request, encode_body, read_frame, write_frame,
 };
 use crate::region::DramRegion;
+use crate::repair::{Repair, RepairConfig, RepairStats};
 
 /// How a node is set up. [`NodeConfig::default`] serves on loopback with a DRAM-only engine.
 #[derive(Debug, Clone)]
@@ -153,6 +154,8 @@ struct Shared {
     reservation_timeout: Duration,
     max_reservations: usize,
     metrics: Metrics,
+    /// Repair's figures, once the node takes part in repair.
+    repair_stats: Mutex<Option<Arc<RepairStats>>>,
     stopping: AtomicBool,
     /// A clone of each open connection, to stop reading them at shutdown.
     connections: Mutex<HashMap<u64, TcpStream>>,
@@ -164,7 +167,9 @@ struct Shared {
 impl Shared {
     fn metrics_text(&self) -> String {
         let leases = self.leases.lock().len() as u64;
-        self.metrics.render(&self.engine.stats(), leases)
+        let repair = self.repair_stats.lock().clone();
+        self.metrics
+            .render(&self.engine.stats(), leases, repair.as_deref())
     }
 }
 
@@ -189,6 +194,13 @@ pub struct Node {
     registry: Arc<Registry>,
     tcp: Option<TcpServer>,
     shm: Option<ShmServer>,
+    repair: Mutex<Option<Repair>>,
+}
+
+impl crate::repair::EngineAccess for Shared {
+    fn engine(&self) -> &Engine {
+        &self.engine
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -257,6 +269,7 @@ impl Node {
             reservation_timeout: config.reservation_timeout,
             max_reservations: config.max_reservations,
             metrics: Metrics::default(),
+            repair_stats: Mutex::new(None),
             stopping: AtomicBool::new(false),
             connections: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(0),
@@ -286,6 +299,7 @@ impl Node {
             registry,
             tcp: Some(tcp),
             shm,
+            repair: Mutex::new(None),
         })
     }
 
@@ -297,6 +311,31 @@ impl Node {
     /// The tcp data plane's address.
     pub fn data_addr(&self) -> SocketAddr {
         self.data_addr
+    }
+
+    /// This node's id in placement (the first 8 bytes of its node id).
+    pub fn member_id(&self) -> u64 {
+        crate::membership::member_id(&self.shared.hello.node_id)
+    }
+
+    /// Takes part in repair: watches the cluster's members and, whenever the live set
+    /// changes, copies each block this node holds to the replicas that should hold it now
+    /// and do not (rate limited). Replaces any repair started before.
+    ///
+    /// # Errors
+    ///
+    /// If the repair threads cannot be started.
+    pub fn start_repair(&self, config: RepairConfig) -> Result<(), NodeError> {
+        let engine: Arc<crate::repair::EngineHandle> = self.shared.clone();
+        let repair = Repair::start(engine, self.member_id(), config).map_err(io("start repair"))?;
+        *self.shared.repair_stats.lock() = Some(Arc::clone(repair.stats_shared()));
+        *self.repair.lock() = Some(repair);
+        Ok(())
+    }
+
+    /// Repair's figures, if the node takes part in repair.
+    pub fn repair_stats(&self) -> Option<Arc<RepairStats>> {
+        self.shared.repair_stats.lock().clone()
     }
 
     /// The engine this node serves.
@@ -338,6 +377,7 @@ impl Node {
         if self.shared.stopping.swap(true, Ordering::AcqRel) {
             return;
         }
+        drop(self.repair.lock().take());
         let _ = TcpStream::connect_timeout(&self.control_addr, Duration::from_secs(1));
         if let Some(handle) = self.acceptor.take() {
             let _ = handle.join();

@@ -159,3 +159,115 @@ fn settings_that_cannot_work_are_refused() {
         Err(ClusterError::NoLiveMember)
     ));
 }
+
+/// After a node stops, the survivors copy each block that lost a replica to its new owner:
+/// every block has R live replicas again, and the figures say how many were copied.
+#[test]
+fn repair_restores_the_replication_factor_after_a_node_stops() {
+    use mooncake_kv_replication::repair::RepairConfig;
+    use mooncake_kv_replication::{Client, ClientConfig};
+
+    let membership = |peers| StaticConfig {
+        peers,
+        heartbeat: Duration::from_millis(50),
+        suspect_after: Duration::from_millis(300),
+        dead_after: Duration::from_millis(800),
+        token: None,
+    };
+    let mut nodes: Vec<Option<Node>> = (0..3).map(|_| Some(node())).collect();
+    let peers: Vec<_> = nodes.iter().flatten().map(Node::control_addr).collect();
+    for node in nodes.iter().flatten() {
+        node.start_repair(RepairConfig {
+            membership: membership(peers.clone()),
+            ..RepairConfig::default()
+        })
+        .unwrap();
+    }
+    let cluster = ClusterClient::new(ClusterConfig {
+        membership: membership(peers.clone()),
+        ..ClusterConfig::default()
+    })
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.membership().live_members().len() < 3 {
+        assert!(Instant::now() < deadline, "members never all live");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    const KEYS: u64 = 1000;
+    for i in 0..KEYS {
+        cluster.put(format!("r{i}").as_bytes(), &value(i)).unwrap();
+    }
+    let stopped_blocks = nodes[1].as_ref().unwrap().engine().stats().tiers[0].blocks;
+    nodes[1]
+        .take()
+        .unwrap()
+        .shutdown(Duration::from_secs(1))
+        .unwrap();
+
+    let clients: Vec<(u64, Client)> = nodes
+        .iter()
+        .flatten()
+        .map(|n| {
+            (
+                n.member_id(),
+                Client::connect(n.control_addr(), ClientConfig::default()).unwrap(),
+            )
+        })
+        .collect();
+    let under_replicated = || {
+        (0..KEYS)
+            .filter(|i| {
+                let key = format!("r{i}").into_bytes();
+                clients
+                    .iter()
+                    .filter(|(_, c)| c.exists(&[&key]).unwrap()[0])
+                    .count()
+                    < 2
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let missing = under_replicated();
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} blocks still under-replicated"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let copied: u64 = nodes
+        .iter()
+        .flatten()
+        .map(|n| {
+            n.repair_stats()
+                .unwrap()
+                .blocks_copied
+                .load(Ordering::Relaxed)
+        })
+        .sum();
+    eprintln!("the stopped node held {stopped_blocks} blocks; repair copied {copied}");
+    assert!(
+        copied >= stopped_blocks / 2,
+        "copied {copied} of {stopped_blocks}"
+    );
+    assert!(
+        copied <= 2 * stopped_blocks,
+        "copied far too much: {copied}"
+    );
+    for i in 0..KEYS {
+        assert_eq!(
+            cluster.get(format!("r{i}").as_bytes()).unwrap(),
+            Some(value(i))
+        );
+    }
+    assert!(
+        nodes[0]
+            .as_ref()
+            .unwrap()
+            .metrics_text()
+            .contains("mooncake_repair_blocks_copied_total")
+    );
+}

@@ -1,0 +1,249 @@
+//! Repair: when the live membership changes, a node re-places every block it holds and copies
+//! each one to the replicas that should hold it now and do not, at a bounded rate.
+//!
+//! Every holder of a block pushes it; a replica that already has it is skipped after an
+//! `exists` check, so the copies stay few. A block whose every replica died is gone: this is
+//! a cache, and the next request recomputes it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mooncake_kv_engine::Engine;
+
+use crate::membership::{Liveness, StaticConfig, StaticMembership};
+use crate::placement;
+use crate::{Client, ClientConfig};
+
+/// How a node takes part in repair.
+#[derive(Debug, Clone)]
+pub struct RepairConfig {
+    /// The cluster's members (this node included) and how they are watched.
+    pub membership: StaticConfig,
+    /// Replicas of each block (R).
+    pub replication_factor: usize,
+    /// Most bytes copied per second. Default 256 MiB/s.
+    pub bytes_per_second: u64,
+    /// How peers are reached.
+    pub client: ClientConfig,
+}
+
+impl Default for RepairConfig {
+    fn default() -> Self {
+        Self {
+            membership: StaticConfig::default(),
+            replication_factor: 2,
+            bytes_per_second: 256 << 20,
+            client: ClientConfig::default(),
+        }
+    }
+}
+
+/// Repair's figures.
+#[derive(Debug, Default)]
+pub struct RepairStats {
+    /// Passes over the node's blocks (one per membership change).
+    pub passes: AtomicU64,
+    /// Blocks copied to a replica that lacked them.
+    pub blocks_copied: AtomicU64,
+    /// Bytes of those blocks.
+    pub bytes_copied: AtomicU64,
+    /// Copies that failed (retried at the next pass).
+    pub failures: AtomicU64,
+    /// Blocks left to examine in the pass under way.
+    pub pending: AtomicU64,
+}
+
+/// The repair worker of one node; dropping it stops it.
+#[derive(Debug)]
+pub(crate) struct Repair {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    stats: Arc<RepairStats>,
+}
+
+impl Repair {
+    /// Starts watching the membership and repairing `engine`'s blocks. `self_id` is this
+    /// node's member id.
+    ///
+    /// # Errors
+    ///
+    /// If a thread cannot be started.
+    pub(crate) fn start(
+        engine: Arc<EngineHandle>,
+        self_id: u64,
+        config: RepairConfig,
+    ) -> std::io::Result<Self> {
+        let membership = StaticMembership::start(config.membership.clone())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(RepairStats::default());
+        let thread = {
+            let (stop, stats) = (Arc::clone(&stop), Arc::clone(&stats));
+            std::thread::Builder::new()
+                .name("mooncake-repair".into())
+                .spawn(move || {
+                    let mut worker = Worker {
+                        engine,
+                        self_id,
+                        config,
+                        membership,
+                        clients: HashMap::new(),
+                        stats,
+                    };
+                    worker.run(&stop);
+                })?
+        };
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            stats,
+        })
+    }
+
+    pub(crate) fn stats_shared(&self) -> &Arc<RepairStats> {
+        &self.stats
+    }
+}
+
+impl Drop for Repair {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What repair needs of the node: its engine (shared with the node's threads).
+pub(crate) trait EngineAccess: Send + Sync {
+    fn engine(&self) -> &Engine;
+}
+
+pub(crate) type EngineHandle = dyn EngineAccess;
+
+struct Worker {
+    engine: Arc<EngineHandle>,
+    self_id: u64,
+    config: RepairConfig,
+    membership: StaticMembership,
+    clients: HashMap<u64, Client>,
+    stats: Arc<RepairStats>,
+}
+
+impl Worker {
+    fn run(&mut self, stop: &AtomicBool) {
+        let mut repaired_for: Option<BTreeSet<u64>> = None;
+        let mut dirty = false;
+        while !stop.load(Ordering::Acquire) {
+            std::thread::sleep(self.config.membership.heartbeat);
+            let live: BTreeSet<u64> = self
+                .membership
+                .live_members()
+                .iter()
+                .map(|m| m.id)
+                .collect();
+            // Only a settled view (nobody suspect) is worth a pass; the first view is the
+            // baseline, not a change.
+            let settled = self
+                .membership
+                .view()
+                .iter()
+                .all(|p| p.liveness != Liveness::Suspect);
+            if !settled || !live.contains(&self.self_id) {
+                continue;
+            }
+            match &repaired_for {
+                None => repaired_for = Some(live),
+                Some(previous) if *previous != live || dirty => {
+                    dirty = !self.pass(stop);
+                    repaired_for = Some(live);
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// One pass over every block; returns whether every copy it attempted succeeded.
+    fn pass(&mut self, stop: &AtomicBool) -> bool {
+        self.stats.passes.fetch_add(1, Ordering::Relaxed);
+        let members = self.membership.live_members();
+        let addrs: HashMap<u64, SocketAddr> = self
+            .membership
+            .view()
+            .into_iter()
+            .filter(|p| p.liveness == Liveness::Live)
+            .filter_map(|p| Some((p.id?, p.addr)))
+            .collect();
+        let keys = self.engine.engine().keys();
+        self.stats
+            .pending
+            .store(keys.len() as u64, Ordering::Relaxed);
+        let started = Instant::now();
+        let mut copied_bytes = 0u64;
+        let mut clean = true;
+        for key in keys {
+            if stop.load(Ordering::Acquire) {
+                return false;
+            }
+            self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+            for id in placement::replicas(&key, &members, self.config.replication_factor) {
+                if id == self.self_id {
+                    continue;
+                }
+                let Some(&addr) = addrs.get(&id) else {
+                    continue;
+                };
+                match self.copy_if_missing(id, addr, &key) {
+                    Ok(0) => {}
+                    Ok(bytes) => {
+                        copied_bytes += bytes;
+                        self.stats.blocks_copied.fetch_add(1, Ordering::Relaxed);
+                        self.stats.bytes_copied.fetch_add(bytes, Ordering::Relaxed);
+                        // Stay under the rate: sleep off any lead over it.
+                        let due = Duration::from_secs_f64(
+                            copied_bytes as f64 / self.config.bytes_per_second.max(1) as f64,
+                        );
+                        if let Some(lead) = due.checked_sub(started.elapsed()) {
+                            std::thread::sleep(lead);
+                        }
+                    }
+                    Err(error) => {
+                        clean = false;
+                        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                        self.clients.remove(&id);
+                        tracing::debug!(%error, %addr, "repair copy failed; retried next pass");
+                    }
+                }
+            }
+        }
+        clean
+    }
+
+    /// Copies `key`'s block to member `id` unless it has it; returns the bytes copied.
+    fn copy_if_missing(
+        &mut self,
+        id: u64,
+        addr: SocketAddr,
+        key: &[u8],
+    ) -> Result<u64, crate::ClientError> {
+        if !self.clients.contains_key(&id) {
+            let client = Client::connect(addr, self.config.client.clone())?;
+            self.clients.insert(id, client);
+        }
+        let Some(client) = self.clients.get(&id) else {
+            return Ok(0);
+        };
+        if client.exists(&[key])?.first() == Some(&true) {
+            return Ok(0);
+        }
+        // Removed or evicted meanwhile: nothing to copy.
+        let Ok(Some(pinned)) = self.engine.engine().pin(key) else {
+            return Ok(0);
+        };
+        client.put(key, pinned.payload())?;
+        Ok(pinned.payload().len() as u64)
+    }
+}
