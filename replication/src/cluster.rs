@@ -182,18 +182,20 @@ impl ClusterClient {
         if replicas.is_empty() {
             return Err(ClusterError::NoLiveMember);
         }
+        // The first replica on this thread, the others on one thread each, all at once.
+        let put_to = |&(id, addr): &(u64, SocketAddr)| {
+            let result = self.client(id, addr).and_then(|c| c.put(key, value));
+            (id, addr, result)
+        };
         let outcomes: Vec<(u64, SocketAddr, Result<u64, ClientError>)> =
             std::thread::scope(|scope| {
-                let handles: Vec<_> = replicas
+                let others: Vec<_> = replicas[1..]
                     .iter()
-                    .map(|&(id, addr)| {
-                        scope.spawn(move || {
-                            let result = self.client(id, addr).and_then(|c| c.put(key, value));
-                            (id, addr, result)
-                        })
-                    })
+                    .map(|replica| scope.spawn(move || put_to(replica)))
                     .collect();
-                handles.into_iter().filter_map(|h| h.join().ok()).collect()
+                let mut outcomes = vec![put_to(&replicas[0])];
+                outcomes.extend(others.into_iter().filter_map(|h| h.join().ok()));
+                outcomes
             });
         let mut acked = Vec::new();
         let mut failures = Vec::new();
