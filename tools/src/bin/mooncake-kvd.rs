@@ -13,6 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use mooncake_kv_engine::EngineConfig;
+use mooncake_kv_replication::membership::StaticConfig;
+use mooncake_kv_replication::repair::RepairConfig;
 use mooncake_kv_replication::{Node, NodeConfig, NodeMetrics};
 use serde::Deserialize;
 
@@ -65,6 +67,18 @@ struct Cli {
     /// the client verifies every block and looks up again if it moved). 0 never pins.
     #[arg(long)]
     max_leases: Option<usize>,
+    /// Control addresses of every member of the cluster, this node's included, comma
+    /// separated. With them the node watches its peers and repairs: when a member dies or
+    /// joins, it copies each block it holds to the replicas that should hold it now.
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Replicas of each block, for repair (clients place them the same way).
+    #[arg(long)]
+    replication_factor: Option<usize>,
+    /// Time between heartbeats to peers, in milliseconds; a peer silent for 3 heartbeats is
+    /// suspected, for 10 dead.
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, default_value = "info")]
     log: tracing::Level,
@@ -85,6 +99,9 @@ struct FileConfig {
     shm: Option<bool>,
     lease_ms: Option<u64>,
     max_leases: Option<usize>,
+    peers: Option<Vec<String>>,
+    replication_factor: Option<usize>,
+    heartbeat_ms: Option<u64>,
 }
 
 /// What the node runs with, after the file and the flags.
@@ -92,6 +109,7 @@ struct FileConfig {
 struct Settings {
     node: NodeConfig,
     metrics_listen: Option<String>,
+    repair: Option<RepairConfig>,
 }
 
 fn settings(cli: &Cli) -> anyhow::Result<Settings> {
@@ -142,6 +160,52 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
         )),
     });
     let lease_ms = cli.lease_ms.or(file.lease_ms).unwrap_or(2000);
+    let peers = if cli.peers.is_empty() {
+        file.peers.unwrap_or_default()
+    } else {
+        cli.peers.clone()
+    };
+    let repair = if peers.is_empty() {
+        None
+    } else {
+        let peers = peers
+            .iter()
+            .map(|p| {
+                std::net::ToSocketAddrs::to_socket_addrs(p.as_str())
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .with_context(|| format!("peer {p:?} is not an address"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let heartbeat = Duration::from_millis(
+            cli.heartbeat_ms
+                .or(file.heartbeat_ms)
+                .unwrap_or(500)
+                .max(10),
+        );
+        let replication_factor = cli
+            .replication_factor
+            .or(file.replication_factor)
+            .unwrap_or(2);
+        if replication_factor == 0 {
+            bail!("replication_factor must be at least 1");
+        }
+        Some(RepairConfig {
+            membership: StaticConfig {
+                peers,
+                heartbeat,
+                suspect_after: heartbeat * 3,
+                dead_after: heartbeat * 10,
+                token: token.clone(),
+            },
+            replication_factor,
+            client: mooncake_kv_replication::ClientConfig {
+                token: token.clone(),
+                ..mooncake_kv_replication::ClientConfig::default()
+            },
+            ..RepairConfig::default()
+        })
+    };
     let metrics_listen = cli
         .metrics_listen
         .clone()
@@ -168,6 +232,7 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
             ..NodeConfig::default()
         },
         metrics_listen: (metrics_listen != "off").then_some(metrics_listen),
+        repair,
     })
 }
 
@@ -199,6 +264,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             .context("cannot install a signal handler")?;
     }
     let node = Node::start(settings.node).context("cannot start the node")?;
+    if let Some(repair) = settings.repair {
+        node.start_repair(repair).context("cannot start repair")?;
+    }
     let metrics_addr = match &settings.metrics_listen {
         Some(addr) => {
             let listener = TcpListener::bind(addr)

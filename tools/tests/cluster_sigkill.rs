@@ -1,0 +1,173 @@
+//! Replication with real processes: three mooncake-kvd on 127.0.0.1 that know each other
+//! (`--peers`), R = 2. Put 10,000 blocks through a cluster client; SIGKILL one node while a
+//! reader keeps reading every key: no acknowledged block lost, no read error, no wrong byte.
+//! Repair then gives every block two live replicas again. The killed node, started again,
+//! rejoins (empty: a memory-only node comes back as a new member) and serves nothing stale.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use mooncake_kv_replication::cluster::{ClusterClient, ClusterConfig};
+use mooncake_kv_replication::membership::StaticConfig;
+use mooncake_kv_replication::{Client, ClientConfig};
+
+const HEARTBEAT_MS: u64 = 100;
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+fn start(listen: SocketAddr, peers: &str) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mooncake-kvd"))
+        .args(["--listen", &listen.to_string()])
+        .args(["--data-listen", "127.0.0.1:0", "--metrics-listen", "off"])
+        .args([
+            "--memory-only",
+            "--dram-mib",
+            "128",
+            "--no-shm",
+            "--log",
+            "warn",
+        ])
+        .args(["--peers", peers, "--replication-factor", "2"])
+        .args(["--heartbeat-ms", &HEARTBEAT_MS.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start mooncake-kvd");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .expect("the serving line");
+    assert!(line.contains("serving"), "{line}");
+    child
+}
+
+fn value(i: u64) -> Vec<u8> {
+    let len = 2048 + (i * 7919 % 4096) as usize;
+    (0..len).map(|j| (i as usize * 131 + j * 7) as u8).collect()
+}
+
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn no_acknowledged_block_is_lost_when_a_node_is_killed() {
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
+    let peers = addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut children: Vec<Child> = addrs.iter().map(|&a| start(a, &peers)).collect();
+    let heartbeat = Duration::from_millis(HEARTBEAT_MS);
+    let cluster = ClusterClient::new(ClusterConfig {
+        membership: StaticConfig {
+            peers: addrs.clone(),
+            heartbeat,
+            suspect_after: heartbeat * 3,
+            dead_after: heartbeat * 10,
+            token: None,
+        },
+        ..ClusterConfig::default()
+    })
+    .unwrap();
+    wait_until("three live members", Duration::from_secs(10), || {
+        cluster.membership().live_members().len() == 3
+    });
+
+    const KEYS: u64 = 10_000;
+    for i in 0..KEYS {
+        cluster
+            .put(format!("block/{i}").as_bytes(), &value(i))
+            .unwrap();
+    }
+
+    let stop = AtomicBool::new(false);
+    let (reads, errors, misses, wrong) = (
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    );
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                match cluster.get(format!("block/{i}").as_bytes()) {
+                    Ok(Some(v)) if v == value(i) => {}
+                    Ok(Some(_)) => {
+                        wrong.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(None) => {
+                        misses.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("read error: {e}");
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                reads.fetch_add(1, Ordering::Relaxed);
+                i = (i + 1) % KEYS;
+            }
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        children[1].kill().expect("SIGKILL"); // Child::kill sends SIGKILL
+        let _ = children[1].wait();
+        // Keep reading through suspicion, death and repair.
+        std::thread::sleep(heartbeat * 30);
+        stop.store(true, Ordering::Relaxed);
+    });
+    let (reads, errors, misses, wrong) = (
+        reads.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+        misses.load(Ordering::Relaxed),
+        wrong.load(Ordering::Relaxed),
+    );
+    eprintln!("during the kill: {reads} reads, {errors} errors, {misses} misses, {wrong} wrong");
+    assert!(reads > 1000);
+    assert_eq!((errors, misses, wrong), (0, 0, 0));
+
+    // Repair: every block on two of the live nodes again.
+    let survivors: Vec<Client> = [addrs[0], addrs[2]]
+        .iter()
+        .map(|&a| Client::connect(a, ClientConfig::default()).unwrap())
+        .collect();
+    let keys: Vec<Vec<u8>> = (0..KEYS)
+        .map(|i| format!("block/{i}").into_bytes())
+        .collect();
+    wait_until("repair to finish", Duration::from_secs(60), || {
+        keys.chunks(500).all(|chunk| {
+            let refs: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
+            let held: Vec<Vec<bool>> = survivors.iter().map(|c| c.exists(&refs).unwrap()).collect();
+            (0..chunk.len()).all(|k| held.iter().all(|h| h[k]))
+        })
+    });
+
+    // The killed node comes back (empty, as a new member) and rejoins; nothing stale.
+    children[1] = start(addrs[1], &peers);
+    wait_until("the node back", Duration::from_secs(10), || {
+        cluster.membership().live_members().len() == 3
+    });
+    for i in 0..KEYS {
+        assert_eq!(
+            cluster.get(format!("block/{i}").as_bytes()).unwrap(),
+            Some(value(i)),
+            "block {i} after the rejoin"
+        );
+    }
+    for child in &mut children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
