@@ -221,6 +221,12 @@ impl Metrics {
             }
             gauge(
                 &mut out,
+                "mooncake_repair_under_replicated_blocks",
+                "Replicas found missing by the current or last repair pass and not yet copied.",
+                load(&r.under_replicated),
+            );
+            gauge(
+                &mut out,
                 "mooncake_repair_pending_blocks",
                 "Blocks left to examine in the repair pass under way.",
                 load(&r.pending),

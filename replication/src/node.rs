@@ -838,6 +838,7 @@ fn node_stats(shared: &Shared) -> NodeStats {
         errors: shared.metrics.errors.load(Ordering::Relaxed),
         leases: shared.leases.lock().len() as u64,
         connections: shared.metrics.connections.load(Ordering::Relaxed),
+        repair: shared.repair_stats.lock().as_ref().map(|r| r.figures()),
     }
 }
 

@@ -410,6 +410,22 @@ pub struct NodeStats {
     pub leases: u64,
     /// Open control connections.
     pub connections: u64,
+    /// Repair's figures, when the node takes part in repair.
+    pub repair: Option<RepairFigures>,
+}
+
+/// A node's repair figures (see the `repair` module).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Encode, Decode)]
+pub struct RepairFigures {
+    /// Passes over the node's blocks.
+    pub passes: u64,
+    /// Blocks copied to replicas that lacked them.
+    pub blocks_copied: u64,
+    /// Copies that failed (retried at the next pass).
+    pub failures: u64,
+    /// Replicas found missing by the current or last pass and not yet copied: this node's
+    /// count of under-replicated blocks.
+    pub under_replicated: u64,
 }
 
 /// A node's answer.

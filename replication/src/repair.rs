@@ -55,6 +55,21 @@ pub struct RepairStats {
     pub failures: AtomicU64,
     /// Blocks left to examine in the pass under way.
     pub pending: AtomicU64,
+    /// Replicas found missing by the current or last pass and not yet copied.
+    pub under_replicated: AtomicU64,
+}
+
+impl RepairStats {
+    /// The figures, as `stats` reports them.
+    pub fn figures(&self) -> crate::proto::RepairFigures {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        crate::proto::RepairFigures {
+            passes: load(&self.passes),
+            blocks_copied: load(&self.blocks_copied),
+            failures: load(&self.failures),
+            under_replicated: load(&self.under_replicated),
+        }
+    }
 }
 
 /// The repair worker of one node; dropping it stops it.
@@ -181,6 +196,7 @@ impl Worker {
         self.stats
             .pending
             .store(keys.len() as u64, Ordering::Relaxed);
+        self.stats.under_replicated.store(0, Ordering::Relaxed);
         let started = Instant::now();
         let mut copied_bytes = 0u64;
         let mut clean = true;
@@ -239,11 +255,13 @@ impl Worker {
         if client.exists(&[key])?.first() == Some(&true) {
             return Ok(0);
         }
+        self.stats.under_replicated.fetch_add(1, Ordering::Relaxed);
         // Removed or evicted meanwhile: nothing to copy.
         let Ok(Some(pinned)) = self.engine.engine().pin(key) else {
             return Ok(0);
         };
         client.put(key, pinned.payload())?;
+        self.stats.under_replicated.fetch_sub(1, Ordering::Relaxed);
         Ok(pinned.payload().len() as u64)
     }
 }

@@ -154,6 +154,31 @@ fn no_acknowledged_block_is_lost_when_a_node_is_killed() {
         })
     });
 
+    // kvctl cluster says who is live and that nothing is under-replicated.
+    let kvctl = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kvctl"))
+            .args(args)
+            .output()
+            .expect("run kvctl")
+    };
+    let out = kvctl(&["--json", "cluster", "--peers", &peers]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("kvctl cluster: {report}");
+    assert_eq!(report["live"], 2);
+    assert_eq!(report["total"], 3);
+    assert_eq!(report["under_replicated"], 0);
+    assert_eq!(report["members"][1]["state"], "unreachable");
+    let copied: u64 = [0, 2]
+        .iter()
+        .map(|&m| {
+            report["members"][m]["repair"]["blocks_copied"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert!(copied > 0, "repair copied the dead node's blocks: {report}");
+    assert_eq!(out.status.code(), Some(1), "a member is down");
+
     // The killed node comes back (empty, as a new member) and rejoins; nothing stale.
     children[1] = start(addrs[1], &peers);
     wait_until("the node back", Duration::from_secs(10), || {
@@ -166,6 +191,9 @@ fn no_acknowledged_block_is_lost_when_a_node_is_killed() {
             "block {i} after the rejoin"
         );
     }
+    let out = kvctl(&["cluster", "--peers", &peers]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("3 of 3 members live"), "{table}");
     for child in &mut children {
         let _ = child.kill();
         let _ = child.wait();

@@ -59,6 +59,14 @@ enum Transport {
 enum Command {
     /// A running node's figures: blocks and bytes per tier, requests, errors, leases.
     Stat,
+    /// Every member of a cluster: reachable or not, node id, blocks, and repair (passes,
+    /// blocks copied, blocks under-replicated). Exits 1 if a member is unreachable or a
+    /// block is under-replicated.
+    Cluster {
+        /// Control addresses of the members, comma separated (as given to kvd --peers).
+        #[arg(long, value_delimiter = ',', required = true)]
+        peers: Vec<String>,
+    },
     /// Fetch a block's value (verified) to a file, or to stdout.
     Get {
         /// The key: text, or 0x followed by hex digits for arbitrary bytes.
@@ -217,6 +225,7 @@ fn keys(texts: &[String]) -> anyhow::Result<Vec<Vec<u8>>> {
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Stat => online::stat(cli),
+        Command::Cluster { peers } => online::cluster(cli, peers),
         Command::Get { key, output } => online::get(cli, key, output.as_deref()),
         Command::Put { key, file, durable } => online::put(cli, key, file, *durable),
         Command::Del { keys: texts } => {
@@ -451,6 +460,95 @@ mod online {
             println!("{:<16} {}", "connections", stats.connections);
         }
         Ok(ExitCode::SUCCESS)
+    }
+
+    pub(super) fn cluster(cli: &Cli, peers: &[String]) -> anyhow::Result<ExitCode> {
+        let token = match &cli.token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read token file {}", path.display()))?
+                    .trim_end_matches(['\n', '\r'])
+                    .as_bytes()
+                    .to_vec(),
+            ),
+            None => None,
+        };
+        let config = ClientConfig {
+            token,
+            transport: TransportChoice::Tcp,
+            connections: 1,
+            timeout: Duration::from_secs(2),
+            ..ClientConfig::default()
+        };
+        let mut rows = Vec::new();
+        let (mut live, mut under) = (0usize, 0u64);
+        for peer in peers {
+            let row = match Client::connect(peer.as_str(), config.clone())
+                .map_err(anyhow::Error::from)
+                .and_then(|c| Ok((hex(&c.hello().node_id), c.stats()?)))
+            {
+                Ok((id, stats)) => {
+                    live += 1;
+                    let repair = stats.repair.unwrap_or_default();
+                    under += repair.under_replicated;
+                    json!({
+                        "addr": peer,
+                        "state": "live",
+                        "node_id": id,
+                        "blocks": stats.tier_blocks,
+                        "used_bytes": stats.tier_used_bytes,
+                        "repair": stats.repair.map(|r| json!({
+                            "passes": r.passes,
+                            "blocks_copied": r.blocks_copied,
+                            "failures": r.failures,
+                            "under_replicated": r.under_replicated,
+                        })),
+                    })
+                }
+                Err(error) => {
+                    json!({ "addr": peer, "state": "unreachable", "error": error.to_string() })
+                }
+            };
+            rows.push(row);
+        }
+        if cli.json {
+            println!(
+                "{}",
+                json!({ "members": rows, "live": live, "total": peers.len(), "under_replicated": under })
+            );
+        } else {
+            println!(
+                "{:<22} {:<12} {:<34} {:>10} {:>10} {:>8} {:>8} {:>8}",
+                "MEMBER", "STATE", "NODE ID", "DRAM", "NVME", "PASSES", "COPIED", "UNDER"
+            );
+            for r in &rows {
+                let n =
+                    |v: &serde_json::Value| v.as_u64().map_or("-".to_owned(), |x| x.to_string());
+                println!(
+                    "{:<22} {:<12} {:<34} {:>10} {:>10} {:>8} {:>8} {:>8}",
+                    r["addr"].as_str().unwrap_or(""),
+                    r["state"].as_str().unwrap_or(""),
+                    r["node_id"].as_str().unwrap_or("-"),
+                    n(&r["blocks"][0]),
+                    n(&r["blocks"][1]),
+                    n(&r["repair"]["passes"]),
+                    n(&r["repair"]["blocks_copied"]),
+                    n(&r["repair"]["under_replicated"]),
+                );
+                if let Some(error) = r["error"].as_str() {
+                    println!("  {error}");
+                }
+            }
+            println!(
+                "{live} of {} members live; {under} blocks under-replicated",
+                peers.len()
+            );
+        }
+        Ok(if live == peers.len() && under == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
     }
 
     pub(super) fn get(cli: &Cli, key: &str, output: Option<&Path>) -> anyhow::Result<ExitCode> {
