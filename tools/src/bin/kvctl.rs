@@ -187,17 +187,20 @@ fn open(dir: &Path) -> anyhow::Result<DataDir> {
     DataDir::open(dir).with_context(|| format!("cannot open {}", dir.display()))
 }
 
-fn connect(cli: &Cli) -> anyhow::Result<Client> {
-    let token = match &cli.token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read token file {}", path.display()))?
-                .trim_end_matches(['\n', '\r'])
-                .as_bytes()
-                .to_vec(),
-        ),
-        None => None,
+/// The node's token, from `--token-file` (trailing newline ignored).
+fn token(cli: &Cli) -> anyhow::Result<Option<Vec<u8>>> {
+    let Some(path) = &cli.token_file else {
+        return Ok(None);
     };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read token file {}", path.display()))?;
+    Ok(Some(
+        text.trim_end_matches(['\n', '\r']).as_bytes().to_vec(),
+    ))
+}
+
+fn connect(cli: &Cli) -> anyhow::Result<Client> {
+    let token = token(cli)?;
     let transport = match cli.transport {
         Transport::Auto => TransportChoice::Auto,
         Transport::Tcp => TransportChoice::Tcp,
@@ -463,18 +466,8 @@ mod online {
     }
 
     pub(super) fn cluster(cli: &Cli, peers: &[String]) -> anyhow::Result<ExitCode> {
-        let token = match &cli.token_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read token file {}", path.display()))?
-                    .trim_end_matches(['\n', '\r'])
-                    .as_bytes()
-                    .to_vec(),
-            ),
-            None => None,
-        };
         let config = ClientConfig {
-            token,
+            token: token(cli)?,
             transport: TransportChoice::Tcp,
             connections: 1,
             timeout: Duration::from_secs(2),
