@@ -47,7 +47,7 @@ pub struct ReplicaFailure {
     /// The member.
     pub member: u64,
     /// Its address.
-    pub addr: Option<SocketAddr>,
+    pub addr: SocketAddr,
     /// What happened.
     pub error: ClientError,
 }
@@ -85,10 +85,7 @@ pub enum ClusterError {
 fn describe(failures: &[ReplicaFailure]) -> String {
     failures
         .iter()
-        .map(|f| match f.addr {
-            Some(addr) => format!("{addr}: {}", f.error),
-            None => format!("member {:#x}: {}", f.member, f.error),
-        })
+        .map(|f| format!("{} (member {:#x}): {}", f.addr, f.member, f.error))
         .collect::<Vec<_>>()
         .join("; ")
 }
@@ -166,8 +163,15 @@ impl ClusterClient {
         Ok(client)
     }
 
-    fn forget(&self, id: u64) {
+    /// Records that member `id` failed a call: its connection is dropped (reopened on next
+    /// use) and the failure kept for the caller.
+    fn failed(&self, id: u64, addr: SocketAddr, error: ClientError) -> ReplicaFailure {
         self.clients.lock().remove(&id);
+        ReplicaFailure {
+            member: id,
+            addr,
+            error,
+        }
     }
 
     /// Stores `value` on the key's R replicas; acknowledged once W hold it. Returns the ids of
@@ -202,14 +206,7 @@ impl ClusterClient {
         for (id, addr, result) in outcomes {
             match result {
                 Ok(_) => acked.push(id),
-                Err(error) => {
-                    self.forget(id);
-                    failures.push(ReplicaFailure {
-                        member: id,
-                        addr: Some(addr),
-                        error,
-                    });
-                }
+                Err(error) => failures.push(self.failed(id, addr, error)),
             }
         }
         // Fewer live members than R: the quorum counts against what could be asked.
@@ -252,14 +249,7 @@ impl ClusterClient {
             match self.client(id, addr).and_then(|c| c.get(key)) {
                 Ok(Some(value)) => return Ok(Some(value)),
                 Ok(None) => {}
-                Err(error) => {
-                    self.forget(id);
-                    failures.push(ReplicaFailure {
-                        member: id,
-                        addr: Some(addr),
-                        error,
-                    });
-                }
+                Err(error) => failures.push(self.failed(id, addr, error)),
             }
         }
         if failures.len() == asked {

@@ -135,7 +135,8 @@ fn reads_fail_over_without_errors_when_a_replica_stops() {
         }) => {
             assert_eq!(acked, 1);
             assert_eq!(failures.len(), 1);
-            assert!(failures[0].addr.is_some());
+            assert_eq!(failures[0].addr.ip().to_string(), "127.0.0.1");
+            assert!(failures[0].addr.port() != 0);
         }
         Err(other) => panic!("unexpected {other}"),
     }

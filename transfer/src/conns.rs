@@ -48,6 +48,20 @@ impl OpenConnections {
     }
 }
 
+/// Reads one fixed-size frame into `frame`. `Ok(false)` when the peer closed the connection
+/// before the frame began (a clean end); a close in the middle of a frame is an error.
+pub(crate) fn read_frame_or_end(
+    reader: &mut impl std::io::Read,
+    frame: &mut [u8],
+    action: &'static str,
+) -> Result<bool> {
+    match reader.read_exact(frame) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(source) => Err(Error::Io { action, source }),
+    }
+}
+
 /// A TCP listener with a thread that accepts connections and serves each on a thread of its
 /// own. Dropping it stops accepting, shuts every open connection down and joins the acceptor.
 pub(crate) struct Acceptor {

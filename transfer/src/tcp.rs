@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::conns::Acceptor;
+use crate::conns::{Acceptor, read_frame_or_end};
 use crate::memory::send_from;
 use crate::registry::Registry;
 use crate::wire::{FrameError, REQUEST_BYTES, RESPONSE_BYTES, ReadRequest, ReadResponse, Status};
@@ -62,15 +62,8 @@ fn serve(stream: TcpStream, registry: &Registry) -> Result<()> {
     let mut writer = &stream;
     let mut frame = [0u8; REQUEST_BYTES];
     loop {
-        match reader.read_exact(&mut frame) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => {
-                return Err(Error::Io {
-                    action: "read a request",
-                    source: e,
-                });
-            }
+        if !read_frame_or_end(&mut reader, &mut frame, "read a request")? {
+            return Ok(());
         }
         // A frame that does not decode means the stream is out of step: close it.
         let request = ReadRequest::decode(&frame)?;

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use ibverbs_sys as ffi;
 use parking_lot::Mutex;
 
-use crate::conns::Acceptor;
+use crate::conns::{Acceptor, read_frame_or_end};
 use crate::registry::{Registry, Revoke};
 use crate::wire::{
     ENDPOINT_BYTES, GRANT_BYTES, MAP_REQUEST_BYTES, MapRequest, QpEndpoint, RdmaGrant, Status,
@@ -476,15 +476,8 @@ fn owner_serve(mut stream: TcpStream, grants: &Grants) -> Result<()> {
         .map_err(Error::io("clear the read timeout"))?;
     let mut request = [0u8; MAP_REQUEST_BYTES];
     loop {
-        match stream.read_exact(&mut request) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => {
-                return Err(Error::Io {
-                    action: "read a grant request",
-                    source: e,
-                });
-            }
+        if !read_frame_or_end(&mut stream, &mut request, "read a grant request")? {
+            return Ok(());
         }
         let request = MapRequest::decode(&request)?;
         stream
