@@ -10,19 +10,19 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use mooncake_kv_tiers::{DramConfig, DramTier, HugePageMode, Tier, TierKind};
 use parking_lot::{Condvar, Mutex};
 
-use crate::eviction::{EntryId, EvictionPolicy, new_policy};
+use crate::eviction::{EntryHint, EntryId, EvictionPolicy, new_policy};
 use crate::format::Error as FormatError;
 use crate::format::{self, HEADER_BYTES};
 use crate::index::Index;
-use crate::slot::{DRAM, DramCopy, Locations, NOT_RESIDENT, NVME, NvmeCopy, Slot};
+use crate::slot::{DRAM, DramCopy, Lineage, Locations, NOT_RESIDENT, NVME, NvmeCopy, Slot};
 use crate::store::{BlockWrite, NVME_PAYLOAD_ALIGN, Store, StoreConfig};
 use crate::{EngineConfig, Error, Result, strict_assert};
 
@@ -205,6 +205,15 @@ impl PinnedBlock {
     }
 }
 
+/// A pin without a copy: keeps a block from being evicted or moved for a moment.
+struct Held(Arc<Slot>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.pins.fetch_sub(1, Ordering::Release);
+    }
+}
+
 impl Drop for PinnedBlock {
     fn drop(&mut self) {
         self.slot.pins.fetch_sub(1, Ordering::Release);
@@ -304,9 +313,28 @@ impl Residency {
             }
         };
         debug_assert!(self.slots[id as usize].1.is_none());
+        // The parent's entry, if it is resident here (checked by generation, since ids are
+        // reused).
+        let parent = slot
+            .lineage
+            .parent
+            .as_ref()
+            .and_then(Weak::upgrade)
+            .and_then(|parent| {
+                let parent_id = parent.entries[self.tier].load(Ordering::Relaxed);
+                self.holds(parent_id, parent.generation)
+                    .then_some(parent_id)
+            });
         self.slots[id as usize] = (slot.generation, Some(Arc::clone(slot)));
         slot.entries[self.tier].store(id, Ordering::Relaxed);
-        self.policy.insert(id);
+        self.policy.insert(
+            id,
+            EntryHint {
+                key_hash: slot.hash,
+                parent,
+                depth: slot.lineage.depth,
+            },
+        );
     }
 
     /// Whether `id` currently holds the slot of `generation` (generations are unique, so this
@@ -332,8 +360,15 @@ impl Residency {
         }
     }
 
-    fn pop_victim(&mut self) -> Option<Arc<Slot>> {
-        let id = self.policy.pop_victim()?;
+    /// The next victim among the blocks `evictable` accepts; the others stay, as just used.
+    fn pop_victim(&mut self, evictable: impl Fn(&Slot) -> bool) -> Option<Arc<Slot>> {
+        let slots = &self.slots;
+        let id = self.policy.pop_victim(&mut |id| {
+            slots
+                .get(id as usize)
+                .and_then(|(_, slot)| slot.as_deref())
+                .is_some_and(&evictable)
+        })?;
         Some(self.release(id))
     }
 
@@ -489,7 +524,7 @@ impl Engine {
         if durability == Durability::WriteThrough && inner.store.is_none() {
             return Err(Error::NotPersistent);
         }
-        let slot = inner.put_one(key, value)?;
+        let slot = inner.put_one(key, value, Lineage::default())?;
         let generation = slot.generation;
         inner.after_puts();
         if durability == Durability::WriteThrough {
@@ -537,8 +572,51 @@ impl Engine {
     pub fn put_batch(&self, items: &[(&[u8], &[u8])]) -> Vec<Result<u64>> {
         let results = items
             .iter()
-            .map(|(key, value)| self.inner.put_one(key, value).map(|slot| slot.generation))
+            .map(|(key, value)| {
+                self.inner
+                    .put_one(key, value, Lineage::default())
+                    .map(|slot| slot.generation)
+            })
             .collect();
+        self.inner.after_puts();
+        results
+    }
+
+    /// Puts the blocks of a prefix chain, in order, recording that each follows the one
+    /// before it, and the first follows `parent` (the key of the block before them, if the
+    /// chain continues one the engine may hold). One result per item, in order; a failed item
+    /// does not stop the others.
+    ///
+    /// The links are hints for eviction: with
+    /// [`EvictionPolicyKind::PrefixAware`](crate::EvictionPolicyKind::PrefixAware), a block is not evicted while a block put
+    /// after it is resident, since `prefix_match` could not reach that one without it. They
+    /// cost a pointer and a depth per block, are never persisted, and a block put again
+    /// (with [`put`](Self::put) or here) takes the links of its latest put.
+    pub fn put_chain(&self, parent: Option<&[u8]>, items: &[(&[u8], &[u8])]) -> Vec<Result<u64>> {
+        // The block just put stays pinned while the next one finds room, so the eviction that
+        // makes room cannot take it before its child links to it.
+        let mut previous: Option<Held> = parent
+            .and_then(|key| self.inner.index.get(key))
+            .map(|slot| self.inner.hold(slot));
+        let mut named_parent = parent.is_some();
+        let results = items
+            .iter()
+            .map(|&(key, value)| {
+                let lineage = match previous.as_ref() {
+                    Some(held) => Lineage::child_of(&held.0),
+                    None if named_parent => Lineage::orphan(),
+                    None => Lineage::default(),
+                };
+                named_parent = true;
+                let put = self.inner.put_one(key, value, lineage);
+                previous = None;
+                let slot = put?;
+                let generation = slot.generation;
+                previous = Some(self.inner.hold(slot));
+                Ok(generation)
+            })
+            .collect();
+        drop(previous);
         self.inner.after_puts();
         results
     }
@@ -694,7 +772,7 @@ impl Inner {
             generation,
             DRAM_PAYLOAD_ALIGN,
         )?;
-        self.publish_written(&key, generation, copy, block_len)
+        self.publish_written(&key, generation, copy, block_len, Lineage::default())
     }
 
     /// Makes a block written into `copy` (sealed, `block_len` bytes) the key's block.
@@ -704,6 +782,7 @@ impl Inner {
         generation: u64,
         copy: DramCopy,
         block_len: usize,
+        lineage: Lineage,
     ) -> Result<Arc<Slot>> {
         strict_assert!(format::decode(&copy.bytes()[..block_len]).is_ok());
         let header = format::decode_header(copy.bytes())?;
@@ -717,13 +796,14 @@ impl Inner {
                 dram: Some(Arc::new(copy)),
                 nvme: None,
             },
+            lineage,
         ));
         self.publish(&slot);
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
         Ok(slot)
     }
 
-    fn put_one(&self, key: &[u8], value: &[u8]) -> Result<Arc<Slot>> {
+    fn put_one(&self, key: &[u8], value: &[u8], lineage: Lineage) -> Result<Arc<Slot>> {
         format::check_key(key)?;
         format::check_value(value)?;
         let block_len = format::encoded_len(key.len(), value.len(), DRAM_PAYLOAD_ALIGN);
@@ -736,7 +816,7 @@ impl Inner {
         let written =
             format::encode_into(copy.bytes_mut(), key, value, generation, DRAM_PAYLOAD_ALIGN)?;
         strict_assert!(written == block_len);
-        self.publish_written(key, generation, copy, block_len)
+        self.publish_written(key, generation, copy, block_len, lineage)
     }
 
     /// Makes a written slot visible. If a concurrent put of the same key already published a
@@ -926,28 +1006,28 @@ impl Inner {
     /// it is evicted. Returns the bytes of the DRAM extents let go of.
     fn free_dram(&self, target_bytes: u64) -> u64 {
         let mut freed = 0;
-        // Pinned blocks are skipped and put back as recently used; stop once every block that
-        // was resident at the start has been looked at, so an all-pinned tier ends the loop.
+        // The policy passes over pinned blocks (they stay, as recently used) and reports when
+        // nothing it holds may go. A victim pinned after it was chosen goes back, so stop once
+        // as many victims as there were blocks at the start have been taken.
         let mut budget = self.residency[DRAM].lock().policy.len();
         while freed < target_bytes && budget > 0 {
             let mut victims = Vec::with_capacity(BATCH);
             {
+                // Without NVMe, take victims until their extents cover what is still needed,
+                // no more: an eviction is a block that will miss later. With NVMe, a whole
+                // batch: demoted blocks still hit there, and a batch shares one data sync and
+                // one metadata commit.
+                let mut planned = freed;
+                let exact = self.store.is_none();
                 let mut residency = self.residency[DRAM].lock();
-                let mut skipped = Vec::new();
-                while victims.len() < BATCH && budget > 0 {
-                    let Some(slot) = residency.pop_victim() else {
+                while victims.len() < BATCH && budget > 0 && !(exact && planned >= target_bytes) {
+                    let Some(slot) = residency.pop_victim(|slot| !slot.is_pinned()) else {
                         budget = 0;
                         break;
                     };
                     budget -= 1;
-                    if slot.is_pinned() {
-                        skipped.push(slot)
-                    } else {
-                        victims.push(slot)
-                    }
-                }
-                for slot in &skipped {
-                    residency.insert(slot);
+                    planned += slot.dram().map_or(0, |copy| copy.extent_len_bytes());
+                    victims.push(slot);
                 }
             }
             if victims.is_empty() {
@@ -1177,7 +1257,9 @@ impl Inner {
             let mut residency = self.residency[NVME].lock();
             let mut bytes = 0;
             while bytes < target_bytes {
-                let Some(slot) = residency.pop_victim() else {
+                // An NVMe copy being read holds its extent until the read ends; pins are about
+                // DRAM.
+                let Some(slot) = residency.pop_victim(|_| true) else {
                     break;
                 };
                 bytes += slot.nvme().map_or(0, |c| c.entry.extent_len_bytes);
@@ -1425,6 +1507,13 @@ impl Inner {
         self.counters.promotions.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Pins `slot` where it is (under its shard's read lock, as [`pin`](Self::pin) does).
+    fn hold(&self, slot: Arc<Slot>) -> Held {
+        let _shard = self.index.shard(slot.hash).read();
+        slot.pins.fetch_add(1, Ordering::AcqRel);
+        Held(slot)
+    }
+
     fn pin(&self, key: &[u8]) -> Result<Option<PinnedBlock>> {
         // Bytes the block needs in DRAM, for the error if it never gets there.
         let mut needed_bytes = 0;
@@ -1587,6 +1676,8 @@ impl Inner {
                     copy.entry.payload_len,
                     copy.entry.payload_crc32,
                     Locations { dram: None, nvme: Some(copy) },
+                    // Links are not persisted: after a restart every block starts unlinked.
+                    Lineage::default(),
                 ));
                 slots.push(slot);
             },

@@ -1,7 +1,7 @@
 //! A block the engine holds: its identity, and the copies of it on each tier.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
 
 use mooncake_kv_tiers::{DramTier, Extent, NvmeTier, Tier};
 use parking_lot::RwLock;
@@ -36,6 +36,37 @@ pub(crate) struct Slot {
     /// This slot's id in each tier's residency table, or [`NOT_RESIDENT`].
     pub(crate) entries: [AtomicU32; 2],
     pub(crate) locations: RwLock<Locations>,
+    /// Where the block sits in its prefix chain, for the eviction policies.
+    pub(crate) lineage: Lineage,
+}
+
+/// A block's place in its prefix chain, as far as the engine knows.
+#[derive(Debug, Default)]
+pub(crate) struct Lineage {
+    /// The parent block as it was when this one was put (the previous block of the chain).
+    /// Weak: a child never keeps its parent's bytes or key alive.
+    pub(crate) parent: Option<Weak<Slot>>,
+    /// Blocks before this one in the chain: 0 for a head or an unlinked block; 1 when the
+    /// parent was named but not held.
+    pub(crate) depth: u32,
+}
+
+impl Lineage {
+    /// The lineage of a child of `parent`.
+    pub(crate) fn child_of(parent: &Arc<Slot>) -> Self {
+        Self {
+            parent: Some(Arc::downgrade(parent)),
+            depth: parent.lineage.depth.saturating_add(1),
+        }
+    }
+
+    /// The lineage of a block whose parent was named but is not held.
+    pub(crate) fn orphan() -> Self {
+        Self {
+            parent: None,
+            depth: 1,
+        }
+    }
 }
 
 /// The copies of a block. At least one is present while the block is in the index.
@@ -53,6 +84,7 @@ impl Slot {
         payload_len: u32,
         payload_crc32: u32,
         locations: Locations,
+        lineage: Lineage,
     ) -> Self {
         Self {
             key: key.into(),
@@ -63,6 +95,7 @@ impl Slot {
             pins: AtomicU32::new(0),
             entries: [AtomicU32::new(NOT_RESIDENT), AtomicU32::new(NOT_RESIDENT)],
             locations: RwLock::new(locations),
+            lineage,
         }
     }
 

@@ -1,18 +1,22 @@
-//! Eviction under pressure: the coldest blocks go first, usage returns under the low watermark
-//! once it passes the high one, a pinned block is never evicted however cold it is, and a put
+//! Eviction under pressure, with every policy: the coldest blocks go first, usage returns under
+//! the low watermark once it passes the high one and no further, a pinned block is never
+//! evicted however cold it is, a chain loses its tail before its head (prefix-aware), and a put
 //! that cannot fit because everything is pinned gets `NoSpace` at once instead of blocking.
 //! A pinned block evicted under a reader would hand a GPU copy freed memory; a put that blocks
-//! would stall a serving engine.
+//! would stall a serving engine; an eviction beyond the low watermark is a miss for nothing.
 
-use mooncake_kv_engine::{Engine, EngineConfig, Error};
+use std::time::{Duration, Instant};
+
+use mooncake_kv_engine::{Engine, EngineConfig, Error, EvictionPolicyKind};
 
 const BLOCK: usize = 64 << 10;
 
-fn engine(capacity_bytes: u64) -> Engine {
+fn engine(capacity_bytes: u64, policy: EvictionPolicyKind) -> Engine {
     Engine::open(EngineConfig {
         dram_capacity_bytes: capacity_bytes,
         high_watermark_percent: 90,
         low_watermark_percent: 70,
+        eviction_policy: policy,
         ..EngineConfig::default()
     })
     .expect("open")
@@ -24,35 +28,49 @@ fn key(i: usize) -> Vec<u8> {
 
 #[test]
 fn coldest_blocks_go_first_and_usage_returns_under_the_low_watermark() -> Result<(), Error> {
+    for policy in EvictionPolicyKind::ALL {
+        coldest_blocks_go_first(policy)?;
+    }
+    Ok(())
+}
+
+fn coldest_blocks_go_first(policy: EvictionPolicyKind) -> Result<(), Error> {
     let capacity = 4 << 20;
-    let engine = engine(capacity);
+    let engine = engine(capacity, policy);
     let value = vec![9u8; BLOCK];
     // About 63 blocks fit; put 200 and keep touching block 0 so it stays warm.
     for i in 0..200 {
         engine.put(&key(i), &value)?;
         assert!(
             engine.get(&key(0))?.is_some(),
-            "the block in use must stay (put {i})"
+            "{policy}: the block in use must stay (put {i})"
         );
         let used = engine.stats().tiers[0].used_bytes;
         assert!(
             used <= capacity * 90 / 100,
-            "above the high watermark after put {i}: {used}"
+            "{policy}: above the high watermark after put {i}: {used}"
         );
     }
     let stats = engine.stats();
     assert!(stats.tiers[0].evictions > 100);
     // The most recent puts are all present; the oldest untouched ones are gone.
-    for i in 190..200 {
-        assert!(engine.exists(&key(i)), "recent block {i} evicted");
+    for i in 198..200 {
+        assert!(engine.exists(&key(i)), "{policy}: recent block {i} evicted");
     }
-    assert!(!engine.exists(&key(1)));
+    assert!(!engine.exists(&key(1)), "{policy}");
     Ok(())
 }
 
 #[test]
 fn pinned_blocks_are_never_evicted() -> Result<(), Error> {
-    let engine = engine(4 << 20);
+    for policy in EvictionPolicyKind::ALL {
+        pinned_blocks_stay(policy)?;
+    }
+    Ok(())
+}
+
+fn pinned_blocks_stay(policy: EvictionPolicyKind) -> Result<(), Error> {
+    let engine = engine(4 << 20, policy);
     let value = vec![5u8; BLOCK];
     for i in 0..10 {
         engine.put(&key(i), &value)?;
@@ -65,17 +83,25 @@ fn pinned_blocks_are_never_evicted() -> Result<(), Error> {
         engine.put(&key(i), &value)?;
     }
     for (i, pin) in pins.iter().enumerate() {
-        assert!(engine.exists(&key(i)), "pinned block {i} was evicted");
+        assert!(
+            engine.exists(&key(i)),
+            "{policy}: pinned block {i} was evicted"
+        );
         assert_eq!(pin.payload(), &value[..]);
         assert_eq!(engine.get(&key(i))?.as_deref(), Some(&value[..]));
     }
-    assert!(!engine.exists(&key(5)), "unpinned cold blocks do go");
+    assert!(
+        !engine.exists(&key(5)),
+        "{policy}: unpinned cold blocks do go"
+    );
     drop(pins);
-    // Unpinned, they are ordinary blocks again.
-    for i in 1000..1200 {
+    // Unpinned, they are ordinary blocks again: enough blocks used twice go through that
+    // every policy lets them go (the frequency-aware ones remember they were used).
+    for i in 1000..21000 {
         engine.put(&key(i), &value)?;
+        engine.get(&key(i))?;
     }
-    assert!((0..5).all(|i| !engine.exists(&key(i))));
+    assert!((0..5).all(|i| !engine.exists(&key(i))), "{policy}");
     Ok(())
 }
 
@@ -125,5 +151,122 @@ fn no_space_when_everything_is_pinned() -> Result<(), Error> {
     // Letting one go makes room again.
     pins.pop();
     engine.put(b"after", &value)?;
+    Ok(())
+}
+
+/// The background reclaimer brings usage under the low watermark and stops there: it never
+/// lets go of more than one block beyond what it must. A put into a full tier (no watermark
+/// eviction) evicts exactly one block of its size.
+#[test]
+fn eviction_stops_at_the_low_watermark() -> Result<(), Error> {
+    for policy in EvictionPolicyKind::ALL {
+        let capacity = 8u64 << 20;
+        let engine = engine(capacity, policy);
+        let value = vec![3u8; BLOCK];
+        let mut i = 0;
+        while engine.stats().tiers[0].evictions == 0 {
+            engine.put(&key(i), &value)?;
+            i += 1;
+            assert!(i < 1000, "{policy}: never evicted");
+        }
+        // Let the reclaimer finish its pass.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = engine.stats().tiers[0].evictions;
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = engine.stats().tiers[0].evictions;
+            if now == last || Instant::now() > deadline {
+                break;
+            }
+            last = now;
+        }
+        let tier = &engine.stats().tiers[0];
+        let extent = tier.used_bytes / tier.blocks;
+        let low = capacity * 70 / 100;
+        assert!(
+            tier.used_bytes <= low,
+            "{policy}: {} above the low mark",
+            tier.used_bytes
+        );
+        assert!(
+            tier.used_bytes + extent > low,
+            "{policy}: evicted past the low mark: {} used, low {low}, block {extent}",
+            tier.used_bytes
+        );
+        assert_eq!(tier.evictions + tier.blocks, i as u64, "{policy}");
+    }
+
+    for policy in EvictionPolicyKind::ALL {
+        let engine = Engine::open(EngineConfig {
+            dram_capacity_bytes: 4 << 20,
+            high_watermark_percent: 100,
+            low_watermark_percent: 99,
+            eviction_policy: policy,
+            ..EngineConfig::default()
+        })?;
+        let value = vec![4u8; BLOCK];
+        let mut i = 0;
+        while engine.stats().tiers[0].evictions == 0 {
+            engine.put(&key(i), &value)?;
+            i += 1;
+        }
+        for _ in 0..50 {
+            let before = engine.stats().tiers[0].evictions;
+            engine.put(&key(i), &value)?;
+            i += 1;
+            let after = engine.stats().tiers[0].evictions;
+            assert_eq!(
+                after - before,
+                1,
+                "{policy}: one put of one block's size evicts one block"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// With chain links, a prefix loses its tail before its head, whatever the order of use: a
+/// head evicted first would make the rest of the chain unreachable by `prefix_match`.
+#[test]
+fn prefix_aware_evicts_chains_from_the_tail() -> Result<(), Error> {
+    let engine = Engine::open(EngineConfig {
+        dram_capacity_bytes: 4 << 20,
+        high_watermark_percent: 100,
+        low_watermark_percent: 99,
+        eviction_policy: EvictionPolicyKind::PrefixAware,
+        ..EngineConfig::default()
+    })?;
+    let value = vec![6u8; BLOCK];
+    let chain_key = |chain: usize, block: usize| format!("c{chain}-b{block}").into_bytes();
+    // Chains of 8 blocks; 4 MiB holds about 62 blocks, so the engine keeps evicting.
+    for chain in 0..40 {
+        let keys: Vec<Vec<u8>> = (0..8).map(|b| chain_key(chain, b)).collect();
+        let items: Vec<(&[u8], &[u8])> = keys
+            .iter()
+            .map(|k| (k.as_slice(), value.as_slice()))
+            .collect();
+        for result in engine.put_chain(None, &items) {
+            result?;
+        }
+        // Every chain still resident is a prefix: present blocks are a head, never a tail
+        // whose head is gone.
+        for c in 0..=chain {
+            let present: Vec<bool> = (0..8).map(|b| engine.exists(&chain_key(c, b))).collect();
+            let held = present.iter().take_while(|&&p| p).count();
+            assert!(
+                present[held..].iter().all(|&p| !p),
+                "chain {c} after putting chain {chain}: {present:?}"
+            );
+        }
+    }
+    // A chain continued from a cached head: the new blocks link to it.
+    let head = chain_key(39, 7);
+    assert!(engine.exists(&head));
+    let tail = chain_key(39, 8);
+    let results = engine.put_chain(Some(&head), &[(&tail, &value)]);
+    assert!(results[0].is_ok());
+    let keys: Vec<Vec<u8>> = (0..9).map(|b| chain_key(39, b)).collect();
+    let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    assert_eq!(engine.prefix_match(&refs), 9);
     Ok(())
 }

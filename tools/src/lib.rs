@@ -2,6 +2,7 @@
 //! self-describing values the crash test writes.
 
 pub mod bench;
+pub mod replay;
 
 /// Shows a key as text when it is printable UTF-8, else as `0x` and hex.
 pub fn display_key(key: &[u8]) -> String {

@@ -100,6 +100,11 @@ enum Command {
     /// Load a running node: gets and puts of self-checking values from several threads; prints
     /// throughput and latency quantiles, and how many values came back wrong (must be 0).
     Bench(BenchArgs),
+    /// Replay a prefix-reuse trace (JSON lines: input_length and hash_ids per request, in
+    /// arrival order) against an embedded engine with each eviction policy and capacity, and
+    /// print the prefix hit ratio in blocks and tokens, per tier, next to LRU and Belady's MIN
+    /// computed offline on the same trace. No node is involved.
+    Replay(ReplayArgs),
     /// Summary of a stopped node's data directory: node id, format version, blocks, bytes,
     /// free space, and orphans (blocks written but never committed, reclaimed on open).
     Inspect {
@@ -127,6 +132,38 @@ enum Command {
         /// The node's data directory.
         dir: PathBuf,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct ReplayArgs {
+    /// The trace file.
+    trace: PathBuf,
+    /// Capacities to try, in percent of the trace's distinct blocks.
+    #[arg(long, value_delimiter = ',', default_value = "2,5,10")]
+    capacity_percent: Vec<f64>,
+    /// Policies to try: lru, s3-fifo, prefix-aware.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "lru,s3-fifo,prefix-aware"
+    )]
+    policy: Vec<mooncake_kv_engine::EvictionPolicyKind>,
+    /// Payload bytes per block in the engine (the trace's blocks scaled down to fit).
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u64).range(64..=8 << 20))]
+    block_bytes: u64,
+    /// Tokens in a full block of the trace.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    tokens_per_block: u64,
+    /// Also give the engine an NVMe tier holding this percentage of the distinct blocks
+    /// (below the DRAM capacity), in a fresh directory under --nvme-dir; 0: DRAM only.
+    #[arg(long, default_value_t = 0.0)]
+    nvme_percent: f64,
+    /// Where the NVMe tier's data directories go (each run's is removed afterwards).
+    #[arg(long, default_value = ".")]
+    nvme_dir: PathBuf,
+    /// Only simulate the policies on block ids; skip the engine.
+    #[arg(long)]
+    simulate_only: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -170,6 +207,10 @@ struct BenchArgs {
     /// same size one request at a time (the reference for tcp reads), and print the ratio.
     #[arg(long)]
     tcp_reference: bool,
+    /// Instead of loading a node, replay this prefix trace against an embedded engine with
+    /// the defaults of `kvctl replay` (which has the options).
+    #[arg(long)]
+    trace: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -247,7 +288,20 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             online::print_flags(cli, texts, &present, "present", "absent");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(args) => online::bench(cli, args),
+        Command::Bench(args) => match &args.trace {
+            Some(trace) => {
+                /// `kvctl replay`'s arguments alone, to get its defaults.
+                #[derive(Parser)]
+                struct Defaults {
+                    #[command(flatten)]
+                    args: ReplayArgs,
+                }
+                let defaults = Defaults::parse_from(["replay".as_ref(), trace.as_os_str()]);
+                replay_cmd::run(cli, &defaults.args)
+            }
+            None => online::bench(cli, args),
+        },
+        Command::Replay(args) => replay_cmd::run(cli, args),
         Command::Inspect { dir } => {
             let summary = open(dir)?.summary()?;
             if cli.json {
@@ -775,6 +829,184 @@ mod online {
         }
         bar.set_message(what);
         bar
+    }
+}
+
+mod replay_cmd {
+    use super::*;
+    use mooncake_kv_tools::replay::{self, EngineReplay, Trace};
+
+    pub(super) fn run(cli: &Cli, args: &ReplayArgs) -> anyhow::Result<ExitCode> {
+        let trace = Trace::load(&args.trace, args.tokens_per_block)?;
+        let unique = trace.unique_blocks();
+        let ceiling = trace.ceiling();
+        let quiet = cli.json || !std::io::stderr().is_terminal();
+        if !cli.json {
+            println!(
+                "trace {}: {} requests, {} block references, {unique} distinct blocks; an \
+                 unbounded cache hits {:.1}% of blocks, {:.1}% of tokens",
+                args.trace.display(),
+                trace.requests.len(),
+                trace.block_refs(),
+                100.0 * ceiling.block_ratio(),
+                100.0 * ceiling.token_ratio()
+            );
+            println!(
+                "engine: {} B payloads, DRAM{}; hits read back and checked",
+                args.block_bytes,
+                if args.nvme_percent > 0.0 {
+                    format!(" + NVMe for {}% of distinct blocks", args.nvme_percent)
+                } else {
+                    " only".to_owned()
+                }
+            );
+            println!(
+                "\n{:>14}  {:<16} {:>8} {:>8} {:>9} {:>9} {:>10} {:>7}",
+                "capacity",
+                "policy",
+                "blocks",
+                "tokens",
+                "dram hit",
+                "nvme hit",
+                "simulated",
+                "secs"
+            );
+        }
+        let mut rows = Vec::new();
+        let mut wrong = 0;
+        for &percent in &args.capacity_percent {
+            anyhow::ensure!(
+                percent > 0.0 && percent <= 100.0,
+                "capacity {percent}% is not in (0, 100]"
+            );
+            let capacity = ((unique as f64 * percent / 100.0) as usize).max(1);
+            let label = format!("{percent}% ({capacity})");
+            for (name, hits) in [
+                ("belady (MIN)", replay::belady(&trace, capacity)),
+                (
+                    "lru (offline)",
+                    replay::simulate(
+                        &trace,
+                        mooncake_kv_engine::EvictionPolicyKind::Lru,
+                        capacity,
+                    ),
+                ),
+            ] {
+                print_row(cli, &label, name, &hits, None, None);
+                rows.push(json!({"capacity_percent": percent, "capacity_blocks": capacity, "policy": name, "offline": hits}));
+            }
+            for &policy in &args.policy {
+                let simulated = replay::simulate(&trace, policy, capacity);
+                if args.simulate_only {
+                    print_row(cli, &label, policy.name(), &simulated, None, None);
+                    rows.push(json!({"capacity_percent": percent, "capacity_blocks": capacity, "policy": policy.name(), "simulated": simulated}));
+                    continue;
+                }
+                let nvme_dir = (args.nvme_percent > 0.0).then(|| {
+                    args.nvme_dir.join(format!(
+                        "kvctl-replay-{}-{policy}-{percent}",
+                        std::process::id()
+                    ))
+                });
+                let setup = EngineReplay {
+                    policy,
+                    dram_blocks: capacity,
+                    block_bytes: args.block_bytes as usize,
+                    nvme: nvme_dir.clone().map(|dir| {
+                        (
+                            dir,
+                            ((unique as f64 * args.nvme_percent / 100.0) as usize).max(1),
+                        )
+                    }),
+                };
+                let bar = progress_bar(trace.requests.len() as u64, quiet);
+                let result = replay::replay_engine(&trace, &setup, |n| bar.set_position(n as u64));
+                bar.finish_and_clear();
+                if let Some(dir) = &nvme_dir {
+                    // Best effort: the directory is ours and only holds replay blocks.
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                let result = result?;
+                wrong += result.wrong_blocks;
+                print_row(
+                    cli,
+                    &label,
+                    policy.name(),
+                    &result.hits,
+                    Some(&result),
+                    Some(&simulated),
+                );
+                rows.push(json!({
+                    "capacity_percent": percent,
+                    "capacity_blocks": capacity,
+                    "policy": policy.name(),
+                    "engine": result,
+                    "simulated": simulated,
+                }));
+            }
+        }
+        if cli.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "trace": args.trace,
+                    "requests": trace.requests.len(),
+                    "block_refs": trace.block_refs(),
+                    "distinct_blocks": unique,
+                    "ceiling": ceiling,
+                    "block_bytes": args.block_bytes,
+                    "nvme_percent": args.nvme_percent,
+                    "rows": rows,
+                }))?
+            );
+        } else if wrong > 0 {
+            println!("\n{wrong} hit blocks came back with the wrong bytes");
+        }
+        Ok(if wrong > 0 {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        })
+    }
+
+    fn progress_bar(len: u64, quiet: bool) -> ProgressBar {
+        if quiet {
+            return ProgressBar::hidden();
+        }
+        ProgressBar::new(len).with_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} requests {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        )
+    }
+
+    fn print_row(
+        cli: &Cli,
+        capacity: &str,
+        policy: &str,
+        hits: &replay::Hits,
+        engine: Option<&replay::EngineHits>,
+        simulated: Option<&replay::Hits>,
+    ) {
+        if cli.json {
+            return;
+        }
+        let pct = |x: f64| format!("{:.1}%", 100.0 * x);
+        let share = |n: u64| {
+            pct(if hits.blocks == 0 {
+                0.0
+            } else {
+                n as f64 / hits.blocks as f64
+            })
+        };
+        println!(
+            "{capacity:>14}  {policy:<16} {:>8} {:>8} {:>9} {:>9} {:>10} {:>7}",
+            pct(hits.block_ratio()),
+            pct(hits.token_ratio()),
+            engine.map_or("-".into(), |e| share(e.dram_hit_blocks)),
+            engine.map_or("-".into(), |e| share(e.nvme_hit_blocks)),
+            simulated.map_or("-".into(), |s| pct(s.block_ratio())),
+            engine.map_or("-".into(), |e| format!("{:.1}", e.seconds)),
+        );
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use mooncake_kv_engine::EngineConfig;
+use mooncake_kv_engine::{EngineConfig, EvictionPolicyKind};
 use mooncake_kv_replication::membership::StaticConfig;
 use mooncake_kv_replication::repair::RepairConfig;
 use mooncake_kv_replication::{Node, NodeConfig, NodeMetrics};
@@ -54,6 +54,10 @@ struct Cli {
     /// NVMe data file size in MiB (fixed when the directory is created).
     #[arg(long)]
     nvme_mib: Option<u64>,
+    /// Which blocks leave a full tier first: prefix-aware (the default: a chain's tail before
+    /// its head, blocks used again before one-offs), s3-fifo or lru.
+    #[arg(long)]
+    eviction_policy: Option<EvictionPolicyKind>,
     /// File holding the shared secret clients must present (trailing newline ignored).
     #[arg(long)]
     token_file: Option<PathBuf>,
@@ -95,6 +99,7 @@ struct FileConfig {
     memory_only: Option<bool>,
     dram_mib: Option<u64>,
     nvme_mib: Option<u64>,
+    eviction_policy: Option<String>,
     token_file: Option<PathBuf>,
     shm: Option<bool>,
     lease_ms: Option<u64>,
@@ -206,6 +211,11 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
             ..RepairConfig::default()
         })
     };
+    let eviction_policy = match (cli.eviction_policy, &file.eviction_policy) {
+        (Some(kind), _) => kind,
+        (None, Some(name)) => name.parse().context("bad eviction_policy in the config")?,
+        (None, None) => EvictionPolicyKind::default(),
+    };
     let metrics_listen = cli
         .metrics_listen
         .clone()
@@ -226,6 +236,7 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
             engine: EngineConfig {
                 dram_capacity_bytes: mib(cli.dram_mib, file.dram_mib, 256, "dram_mib")?,
                 nvme_capacity_bytes: mib(cli.nvme_mib, file.nvme_mib, 1024, "nvme_mib")?,
+                eviction_policy,
                 data_dir,
                 ..EngineConfig::default()
             },
@@ -354,6 +365,10 @@ mod tests {
             Some(std::path::Path::new("mooncake-data"))
         );
         assert_eq!(s.node.engine.dram_capacity_bytes, 256 << 20);
+        assert_eq!(
+            s.node.engine.eviction_policy,
+            EvictionPolicyKind::PrefixAware
+        );
         assert!(s.node.token.is_none());
         assert!(s.node.shm_path.is_some());
     }
@@ -372,6 +387,18 @@ mod tests {
         assert_eq!(s.node.engine.dram_capacity_bytes, 32 << 20);
         assert_eq!(s.node.listen, "127.0.0.1:9000");
         assert!(s.node.shm_path.is_none());
+        std::fs::write(&file, "eviction_policy = \"s3-fifo\"\n").unwrap();
+        let s = settings(&cli(&["--config", path])).unwrap();
+        assert_eq!(s.node.engine.eviction_policy, EvictionPolicyKind::S3Fifo);
+        let s = settings(&cli(&["--config", path, "--eviction-policy", "lru"])).unwrap();
+        assert_eq!(s.node.engine.eviction_policy, EvictionPolicyKind::Lru);
+        std::fs::write(&file, "eviction_policy = \"arc\"\n").unwrap();
+        let error = settings(&cli(&["--config", path])).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("lru, s3-fifo, prefix-aware"),
+            "{error:#}"
+        );
+        assert!(Cli::try_parse_from(["mooncake-kvd", "--eviction-policy", "arc"]).is_err());
         std::fs::write(&file, "dram_mb = 64\n").unwrap();
         let error = settings(&cli(&["--config", path])).unwrap_err();
         assert!(format!("{error:#}").contains("dram_mb"), "{error:#}");

@@ -1,0 +1,292 @@
+//! The eviction seam: which resident block goes first when space is needed.
+//!
+//! A policy orders entries it is told about and hands back the coldest on request. It knows
+//! nothing of bytes or pins: the engine tells it about every insert (with the block's key
+//! hash and, for a block put as part of a prefix chain, its parent and depth), access and
+//! removal, and asks for victims with a predicate that refuses pinned blocks. Policies are
+//! single-threaded; the engine serialises calls.
+//!
+//! Entries are small integers ([`EntryId`]) chosen by the engine and reused after removal, so
+//! a policy keeps its state in flat arrays: no allocation per access, no hashing per access
+//! (the prefix-aware policy hashes into its frequency sketch, nothing else does).
+//!
+//! Three policies:
+//! - [`Lru`]: least recently used, the baseline;
+//! - [`S3Fifo`]: S3-FIFO (Yang et al., SOSP 2023): new blocks wait in a small FIFO queue and
+//!   only those used again there move to the main queue; a ghost queue of recently evicted
+//!   key hashes sends a returning block straight to main. Scan resistant.
+//! - [`PrefixAware`]: never evicts a block while a resident child depends on it (a prefix
+//!   is only useful from its head, so a cached tail whose head is gone is dead weight), and
+//!   among leaves weighs recency, frequency (a count-min sketch of key hashes that outlives
+//!   residency) and depth in the chain (deeper blocks go first).
+
+use std::fmt;
+use std::str::FromStr;
+
+mod lists;
+mod lru;
+mod prefix;
+mod s3fifo;
+
+pub use lru::Lru;
+pub use prefix::PrefixAware;
+pub use s3fifo::S3Fifo;
+
+/// Which policy to run. Chosen in [`EngineConfig`](crate::EngineConfig); parsed from
+/// `lru`, `s3-fifo` and `prefix-aware`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum EvictionPolicyKind {
+    /// Least recently used.
+    Lru,
+    /// S3-FIFO: a small probationary FIFO, a main FIFO with reinsertion, a ghost queue.
+    S3Fifo,
+    /// Chain aware: leaves first, by recency, frequency and depth. The default: it keeps the
+    /// most prefix hits on the production trace (see the README's eviction section).
+    #[default]
+    PrefixAware,
+}
+
+impl EvictionPolicyKind {
+    /// Every policy, in the order of their names in [`EvictionPolicyKind::NAMES`].
+    pub const ALL: [Self; 3] = [Self::Lru, Self::S3Fifo, Self::PrefixAware];
+    /// The names [`FromStr`] accepts.
+    pub const NAMES: [&'static str; 3] = ["lru", "s3-fifo", "prefix-aware"];
+
+    /// The policy's name, as parsed.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Lru => Self::NAMES[0],
+            Self::S3Fifo => Self::NAMES[1],
+            Self::PrefixAware => Self::NAMES[2],
+        }
+    }
+}
+
+impl fmt::Display for EvictionPolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An eviction policy name that is not one of [`EvictionPolicyKind::NAMES`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown eviction policy {0:?}: expected one of lru, s3-fifo, prefix-aware")]
+pub struct UnknownPolicy(pub String);
+
+impl FromStr for EvictionPolicyKind {
+    type Err = UnknownPolicy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| UnknownPolicy(s.to_owned()))
+    }
+}
+
+/// Dense identifier of a resident entry, assigned by the engine.
+pub type EntryId = u32;
+
+/// What the engine knows about an entry when it becomes resident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EntryHint {
+    /// A stable 64-bit hash of the block's key: the same key gives the same hash across
+    /// evictions, so a policy can remember keys it let go of.
+    pub key_hash: u64,
+    /// The entry of the block's parent (the previous block of its prefix chain) when the
+    /// parent is resident in the same tier. The parent was inserted before the child.
+    pub parent: Option<EntryId>,
+    /// Blocks before this one in its chain, as far as the engine knows (0: a chain's head or
+    /// an unlinked block).
+    pub depth: u32,
+}
+
+/// Orders resident entries for eviction.
+pub trait EvictionPolicy: Send + fmt::Debug {
+    /// A new entry became resident. `id` is not currently tracked.
+    fn insert(&mut self, id: EntryId, hint: EntryHint);
+    /// A tracked entry was used.
+    fn access(&mut self, id: EntryId);
+    /// A tracked entry left for a reason of its own (removed, overwritten).
+    fn remove(&mut self, id: EntryId);
+    /// Removes and returns the entry to evict first among those `evictable` accepts, or
+    /// `None` when no tracked entry is accepted. An entry `evictable` refuses stays tracked,
+    /// treated as just used; each call looks at every tracked entry a bounded number of times.
+    fn pop_victim(&mut self, evictable: &mut dyn FnMut(EntryId) -> bool) -> Option<EntryId>;
+    /// Number of tracked entries.
+    fn len(&self) -> usize;
+    /// Whether nothing is tracked.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes of bookkeeping the policy holds now (per-entry arrays, queues, sketches).
+    fn memory_bytes(&self) -> usize;
+}
+
+/// Builds the policy a config names.
+pub fn new_policy(kind: EvictionPolicyKind) -> Box<dyn EvictionPolicy> {
+    match kind {
+        EvictionPolicyKind::Lru => Box::new(Lru::default()),
+        EvictionPolicyKind::S3Fifo => Box::new(S3Fifo::default()),
+        EvictionPolicyKind::PrefixAware => Box::new(PrefixAware::default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    /// What a test knows about a tracked entry.
+    #[derive(Debug, Clone, Copy)]
+    struct Tracked {
+        incarnation: u64,
+        parent: Option<(EntryId, u64)>,
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Insert `id` (if not tracked) as a child of a tracked entry picked by the second
+        /// number, or as a head.
+        Insert(EntryId, Option<u8>),
+        Access(EntryId),
+        Remove(EntryId),
+        /// Ask for a victim; entries whose id is a multiple of the number are pinned.
+        Pop(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u32..48, proptest::option::of(any::<u8>())).prop_map(|(id, p)| Op::Insert(id, p)),
+            2 => (0u32..48).prop_map(Op::Access),
+            1 => (0u32..48).prop_map(Op::Remove),
+            3 => (2u8..8).prop_map(Op::Pop),
+        ]
+    }
+
+    /// Runs `ops` against `kind` and a model, checking what every policy promises: the
+    /// count, that a victim is tracked and accepted, that `None` means nothing could go, and
+    /// for the prefix-aware policy that no victim has a resident child.
+    fn check(kind: EvictionPolicyKind, ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let mut policy = new_policy(kind);
+        let mut model: HashMap<EntryId, Tracked> = HashMap::new();
+        let mut incarnations = 0u64;
+        let has_resident_child = |model: &HashMap<EntryId, Tracked>, id: EntryId| {
+            let me = model[&id].incarnation;
+            model.values().any(|t| t.parent == Some((id, me)))
+        };
+        for op in ops {
+            match op {
+                Op::Insert(id, parent) => {
+                    if model.contains_key(&id) {
+                        continue;
+                    }
+                    let mut tracked: Vec<EntryId> = model.keys().copied().collect();
+                    tracked.sort_unstable();
+                    let parent = parent
+                        .filter(|_| !tracked.is_empty())
+                        .map(|p| tracked[usize::from(p) % tracked.len()]);
+                    incarnations += 1;
+                    let depth = parent.map_or(0, |_| 1);
+                    policy.insert(
+                        id,
+                        EntryHint {
+                            key_hash: u64::from(id) * 7919,
+                            parent,
+                            depth,
+                        },
+                    );
+                    model.insert(
+                        id,
+                        Tracked {
+                            incarnation: incarnations,
+                            parent: parent.map(|p| (p, model[&p].incarnation)),
+                        },
+                    );
+                }
+                Op::Access(id) if model.contains_key(&id) => policy.access(id),
+                Op::Remove(id) if model.contains_key(&id) => {
+                    policy.remove(id);
+                    model.remove(&id);
+                }
+                Op::Pop(pin_every) => {
+                    let pinned = |id: EntryId| id % u32::from(pin_every) == 0;
+                    let mut asked = Vec::new();
+                    let victim = policy.pop_victim(&mut |id| {
+                        asked.push(id);
+                        !pinned(id)
+                    });
+                    for id in &asked {
+                        prop_assert!(model.contains_key(id), "{kind}: asked about untracked {id}");
+                    }
+                    let leaf_rule = kind == EvictionPolicyKind::PrefixAware;
+                    match victim {
+                        Some(id) => {
+                            prop_assert!(
+                                model.contains_key(&id),
+                                "{kind}: victim {id} not tracked"
+                            );
+                            prop_assert!(!pinned(id), "{kind}: pinned {id} chosen");
+                            if leaf_rule {
+                                prop_assert!(
+                                    !has_resident_child(&model, id),
+                                    "{kind}: {id} evicted before its child"
+                                );
+                            }
+                            model.remove(&id);
+                        }
+                        None => {
+                            let could_go = model.keys().any(|&id| {
+                                !(pinned(id) || leaf_rule && has_resident_child(&model, id))
+                            });
+                            prop_assert!(
+                                !could_go,
+                                "{kind}: nothing chosen though something could go"
+                            );
+                        }
+                    }
+                }
+                _ => {}
+            }
+            prop_assert_eq!(policy.len(), model.len());
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn lru_keeps_its_promises(ops in proptest::collection::vec(op(), 0..300)) {
+            check(EvictionPolicyKind::Lru, ops)?;
+        }
+
+        #[test]
+        fn s3_fifo_keeps_its_promises(ops in proptest::collection::vec(op(), 0..300)) {
+            check(EvictionPolicyKind::S3Fifo, ops)?;
+        }
+
+        /// Random chains: a parent is never evicted while a child of it is resident, pinned
+        /// entries are never chosen, and something is chosen whenever something may go.
+        #[test]
+        fn prefix_aware_evicts_leaves_only(ops in proptest::collection::vec(op(), 0..300)) {
+            check(EvictionPolicyKind::PrefixAware, ops)?;
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for kind in EvictionPolicyKind::ALL {
+            assert_eq!(kind.name().parse::<EvictionPolicyKind>(), Ok(kind));
+        }
+        assert_eq!(
+            "S3-FIFO".parse::<EvictionPolicyKind>(),
+            Ok(EvictionPolicyKind::S3Fifo)
+        );
+        let err = "arc".parse::<EvictionPolicyKind>().unwrap_err();
+        assert!(
+            err.to_string().contains("lru, s3-fifo, prefix-aware"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,439 @@
+//! A prefix-aware policy: leaves first, then recency, frequency and depth.
+//!
+//! A request can only use a cached prefix from its head: `prefix_match` stops at the first
+//! missing block. So a block whose child is resident is never evicted before that child
+//! (the child would become dead weight), and among the rest the policy evicts the entry with
+//! the lowest priority
+//!
+//! ```text
+//! priority = last use (a tick of this policy's clock: one per insert or use)
+//!          + LEVEL_BOOST   * frequency level (log2 of the key's recent use count, 0..=3)
+//!          - DEPTH_PENALTY * depth in the chain (capped at 15)
+//! ```
+//!
+//! Frequency comes from a count-min sketch of key hashes with 4-bit counters that are halved
+//! every ten sketch-widths of uses (TinyLFU's aging), so it remembers keys after they were
+//! evicted: a conversation's blocks that come back a second time are kept longer than
+//! one-off blocks. On the production conversation trace that is what separates a policy from
+//! LRU: most first-time blocks are never used again, blocks used twice usually are.
+//!
+//! Priority is exact and O(1) to maintain: entries sit in one recency list per (level, depth)
+//! class, 64 in all, and within a class the list order is the priority order; a victim is the
+//! lowest of the 64 list ends.
+
+use super::lists::{Lists, NIL};
+use super::{EntryHint, EntryId, EvictionPolicy};
+
+/// Frequency levels: log2 of a 4-bit count.
+const LEVELS: usize = 4;
+/// Depth classes: 0 to 15 (deeper chains share the last one).
+const DEPTHS: usize = 16;
+const CLASSES: usize = LEVELS * DEPTHS;
+
+/// Ticks one frequency level is worth: an entry a level up outlives one used this many
+/// inserts and uses later. About the number of block accesses between a conversation's
+/// turns on the production trace (a few minutes of traffic).
+pub(super) const LEVEL_BOOST: u64 = 15_000;
+/// Ticks each step of depth costs: of two blocks used at once, the deeper goes first.
+pub(super) const DEPTH_PENALTY: u64 = 100;
+
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    /// The policy clock when the entry was last used (or inserted, or refused as a victim).
+    tick: u64,
+    /// The key hash folded to 32 bits: what the sketch counts.
+    sketch_hash: u32,
+    /// The resident parent when inserted, and its `generation` then.
+    parent: EntryId,
+    parent_generation: u32,
+    /// Bumped on every insert of this id, so a stale child cannot touch a newer entry's count.
+    generation: u32,
+    /// Resident entries naming this one as parent.
+    children: u32,
+    /// Depth class, 0..DEPTHS.
+    depth: u8,
+    /// Off the lists, waiting for its children to leave.
+    parked: bool,
+}
+
+impl Default for Meta {
+    fn default() -> Self {
+        EMPTY
+    }
+}
+
+const EMPTY: Meta = Meta {
+    tick: 0,
+    sketch_hash: 0,
+    parent: NIL,
+    parent_generation: 0,
+    generation: 0,
+    children: 0,
+    depth: 0,
+    parked: false,
+};
+
+/// See the [module documentation](self).
+#[derive(Debug, Default)]
+pub struct PrefixAware {
+    classes: Lists<CLASSES, Meta>,
+    sketch: Sketch,
+    clock: u64,
+    len: usize,
+    /// Entries refused by the current `pop_victim` (kept to reuse the allocation).
+    refused: Vec<EntryId>,
+}
+
+impl PrefixAware {
+    fn priority(&self, id: EntryId) -> u64 {
+        let meta = self.classes.data(id);
+        let class = self.classes.list_of(id).unwrap_or(0);
+        let level = (class / DEPTHS) as u64;
+        meta.tick
+            + LEVEL_BOOST * level
+            + DEPTH_PENALTY * (DEPTHS as u64 - 1 - u64::from(meta.depth))
+    }
+
+    fn class(&self, id: EntryId) -> usize {
+        let meta = self.classes.data(id);
+        self.sketch.level(meta.sketch_hash) * DEPTHS + usize::from(meta.depth)
+    }
+
+    /// Whether `id` is tracked (on a list, or parked).
+    fn tracks(&self, id: EntryId) -> bool {
+        self.classes.list_of(id).is_some() || self.classes.get(id).is_some_and(|m| m.parked)
+    }
+
+    /// Marks `id` used now, in the class of its current frequency.
+    fn bump(&mut self, id: EntryId) {
+        self.clock += 1;
+        let meta = self.classes.data_mut(id);
+        meta.tick = self.clock;
+        meta.parked = false;
+        let class = self.class(id);
+        if self.classes.list_of(id).is_some() {
+            self.classes.move_to_front(class, id);
+        } else {
+            self.classes.push_front(class, id);
+        }
+    }
+
+    /// Stops tracking `id`, and tells its parent it has one child fewer: a parked parent
+    /// left with none goes back to the end of its class, to leave next.
+    fn detach(&mut self, id: EntryId) {
+        if self.classes.data(id).parked {
+            self.classes.data_mut(id).parked = false;
+        } else {
+            self.classes.unlink(id);
+        }
+        self.len -= 1;
+        let Meta {
+            parent,
+            parent_generation,
+            ..
+        } = *self.classes.data(id);
+        if parent == NIL {
+            return;
+        }
+        let p = self.classes.data_mut(parent);
+        if p.generation != parent_generation {
+            return;
+        }
+        p.children = p.children.saturating_sub(1);
+        if p.children == 0 && p.parked {
+            p.parked = false;
+            let class = self.class(parent);
+            self.classes.push_back(class, parent);
+        }
+    }
+
+    /// The tracked entry of lowest priority (of two equal, the deeper).
+    fn lowest(&self) -> Option<EntryId> {
+        (0..CLASSES)
+            .filter_map(|class| self.classes.back(class))
+            .min_by_key(|&id| {
+                (
+                    self.priority(id),
+                    DEPTHS - usize::from(self.classes.data(id).depth),
+                )
+            })
+    }
+
+    /// Resident children of `id` (for tests).
+    #[cfg(test)]
+    fn children(&self, id: EntryId) -> u32 {
+        self.classes.data(id).children
+    }
+}
+
+impl EvictionPolicy for PrefixAware {
+    fn insert(&mut self, id: EntryId, hint: EntryHint) {
+        self.classes.grow_to(id);
+        assert!(!self.tracks(id), "entry {id} inserted twice");
+        let (parent, parent_generation) = match hint.parent {
+            Some(p) if p != id && self.tracks(p) => {
+                let pm = self.classes.data_mut(p);
+                pm.children += 1;
+                (p, pm.generation)
+            }
+            _ => (NIL, 0),
+        };
+        let sketch_hash = (hint.key_hash ^ (hint.key_hash >> 32)) as u32;
+        let meta = self.classes.data_mut(id);
+        *meta = Meta {
+            tick: 0,
+            sketch_hash,
+            parent,
+            parent_generation,
+            generation: meta.generation.wrapping_add(1),
+            children: 0,
+            depth: hint.depth.min(DEPTHS as u32 - 1) as u8,
+            parked: false,
+        };
+        self.len += 1;
+        self.sketch.fit(self.len);
+        self.sketch.increment(sketch_hash);
+        self.bump(id);
+    }
+
+    fn access(&mut self, id: EntryId) {
+        debug_assert!(self.tracks(id));
+        self.sketch.increment(self.classes.data(id).sketch_hash);
+        self.bump(id);
+    }
+
+    fn remove(&mut self, id: EntryId) {
+        self.detach(id);
+    }
+
+    fn pop_victim(&mut self, evictable: &mut dyn FnMut(EntryId) -> bool) -> Option<EntryId> {
+        // A parent of resident children is parked: off the lists until its last child leaves,
+        // when it returns at its old priority (a fresh tick would keep a cold prefix for as
+        // long as a new block). An entry the engine refuses (pinned) is set aside for the rest
+        // of the call, so each is looked at once, then put back as just used.
+        let mut refused = std::mem::take(&mut self.refused);
+        let mut victim = None;
+        while let Some(id) = self.lowest() {
+            if self.classes.data(id).children > 0 {
+                self.classes.unlink(id);
+                self.classes.data_mut(id).parked = true;
+            } else if evictable(id) {
+                self.detach(id);
+                victim = Some(id);
+                break;
+            } else {
+                self.classes.unlink(id);
+                refused.push(id);
+            }
+        }
+        for &id in &refused {
+            self.bump(id);
+        }
+        refused.clear();
+        self.refused = refused;
+        victim
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.classes.capacity_bytes() + self.sketch.bytes()
+    }
+}
+
+/// A count-min sketch with four 4-bit counters per key, all in one 64-byte block (one cache
+/// line per update), halved every `SKETCH_PERIOD_PER_ENTRY` increments per tracked entry so
+/// old popularity fades (TinyLFU's reset).
+#[derive(Debug, Default)]
+struct Sketch {
+    /// `blocks.len()` is a power of two. Each block is 4 rows of 32 counters, two per byte.
+    blocks: Vec<[u8; 64]>,
+    increments: u64,
+    /// Increments between two halvings.
+    period: u64,
+}
+
+/// Counters saturate here (4 bits).
+const SKETCH_MAX: u8 = 15;
+/// Tracked entries per 64-byte sketch block: 1 to 2 blocks per 2 entries, so 16 to 32
+/// counters per row per entry, 32 to 64 bytes per entry. A halving period sees about 6
+/// distinct keys per tracked entry on the conversation trace; fewer counters than that
+/// inflate the one-off keys' counts and cost hits (2 entries per block: 2.7 points fewer at
+/// 10% capacity).
+const SKETCH_ENTRIES_PER_BLOCK: usize = 2;
+/// Counters are halved every this many increments per tracked entry.
+const SKETCH_PERIOD_PER_ENTRY: u64 = 10;
+/// At least this many blocks (64 KiB).
+const SKETCH_MIN_BLOCKS: usize = 1024;
+
+impl Sketch {
+    /// Grows the sketch (starting afresh) for `entries` tracked entries, and sets the period.
+    fn fit(&mut self, entries: usize) {
+        self.period = SKETCH_PERIOD_PER_ENTRY * entries.max(SKETCH_MIN_BLOCKS) as u64;
+        let want = entries
+            .div_ceil(SKETCH_ENTRIES_PER_BLOCK)
+            .next_power_of_two()
+            .max(SKETCH_MIN_BLOCKS);
+        if self.blocks.len() < want {
+            self.blocks = vec![[0; 64]; want];
+            self.increments = 0;
+        }
+    }
+
+    /// The block, and for each row the byte and the shift of the key's nibble.
+    fn slots(&self, key_hash: u32) -> (usize, [(usize, u32); 4]) {
+        let mixed =
+            (u64::from(key_hash) ^ 0x5851_f42d_4c95_7f2d).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let block = (mixed >> 32) as usize & (self.blocks.len() - 1);
+        let mut slots = [(0, 0); 4];
+        for (row, slot) in slots.iter_mut().enumerate() {
+            let nibble = ((mixed >> (5 * row + 8)) & 31) as usize;
+            *slot = (row * 16 + nibble / 2, (nibble as u32 & 1) * 4);
+        }
+        (block, slots)
+    }
+
+    fn increment(&mut self, key_hash: u32) {
+        if self.blocks.is_empty() {
+            self.fit(0);
+        }
+        let (block, slots) = self.slots(key_hash);
+        let counters = &mut self.blocks[block];
+        for (byte, shift) in slots {
+            if (counters[byte] >> shift) & 15 < SKETCH_MAX {
+                counters[byte] += 1 << shift;
+            }
+        }
+        self.increments += 1;
+        if self.increments >= self.period {
+            for byte in self.blocks.iter_mut().flatten() {
+                // Halve both nibbles: shift, then drop what crossed from the high one.
+                *byte = (*byte >> 1) & 0x77;
+            }
+            self.increments /= 2;
+        }
+    }
+
+    fn estimate(&self, key_hash: u32) -> u8 {
+        if self.blocks.is_empty() {
+            return 0;
+        }
+        let (block, slots) = self.slots(key_hash);
+        let counters = &self.blocks[block];
+        slots
+            .iter()
+            .map(|&(byte, shift)| (counters[byte] >> shift) & 15)
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// log2 of the estimate: 0 for a key seen at most once, up to 3.
+    fn level(&self, key_hash: u32) -> usize {
+        let count = self.estimate(key_hash).max(1);
+        (count.ilog2() as usize).min(LEVELS - 1)
+    }
+
+    fn bytes(&self) -> usize {
+        self.blocks.capacity() * 64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain_hint(key_hash: u64, parent: Option<EntryId>, depth: u32) -> EntryHint {
+        EntryHint {
+            key_hash,
+            parent,
+            depth,
+        }
+    }
+
+    /// A chain 0 -> 1 -> 2 -> 3, then an unrelated block 4 used later.
+    #[test]
+    fn evicts_a_chain_from_its_tail() {
+        let mut p = PrefixAware::default();
+        for id in 0..4 {
+            p.insert(id, chain_hint(u64::from(id), id.checked_sub(1), id));
+        }
+        p.insert(4, chain_hint(4, None, 0));
+        // Using the head (as prefix_match does, head first) must not make it go first.
+        for id in 0..4 {
+            p.access(id);
+        }
+        let order: Vec<_> = (0..5).filter_map(|_| p.pop_victim(&mut |_| true)).collect();
+        assert_eq!(order, vec![4, 3, 2, 1, 0]);
+    }
+
+    #[test]
+    fn a_parent_waits_for_its_children_even_when_colder() {
+        let mut p = PrefixAware::default();
+        p.insert(0, chain_hint(10, None, 0));
+        p.insert(1, chain_hint(11, Some(0), 1));
+        for _ in 0..5 {
+            p.access(1);
+        }
+        assert_eq!(p.children(0), 1);
+        assert_eq!(p.pop_victim(&mut |_| true), Some(1));
+        assert_eq!(p.children(0), 0);
+        assert_eq!(p.pop_victim(&mut |_| true), Some(0));
+    }
+
+    #[test]
+    fn frequent_keys_outlive_recent_one_offs() {
+        let mut p = PrefixAware::default();
+        // Key 7 was used often before, under an entry that was then evicted.
+        p.insert(0, chain_hint(7, None, 0));
+        for _ in 0..6 {
+            p.access(0);
+        }
+        assert_eq!(p.pop_victim(&mut |_| true), Some(0));
+        p.insert(0, chain_hint(7, None, 0));
+        for id in 1..100 {
+            p.insert(id, chain_hint(1000 + u64::from(id), None, 0));
+        }
+        // The sketch remembers key 7: every one-off goes first.
+        let order: Vec<_> = (0..100)
+            .filter_map(|_| p.pop_victim(&mut |_| true))
+            .collect();
+        assert_eq!(order.last(), Some(&0));
+    }
+
+    #[test]
+    fn a_stale_child_does_not_touch_a_reused_parent_id() {
+        let mut p = PrefixAware::default();
+        p.insert(0, chain_hint(1, None, 0));
+        p.insert(1, chain_hint(2, Some(0), 1));
+        p.remove(0); // the parent leaves for a reason of its own
+        p.insert(0, chain_hint(3, None, 0)); // its id is reused
+        p.insert(2, chain_hint(4, Some(0), 1));
+        assert_eq!(p.children(0), 1);
+        p.remove(1); // the old child leaves: the new entry 0 keeps its count
+        assert_eq!(p.children(0), 1);
+    }
+
+    #[test]
+    fn sketch_counts_and_ages() {
+        let mut s = Sketch::default();
+        s.fit(10);
+        assert_eq!(s.level(42), 0);
+        for _ in 0..3 {
+            s.increment(42);
+        }
+        assert_eq!(s.estimate(42), 3);
+        assert_eq!(s.level(42), 1);
+        for _ in 0..20 {
+            s.increment(42);
+        }
+        assert_eq!(s.estimate(42), SKETCH_MAX);
+        assert_eq!(s.level(42), LEVELS - 1);
+        // Enough other increments halve everything.
+        for k in 0..s.period {
+            s.increment(1_000_000 + k as u32);
+        }
+        assert!(s.estimate(42) <= SKETCH_MAX / 2 + 1, "{}", s.estimate(42));
+    }
+}

@@ -1,0 +1,587 @@
+//! Replays a prefix-reuse trace against a cache and counts prefix hits.
+//!
+//! A trace is JSON lines, one request each, in arrival order (the format of the Mooncake
+//! FAST'25 trace release): `{"timestamp": ms, "input_length": tokens, "output_length": tokens,
+//! "hash_ids": [block ids of the prompt's prefix chain, one per block of tokens]}`. Only
+//! `input_length` and `hash_ids` are needed; other fields are ignored.
+//!
+//! For each request, in order: ask how many leading blocks of its chain are cached (the
+//! prefix hit: a block after the first missing one is of no use), then store the blocks from
+//! the first missing one on, linked as a chain. The hit ratio in blocks is hit blocks over
+//! block references; in tokens, the same weighted by each block's tokens (the last block of
+//! a request is usually partial).
+//!
+//! Three ways to count, side by side:
+//! - [`replay_engine`]: a real [`Engine`] holding `capacity` blocks (payloads scaled down),
+//!   optionally with an NVMe tier below DRAM; hits are read back and checked byte for byte;
+//! - [`simulate`]: the engine's eviction policy alone, on block ids, with the same links;
+//! - [`belady`]: Belady's MIN, offline (evict the block used farthest in the future), the
+//!   reference an online policy is measured against.
+
+use std::collections::{BinaryHeap, HashMap};
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use mooncake_kv_engine::eviction::{EntryHint, EntryId, EvictionPolicyKind, new_policy};
+use mooncake_kv_engine::{Engine, EngineConfig};
+use serde::{Deserialize, Serialize};
+
+/// The longest line a trace may have, and the most blocks one request may name.
+const MAX_LINE_BYTES: usize = 64 << 20;
+const MAX_BLOCKS_PER_REQUEST: usize = 1 << 20;
+
+/// One request of a trace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Prompt tokens.
+    pub input_length: u64,
+    /// The prompt's prefix chain, one id per block.
+    pub hash_ids: Vec<u64>,
+}
+
+/// A whole trace, in arrival order.
+#[derive(Debug, Clone, Default)]
+pub struct Trace {
+    /// The requests.
+    pub requests: Vec<Request>,
+    /// Tokens per full block (the trace's block size; 512 for the Mooncake traces).
+    pub tokens_per_block: u64,
+}
+
+#[derive(Deserialize)]
+struct RawRequest {
+    input_length: u64,
+    hash_ids: Vec<u64>,
+}
+
+impl Trace {
+    /// Reads a JSON-lines trace. Blank lines are skipped.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read, or a line (named by number) is not a request: bad JSON, a
+    /// missing field, an over-long line or chain.
+    pub fn load(path: &Path, tokens_per_block: u64) -> anyhow::Result<Self> {
+        ensure!(tokens_per_block > 0, "tokens per block must be positive");
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("cannot open trace {}", path.display()))?;
+        let mut reader = BufReader::new(file);
+        let mut requests = Vec::new();
+        let mut line = String::new();
+        for number in 1.. {
+            line.clear();
+            let read = Read::take(&mut reader, MAX_LINE_BYTES as u64 + 1)
+                .read_line(&mut line)
+                .with_context(|| format!("{}:{number}: cannot read", path.display()))?;
+            if read == 0 {
+                break;
+            }
+            ensure!(
+                line.len() <= MAX_LINE_BYTES,
+                "{}:{number}: line longer than {MAX_LINE_BYTES} bytes",
+                path.display()
+            );
+            if line.trim().is_empty() {
+                continue;
+            }
+            let raw: RawRequest = serde_json::from_str(&line)
+                .with_context(|| format!("{}:{number}: not a trace request", path.display()))?;
+            ensure!(
+                raw.hash_ids.len() <= MAX_BLOCKS_PER_REQUEST,
+                "{}:{number}: {} blocks in one request (at most {MAX_BLOCKS_PER_REQUEST})",
+                path.display(),
+                raw.hash_ids.len()
+            );
+            requests.push(Request {
+                input_length: raw.input_length,
+                hash_ids: raw.hash_ids,
+            });
+        }
+        if requests.is_empty() {
+            bail!("{}: no requests", path.display());
+        }
+        Ok(Self {
+            requests,
+            tokens_per_block,
+        })
+    }
+
+    /// Block references in all requests.
+    pub fn block_refs(&self) -> u64 {
+        self.requests.iter().map(|r| r.hash_ids.len() as u64).sum()
+    }
+
+    /// Distinct block ids.
+    pub fn unique_blocks(&self) -> usize {
+        let mut ids: Vec<u64> = self
+            .requests
+            .iter()
+            .flat_map(|r| r.hash_ids.iter().copied())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
+    }
+
+    /// Tokens in block `index` of `request`: full blocks, and what is left of the input in
+    /// the last one (a full block when the lengths disagree).
+    fn tokens(&self, request: &Request, index: usize) -> u64 {
+        let full = self.tokens_per_block;
+        let before = full.saturating_mul(index as u64);
+        match request.input_length.checked_sub(before) {
+            Some(left) if left > 0 && index + 1 == request.hash_ids.len() => left.min(full),
+            _ => full,
+        }
+    }
+
+    /// The share of block references that repeat an earlier one: what an unbounded cache hits.
+    pub fn ceiling(&self) -> Hits {
+        let mut seen = std::collections::HashSet::new();
+        let mut hits = Hits::default();
+        for request in &self.requests {
+            let matched = request
+                .hash_ids
+                .iter()
+                .take_while(|id| seen.contains(*id))
+                .count();
+            hits.count(self, request, matched);
+            seen.extend(request.hash_ids.iter().copied());
+        }
+        hits
+    }
+}
+
+/// Prefix hits counted over a replay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Hits {
+    /// Block references.
+    pub blocks: u64,
+    /// Of those, in a cached prefix.
+    pub hit_blocks: u64,
+    /// Tokens in all block references.
+    pub tokens: u64,
+    /// Of those, in a cached prefix.
+    pub hit_tokens: u64,
+}
+
+impl Hits {
+    fn count(&mut self, trace: &Trace, request: &Request, matched: usize) {
+        for index in 0..request.hash_ids.len() {
+            let tokens = trace.tokens(request, index);
+            self.blocks += 1;
+            self.tokens += tokens;
+            if index < matched {
+                self.hit_blocks += 1;
+                self.hit_tokens += tokens;
+            }
+        }
+    }
+
+    /// Hit blocks over block references.
+    pub fn block_ratio(&self) -> f64 {
+        ratio(self.hit_blocks, self.blocks)
+    }
+
+    /// Hit tokens over tokens.
+    pub fn token_ratio(&self) -> f64 {
+        ratio(self.hit_tokens, self.tokens)
+    }
+}
+
+fn ratio(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
+
+/// Runs `kind`'s policy alone over `trace` with room for `capacity` blocks: block ids stand
+/// for blocks, a request's blocks are linked to the block before them, the matched prefix is
+/// used (head first, as `Engine::prefix_match` does), and blocks from the first miss on are
+/// inserted, evicting as each one arrives.
+pub fn simulate(trace: &Trace, kind: EvictionPolicyKind, capacity: usize) -> Hits {
+    let mut policy = new_policy(kind);
+    let mut resident: HashMap<u64, EntryId> = HashMap::new();
+    let mut ids_of: Vec<u64> = Vec::new();
+    let mut free: Vec<EntryId> = Vec::new();
+    let mut hits = Hits::default();
+    for request in &trace.requests {
+        let chain = &request.hash_ids;
+        let matched = chain
+            .iter()
+            .take_while(|id| resident.contains_key(*id))
+            .count();
+        hits.count(trace, request, matched);
+        for id in &chain[..matched] {
+            policy.access(resident[id]);
+        }
+        let mut parent = matched.checked_sub(1).map(|i| resident[&chain[i]]);
+        for (depth, &block) in chain.iter().enumerate().skip(matched) {
+            if let Some(entry) = resident.remove(&block) {
+                // Put again, as the engine's replay does: a new block under the same key.
+                policy.remove(entry);
+                free.push(entry);
+            }
+            let entry = free.pop().unwrap_or_else(|| {
+                ids_of.push(0);
+                (ids_of.len() - 1) as EntryId
+            });
+            ids_of[entry as usize] = block;
+            policy.insert(
+                entry,
+                EntryHint {
+                    key_hash: mix(block),
+                    parent,
+                    depth: depth as u32,
+                },
+            );
+            resident.insert(block, entry);
+            while resident.len() > capacity {
+                let Some(victim) = policy.pop_victim(&mut |_| true) else {
+                    break;
+                };
+                resident.remove(&ids_of[victim as usize]);
+                free.push(victim);
+            }
+            // The parent may just have been evicted (capacity below a chain's length).
+            parent = resident.get(&block).copied();
+        }
+    }
+    hits
+}
+
+/// Belady's MIN with room for `capacity` blocks: on every reference, the block is cached,
+/// and while over capacity the cached block whose next use is farthest away goes. Optimal
+/// for plain hits; the reference figure for prefix hits.
+pub fn belady(trace: &Trace, capacity: usize) -> Hits {
+    let flat: Vec<u64> = trace
+        .requests
+        .iter()
+        .flat_map(|r| r.hash_ids.iter().copied())
+        .collect();
+    let mut next_use = vec![u64::MAX; flat.len()];
+    let mut last: HashMap<u64, u64> = HashMap::new();
+    for (position, block) in flat.iter().enumerate().rev() {
+        if let Some(&later) = last.get(block) {
+            next_use[position] = later;
+        }
+        last.insert(*block, position as u64);
+    }
+    drop(last);
+    // Cached block -> its next use; the heap holds (next use, block), stale pairs skipped.
+    let mut cached: HashMap<u64, u64> = HashMap::new();
+    let mut heap: BinaryHeap<(u64, u64)> = BinaryHeap::new();
+    let mut hits = Hits::default();
+    let mut position = 0;
+    for request in &trace.requests {
+        let matched = request
+            .hash_ids
+            .iter()
+            .take_while(|id| cached.contains_key(*id))
+            .count();
+        hits.count(trace, request, matched);
+        for &block in &request.hash_ids {
+            let next = next_use[position];
+            position += 1;
+            cached.insert(block, next);
+            heap.push((next, block));
+            while cached.len() > capacity {
+                let Some((next, victim)) = heap.pop() else {
+                    break;
+                };
+                if cached.get(&victim) == Some(&next) {
+                    cached.remove(&victim);
+                }
+            }
+        }
+    }
+    hits
+}
+
+/// A block id's key hash for a policy (the engine hashes real keys).
+fn mix(id: u64) -> u64 {
+    let mut x = id ^ 0x9e37_79b9_7f4a_7c15;
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// How [`replay_engine`] sets up its engine.
+#[derive(Debug, Clone)]
+pub struct EngineReplay {
+    /// The engine's eviction policy (for both tiers).
+    pub policy: EvictionPolicyKind,
+    /// Blocks DRAM holds.
+    pub dram_blocks: usize,
+    /// Payload bytes per block.
+    pub block_bytes: usize,
+    /// An NVMe tier below DRAM holding this many more blocks, in a fresh data directory
+    /// under this path; `None`: DRAM only.
+    pub nvme: Option<(std::path::PathBuf, usize)>,
+}
+
+/// What [`replay_engine`] measured.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct EngineHits {
+    /// Prefix hits, all tiers.
+    pub hits: Hits,
+    /// Hit blocks read from DRAM.
+    pub dram_hit_blocks: u64,
+    /// Hit blocks read from NVMe.
+    pub nvme_hit_blocks: u64,
+    /// Hit blocks whose bytes were not the ones put (must be 0).
+    pub wrong_blocks: u64,
+    /// Blocks evicted from DRAM (demoted, with NVMe).
+    pub dram_evictions: u64,
+    /// Wall time of the replay.
+    pub seconds: f64,
+}
+
+/// Replays `trace` against a real engine: for each request `prefix_match`, a verified read
+/// of every hit block, then `put_chain` of the blocks from the first miss on, linked to the
+/// last hit block. Keys are the 8 bytes of a block id; payloads are `block_bytes` long and
+/// carry their block id, so every read is checked.
+///
+/// # Errors
+///
+/// The engine cannot be opened, or a put or read fails.
+pub fn replay_engine(
+    trace: &Trace,
+    setup: &EngineReplay,
+    mut progress: impl FnMut(usize),
+) -> anyhow::Result<EngineHits> {
+    let block_len = mooncake_kv_engine::format::encoded_len(8, setup.block_bytes, 64);
+    // The DRAM tier allocates in 512-byte units; every block takes the same extent.
+    let extent = block_len.div_ceil(512) * 512;
+    let dram_bytes = (setup.dram_blocks.max(1) * extent).div_ceil(4096) * 4096;
+    ensure!(
+        dram_bytes >= 1 << 20,
+        "{} blocks of {} bytes make {dram_bytes} bytes of DRAM, under the engine's 1 MiB \
+         minimum: use larger blocks",
+        setup.dram_blocks,
+        setup.block_bytes
+    );
+    let mut config = EngineConfig {
+        dram_capacity_bytes: dram_bytes as u64,
+        // Evict only when a put finds DRAM full, exactly as much as it needs: the tier then
+        // holds `dram_blocks` blocks.
+        high_watermark_percent: 100,
+        low_watermark_percent: 99,
+        eviction_policy: setup.policy,
+        ..EngineConfig::default()
+    };
+    if let Some((dir, nvme_blocks)) = &setup.nvme {
+        let nvme_extent = mooncake_kv_engine::format::encoded_len(8, setup.block_bytes, 4096)
+            .div_ceil(4096)
+            * 4096;
+        config.data_dir = Some(dir.clone());
+        config.nvme_capacity_bytes = ((nvme_blocks.max(&1) * nvme_extent) as u64).max(1 << 20);
+        config.nvme_high_watermark_percent = 100;
+        config.nvme_low_watermark_percent = 99;
+        config.promote_on_hit = true;
+    }
+    let engine = Engine::open(config).context("cannot open the replay engine")?;
+    let started = Instant::now();
+    let mut out = EngineHits::default();
+    let mut payload = vec![0u8; setup.block_bytes];
+    let mut read_buf = vec![0u8; setup.block_bytes.max(8)];
+    let mut last_progress = Instant::now();
+    for (number, request) in trace.requests.iter().enumerate() {
+        let keys: Vec<[u8; 8]> = request.hash_ids.iter().map(|id| id.to_be_bytes()).collect();
+        let refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+        let before = engine.stats();
+        let matched = engine.prefix_match(&refs);
+        out.hits.count(trace, request, matched);
+        for (key, id) in refs[..matched].iter().zip(&request.hash_ids) {
+            match engine.get_into(key, &mut read_buf)? {
+                Some(len) if len == setup.block_bytes && carries(&read_buf[..len], *id) => {}
+                // Evicted between the match and the read (another tier's reclaimer), or wrong.
+                Some(_) => out.wrong_blocks += 1,
+                None => {}
+            }
+        }
+        let after = engine.stats();
+        out.dram_hit_blocks += after.tiers[0].hits - before.tiers[0].hits;
+        if let (Some(a), Some(b)) = (after.tiers.get(1), before.tiers.get(1)) {
+            out.nvme_hit_blocks += a.hits - b.hits;
+        }
+        let values: Vec<Vec<u8>> = request.hash_ids[matched..]
+            .iter()
+            .map(|&id| {
+                fill(&mut payload, id);
+                payload.clone()
+            })
+            .collect();
+        let items: Vec<(&[u8], &[u8])> = refs[matched..]
+            .iter()
+            .zip(&values)
+            .map(|(key, value)| (*key, value.as_slice()))
+            .collect();
+        let parent = matched.checked_sub(1).map(|i| refs[i]);
+        for result in engine.put_chain(parent, &items) {
+            result.context("a replay put failed")?;
+        }
+        if last_progress.elapsed() > Duration::from_millis(200) {
+            progress(number + 1);
+            last_progress = Instant::now();
+        }
+    }
+    progress(trace.requests.len());
+    out.dram_evictions = engine.stats().tiers[0].evictions;
+    out.seconds = started.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+/// Fills a payload that names its block: the id, then a pattern derived from it.
+fn fill(payload: &mut [u8], id: u64) {
+    let mut state = mix(id);
+    for chunk in payload.chunks_mut(8) {
+        let bytes = state.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    }
+    if payload.len() >= 8 {
+        payload[..8].copy_from_slice(&id.to_le_bytes());
+    }
+}
+
+/// Whether `payload` is the one [`fill`] makes for `id`.
+fn carries(payload: &[u8], id: u64) -> bool {
+    let mut expected = vec![0u8; payload.len()];
+    fill(&mut expected, id);
+    expected == payload
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn trace(chains: &[&[u64]]) -> Trace {
+        Trace {
+            requests: chains
+                .iter()
+                .map(|c| Request {
+                    input_length: c.len() as u64 * 4 - 1,
+                    hash_ids: c.to_vec(),
+                })
+                .collect(),
+            tokens_per_block: 4,
+        }
+    }
+
+    #[test]
+    fn counts_prefix_hits_in_blocks_and_tokens() {
+        let t = trace(&[&[1, 2, 3], &[1, 2, 4], &[5, 2, 3]]);
+        let h = t.ceiling();
+        // Second request: 1 and 2 hit; third: 5 misses, so 2 and 3 do not count.
+        assert_eq!((h.hit_blocks, h.blocks), (2, 9));
+        assert_eq!((h.hit_tokens, h.tokens), (8, 3 * 11));
+        for kind in EvictionPolicyKind::ALL {
+            assert_eq!(simulate(&t, kind, 100), h, "{kind}");
+        }
+        assert_eq!(belady(&t, 100), h);
+    }
+
+    #[test]
+    fn belady_beats_lru_on_a_loop() {
+        // A loop over 4 chains of 2 blocks with room for 6 blocks: LRU always misses.
+        let chains: Vec<Vec<u64>> = (0..40)
+            .map(|i| vec![(i % 4) * 2, (i % 4) * 2 + 1])
+            .collect();
+        let refs: Vec<&[u64]> = chains.iter().map(Vec::as_slice).collect();
+        let t = trace(&refs);
+        let lru = simulate(&t, EvictionPolicyKind::Lru, 6);
+        let min = belady(&t, 6);
+        assert_eq!(lru.hit_blocks, 0);
+        assert!(min.hit_blocks > 40, "{min:?}");
+    }
+
+    #[test]
+    fn the_engine_replay_agrees_with_the_simulation_when_nothing_is_evicted() {
+        let chains: Vec<Vec<u64>> = (0..200u64)
+            .map(|i| (0..(i % 7 + 1)).map(|j| (i % 13) * 10 + j).collect())
+            .collect();
+        let refs: Vec<&[u64]> = chains.iter().map(Vec::as_slice).collect();
+        let t = trace(&refs);
+        let setup = EngineReplay {
+            policy: EvictionPolicyKind::PrefixAware,
+            dram_blocks: 1000,
+            block_bytes: 1024,
+            nvme: None,
+        };
+        let got = replay_engine(&t, &setup, |_| {}).unwrap();
+        assert_eq!(got.hits, t.ceiling());
+        assert_eq!(got.wrong_blocks, 0);
+        assert_eq!(got.dram_hit_blocks, got.hits.hit_blocks);
+    }
+
+    #[test]
+    fn the_engine_replay_tracks_the_simulated_policy_under_eviction() {
+        // Chains that share heads, with room for a fifth of the blocks.
+        let mut chains = Vec::new();
+        let mut state = 7u64;
+        for _ in 0..3000 {
+            state = mix(state);
+            let conversation = state % 150;
+            let len = 2 + (state >> 20) % 6;
+            chains.push(
+                (0..len)
+                    .map(|j| conversation * 100 + j)
+                    .collect::<Vec<u64>>(),
+            );
+        }
+        let refs: Vec<&[u64]> = chains.iter().map(Vec::as_slice).collect();
+        let t = trace(&refs);
+        let capacity = t.unique_blocks() / 5;
+        for kind in EvictionPolicyKind::ALL {
+            let setup = EngineReplay {
+                policy: kind,
+                dram_blocks: capacity,
+                block_bytes: 8192,
+                nvme: None,
+            };
+            let engine = replay_engine(&t, &setup, |_| {}).unwrap();
+            let sim = simulate(&t, kind, capacity);
+            assert_eq!(engine.wrong_blocks, 0);
+            let (e, s) = (engine.hits.block_ratio(), sim.block_ratio());
+            assert!(
+                (e - s).abs() < 0.05,
+                "{kind}: engine {e:.3} vs simulation {s:.3}"
+            );
+            assert!(belady(&t, capacity).block_ratio() >= s, "{kind}: beat MIN");
+        }
+    }
+
+    #[test]
+    fn rejects_malformed_traces_with_the_line_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        let mut f = std::fs::File::create(&path).unwrap();
+        writeln!(
+            f,
+            r#"{{"timestamp": 0, "input_length": 10, "hash_ids": [1, 2]}}"#
+        )
+        .unwrap();
+        writeln!(f).unwrap();
+        writeln!(f, r#"{{"timestamp": 1, "hash_ids": [1]}}"#).unwrap();
+        drop(f);
+        let err = format!("{:#}", Trace::load(&path, 512).unwrap_err());
+        assert!(err.contains("t.jsonl:3"), "{err}");
+        assert!(err.contains("input_length"), "{err}");
+
+        std::fs::write(&path, "").unwrap();
+        assert!(format!("{:#}", Trace::load(&path, 512).unwrap_err()).contains("no requests"));
+        std::fs::write(&path, r#"{"input_length": 5, "hash_ids": [-1]}"#).unwrap();
+        assert!(Trace::load(&path, 512).is_err());
+        assert!(Trace::load(&dir.path().join("missing"), 512).is_err());
+
+        std::fs::write(&path, "{\"input_length\": 700, \"hash_ids\": [3, 4]}\n").unwrap();
+        let t = Trace::load(&path, 512).unwrap();
+        assert_eq!(t.requests[0].hash_ids, vec![3, 4]);
+        assert_eq!(t.ceiling().tokens, 700);
+    }
+}
