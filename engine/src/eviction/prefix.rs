@@ -73,7 +73,11 @@ const EMPTY: Meta = Meta {
     parked: false,
 };
 
-/// See the [module documentation](self).
+/// Leaves first, then recency, frequency and depth: a block with a resident child is never
+/// evicted (it waits, at its old priority, until its last child leaves), and among the rest
+/// the lowest `last use + LEVEL_BOOST x frequency level - DEPTH_PENALTY x depth` goes first,
+/// frequency coming from a count-min sketch of key hashes that outlives residency. O(1) per
+/// access; about 50 bytes per entry plus a 32 to 64-byte share of the sketch.
 #[derive(Debug, Default)]
 pub struct PrefixAware {
     classes: Lists<CLASSES, Meta>,
