@@ -56,6 +56,41 @@ pub struct EngineConfig {
     /// Copy a block read from NVMe into DRAM when DRAM has room below its high watermark.
     /// Default: true.
     pub promote_on_hit: bool,
+    /// A GPU memory (HBM) tier above DRAM. Default: none. Needs a build with the `cuda`
+    /// feature and a usable NVIDIA GPU; otherwise [`Engine::open`](crate::Engine::open) fails
+    /// before creating anything.
+    pub hbm: Option<HbmSettings>,
+}
+
+/// The HBM tier: blocks are put into GPU memory first, demoted to DRAM (and from there to
+/// NVMe) when it fills, and promoted back on hits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HbmSettings {
+    /// CUDA device ordinal. Default: 0.
+    pub device: usize,
+    /// GPU memory the tier takes at open. Default: 1 GiB. A multiple of 4 KiB, at least 1 MiB,
+    /// no more than the GPU has free.
+    pub capacity_bytes: u64,
+    /// When usage passes this share of the capacity, the coldest blocks are demoted to DRAM
+    /// until usage is at most `low_watermark_percent`. Default: 95.
+    pub high_watermark_percent: u8,
+    /// Where demotion stops. Default: 85. Below the high mark.
+    pub low_watermark_percent: u8,
+    /// Copy a block read from DRAM or NVMe into HBM when HBM has room below its high
+    /// watermark. Default: true.
+    pub promote_on_hit: bool,
+}
+
+impl Default for HbmSettings {
+    fn default() -> Self {
+        Self {
+            device: 0,
+            capacity_bytes: 1 << 30,
+            high_watermark_percent: 95,
+            low_watermark_percent: 85,
+            promote_on_hit: true,
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -76,6 +111,7 @@ impl Default for EngineConfig {
             nvme_io_backend: IoBackendKind::Auto,
             nvme_io_depth: 64,
             promote_on_hit: true,
+            hbm: None,
         }
     }
 }
@@ -145,7 +181,42 @@ impl EngineConfig {
                 format!("{} is not from 1 to 4096", self.nvme_io_depth),
             );
         }
+        if let Some(hbm) = &self.hbm {
+            if hbm.capacity_bytes < 1 << 20 || hbm.capacity_bytes % 4096 != 0 {
+                return bad(
+                    "hbm.capacity_bytes",
+                    format!(
+                        "{} is not a multiple of 4 KiB of at least 1 MiB",
+                        hbm.capacity_bytes
+                    ),
+                );
+            }
+            if !(1..=100).contains(&hbm.high_watermark_percent) {
+                return bad(
+                    "hbm.high_watermark_percent",
+                    format!("{} is not from 1 to 100", hbm.high_watermark_percent),
+                );
+            }
+            if hbm.low_watermark_percent >= hbm.high_watermark_percent {
+                return bad(
+                    "hbm.low_watermark_percent",
+                    format!(
+                        "{} is not below hbm.high_watermark_percent ({})",
+                        hbm.low_watermark_percent, hbm.high_watermark_percent
+                    ),
+                );
+            }
+        }
         Ok(())
+    }
+
+    pub(crate) fn hbm_watermark_bytes(&self) -> (u64, u64) {
+        self.hbm.as_ref().map_or((u64::MAX, u64::MAX), |h| {
+            (
+                h.capacity_bytes / 100 * u64::from(h.high_watermark_percent),
+                h.capacity_bytes / 100 * u64::from(h.low_watermark_percent),
+            )
+        })
     }
 
     pub(crate) fn high_watermark_bytes(&self) -> u64 {

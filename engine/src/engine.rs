@@ -15,14 +15,19 @@ use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use mooncake_kv_tiers::{DramConfig, DramTier, HugePageMode, Tier, TierKind};
+use mooncake_kv_tiers::{
+    DeviceMemory, DeviceRange, DramConfig, DramTier, HbmConfig, HbmTier, HugePageMode, Tier,
+    TierKind, ToDevice,
+};
 use parking_lot::{Condvar, Mutex};
 
 use crate::eviction::{EntryHint, EntryId, EvictionPolicy, new_policy};
 use crate::format::Error as FormatError;
 use crate::format::{self, HEADER_BYTES};
 use crate::index::Index;
-use crate::slot::{DRAM, DramCopy, Lineage, Locations, NOT_RESIDENT, NVME, NvmeCopy, Slot};
+use crate::slot::{
+    DRAM, DramCopy, HBM, HbmCopy, Lineage, Locations, NOT_RESIDENT, NVME, NvmeCopy, Slot, TIERS,
+};
 use crate::store::{BlockWrite, NVME_PAYLOAD_ALIGN, Store, StoreConfig};
 use crate::{EngineConfig, Error, Result, strict_assert};
 
@@ -63,12 +68,16 @@ pub struct Engine {
 struct Inner {
     config: EngineConfig,
     dram: Arc<DramTier>,
+    /// The GPU memory tier above DRAM, if configured.
+    hbm: Option<Arc<HbmTier>>,
     store: Option<Store>,
     index: Index,
-    residency: [Mutex<Residency>; 2],
+    residency: [Mutex<Residency>; TIERS],
     next_generation: AtomicU64,
     /// Set while one thread brings DRAM usage back under the low watermark.
     reclaiming: AtomicBool,
+    /// The same for HBM.
+    reclaiming_hbm: AtomicBool,
     /// DRAM victims taken from the policy and not yet dealt with: space another thread is
     /// about to free.
     victims_in_flight: AtomicUsize,
@@ -94,7 +103,7 @@ struct TierCounters {
 
 #[derive(Debug, Default)]
 struct Counters {
-    tiers: [TierCounters; 2],
+    tiers: [TierCounters; TIERS],
     puts: AtomicU64,
     removes: AtomicU64,
     demotions: AtomicU64,
@@ -426,6 +435,43 @@ impl Engine {
     /// its files disagree (nothing is changed then); [`Error::Metadata`] for RocksDB errors.
     pub fn open(config: EngineConfig) -> Result<Self> {
         config.validate()?;
+        let device = match &config.hbm {
+            None => None,
+            Some(settings) => Some(open_gpu(settings.device)?),
+        };
+        Self::open_inner(config, device)
+    }
+
+    /// [`open`](Self::open) with the HBM tier on `device` instead of the GPU the config
+    /// names: for embedders that manage their GPU themselves, and for tests of the tier logic
+    /// on [`HostTestDevice`](crate::HostTestDevice), which no config can select.
+    ///
+    /// # Errors
+    ///
+    /// Those of `open`; [`Error::Config`] if the config has no `hbm` settings.
+    pub fn open_with_device(config: EngineConfig, device: Arc<dyn DeviceMemory>) -> Result<Self> {
+        config.validate()?;
+        if config.hbm.is_none() {
+            return Err(Error::Config {
+                field: "hbm",
+                reason: "a device was given but the config has no hbm settings".into(),
+            });
+        }
+        Self::open_inner(config, Some(device))
+    }
+
+    fn open_inner(config: EngineConfig, device: Option<Arc<dyn DeviceMemory>>) -> Result<Self> {
+        // The GPU first: if it cannot hold the tier, nothing else is created.
+        let hbm = match (&config.hbm, device) {
+            (Some(settings), Some(device)) => Some(Arc::new(HbmTier::open(
+                device,
+                HbmConfig {
+                    capacity_bytes: settings.capacity_bytes,
+                    ..HbmConfig::default()
+                },
+            )?)),
+            _ => None,
+        };
         let dram = DramTier::open(DramConfig {
             capacity_bytes: config.dram_capacity_bytes,
             huge_pages: config.dram_huge_pages,
@@ -446,11 +492,14 @@ impl Engine {
             residency: [
                 Mutex::new(Residency::new(DRAM, &config)),
                 Mutex::new(Residency::new(NVME, &config)),
+                Mutex::new(Residency::new(HBM, &config)),
             ],
             dram: Arc::new(dram),
+            hbm,
             store,
             next_generation: AtomicU64::new(1),
             reclaiming: AtomicBool::new(false),
+            reclaiming_hbm: AtomicBool::new(false),
             victims_in_flight: AtomicUsize::new(0),
             wake: (Mutex::new(false), Condvar::new()),
             stop: AtomicBool::new(false),
@@ -656,6 +705,28 @@ impl Engine {
         self.inner.get_into(key, target)
     }
 
+    /// Copies the value of `key` into device memory at `target` (an inference engine's KV
+    /// pages, on the HBM tier's GPU) and returns its length. From HBM the copy stays on the
+    /// device, after the block's header and key are checked (the payload CRC is checked
+    /// when the block is written, as for DRAM); from DRAM or NVMe the block is read and fully
+    /// verified on the host, then copied to the device. `Ok(None)` is a miss.
+    ///
+    /// # Safety
+    ///
+    /// `target` is memory on the HBM tier's device that the caller owns, and nothing else
+    /// reads or writes it until the call returns.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] without an HBM tier; [`Error::BufferTooSmall`] if `target` is shorter
+    /// than the value; the errors of [`get`](Self::get); [`Error::Tier`] for a failed device
+    /// copy.
+    #[expect(unsafe_code, reason = "device memory the caller names by address")]
+    pub unsafe fn get_into_device(&self, key: &[u8], target: DeviceRange) -> Result<Option<usize>> {
+        // SAFETY: passed on from this function's contract.
+        unsafe { self.inner.get_into_device(key, target) }
+    }
+
     /// [`get_into`](Self::get_into) for many keys, each with its own target buffer.
     pub fn get_into_batch(&self, items: &mut [(&[u8], &mut [u8])]) -> Vec<Result<Option<usize>>> {
         items
@@ -795,6 +866,7 @@ impl Inner {
             Locations {
                 dram: Some(Arc::new(copy)),
                 nvme: None,
+                hbm: None,
             },
             lineage,
         ));
@@ -807,6 +879,11 @@ impl Inner {
         format::check_key(key)?;
         format::check_value(value)?;
         let block_len = format::encoded_len(key.len(), value.len(), DRAM_PAYLOAD_ALIGN);
+        if let Some(extent) = self.reserve_hbm(block_len as u64) {
+            return self.put_into_hbm(extent, key, value, block_len, lineage);
+        }
+        // No HBM tier, or it cannot take the block (larger than the tier, nothing to demote):
+        // DRAM.
         let extent = self.reserve_dram(block_len as u64)?;
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let payload_offset = format::payload_offset(key.len(), DRAM_PAYLOAD_ALIGN);
@@ -817,6 +894,203 @@ impl Inner {
             format::encode_into(copy.bytes_mut(), key, value, generation, DRAM_PAYLOAD_ALIGN)?;
         strict_assert!(written == block_len);
         self.publish_written(key, generation, copy, block_len, lineage)
+    }
+
+    /// Writes a block into an HBM extent (encoded on the host, one copy to the device) and
+    /// publishes it.
+    fn put_into_hbm(
+        &self,
+        mut extent: mooncake_kv_tiers::Extent,
+        key: &[u8],
+        value: &[u8],
+        block_len: usize,
+        lineage: Lineage,
+    ) -> Result<Arc<Slot>> {
+        let hbm = self.hbm.as_ref().expect("an HBM extent implies the tier");
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let mut block = vec![0u8; block_len];
+        format::encode_into(&mut block, key, value, generation, DRAM_PAYLOAD_ALIGN)?;
+        let header = format::decode_header(&block)?;
+        let written = hbm.write_at(&mut extent, 0, &block);
+        let copy = HbmCopy::new(
+            extent,
+            Arc::clone(hbm),
+            header.payload_offset,
+            block_len as u32,
+        );
+        written?;
+        let slot = Arc::new(Slot::new(
+            key,
+            self.index.hash(key),
+            generation,
+            header.payload_len,
+            header.payload_crc32,
+            Locations {
+                dram: None,
+                nvme: None,
+                hbm: Some(Arc::new(copy)),
+            },
+            lineage,
+        ));
+        self.publish(&slot);
+        self.counters.puts.fetch_add(1, Ordering::Relaxed);
+        Ok(slot)
+    }
+
+    /// Allocates HBM for a block, demoting cold blocks to DRAM as long as that helps. `None`
+    /// without an HBM tier, or when the block cannot fit there.
+    fn reserve_hbm(&self, len_bytes: u64) -> Option<mooncake_kv_tiers::Extent> {
+        let hbm = self.hbm.as_ref()?;
+        if len_bytes > hbm.capacity_bytes() {
+            return None;
+        }
+        loop {
+            match hbm.allocate(len_bytes) {
+                Ok(extent) => return Some(extent),
+                Err(mooncake_kv_tiers::Error::OutOfSpace { .. }) => {}
+                Err(_) => return None,
+            }
+            if self.free_hbm(len_bytes) == 0 {
+                return hbm.allocate(len_bytes).ok();
+            }
+        }
+    }
+
+    /// Demotes the coldest HBM blocks to DRAM until their extents add up to `target_bytes`,
+    /// or nothing more can go. Returns the HBM bytes let go of.
+    fn free_hbm(&self, target_bytes: u64) -> u64 {
+        let mut freed = 0;
+        let mut budget = self.residency[HBM].lock().policy.len();
+        while freed < target_bytes && budget > 0 {
+            budget -= 1;
+            let Some(victim) = self.residency[HBM].lock().pop_victim(|_| true) else {
+                break;
+            };
+            freed += self.demote_hbm(&victim);
+        }
+        freed
+    }
+
+    /// Moves a block's HBM copy down: into DRAM unless it has a copy below already, then
+    /// drops it. Returns the HBM bytes let go of.
+    fn demote_hbm(&self, victim: &Arc<Slot>) -> u64 {
+        let Some(copy) = victim.hbm() else { return 0 };
+        if self.copy_down(victim) {
+            self.counters.demotions.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(copy);
+        let mut shard = self.index.shard(victim.hash).write();
+        if !shard
+            .find(victim.hash, &victim.key)
+            .is_some_and(|c| Arc::ptr_eq(c, victim))
+        {
+            return 0;
+        }
+        let mut locations = victim.locations.write();
+        let Some(copy) = locations.hbm.take() else {
+            return 0;
+        };
+        self.account(HBM, victim, false);
+        self.counters.tiers[HBM]
+            .evictions
+            .fetch_add(1, Ordering::Relaxed);
+        if locations.dram.is_none() && locations.nvme.is_none() {
+            drop(locations);
+            shard.remove_if(victim.hash, &victim.key, |_| true);
+            drop(shard);
+            self.forget_residency(victim);
+        }
+        copy.extent_len_bytes()
+    }
+
+    /// Gives a block that is only in HBM a DRAM copy (making room there), so it can be pinned,
+    /// persisted or demoted. Whether a copy was made.
+    fn copy_down(&self, slot: &Arc<Slot>) -> bool {
+        let copy = {
+            let locations = slot.locations.read();
+            if locations.dram.is_some() || locations.nvme.is_some() {
+                return false;
+            }
+            let Some(copy) = locations.hbm.clone() else {
+                return false;
+            };
+            copy
+        };
+        let mut block = vec![0u8; copy.block_len as usize];
+        if let Err(error) = copy.tier.read_at(copy.extent(), 0, &mut block) {
+            tracing::warn!(%error, "reading a block out of HBM failed");
+            return false;
+        }
+        match verify_block(slot, &block) {
+            Ok(payload) => self.promote(slot, payload, true),
+            Err(error) => {
+                tracing::error!(%error, "corrupt block in HBM");
+                false
+            }
+        }
+    }
+
+    /// Copies a block read from DRAM or NVMe into HBM when the tier promotes on hits and has
+    /// room below its high watermark (promotion never demotes).
+    fn promote_to_hbm(&self, slot: &Arc<Slot>, payload: &[u8]) {
+        let (Some(hbm), Some(settings)) = (&self.hbm, &self.config.hbm) else {
+            return;
+        };
+        if !settings.promote_on_hit || slot.locations.read().hbm.is_some() {
+            return;
+        }
+        let len = format::encoded_len(slot.key.len(), payload.len(), DRAM_PAYLOAD_ALIGN);
+        if hbm.used_bytes() + len as u64 > self.config.hbm_watermark_bytes().0 {
+            return;
+        }
+        let Ok(mut extent) = hbm.allocate(len as u64) else {
+            return;
+        };
+        let mut block = vec![0u8; len];
+        if format::encode_into(
+            &mut block,
+            &slot.key,
+            payload,
+            slot.generation,
+            DRAM_PAYLOAD_ALIGN,
+        )
+        .is_err()
+            || hbm.write_at(&mut extent, 0, &block).is_err()
+        {
+            hbm.free(extent);
+            return;
+        }
+        let offset = format::payload_offset(slot.key.len(), DRAM_PAYLOAD_ALIGN) as u32;
+        let copy = Arc::new(HbmCopy::new(extent, Arc::clone(hbm), offset, len as u32));
+        let shard = self.index.shard(slot.hash).read();
+        if !shard
+            .find(slot.hash, &slot.key)
+            .is_some_and(|c| Arc::ptr_eq(c, slot))
+        {
+            return;
+        }
+        let mut locations = slot.locations.write();
+        if locations.hbm.is_some() || (locations.dram.is_none() && locations.nvme.is_none()) {
+            return;
+        }
+        locations.hbm = Some(copy);
+        self.account(HBM, slot, true);
+        self.residency[HBM].lock().insert(slot);
+        self.counters.promotions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Brings HBM usage back under its low watermark once it passes the high one.
+    fn reclaim_hbm(&self) {
+        let Some(hbm) = &self.hbm else { return };
+        let (high, low) = self.config.hbm_watermark_bytes();
+        if hbm.used_bytes() <= high || self.reclaiming_hbm.swap(true, Ordering::Acquire) {
+            return;
+        }
+        let used = hbm.used_bytes();
+        if used > low {
+            self.free_hbm(used - low);
+        }
+        self.reclaiming_hbm.store(false, Ordering::Release);
     }
 
     /// Makes a written slot visible. If a concurrent put of the same key already published a
@@ -834,9 +1108,15 @@ impl Inner {
         if let Some(old) = &replaced {
             self.forget_residency(old);
         }
-        self.residency[DRAM].lock().insert(slot);
+        // A new block has one copy: in HBM when it went there, else in DRAM.
+        let tier = if slot.locations.read().hbm.is_some() {
+            HBM
+        } else {
+            DRAM
+        };
+        self.residency[tier].lock().insert(slot);
         drop(shard);
-        self.account(DRAM, slot, true);
+        self.account(tier, slot, true);
         if let Some(old) = replaced {
             self.retire(old);
         }
@@ -874,6 +1154,9 @@ impl Inner {
         if locations.dram.is_some() {
             self.account(DRAM, &slot, false);
         }
+        if locations.hbm.is_some() {
+            self.account(HBM, &slot, false);
+        }
         if let Some(nvme) = locations.nvme {
             self.account(NVME, &slot, false);
             if let Some(store) = &self.store {
@@ -897,6 +1180,7 @@ impl Inner {
     }
 
     fn after_puts(&self) {
+        self.reclaim_hbm();
         if self.dram.used_bytes() <= self.config.high_watermark_bytes() {
             return;
         }
@@ -1089,7 +1373,7 @@ impl Inner {
         self.counters.tiers[DRAM]
             .evictions
             .fetch_add(1, Ordering::Relaxed);
-        if locations.nvme.is_none() {
+        if locations.nvme.is_none() && locations.hbm.is_none() {
             drop(locations);
             shard.remove_if(victim.hash, &victim.key, |_| true);
             drop(shard);
@@ -1108,9 +1392,20 @@ impl Inner {
         let mut results: Vec<Result<()>> = slots.iter().map(|_| Ok(())).collect();
         let mut work = Vec::new();
         for (i, slot) in slots.iter().enumerate() {
+            // NVMe blocks are written from DRAM: a block only in HBM gets a DRAM copy first.
+            self.copy_down(slot);
             let locations = slot.locations.read().clone();
             match (locations.nvme, locations.dram) {
-                (Some(_), _) | (None, None) => {}
+                (Some(_), _) => {}
+                (None, None) if locations.hbm.is_some() => {
+                    results[i] = Err(Error::NoSpace {
+                        required_bytes: u64::from(slot.payload_len),
+                        capacity_bytes: self.dram.capacity_bytes(),
+                        used_bytes: self.dram.used_bytes(),
+                        pinned_bytes: self.pinned_bytes(),
+                    });
+                }
+                (None, None) => {}
                 (None, Some(dram)) => {
                     let len = format::encoded_len(
                         slot.key.len(),
@@ -1287,11 +1582,11 @@ impl Inner {
             self.counters.tiers[NVME]
                 .evictions
                 .fetch_add(1, Ordering::Relaxed);
-            if locations.dram.is_none() {
+            if locations.dram.is_none() && locations.hbm.is_none() {
                 drop(locations);
                 shard.remove_if(victim.hash, &victim.key, |_| true);
                 drop(shard);
-                self.residency[DRAM].lock().remove(victim);
+                self.forget_residency(victim);
             }
             freed += copy.entry.extent_len_bytes;
             deletes.push((victim.clone(), copy.entry.generation));
@@ -1308,12 +1603,18 @@ impl Inner {
     fn flush(&self) -> Result<usize> {
         let store = self.store.as_ref().ok_or(Error::NotPersistent)?;
         store.check_poisoned()?;
-        let pending: Vec<Arc<Slot>> = self.residency[DRAM]
+        let mut pending: Vec<Arc<Slot>> = self.residency[DRAM]
             .lock()
             .resident()
             .into_iter()
             .filter(|s| s.nvme().is_none())
             .collect();
+        // Blocks only in HBM too (persist gives each a DRAM copy to write from).
+        let hbm_only = self.residency[HBM].lock().resident();
+        pending.extend(hbm_only.into_iter().filter(|s| {
+            let locations = s.locations.read();
+            locations.dram.is_none() && locations.nvme.is_none()
+        }));
         let mut written = 0;
         for chunk in pending.chunks(FLUSH_BATCH) {
             for result in self.persist(chunk.to_vec()) {
@@ -1356,6 +1657,22 @@ impl Inner {
         if let Some(dram) = &locations.dram {
             let payload = self.checked(slot, self.verify_dram(slot, dram))?;
             self.hit(DRAM, slot);
+            if locations.hbm.is_none() {
+                self.promote_to_hbm(slot, payload);
+            }
+            sink(payload);
+            return Ok(());
+        }
+        if let Some(hbm) = &locations.hbm {
+            let mut block = vec![0u8; hbm.block_len as usize];
+            self.checked(
+                slot,
+                hbm.tier
+                    .read_at(hbm.extent(), 0, &mut block)
+                    .map_err(Error::from),
+            )?;
+            let payload = self.checked(slot, verify_block(slot, &block))?;
+            self.hit(HBM, slot);
             sink(payload);
             return Ok(());
         }
@@ -1378,6 +1695,7 @@ impl Inner {
         if self.config.promote_on_hit {
             self.promote(slot, payload, false);
         }
+        self.promote_to_hbm(slot, payload);
         sink(payload);
         Ok(())
     }
@@ -1402,6 +1720,7 @@ impl Inner {
         }
         let locations = slot.locations.read().clone();
         let direct = locations.dram.is_none()
+            && locations.hbm.is_none()
             && target.as_ptr() as usize % NVME_PAYLOAD_ALIGN == 0
             && target.len() >= needed.next_multiple_of(NVME_PAYLOAD_ALIGN);
         if let (true, Some(nvme)) = (direct, &locations.nvme) {
@@ -1411,6 +1730,67 @@ impl Inner {
         self.read_slot(&slot, |payload| {
             target[..payload.len()].copy_from_slice(payload)
         })?;
+        Ok(Some(needed))
+    }
+
+    /// See [`Engine::get_into_device`].
+    ///
+    /// # Safety
+    ///
+    /// As there.
+    #[expect(unsafe_code, reason = "device memory the caller names by address")]
+    unsafe fn get_into_device(&self, key: &[u8], target: DeviceRange) -> Result<Option<usize>> {
+        let Some(hbm) = &self.hbm else {
+            return Err(Error::Config {
+                field: "hbm",
+                reason: "get_into_device needs an HBM tier".into(),
+            });
+        };
+        let Some(slot) = self.lookup(key) else {
+            return Ok(None);
+        };
+        let needed = slot.payload_len as usize;
+        if target.len < needed as u64 {
+            return Err(Error::BufferTooSmall {
+                needed_bytes: needed,
+                available_bytes: usize::try_from(target.len).unwrap_or(usize::MAX),
+            });
+        }
+        if let Some(copy) = slot.hbm() {
+            let mut head = vec![0u8; copy.payload_offset as usize];
+            self.checked(
+                &slot,
+                copy.tier
+                    .read_at(copy.extent(), 0, &mut head)
+                    .map_err(Error::from),
+            )?;
+            self.checked(&slot, check_head(&slot, &head, copy.payload_offset))?;
+            // SAFETY: the source is this block's payload in its extent, kept alive by `copy`;
+            // the target is the caller's, per the contract.
+            let copied = unsafe {
+                copy.tier.copy_to_device_buffer(
+                    copy.extent(),
+                    u64::from(copy.payload_offset),
+                    needed as u64,
+                    target.ptr,
+                )
+            };
+            self.checked(&slot, copied.map_err(Error::from))?;
+            self.hit(HBM, &slot);
+            return Ok(Some(needed));
+        }
+        let mut result = Ok(());
+        self.read_slot(&slot, |payload| {
+            // SAFETY: the target is the caller's device memory, per the contract, and at
+            // least `needed` bytes long (checked above).
+            result = unsafe {
+                hbm.device().copy_to_device(&[ToDevice {
+                    target: target.ptr,
+                    source: payload,
+                }])
+            };
+        })?;
+        result?;
         Ok(Some(needed))
     }
 
@@ -1461,19 +1841,19 @@ impl Inner {
 
     /// Copies an NVMe block into DRAM. A read hit promotes only into free space below the
     /// high watermark (`make_room` false: promotion never evicts); a pin makes room.
-    fn promote(&self, slot: &Arc<Slot>, payload: &[u8], make_room: bool) {
+    fn promote(&self, slot: &Arc<Slot>, payload: &[u8], make_room: bool) -> bool {
         let len = format::encoded_len(slot.key.len(), payload.len(), DRAM_PAYLOAD_ALIGN) as u64;
         let extent = if make_room {
             match self.reserve_dram(len) {
                 Ok(extent) => extent,
-                Err(_) => return,
+                Err(_) => return false,
             }
         } else {
             if self.dram.used_bytes() + len > self.config.high_watermark_bytes() {
-                return;
+                return false;
             }
             let Ok(extent) = self.dram.allocate(len) else {
-                return;
+                return false;
             };
             extent
         };
@@ -1488,23 +1868,27 @@ impl Inner {
         )
         .is_err()
         {
-            return;
+            return false;
         }
         let shard = self.index.shard(slot.hash).read();
         if !shard
             .find(slot.hash, &slot.key)
             .is_some_and(|c| Arc::ptr_eq(c, slot))
         {
-            return;
+            return false;
         }
         let mut locations = slot.locations.write();
-        if locations.dram.is_some() || locations.nvme.is_none() {
-            return;
+        // Nothing to do if it is in DRAM already, or gone (no copy anywhere).
+        if locations.dram.is_some() || (locations.nvme.is_none() && locations.hbm.is_none()) {
+            return false;
         }
         locations.dram = Some(Arc::new(copy));
         self.account(DRAM, slot, true);
         self.residency[DRAM].lock().insert(slot);
-        self.counters.promotions.fetch_add(1, Ordering::Relaxed);
+        if locations.hbm.is_none() {
+            self.counters.promotions.fetch_add(1, Ordering::Relaxed);
+        }
+        true
     }
 
     /// Pins `slot` where it is (under its shard's read lock, as [`pin`](Self::pin) does).
@@ -1546,10 +1930,16 @@ impl Inner {
                     return Ok(Some(pinned));
                 }
                 None => {
-                    // Only on NVMe: bring it into DRAM, making room if needed, then pin.
+                    // Only in HBM or on NVMe: bring it into DRAM, making room if needed, then
+                    // pin.
                     let Some(slot) = self.index.get(key) else {
                         return Ok(None);
                     };
+                    if let Some(hbm) = slot.hbm() {
+                        needed_bytes = u64::from(hbm.block_len);
+                        self.copy_down(&slot);
+                        continue;
+                    }
                     let Some(nvme) = slot.nvme() else { continue };
                     let store = self.store.as_ref().expect("an NVMe copy implies a store");
                     let buf = self.checked(&slot, store.read_block(&nvme))?;
@@ -1570,7 +1960,7 @@ impl Inner {
     }
 
     fn prefix_match(&self, keys: &[&[u8]]) -> usize {
-        let mut matched: Vec<(EntryId, EntryId, u64)> = Vec::with_capacity(keys.len());
+        let mut matched: Vec<([EntryId; TIERS], u64)> = Vec::with_capacity(keys.len());
         for key in keys {
             let hash = self.index.hash(key);
             let shard = self.index.shard(hash).read();
@@ -1578,22 +1968,18 @@ impl Inner {
                 break;
             };
             matched.push((
-                slot.entries[DRAM].load(Ordering::Relaxed),
-                slot.entries[NVME].load(Ordering::Relaxed),
+                std::array::from_fn(|tier| slot.entries[tier].load(Ordering::Relaxed)),
                 slot.generation,
             ));
         }
-        if !matched.is_empty() {
-            let mut residency = self.residency[DRAM].lock();
-            for &(id, _, generation) in &matched {
-                residency.touch(id, generation);
+        let tiers = [true, self.store.is_some(), self.hbm.is_some()];
+        for (tier, _) in tiers.iter().enumerate().filter(|(_, present)| **present) {
+            if matched.is_empty() {
+                break;
             }
-            drop(residency);
-            if self.store.is_some() {
-                let mut residency = self.residency[NVME].lock();
-                for &(_, id, generation) in &matched {
-                    residency.touch(id, generation);
-                }
+            let mut residency = self.residency[tier].lock();
+            for &(ids, generation) in &matched {
+                residency.touch(ids[tier], generation);
             }
         }
         matched.len()
@@ -1675,7 +2061,7 @@ impl Inner {
                     copy.entry.generation,
                     copy.entry.payload_len,
                     copy.entry.payload_crc32,
-                    Locations { dram: None, nvme: Some(copy) },
+                    Locations { dram: None, nvme: Some(copy), hbm: None },
                     // Links are not persisted: after a restart every block starts unlinked.
                     Lineage::default(),
                 ));
@@ -1717,6 +2103,9 @@ impl Inner {
         if let Some(store) = &self.store {
             tiers.push(tier(TierKind::Nvme, store.tier.usage(), NVME));
         }
+        if let Some(hbm) = &self.hbm {
+            tiers.push(tier(TierKind::Hbm, hbm.usage(), HBM));
+        }
         EngineStats {
             tiers,
             puts: c.puts.load(Ordering::Relaxed),
@@ -1729,6 +2118,70 @@ impl Inner {
             nvme_io_fell_back: self.store.as_ref().is_some_and(|s| s.tier.fell_back()),
         }
     }
+}
+
+/// Checks the header and key of a block (its first `payload_offset` bytes) against its slot.
+fn check_head(slot: &Slot, head: &[u8], payload_offset: u32) -> Result<()> {
+    let header = format::decode_header(head)?;
+    let mismatch = |detail| Error::BlockMismatch {
+        expected_generation: slot.generation,
+        found_generation: header.generation,
+        detail,
+    };
+    if header.generation != slot.generation {
+        return Err(mismatch("generation"));
+    }
+    if header.payload_offset != payload_offset || header.payload_len != slot.payload_len {
+        return Err(mismatch("payload position"));
+    }
+    let key_end = HEADER_BYTES + usize::from(header.key_len);
+    if head.get(HEADER_BYTES..key_end) != Some(&slot.key[..]) {
+        return Err(mismatch("key"));
+    }
+    if crc32fast::hash(&slot.key) != header.key_crc32 {
+        return Err(Error::from(FormatError::KeyChecksum {
+            expected: header.key_crc32,
+            actual: crc32fast::hash(&slot.key),
+        }));
+    }
+    Ok(())
+}
+
+/// Verifies a whole block read from HBM against its slot (every checksum, and its identity)
+/// and returns the payload.
+fn verify_block<'a>(slot: &Slot, bytes: &'a [u8]) -> Result<&'a [u8]> {
+    let block = format::decode(bytes)?;
+    let mismatch = |detail| Error::BlockMismatch {
+        expected_generation: slot.generation,
+        found_generation: block.header.generation,
+        detail,
+    };
+    if block.header.generation != slot.generation {
+        return Err(mismatch("generation"));
+    }
+    if block.key != &slot.key[..] {
+        return Err(mismatch("key"));
+    }
+    if block.header.payload_len != slot.payload_len {
+        return Err(mismatch("payload length"));
+    }
+    Ok(block.payload)
+}
+
+/// The GPU an HBM tier lives on.
+#[cfg(feature = "cuda")]
+fn open_gpu(ordinal: usize) -> Result<Arc<dyn DeviceMemory>> {
+    Ok(Arc::new(mooncake_kv_tiers::CudaDevice::open(ordinal)?))
+}
+
+/// Without the `cuda` feature there is no GPU to open.
+#[cfg(not(feature = "cuda"))]
+fn open_gpu(_ordinal: usize) -> Result<Arc<dyn DeviceMemory>> {
+    Err(Error::Config {
+        field: "hbm",
+        reason: "this build has no GPU support: build with the `cuda` feature for an HBM tier"
+            .into(),
+    })
 }
 
 /// Verifies a whole block read from NVMe against its slot and returns the payload.

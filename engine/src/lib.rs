@@ -11,12 +11,13 @@ pub mod offline;
 mod slot;
 pub mod store;
 
-pub use config::EngineConfig;
+pub use config::{EngineConfig, HbmSettings};
 pub use engine::{Durability, Engine, EngineStats, PinnedBlock, Reservation, TierStats};
 pub use error::{Error, Result};
 pub use eviction::EvictionPolicyKind;
 pub use mooncake_kv_format as format;
 pub use mooncake_kv_format::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 pub use mooncake_kv_tiers::{
-    AlignedBuf, DramTier, HugePageMode, HugePages, IoBackendKind, TierKind,
+    AlignedBuf, DeviceMemory, DeviceRange, DramTier, HostTestDevice, HugePageMode, HugePages,
+    IoBackendKind, TierKind, ToDevice, ToHost,
 };

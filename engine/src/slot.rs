@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
-use mooncake_kv_tiers::{DramTier, Extent, NvmeTier, Tier};
+use mooncake_kv_tiers::{DramTier, Extent, HbmTier, NvmeTier, Tier};
 use parking_lot::RwLock;
 
 use crate::eviction::EntryId;
@@ -15,6 +15,10 @@ pub(crate) const NOT_RESIDENT: EntryId = EntryId::MAX;
 pub(crate) const DRAM: usize = 0;
 /// Index of the NVMe tier in per-tier arrays.
 pub(crate) const NVME: usize = 1;
+/// Index of the HBM tier in per-tier arrays.
+pub(crate) const HBM: usize = 2;
+/// Tiers in per-tier arrays.
+pub(crate) const TIERS: usize = 3;
 
 /// One block. Shared by the index, the residency tables and readers through `Arc`. Its
 /// identity (key, generation, payload length and CRC) never changes; which tiers hold a copy
@@ -34,7 +38,7 @@ pub(crate) struct Slot {
     /// changes under a read lock of the block's index shard and is checked under its write lock.
     pub(crate) pins: AtomicU32,
     /// This slot's id in each tier's residency table, or [`NOT_RESIDENT`].
-    pub(crate) entries: [AtomicU32; 2],
+    pub(crate) entries: [AtomicU32; TIERS],
     pub(crate) locations: RwLock<Locations>,
     /// Where the block sits in its prefix chain, for the eviction policies.
     pub(crate) lineage: Lineage,
@@ -74,6 +78,7 @@ impl Lineage {
 pub(crate) struct Locations {
     pub(crate) dram: Option<Arc<DramCopy>>,
     pub(crate) nvme: Option<Arc<NvmeCopy>>,
+    pub(crate) hbm: Option<Arc<HbmCopy>>,
 }
 
 impl Slot {
@@ -93,7 +98,7 @@ impl Slot {
             payload_len,
             payload_crc32,
             pins: AtomicU32::new(0),
-            entries: [AtomicU32::new(NOT_RESIDENT), AtomicU32::new(NOT_RESIDENT)],
+            entries: [const { AtomicU32::new(NOT_RESIDENT) }; TIERS],
             locations: RwLock::new(locations),
             lineage,
         }
@@ -109,6 +114,10 @@ impl Slot {
 
     pub(crate) fn nvme(&self) -> Option<Arc<NvmeCopy>> {
         self.locations.read().nvme.clone()
+    }
+
+    pub(crate) fn hbm(&self) -> Option<Arc<HbmCopy>> {
+        self.locations.read().hbm.clone()
     }
 }
 
@@ -161,6 +170,50 @@ impl DramCopy {
 }
 
 impl Drop for DramCopy {
+    fn drop(&mut self) {
+        if let Some(extent) = self.extent.take() {
+            self.tier.free(extent);
+        }
+    }
+}
+
+/// A block's bytes in the HBM tier, in the block format with 64-byte payload alignment (as in
+/// DRAM).
+#[derive(Debug)]
+pub(crate) struct HbmCopy {
+    extent: Option<Extent>,
+    pub(crate) tier: Arc<HbmTier>,
+    pub(crate) payload_offset: u32,
+    pub(crate) block_len: u32,
+}
+
+impl HbmCopy {
+    pub(crate) fn new(
+        extent: Extent,
+        tier: Arc<HbmTier>,
+        payload_offset: u32,
+        block_len: u32,
+    ) -> Self {
+        Self {
+            extent: Some(extent),
+            tier,
+            payload_offset,
+            block_len,
+        }
+    }
+
+    pub(crate) fn extent(&self) -> &Extent {
+        self.extent
+            .as_ref()
+            .expect("a copy holds its extent until drop")
+    }
+
+    pub(crate) fn extent_len_bytes(&self) -> u64 {
+        self.extent().len_bytes()
+    }
+}
+
+impl Drop for HbmCopy {
     fn drop(&mut self) {
         if let Some(extent) = self.extent.take() {
             self.tier.free(extent);

@@ -71,13 +71,15 @@ impl Default for NodeConfig {
 #[non_exhaustive]
 pub enum NodeError {
     /// The engine did not open (bad config, directory in use, ...).
-    #[error("engine: {0}")]
+    /// (Its message names the part; the cause is the source, so `{:#}` or an error report
+    /// prints each once.)
+    #[error("the engine did not open")]
     Engine(#[from] mooncake_kv_engine::Error),
     /// Registering memory or starting a data plane failed.
-    #[error("transfer: {0}")]
+    #[error("the transfer engine did not start")]
     Transfer(#[from] mooncake_kv_transfer::Error),
     /// A listener or thread could not be started.
-    #[error("cannot {action}: {source}")]
+    #[error("cannot {action}")]
     Io {
         /// What was being attempted.
         action: &'static str,

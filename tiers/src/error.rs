@@ -46,6 +46,17 @@ pub enum Error {
         /// Which of offset, length or buffer address.
         what: &'static str,
     },
+    /// A GPU (or the test device) refused: no driver, no device, out of device memory, a
+    /// failed copy.
+    #[error("{device}: cannot {action}: {reason}")]
+    Device {
+        /// Which device.
+        device: String,
+        /// What was being attempted, e.g. "allocate".
+        action: &'static str,
+        /// The driver's words.
+        reason: String,
+    },
     /// Creating or mapping the backing memory failed.
     #[error("cannot {action}: {source}")]
     Io {

@@ -3,11 +3,13 @@
 //! A *tier* stores opaque bytes at locations on one medium. It knows nothing of blocks, keys or
 //! checksums: the engine above decides what the bytes mean and verifies them. This crate has:
 //!
-//! - the [`Tier`] trait, the seam every medium implements (DRAM now; NVMe and HBM later);
+//! - the [`Tier`] trait, the seam every medium implements;
 //! - [`DramTier`]: one large memfd-backed region mapped with memmap2 (huge pages when the system
 //!   offers them), carved by a best-fit [`ExtentAllocator`];
 //! - [`NvmeTier`]: a preallocated file or raw device opened with `O_DIRECT`, carved the same way
 //!   in 4 KiB units, with batched io_uring I/O (or pread/pwrite when io_uring is unavailable);
+//! - [`HbmTier`]: GPU memory (one device allocation carved by the same allocator) behind the
+//!   [`DeviceMemory`] seam: `CudaDevice` with the `cuda` feature, [`HostTestDevice`] in tests;
 //! - [`Extent`]: an owned token for an allocated range. It is not `Clone`, so whoever holds it
 //!   owns the bytes, and borrowing it is what grants access to them.
 //!
@@ -36,8 +38,12 @@
 
 mod aligned;
 mod allocator;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod device;
 mod dram;
 mod error;
+mod hbm;
 mod mmap;
 mod nvme;
 mod uring;
@@ -46,8 +52,12 @@ use std::fmt;
 
 pub use aligned::{AlignedBuf, IO_ALIGN};
 pub use allocator::{ExtentAllocator, SpaceStats};
+#[cfg(feature = "cuda")]
+pub use cuda::CudaDevice;
+pub use device::{DeviceMemory, DeviceRange, HostTestDevice, ToDevice, ToHost};
 pub use dram::{DramConfig, DramTier};
 pub use error::{Error, Result};
+pub use hbm::{HbmConfig, HbmTier};
 pub use nvme::{IoBackendKind, NVME_UNIT_BYTES, NvmeConfig, NvmeTier};
 
 /// Which medium a tier is.
@@ -58,6 +68,8 @@ pub enum TierKind {
     Dram,
     /// A file or block device on flash.
     Nvme,
+    /// GPU memory.
+    Hbm,
 }
 
 impl fmt::Display for TierKind {
@@ -65,6 +77,7 @@ impl fmt::Display for TierKind {
         f.write_str(match self {
             TierKind::Dram => "dram",
             TierKind::Nvme => "nvme",
+            TierKind::Hbm => "hbm",
         })
     }
 }

@@ -30,7 +30,7 @@ use crate::{Error, Extent, HugePageMode, HugePages, Result};
 /// Size of the huge pages MAP_HUGETLB uses here (x86_64 and aarch64 default).
 const HUGE_PAGE_BYTES: u64 = 2 << 20;
 
-static NEXT_REGION_ID: AtomicU64 = AtomicU64::new(1);
+pub(crate) static NEXT_REGION_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A memfd-backed shared mapping.
 #[derive(Debug)]

@@ -54,6 +54,13 @@ struct Cli {
     /// NVMe data file size in MiB (fixed when the directory is created).
     #[arg(long)]
     nvme_mib: Option<u64>,
+    /// GPU memory (HBM) tier size in MiB, above DRAM; absent or 0: none. Needs a build with the
+    /// `cuda` feature and an NVIDIA GPU; otherwise the node refuses to start, saying why.
+    #[arg(long)]
+    hbm_mib: Option<u64>,
+    /// CUDA device ordinal of the HBM tier.
+    #[arg(long)]
+    hbm_device: Option<usize>,
     /// Which blocks leave a full tier first: prefix-aware (the default: a chain's tail before
     /// its head, blocks used again before one-offs), s3-fifo or lru.
     #[arg(long)]
@@ -100,6 +107,8 @@ struct FileConfig {
     dram_mib: Option<u64>,
     nvme_mib: Option<u64>,
     eviction_policy: Option<String>,
+    hbm_mib: Option<u64>,
+    hbm_device: Option<usize>,
     token_file: Option<PathBuf>,
     shm: Option<bool>,
     lease_ms: Option<u64>,
@@ -216,6 +225,14 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
         (None, Some(name)) => name.parse().context("bad eviction_policy in the config")?,
         (None, None) => EvictionPolicyKind::default(),
     };
+    let hbm = match cli.hbm_mib.or(file.hbm_mib) {
+        None | Some(0) => None,
+        Some(n) => Some(mooncake_kv_engine::HbmSettings {
+            device: cli.hbm_device.or(file.hbm_device).unwrap_or(0),
+            capacity_bytes: mib(Some(n), None, 0, "hbm_mib")?,
+            ..mooncake_kv_engine::HbmSettings::default()
+        }),
+    };
     let metrics_listen = cli
         .metrics_listen
         .clone()
@@ -237,6 +254,7 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
                 dram_capacity_bytes: mib(cli.dram_mib, file.dram_mib, 256, "dram_mib")?,
                 nvme_capacity_bytes: mib(cli.nvme_mib, file.nvme_mib, 1024, "nvme_mib")?,
                 eviction_policy,
+                hbm,
                 data_dir,
                 ..EngineConfig::default()
             },
@@ -399,6 +417,12 @@ mod tests {
             "{error:#}"
         );
         assert!(Cli::try_parse_from(["mooncake-kvd", "--eviction-policy", "arc"]).is_err());
+        std::fs::write(&file, "hbm_mib = 512\nhbm_device = 1\n").unwrap();
+        let s = settings(&cli(&["--config", path])).unwrap();
+        let hbm = s.node.engine.hbm.expect("an HBM tier");
+        assert_eq!((hbm.capacity_bytes, hbm.device), (512 << 20, 1));
+        let s = settings(&cli(&["--config", path, "--hbm-mib", "0"])).unwrap();
+        assert!(s.node.engine.hbm.is_none());
         std::fs::write(&file, "dram_mb = 64\n").unwrap();
         let error = settings(&cli(&["--config", path])).unwrap_err();
         assert!(format!("{error:#}").contains("dram_mb"), "{error:#}");

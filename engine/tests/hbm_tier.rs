@@ -1,0 +1,301 @@
+//! The HBM tier's logic, on the host test device (host memory posing as a GPU; this machine
+//! has none): puts land in HBM; a full HBM demotes its coldest blocks to DRAM, and DRAM to
+//! NVMe, in that order; hits promote back; pins bring a block into DRAM and hold it; a block
+//! no tier can hold is refused with NoSpace; reads straight into device memory are exact; and
+//! asking for an HBM tier where there is no GPU fails at open without creating anything.
+
+use std::sync::Arc;
+
+use mooncake_kv_engine::{
+    DeviceMemory, Engine, EngineConfig, Error, HbmSettings, HostTestDevice, TierKind,
+};
+
+const BLOCK: usize = 64 << 10;
+
+fn value(i: usize) -> Vec<u8> {
+    (0..BLOCK).map(|j| (i * 31 + j * 7) as u8).collect()
+}
+
+fn key(i: usize) -> Vec<u8> {
+    format!("hbm-{i:05}").into_bytes()
+}
+
+fn settings(capacity_bytes: u64) -> HbmSettings {
+    HbmSettings {
+        capacity_bytes,
+        high_watermark_percent: 90,
+        low_watermark_percent: 70,
+        ..HbmSettings::default()
+    }
+}
+
+fn engine(hbm_bytes: u64, dram_bytes: u64, data_dir: Option<&std::path::Path>) -> Engine {
+    Engine::open_with_device(
+        EngineConfig {
+            dram_capacity_bytes: dram_bytes,
+            high_watermark_percent: 90,
+            low_watermark_percent: 70,
+            data_dir: data_dir.map(Into::into),
+            nvme_capacity_bytes: 64 << 20,
+            hbm: Some(settings(hbm_bytes)),
+            ..EngineConfig::default()
+        },
+        Arc::new(HostTestDevice::new(256 << 20)),
+    )
+    .expect("open")
+}
+
+fn tier(engine: &Engine, kind: TierKind) -> mooncake_kv_engine::TierStats {
+    engine
+        .stats()
+        .tiers
+        .into_iter()
+        .find(|t| t.kind == kind)
+        .expect("tier present")
+}
+
+#[test]
+fn puts_land_in_hbm_and_read_back_exactly() -> Result<(), Error> {
+    let engine = engine(8 << 20, 8 << 20, None);
+    for i in 0..20 {
+        engine.put(&key(i), &value(i))?;
+    }
+    assert_eq!(tier(&engine, TierKind::Hbm).blocks, 20);
+    assert_eq!(tier(&engine, TierKind::Dram).blocks, 0);
+    for i in 0..20 {
+        assert_eq!(engine.get(&key(i))?, Some(value(i)), "block {i}");
+    }
+    assert_eq!(tier(&engine, TierKind::Hbm).hits, 20);
+    Ok(())
+}
+
+#[test]
+fn demotion_goes_hbm_then_dram_then_nvme_coldest_first() -> Result<(), Error> {
+    let dir = tempfile::tempdir().unwrap();
+    // HBM holds about 29 blocks below its high mark, DRAM about 29: push 150 through.
+    let engine = engine(2 << 20, 2 << 20, Some(dir.path()));
+    for i in 0..150 {
+        engine.put(&key(i), &value(i))?;
+        // Keep block 0 warm: it must stay in HBM.
+        assert_eq!(engine.get(&key(0))?, Some(value(0)));
+    }
+    // The warm block never left HBM, the newest is there too, the oldest went down. (A get
+    // served from HBM counts an HBM hit; one served from DRAM does not.)
+    let in_hbm = |i: usize| -> bool {
+        let before = tier(&engine, TierKind::Hbm).hits;
+        assert_eq!(engine.get(&key(i)).unwrap(), Some(value(i)));
+        tier(&engine, TierKind::Hbm).hits > before
+    };
+    assert!(in_hbm(0));
+    assert!(in_hbm(149));
+    assert!(!in_hbm(1));
+    engine.flush()?;
+    let (hbm, dram, nvme) = (
+        tier(&engine, TierKind::Hbm),
+        tier(&engine, TierKind::Dram),
+        tier(&engine, TierKind::Nvme),
+    );
+    assert!(hbm.evictions > 100, "{hbm:?}");
+    assert!(hbm.used_bytes <= (2 << 20) * 90 / 100, "{hbm:?}");
+    assert!(dram.blocks > 0 && nvme.blocks > 0, "{dram:?} {nvme:?}");
+    assert!(engine.stats().demotions > 100);
+    // Every block is somewhere, exact.
+    for i in 0..150 {
+        assert_eq!(engine.get(&key(i))?, Some(value(i)), "block {i}");
+    }
+    drop(engine);
+    // What was flushed survives a restart (HBM and DRAM do not persist; NVMe does).
+    let engine = Engine::open(EngineConfig {
+        dram_capacity_bytes: 2 << 20,
+        data_dir: Some(dir.path().into()),
+        nvme_capacity_bytes: 64 << 20,
+        ..EngineConfig::default()
+    })?;
+    for i in 0..150 {
+        assert_eq!(
+            engine.get(&key(i))?,
+            Some(value(i)),
+            "after restart, block {i}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn hits_below_promote_back_into_hbm() -> Result<(), Error> {
+    let engine = engine(2 << 20, 8 << 20, None);
+    for i in 0..60 {
+        engine.put(&key(i), &value(i))?;
+    }
+    // Block 0 was demoted to DRAM long ago.
+    let hbm = tier(&engine, TierKind::Hbm);
+    assert!(hbm.evictions > 0);
+    let before = engine.stats().promotions;
+    // Make room below the high mark, then read it: it comes back up.
+    for i in 40..60 {
+        engine.remove(&key(i));
+    }
+    assert_eq!(engine.get(&key(0))?, Some(value(0)));
+    assert_eq!(engine.stats().promotions, before + 1);
+    let hits = tier(&engine, TierKind::Hbm).hits;
+    assert_eq!(engine.get(&key(0))?, Some(value(0)));
+    assert_eq!(
+        tier(&engine, TierKind::Hbm).hits,
+        hits,
+        "DRAM serves it first (zero copy)"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_pin_brings_an_hbm_block_into_dram_and_holds_it() -> Result<(), Error> {
+    let engine = engine(2 << 20, 2 << 20, None);
+    engine.put(&key(0), &value(0))?;
+    let pin = engine.pin(&key(0))?.expect("present");
+    assert_eq!(pin.payload(), &value(0)[..]);
+    // Churn both tiers many times over: the pinned block stays, unchanged.
+    for i in 1..200 {
+        engine.put(&key(i), &value(i))?;
+    }
+    assert!(engine.exists(&key(0)));
+    assert_eq!(pin.payload(), &value(0)[..]);
+    drop(pin);
+    Ok(())
+}
+
+#[test]
+fn a_block_no_tier_can_hold_is_refused() {
+    let engine = engine(1 << 20, 1 << 20, None);
+    let big = vec![1u8; 2 << 20];
+    match engine.put(b"big", &big) {
+        Err(Error::NoSpace { .. }) => {}
+        other => panic!("expected NoSpace, got {other:?}"),
+    }
+    assert!(!engine.exists(b"big"));
+}
+
+#[test]
+#[expect(
+    unsafe_code,
+    reason = "device memory named by address, as an inference engine would"
+)]
+fn reads_into_device_memory_are_exact() -> Result<(), Error> {
+    let device = Arc::new(HostTestDevice::new(64 << 20));
+    let engine = Engine::open_with_device(
+        EngineConfig {
+            dram_capacity_bytes: 4 << 20,
+            hbm: Some(settings(2 << 20)),
+            ..EngineConfig::default()
+        },
+        device.clone(),
+    )?;
+    for i in 0..60 {
+        engine.put(&key(i), &value(i))?;
+    }
+    // The caller's KV pages, on the same device.
+    let pages = device.allocate(BLOCK as u64).unwrap();
+    for i in [0, 59] {
+        // SAFETY: `pages` is this test's allocation on the engine's device, used by nothing else.
+        let len = unsafe { engine.get_into_device(&key(i), pages) }?;
+        assert_eq!(len, Some(BLOCK));
+        let mut back = vec![0u8; BLOCK];
+        // SAFETY: as above.
+        unsafe {
+            device
+                .copy_to_host(&mut [mooncake_kv_engine::ToHost {
+                    source: pages.ptr,
+                    target: &mut back,
+                }])
+                .unwrap()
+        };
+        assert_eq!(back, value(i), "block {i} (0 from DRAM, 59 from HBM)");
+    }
+    let short = mooncake_kv_engine::DeviceRange {
+        ptr: pages.ptr,
+        len: 100,
+    };
+    // SAFETY: as above.
+    let error = unsafe { engine.get_into_device(&key(1), short) }.unwrap_err();
+    assert!(matches!(error, Error::BufferTooSmall { .. }), "{error}");
+    // SAFETY: as above.
+    assert_eq!(unsafe { engine.get_into_device(b"absent", pages) }?, None);
+    // SAFETY: nothing uses the pages anymore.
+    unsafe { device.free(pages) };
+    Ok(())
+}
+
+#[test]
+fn an_hbm_tier_without_a_usable_gpu_fails_at_open_and_creates_nothing() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("node");
+    let opened = Engine::open(EngineConfig {
+        dram_capacity_bytes: 16 << 20,
+        data_dir: Some(dir.clone()),
+        nvme_capacity_bytes: 16 << 20,
+        hbm: Some(HbmSettings {
+            capacity_bytes: 64 << 20,
+            ..HbmSettings::default()
+        }),
+        ..EngineConfig::default()
+    });
+    match opened {
+        // A machine with a GPU and a cuda build: the tier is there (the test below uses it).
+        Ok(engine) if cfg!(feature = "cuda") => {
+            assert!(engine.stats().tiers.iter().any(|t| t.kind == TierKind::Hbm));
+        }
+        Ok(_) => panic!("an HBM tier opened in a build without the cuda feature"),
+        Err(error) => {
+            if cfg!(feature = "cuda") {
+                // No GPU here: the driver's or the loader's words, as a tier error.
+                assert!(matches!(error, Error::Tier(_)), "{error}");
+            } else {
+                assert!(
+                    matches!(error, Error::Config { field: "hbm", .. }),
+                    "{error}"
+                );
+                assert!(error.to_string().contains("cuda"), "{error}");
+            }
+            assert!(!dir.exists(), "nothing is created");
+        }
+    }
+    // And the test device is not something a config can ask for: only open_with_device.
+    let error = Engine::open_with_device(
+        EngineConfig::default(),
+        Arc::new(HostTestDevice::new(64 << 20)),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(error, Error::Config { field: "hbm", .. }),
+        "{error}"
+    );
+}
+
+/// On a machine with an NVIDIA GPU and a cuda build: the real tier, through `Engine::open`.
+/// Elsewhere it says it did not run.
+#[test]
+fn on_a_gpu_blocks_go_through_hbm_exactly() -> Result<(), Error> {
+    let opened = Engine::open(EngineConfig {
+        dram_capacity_bytes: 64 << 20,
+        hbm: Some(HbmSettings {
+            capacity_bytes: 8 << 20,
+            ..HbmSettings::default()
+        }),
+        ..EngineConfig::default()
+    });
+    let engine = match opened {
+        Ok(engine) => engine,
+        Err(error) => {
+            eprintln!("not run: no usable GPU ({error})");
+            return Ok(());
+        }
+    };
+    for i in 0..300 {
+        engine.put(&key(i), &value(i))?;
+    }
+    let hbm = tier(&engine, TierKind::Hbm);
+    assert!(hbm.blocks > 0 && hbm.evictions > 0, "{hbm:?}");
+    for i in 0..300 {
+        assert_eq!(engine.get(&key(i))?, Some(value(i)), "block {i}");
+    }
+    Ok(())
+}

@@ -1,0 +1,322 @@
+//! GPU memory as a tier: one device allocation made at open, carved by the same best-fit
+//! [`ExtentAllocator`] as DRAM, filled and read through a [`DeviceMemory`] in batches.
+
+#![expect(
+    unsafe_code,
+    reason = "device copies need the extents' exclusivity, which this module upholds"
+)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::device::{DeviceMemory, DeviceRange, ToDevice, ToHost};
+use crate::mmap::NEXT_REGION_ID;
+use crate::{Error, Extent, ExtentAllocator, Result, Tier, TierKind, TierUsage, range_within};
+
+/// How an [`HbmTier`] is set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HbmConfig {
+    /// Device memory the tier takes at open. A multiple of the allocation unit, at least
+    /// 1 MiB, and no more than the device has free.
+    pub capacity_bytes: u64,
+    /// Allocation granularity. Default: 4 KiB. A power of two from 256 bytes to 2 MiB.
+    pub allocation_unit_bytes: u64,
+}
+
+impl Default for HbmConfig {
+    fn default() -> Self {
+        Self {
+            capacity_bytes: 1 << 30,
+            allocation_unit_bytes: 4096,
+        }
+    }
+}
+
+/// GPU memory holding blocks. Thread-safe; every transfer goes through the device in batches.
+#[derive(Debug)]
+pub struct HbmTier {
+    device: Arc<dyn DeviceMemory>,
+    arena: DeviceRange,
+    region_id: u64,
+    unit_bytes: u64,
+    allocator: Mutex<ExtentAllocator>,
+    used_bytes: AtomicU64,
+}
+
+/// One write of a batch: `source` at `offset_bytes` of `extent`.
+#[derive(Debug)]
+pub struct HbmWrite<'a> {
+    /// Where.
+    pub extent: &'a mut Extent,
+    /// Offset in the extent.
+    pub offset_bytes: u64,
+    /// The bytes.
+    pub source: &'a [u8],
+}
+
+/// One read of a batch: `target.len()` bytes at `offset_bytes` of `extent`.
+#[derive(Debug)]
+pub struct HbmRead<'a> {
+    /// From where.
+    pub extent: &'a Extent,
+    /// Offset in the extent.
+    pub offset_bytes: u64,
+    /// Where the bytes go.
+    pub target: &'a mut [u8],
+}
+
+impl HbmTier {
+    /// Takes `config.capacity_bytes` of the device's memory.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for an invalid config or more than the device has free (nothing is
+    /// allocated); [`Error::Device`] if the device refuses.
+    pub fn open(device: Arc<dyn DeviceMemory>, config: HbmConfig) -> Result<Self> {
+        let bad = |field, reason| Err(Error::Config { field, reason });
+        let unit = config.allocation_unit_bytes;
+        if !unit.is_power_of_two() || !(256..=(2 << 20)).contains(&unit) {
+            return bad(
+                "allocation_unit_bytes",
+                format!("{unit} is not a power of two from 256 bytes to 2 MiB"),
+            );
+        }
+        if config.capacity_bytes < 1 << 20 || config.capacity_bytes % unit != 0 {
+            return bad(
+                "capacity_bytes",
+                format!(
+                    "{} is not a multiple of the allocation unit ({unit} bytes) of at least 1 MiB",
+                    config.capacity_bytes
+                ),
+            );
+        }
+        let (free, total) = device.memory_info()?;
+        if config.capacity_bytes > free {
+            return bad(
+                "capacity_bytes",
+                format!(
+                    "{} bytes asked of {}, which has {free} free of {total}",
+                    config.capacity_bytes,
+                    device.name()
+                ),
+            );
+        }
+        let arena = device.allocate(config.capacity_bytes)?;
+        tracing::info!(
+            device = %device.name(),
+            capacity_bytes = config.capacity_bytes,
+            test_device = device.is_test_device(),
+            "HBM tier allocated"
+        );
+        Ok(Self {
+            allocator: Mutex::new(ExtentAllocator::new(config.capacity_bytes / unit)),
+            device,
+            arena,
+            region_id: NEXT_REGION_ID.fetch_add(1, Ordering::Relaxed),
+            unit_bytes: unit,
+            used_bytes: AtomicU64::new(0),
+        })
+    }
+
+    /// The device behind the tier.
+    pub fn device(&self) -> &Arc<dyn DeviceMemory> {
+        &self.device
+    }
+
+    /// The device memory of `extent`.
+    ///
+    /// # Panics
+    ///
+    /// If the extent came from another tier.
+    pub fn device_range(&self, extent: &Extent) -> DeviceRange {
+        self.check_extent(extent);
+        DeviceRange {
+            ptr: self.arena.ptr + extent.offset_bytes,
+            len: extent.len_bytes,
+        }
+    }
+
+    /// What GPUDirect RDMA needs to register the tier with an RDMA NIC: the device address
+    /// ranges it holds blocks in (one: the arena). Registering them with `ibv_reg_mr` needs
+    /// the `nvidia-peermem` kernel module (NVIDIA's GPUDirect RDMA peer-memory client,
+    /// shipped with the driver as `nvidia_peermem`; `modprobe nvidia-peermem`), or a
+    /// dma-buf export of the range (`cuMemGetHandleForAddressRange`, then
+    /// `ibv_reg_dmabuf_mr`) on kernels and NICs that support it.
+    #[cfg(feature = "rdma")]
+    pub fn gpudirect_ranges(&self) -> Vec<DeviceRange> {
+        vec![self.arena]
+    }
+
+    fn check_extent(&self, extent: &Extent) {
+        assert_eq!(
+            extent.region_id, self.region_id,
+            "extent of another tier used with the HBM tier"
+        );
+    }
+
+    /// Writes every item, in one batch of host-to-device copies.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfBounds`] if an item does not fit in its extent (nothing is written);
+    /// [`Error::Device`].
+    pub fn write_batch(&self, writes: &mut [HbmWrite<'_>]) -> Result<()> {
+        let mut copies = Vec::with_capacity(writes.len());
+        for write in writes.iter() {
+            self.check_extent(write.extent);
+            range_within(write.extent, write.offset_bytes, write.source.len())?;
+            copies.push(ToDevice {
+                target: self.arena.ptr + write.extent.offset_bytes + write.offset_bytes,
+                source: write.source,
+            });
+        }
+        // SAFETY: each target lies inside its extent (checked above), hence inside the arena
+        // this tier allocated; the caller holds each extent mutably, so nothing else touches
+        // those bytes until the batch returns.
+        unsafe { self.device.copy_to_device(&copies) }
+    }
+
+    /// Reads every item, in one batch of device-to-host copies.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfBounds`] if an item does not fit in its extent (nothing is read);
+    /// [`Error::Device`].
+    pub fn read_batch(&self, reads: &mut [HbmRead<'_>]) -> Result<()> {
+        for read in reads.iter() {
+            self.check_extent(read.extent);
+            range_within(read.extent, read.offset_bytes, read.target.len())?;
+        }
+        let arena = self.arena.ptr;
+        let mut copies: Vec<ToHost<'_>> = reads
+            .iter_mut()
+            .map(|read| ToHost {
+                source: arena + read.extent.offset_bytes + read.offset_bytes,
+                target: &mut *read.target,
+            })
+            .collect();
+        // SAFETY: each source lies inside its extent (checked above), inside the arena; the
+        // caller borrows each extent, so no writer holds it while the batch runs.
+        unsafe { self.device.copy_to_host(&mut copies) }
+    }
+
+    /// Copies `len` bytes at `offset_bytes` of `extent` to device memory at `target` (an
+    /// inference engine's KV pages), without passing through the host.
+    ///
+    /// # Safety
+    ///
+    /// `target..target + len` is device memory of this tier's device that the caller owns
+    /// and that nothing else reads or writes until the call returns, outside this tier.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfBounds`]; [`Error::Device`].
+    pub unsafe fn copy_to_device_buffer(
+        &self,
+        extent: &Extent,
+        offset_bytes: u64,
+        len: u64,
+        target: u64,
+    ) -> Result<()> {
+        self.check_extent(extent);
+        let len_usize = usize::try_from(len).map_err(|_| Error::OutOfBounds {
+            offset_bytes,
+            len_bytes: len,
+            extent_len_bytes: extent.len_bytes,
+        })?;
+        range_within(extent, offset_bytes, len_usize)?;
+        let source = self.arena.ptr + extent.offset_bytes + offset_bytes;
+        // SAFETY: the source lies inside the extent, which the caller borrows; the target is
+        // the caller's, as this function's contract says.
+        unsafe { self.device.copy_within(target, source, len) }
+    }
+}
+
+impl Drop for HbmTier {
+    fn drop(&mut self) {
+        // SAFETY: the arena came from `allocate` on this device at open; every extent borrows
+        // the tier, so none outlives it and no copy can be running.
+        unsafe { self.device.free(self.arena) };
+    }
+}
+
+impl Tier for HbmTier {
+    fn kind(&self) -> TierKind {
+        TierKind::Hbm
+    }
+
+    fn capacity_bytes(&self) -> u64 {
+        self.arena.len
+    }
+
+    fn used_bytes(&self) -> u64 {
+        self.used_bytes.load(Ordering::Relaxed)
+    }
+
+    fn allocation_unit_bytes(&self) -> u64 {
+        self.unit_bytes
+    }
+
+    fn usage(&self) -> TierUsage {
+        let stats = self.allocator.lock().stats();
+        TierUsage {
+            capacity_bytes: stats.capacity_units * self.unit_bytes,
+            used_bytes: stats.allocated_units * self.unit_bytes,
+            largest_free_bytes: stats.largest_free_units * self.unit_bytes,
+            free_extents: stats.free_extents,
+        }
+    }
+
+    fn allocate(&self, len_bytes: u64) -> Result<Extent> {
+        let units = len_bytes.div_ceil(self.unit_bytes).max(1);
+        let mut allocator = self.allocator.lock();
+        let Some(start) = allocator.allocate(units) else {
+            let stats = allocator.stats();
+            return Err(Error::OutOfSpace {
+                requested_bytes: units * self.unit_bytes,
+                free_bytes: stats.free_units * self.unit_bytes,
+                largest_free_bytes: stats.largest_free_units * self.unit_bytes,
+            });
+        };
+        self.used_bytes.store(
+            allocator.allocated_units() * self.unit_bytes,
+            Ordering::Relaxed,
+        );
+        Ok(Extent {
+            region_id: self.region_id,
+            offset_bytes: start * self.unit_bytes,
+            len_bytes: units * self.unit_bytes,
+        })
+    }
+
+    fn free(&self, extent: Extent) {
+        self.check_extent(&extent);
+        let mut allocator = self.allocator.lock();
+        allocator.free(
+            extent.offset_bytes / self.unit_bytes,
+            extent.len_bytes / self.unit_bytes,
+        );
+        self.used_bytes.store(
+            allocator.allocated_units() * self.unit_bytes,
+            Ordering::Relaxed,
+        );
+    }
+
+    fn write_at(&self, extent: &mut Extent, offset_bytes: u64, source: &[u8]) -> Result<()> {
+        self.write_batch(&mut [HbmWrite {
+            extent,
+            offset_bytes,
+            source,
+        }])
+    }
+
+    fn read_at(&self, extent: &Extent, offset_bytes: u64, target: &mut [u8]) -> Result<()> {
+        self.read_batch(&mut [HbmRead {
+            extent,
+            offset_bytes,
+            target,
+        }])
+    }
+}
