@@ -908,10 +908,16 @@ impl Inner {
     ) -> Result<Arc<Slot>> {
         let hbm = self.hbm.as_ref().expect("an HBM extent implies the tier");
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let mut block = vec![0u8; block_len];
-        format::encode_into(&mut block, key, value, generation, DRAM_PAYLOAD_ALIGN)?;
-        let header = format::decode_header(&block)?;
-        let written = hbm.write_at(&mut extent, 0, &block);
+        // The header and key are made on the host; the value goes to the device as it is,
+        // checksummed where it lies: two copies in one batch, no intermediate buffer.
+        let mut head = vec![0u8; format::payload_offset(key.len(), DRAM_PAYLOAD_ALIGN)];
+        let payload_offset =
+            format::encode_head(&mut head, key, value, generation, DRAM_PAYLOAD_ALIGN)?;
+        let header = format::decode_header(&head)?;
+        let written = hbm.write_parts(
+            &mut extent,
+            &[(0, &head[..]), (payload_offset as u64, value)],
+        );
         let copy = HbmCopy::new(
             extent,
             Arc::clone(hbm),
@@ -1719,6 +1725,9 @@ impl Inner {
             });
         }
         let locations = slot.locations.read().clone();
+        if let (None, Some(hbm)) = (&locations.dram, &locations.hbm) {
+            return self.get_into_from_hbm(&slot, hbm, target).map(Some);
+        }
         let direct = locations.dram.is_none()
             && locations.hbm.is_none()
             && target.as_ptr() as usize % NVME_PAYLOAD_ALIGN == 0
@@ -1792,6 +1801,39 @@ impl Inner {
         })?;
         result?;
         Ok(Some(needed))
+    }
+
+    /// Reads an HBM block's header and key into a small buffer and its payload straight into
+    /// `target`, in one batch, then verifies both.
+    fn get_into_from_hbm(
+        &self,
+        slot: &Arc<Slot>,
+        hbm: &HbmCopy,
+        target: &mut [u8],
+    ) -> Result<usize> {
+        let len = slot.payload_len as usize;
+        let mut head = vec![0u8; hbm.payload_offset as usize];
+        let read = hbm.tier.read_parts(
+            hbm.extent(),
+            &mut [
+                (0, &mut head[..]),
+                (u64::from(hbm.payload_offset), &mut target[..len]),
+            ],
+        );
+        self.checked(slot, read.map_err(Error::from))?;
+        self.checked(slot, check_head(slot, &head, hbm.payload_offset))?;
+        let actual = crc32fast::hash(&target[..len]);
+        if actual != slot.payload_crc32 {
+            return self.checked(
+                slot,
+                Err(Error::from(FormatError::PayloadChecksum {
+                    expected: slot.payload_crc32,
+                    actual,
+                })),
+            );
+        }
+        self.hit(HBM, slot);
+        Ok(len)
     }
 
     /// Reads an NVMe-only block's header sectors into a small buffer and its payload straight

@@ -65,7 +65,16 @@ fn puts_land_in_hbm_and_read_back_exactly() -> Result<(), Error> {
     for i in 0..20 {
         assert_eq!(engine.get(&key(i))?, Some(value(i)), "block {i}");
     }
-    assert_eq!(tier(&engine, TierKind::Hbm).hits, 20);
+    let mut buffer = vec![0u8; BLOCK + 10];
+    for i in 0..20 {
+        assert_eq!(engine.get_into(&key(i), &mut buffer)?, Some(BLOCK));
+        assert_eq!(&buffer[..BLOCK], &value(i)[..], "block {i}");
+    }
+    assert!(matches!(
+        engine.get_into(&key(0), &mut buffer[..BLOCK - 1]),
+        Err(Error::BufferTooSmall { .. })
+    ));
+    assert_eq!(tier(&engine, TierKind::Hbm).hits, 40);
     Ok(())
 }
 

@@ -292,6 +292,43 @@ pub fn encode_into(
     Ok(block_len)
 }
 
+/// Writes only the part of a block before its payload (header, key, padding) into `head`,
+/// checksumming `payload` where it lies, for a block whose payload travels separately (to a
+/// device, say). Returns the payload's offset, which is `head`'s length used.
+///
+/// # Errors
+///
+/// As [`encode_into`], with `head` in place of the whole block.
+///
+/// # Panics
+///
+/// If `payload_align` is not a power of two of at most [`MAX_PAYLOAD_ALIGN`].
+pub fn encode_head(
+    head: &mut [u8],
+    key: &[u8],
+    payload: &[u8],
+    generation: u64,
+    payload_align: usize,
+) -> Result<usize> {
+    check_key(key)?;
+    check_value(payload)?;
+    let payload_start = payload_offset(key.len(), payload_align);
+    if head.len() < payload_start {
+        return Err(Error::BufferTooSmall {
+            needed_bytes: payload_start,
+            available_bytes: head.len(),
+        });
+    }
+    write_head(
+        &mut head[..payload_start],
+        key,
+        payload.len(),
+        crc32fast::hash(payload),
+        generation,
+    );
+    Ok(payload_start)
+}
+
 /// Seals a block whose payload is already in place: `block` holds the payload at
 /// [`payload_offset`]`(key.len(), payload_align)`; this writes the header, key and padding
 /// before it (checksumming the payload where it lies) and returns the block's length. For
@@ -503,6 +540,23 @@ fn get_u64(header: &[u8], at: usize) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_head_encoded_apart_makes_the_same_block() {
+        let key = b"some key";
+        let payload: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let mut whole = vec![0u8; encoded_len(key.len(), payload.len(), 64)];
+        encode_into(&mut whole, key, &payload, 42, 64).unwrap();
+        let mut head = vec![0xffu8; payload_offset(key.len(), 64)];
+        let at = encode_head(&mut head, key, &payload, 42, 64).unwrap();
+        assert_eq!(at, head.len());
+        assert_eq!(&whole[..at], &head[..]);
+        let mut short = vec![0u8; at - 1];
+        assert!(matches!(
+            encode_head(&mut short, key, &payload, 42, 64),
+            Err(Error::BufferTooSmall { .. })
+        ));
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -178,6 +178,49 @@ impl HbmTier {
         unsafe { self.device.copy_to_device(&copies) }
     }
 
+    /// Writes several pieces of one extent (`(offset in the extent, bytes)`), in one batch.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfBounds`] if a piece does not fit (nothing is written); [`Error::Device`].
+    pub fn write_parts(&self, extent: &mut Extent, parts: &[(u64, &[u8])]) -> Result<()> {
+        self.check_extent(extent);
+        let mut copies = Vec::with_capacity(parts.len());
+        for &(offset_bytes, source) in parts {
+            range_within(extent, offset_bytes, source.len())?;
+            copies.push(ToDevice {
+                target: self.arena.ptr + extent.offset_bytes + offset_bytes,
+                source,
+            });
+        }
+        // SAFETY: every target lies inside the extent (checked above), inside the arena; the
+        // caller holds the extent mutably, so nothing else touches its bytes meanwhile.
+        unsafe { self.device.copy_to_device(&copies) }
+    }
+
+    /// Reads several pieces of one extent (`(offset in the extent, target)`), in one batch.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfBounds`] if a piece does not fit (nothing is read); [`Error::Device`].
+    pub fn read_parts(&self, extent: &Extent, parts: &mut [(u64, &mut [u8])]) -> Result<()> {
+        self.check_extent(extent);
+        for (offset_bytes, target) in parts.iter() {
+            range_within(extent, *offset_bytes, target.len())?;
+        }
+        let base = self.arena.ptr + extent.offset_bytes;
+        let mut copies: Vec<ToHost<'_>> = parts
+            .iter_mut()
+            .map(|(offset_bytes, target)| ToHost {
+                source: base + *offset_bytes,
+                target,
+            })
+            .collect();
+        // SAFETY: every source lies inside the extent (checked above), inside the arena; the
+        // caller borrows the extent, so no writer holds it meanwhile.
+        unsafe { self.device.copy_to_host(&mut copies) }
+    }
+
     /// Reads every item, in one batch of device-to-host copies.
     ///
     /// # Errors
