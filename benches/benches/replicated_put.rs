@@ -33,7 +33,8 @@ fn replicated_put(c: &mut Criterion) {
             peers: nodes.iter().map(Node::control_addr).collect(),
             heartbeat: Duration::from_millis(200),
             ..StaticConfig::default()
-        },
+        }
+        .into(),
         ..ClusterConfig::default()
     })
     .expect("cluster client");

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::membership::{Liveness, StaticConfig, StaticMembership};
+use crate::membership::{Liveness, Membership, MembershipConfig};
 use crate::placement;
 use crate::proto::ErrorReply;
 use crate::{Client, ClientConfig, ClientError};
@@ -21,7 +21,7 @@ use crate::{Client, ClientConfig, ClientError};
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
     /// The members and how they are watched.
-    pub membership: StaticConfig,
+    pub membership: MembershipConfig,
     /// Replicas of each block (R). Default 2.
     pub replication_factor: usize,
     /// Replicas that must hold a block before a put is acknowledged (W). Default 2.
@@ -33,7 +33,7 @@ pub struct ClusterConfig {
 impl Default for ClusterConfig {
     fn default() -> Self {
         Self {
-            membership: StaticConfig::default(),
+            membership: MembershipConfig::default(),
             replication_factor: 2,
             write_quorum: 2,
             client: ClientConfig::default(),
@@ -94,7 +94,7 @@ fn describe(failures: &[ReplicaFailure]) -> String {
 #[derive(Debug)]
 pub struct ClusterClient {
     config: ClusterConfig,
-    membership: StaticMembership,
+    membership: Box<dyn Membership>,
     /// One client per member id, opened on first use.
     clients: Mutex<HashMap<u64, Arc<Client>>>,
 }
@@ -116,7 +116,7 @@ impl ClusterClient {
                 config.write_quorum, config.replication_factor
             )));
         }
-        let membership = StaticMembership::start(config.membership.clone())?;
+        let membership = config.membership.start()?;
         Ok(Self {
             config,
             membership,
@@ -125,8 +125,8 @@ impl ClusterClient {
     }
 
     /// The membership this client sees.
-    pub fn membership(&self) -> &StaticMembership {
-        &self.membership
+    pub fn membership(&self) -> &dyn Membership {
+        &*self.membership
     }
 
     /// The members that hold `key`'s replicas now, primary first, with their addresses.

@@ -327,7 +327,13 @@ impl Node {
     /// # Errors
     ///
     /// If the repair threads cannot be started.
-    pub fn start_repair(&self, config: RepairConfig) -> Result<(), NodeError> {
+    pub fn start_repair(&self, mut config: RepairConfig) -> Result<(), NodeError> {
+        if let crate::membership::MembershipConfig::Etcd(etcd) = &mut config.membership {
+            etcd.register = Some(crate::membership::Registration {
+                id: self.member_id(),
+                addr: self.control_addr,
+            });
+        }
         let engine: Arc<crate::repair::EngineHandle> = self.shared.clone();
         let repair = Repair::start(engine, self.member_id(), config).map_err(io("start repair"))?;
         *self.shared.repair_stats.lock() = Some(Arc::clone(repair.stats_shared()));

@@ -14,15 +14,16 @@ use std::time::{Duration, Instant};
 
 use mooncake_kv_engine::Engine;
 
-use crate::membership::{Liveness, StaticConfig, StaticMembership};
+use crate::membership::{Liveness, Membership, MembershipConfig};
 use crate::placement;
 use crate::{Client, ClientConfig};
 
 /// How a node takes part in repair.
 #[derive(Debug, Clone)]
 pub struct RepairConfig {
-    /// The cluster's members (this node included) and how they are watched.
-    pub membership: StaticConfig,
+    /// The cluster's members (this node included) and how they are watched. With etcd, the
+    /// node registers itself (its member id and control address) when repair starts.
+    pub membership: MembershipConfig,
     /// Replicas of each block (R).
     pub replication_factor: usize,
     /// Most bytes copied per second. Default 256 MiB/s.
@@ -34,7 +35,7 @@ pub struct RepairConfig {
 impl Default for RepairConfig {
     fn default() -> Self {
         Self {
-            membership: StaticConfig::default(),
+            membership: MembershipConfig::default(),
             replication_factor: 2,
             bytes_per_second: 256 << 20,
             client: ClientConfig::default(),
@@ -92,7 +93,7 @@ impl Repair {
         self_id: u64,
         config: RepairConfig,
     ) -> std::io::Result<Self> {
-        let membership = StaticMembership::start(config.membership.clone())?;
+        let membership = config.membership.start()?;
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(RepairStats::default());
         let thread = {
@@ -143,7 +144,7 @@ struct Worker {
     engine: Arc<EngineHandle>,
     self_id: u64,
     config: RepairConfig,
-    membership: StaticMembership,
+    membership: Box<dyn Membership>,
     clients: HashMap<u64, Client>,
     stats: Arc<RepairStats>,
 }
@@ -153,7 +154,7 @@ impl Worker {
         let mut repaired_for: Option<BTreeSet<u64>> = None;
         let mut dirty = false;
         while !stop.load(Ordering::Acquire) {
-            std::thread::sleep(self.config.membership.heartbeat);
+            std::thread::sleep(self.membership.period());
             let live: BTreeSet<u64> = self
                 .membership
                 .live_members()

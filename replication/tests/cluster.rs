@@ -38,7 +38,8 @@ fn reads_fail_over_without_errors_when_a_replica_stops() {
             suspect_after: Duration::from_millis(300),
             dead_after: Duration::from_millis(800),
             token: None,
-        },
+        }
+        .into(),
         ..ClusterConfig::default()
     })
     .unwrap();
@@ -179,13 +180,13 @@ fn repair_restores_the_replication_factor_after_a_node_stops() {
     let peers: Vec<_> = nodes.iter().flatten().map(Node::control_addr).collect();
     for node in nodes.iter().flatten() {
         node.start_repair(RepairConfig {
-            membership: membership(peers.clone()),
+            membership: membership(peers.clone()).into(),
             ..RepairConfig::default()
         })
         .unwrap();
     }
     let cluster = ClusterClient::new(ClusterConfig {
-        membership: membership(peers.clone()),
+        membership: membership(peers.clone()).into(),
         ..ClusterConfig::default()
     })
     .unwrap();

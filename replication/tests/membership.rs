@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use mooncake_kv_engine::EngineConfig;
-use mooncake_kv_replication::membership::{Liveness, StaticConfig, StaticMembership};
+use mooncake_kv_replication::membership::{Liveness, Membership, StaticConfig, StaticMembership};
 use mooncake_kv_replication::placement::{self, JOIN_FLOOR};
 use mooncake_kv_replication::{Node, NodeConfig};
 

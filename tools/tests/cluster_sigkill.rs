@@ -1,8 +1,11 @@
-//! Replication with real processes: three mooncake-kvd on 127.0.0.1 that know each other
-//! (`--peers`), R = 2. Put 10,000 blocks through a cluster client; SIGKILL one node while a
-//! reader keeps reading every key: no acknowledged block lost, no read error, no wrong byte.
-//! Repair then gives every block two live replicas again. The killed node, started again,
-//! rejoins (empty: a memory-only node comes back as a new member) and serves nothing stale.
+//! Replication with real processes: three mooncake-kvd on 127.0.0.1, R = 2, that know each
+//! other either from a static list (`--peers`, heartbeats) or through a real etcd server
+//! (`--etcd`: registrations kept alive by leases, a watched prefix). Put 10,000 blocks through
+//! a cluster client; SIGKILL one node while a reader keeps reading every key: no acknowledged
+//! block lost, no read error, no wrong byte. Everyone sees the dead node leave (with etcd:
+//! when its lease expires) and repair gives every block two live replicas again. The killed
+//! node, started again, rejoins (empty: a memory-only node comes back as a new member) and
+//! serves nothing stale.
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
@@ -11,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mooncake_kv_replication::cluster::{ClusterClient, ClusterConfig};
-use mooncake_kv_replication::membership::StaticConfig;
+use mooncake_kv_replication::membership::{EtcdConfig, MembershipConfig, StaticConfig};
 use mooncake_kv_replication::{Client, ClientConfig};
 
 const HEARTBEAT_MS: u64 = 100;
@@ -22,7 +25,111 @@ fn free_port() -> SocketAddr {
         .expect("a free port")
 }
 
-fn start(listen: SocketAddr, peers: &str) -> Child {
+/// How the nodes find each other.
+enum Backend {
+    Static {
+        addrs: Vec<SocketAddr>,
+        peers: String,
+    },
+    Etcd {
+        url: String,
+        _server: EtcdServer,
+    },
+}
+
+impl Backend {
+    fn kvd_args(&self) -> Vec<String> {
+        match self {
+            Backend::Static { peers, .. } => vec![
+                "--peers".into(),
+                peers.clone(),
+                "--heartbeat-ms".into(),
+                HEARTBEAT_MS.to_string(),
+            ],
+            Backend::Etcd { url, .. } => {
+                vec![
+                    "--etcd".into(),
+                    url.clone(),
+                    "--etcd-ttl-s".into(),
+                    "1".into(),
+                ]
+            }
+        }
+    }
+
+    fn kvctl_args(&self) -> Vec<String> {
+        match self {
+            Backend::Static { peers, .. } => vec!["--peers".into(), peers.clone()],
+            Backend::Etcd { url, .. } => vec!["--etcd".into(), url.clone()],
+        }
+    }
+
+    fn membership(&self) -> MembershipConfig {
+        let heartbeat = Duration::from_millis(HEARTBEAT_MS);
+        match self {
+            Backend::Static { addrs, .. } => StaticConfig {
+                peers: addrs.clone(),
+                heartbeat,
+                suspect_after: heartbeat * 3,
+                dead_after: heartbeat * 10,
+                token: None,
+            }
+            .into(),
+            Backend::Etcd { url, .. } => EtcdConfig {
+                endpoints: vec![url.clone()],
+                ttl: Duration::from_secs(1),
+                ..EtcdConfig::default()
+            }
+            .into(),
+        }
+    }
+}
+
+/// A real etcd server (Debian's etcd-server) on loopback, in a scratch directory; killed on
+/// drop.
+struct EtcdServer {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdServer {
+    fn start() -> (Self, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://{client}");
+        let peer_url = format!("http://{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(dir.path().join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("test={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etcd (Debian package etcd-server; scripts/test installs it)");
+        let server = EtcdServer { child, _dir: dir };
+        wait_until("etcd to serve", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(client).is_ok()
+        });
+        (server, url)
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(listen: SocketAddr, backend: &Backend) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mooncake-kvd"))
         .args(["--listen", &listen.to_string()])
         .args(["--data-listen", "127.0.0.1:0", "--metrics-listen", "off"])
@@ -34,8 +141,8 @@ fn start(listen: SocketAddr, peers: &str) -> Child {
             "--log",
             "warn",
         ])
-        .args(["--peers", peers, "--replication-factor", "2"])
-        .args(["--heartbeat-ms", &HEARTBEAT_MS.to_string()])
+        .args(["--replication-factor", "2"])
+        .args(backend.kvd_args())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -69,16 +176,28 @@ fn no_acknowledged_block_is_lost_when_a_node_is_killed() {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let mut children: Vec<Child> = addrs.iter().map(|&a| start(a, &peers)).collect();
+    kill_test(addrs.clone(), Backend::Static { addrs, peers });
+}
+
+#[test]
+fn no_acknowledged_block_is_lost_when_a_node_is_killed_with_etcd_membership() {
+    let (server, url) = EtcdServer::start();
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
+    kill_test(
+        addrs,
+        Backend::Etcd {
+            url,
+            _server: server,
+        },
+    );
+}
+
+fn kill_test(addrs: Vec<SocketAddr>, backend: Backend) {
+    let etcd = matches!(backend, Backend::Etcd { .. });
+    let mut children: Vec<Child> = addrs.iter().map(|&a| start(a, &backend)).collect();
     let heartbeat = Duration::from_millis(HEARTBEAT_MS);
     let cluster = ClusterClient::new(ClusterConfig {
-        membership: StaticConfig {
-            peers: addrs.clone(),
-            heartbeat,
-            suspect_after: heartbeat * 3,
-            dead_after: heartbeat * 10,
-            token: None,
-        },
+        membership: backend.membership(),
         ..ClusterConfig::default()
     })
     .unwrap();
@@ -124,8 +243,14 @@ fn no_acknowledged_block_is_lost_when_a_node_is_killed() {
         std::thread::sleep(Duration::from_millis(500));
         children[1].kill().expect("SIGKILL"); // Child::kill sends SIGKILL
         let _ = children[1].wait();
-        // Keep reading through suspicion, death and repair.
+        // Keep reading through suspicion, death (with etcd: the lease running out) and repair.
         std::thread::sleep(heartbeat * 30);
+        wait_until(
+            "everyone to see the node leave",
+            Duration::from_secs(10),
+            || cluster.membership().live_members().len() == 2,
+        );
+        std::thread::sleep(heartbeat * 10);
         stop.store(true, Ordering::Relaxed);
     });
     let (reads, errors, misses, wrong) = (
@@ -161,26 +286,36 @@ fn no_acknowledged_block_is_lost_when_a_node_is_killed() {
             .output()
             .expect("run kvctl")
     };
-    let out = kvctl(&["--json", "cluster", "--peers", &peers]);
+    let members = backend.kvctl_args();
+    let members: Vec<&str> = members.iter().map(String::as_str).collect();
+    let out = kvctl(&[&["--json", "cluster"], &members[..]].concat());
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     eprintln!("kvctl cluster: {report}");
     assert_eq!(report["live"], 2);
-    assert_eq!(report["total"], 3);
     assert_eq!(report["under_replicated"], 0);
-    assert_eq!(report["members"][1]["state"], "unreachable");
-    let copied: u64 = [0, 2]
+    let live_rows: Vec<&serde_json::Value> = report["members"]
+        .as_array()
+        .unwrap()
         .iter()
-        .map(|&m| {
-            report["members"][m]["repair"]["blocks_copied"]
-                .as_u64()
-                .unwrap()
-        })
+        .filter(|m| m["state"] == "live")
+        .collect();
+    let copied: u64 = live_rows
+        .iter()
+        .map(|m| m["repair"]["blocks_copied"].as_u64().unwrap())
         .sum();
     assert!(copied > 0, "repair copied the dead node's blocks: {report}");
-    assert_eq!(out.status.code(), Some(1), "a member is down");
+    if etcd {
+        // Its lease expired: it is no longer registered at all, and the rest is healthy.
+        assert_eq!(report["total"], 2);
+        assert_eq!(out.status.code(), Some(0));
+    } else {
+        assert_eq!(report["total"], 3);
+        assert_eq!(report["members"][1]["state"], "unreachable");
+        assert_eq!(out.status.code(), Some(1), "a member is down");
+    }
 
     // The killed node comes back (empty, as a new member) and rejoins; nothing stale.
-    children[1] = start(addrs[1], &peers);
+    children[1] = start(addrs[1], &backend);
     wait_until("the node back", Duration::from_secs(10), || {
         cluster.membership().live_members().len() == 3
     });
@@ -191,7 +326,7 @@ fn no_acknowledged_block_is_lost_when_a_node_is_killed() {
             "block {i} after the rejoin"
         );
     }
-    let out = kvctl(&["cluster", "--peers", &peers]);
+    let out = kvctl(&[&["cluster"], &members[..]].concat());
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("3 of 3 members live"), "{table}");
     for child in &mut children {

@@ -1,7 +1,16 @@
-//! Who is live: the static backend. A fixed list of peers (from config); a background thread
-//! says hello to each at every heartbeat and asks whether it serves. A peer not heard from
-//! for `suspect_after` is suspected, for `dead_after` dead; a dead peer that answers again
-//! rejoins, with a fresh join time, so that placement ramps its weight up again.
+//! Who is live, behind one small seam ([`Membership`]) with two backends:
+//!
+//! - static ([`StaticMembership`], the embedded default): a fixed list of peers (from config);
+//!   a background thread says hello to each at every heartbeat and asks whether it serves. A
+//!   peer not heard from for `suspect_after` is suspected, for `dead_after` dead; a dead peer
+//!   that answers again rejoins, with a fresh join time, so that placement ramps its weight up
+//!   again.
+//! - etcd ([`EtcdMembership`]): each node keeps its registration under a key prefix alive with
+//!   an etcd lease; nodes and clients watch the prefix.
+
+mod etcd;
+
+pub use etcd::{EtcdConfig, EtcdMembership, Registration};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +22,71 @@ use parking_lot::Mutex;
 
 use crate::placement::{JOIN_RAMP, Member};
 use crate::{Client, ClientConfig};
+
+/// Who is live, as one backend sees it.
+pub trait Membership: Send + Sync + std::fmt::Debug {
+    /// Every member known, and how it looks now.
+    fn view(&self) -> Vec<PeerView>;
+
+    /// How often the view is worth looking at again (a heartbeat, or a fraction of a lease).
+    fn period(&self) -> Duration;
+
+    /// The live members, weighted for placement (a recent joiner ramps up over
+    /// [`JOIN_RAMP`]).
+    fn live_members(&self) -> Vec<Member> {
+        let now = Instant::now();
+        self.view()
+            .into_iter()
+            .filter(|p| p.liveness == Liveness::Live)
+            .filter_map(|p| {
+                let id = p.id?;
+                let since = now.saturating_duration_since(p.joined.unwrap_or(now));
+                Some(Member::joining(id, since, JOIN_RAMP))
+            })
+            .collect()
+    }
+}
+
+/// Which backend, and its settings.
+#[derive(Debug, Clone)]
+pub enum MembershipConfig {
+    /// A fixed list of peers with heartbeats.
+    Static(StaticConfig),
+    /// Registrations under an etcd prefix, kept alive by leases.
+    Etcd(EtcdConfig),
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        Self::Static(StaticConfig::default())
+    }
+}
+
+impl From<StaticConfig> for MembershipConfig {
+    fn from(config: StaticConfig) -> Self {
+        Self::Static(config)
+    }
+}
+
+impl From<EtcdConfig> for MembershipConfig {
+    fn from(config: EtcdConfig) -> Self {
+        Self::Etcd(config)
+    }
+}
+
+impl MembershipConfig {
+    /// Starts the backend.
+    ///
+    /// # Errors
+    ///
+    /// If its thread cannot be started, or (etcd) its config cannot work.
+    pub fn start(&self) -> std::io::Result<Box<dyn Membership>> {
+        Ok(match self {
+            Self::Static(config) => Box::new(StaticMembership::start(config.clone())?),
+            Self::Etcd(config) => Box::new(EtcdMembership::start(config.clone())?),
+        })
+    }
+}
 
 /// How a member looks from here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,9 +191,11 @@ impl StaticMembership {
             thread: Some(thread),
         })
     }
+}
 
+impl Membership for StaticMembership {
     /// Every peer and how it looks now.
-    pub fn view(&self) -> Vec<PeerView> {
+    fn view(&self) -> Vec<PeerView> {
         let now = Instant::now();
         self.peers
             .lock()
@@ -134,19 +210,8 @@ impl StaticMembership {
             .collect()
     }
 
-    /// The live members, weighted for placement (a recent joiner ramps up over
-    /// [`JOIN_RAMP`]).
-    pub fn live_members(&self) -> Vec<Member> {
-        let now = Instant::now();
-        self.view()
-            .into_iter()
-            .filter(|p| p.liveness == Liveness::Live)
-            .filter_map(|p| {
-                let id = p.id?;
-                let since = now.saturating_duration_since(p.joined.unwrap_or(now));
-                Some(Member::joining(id, since, JOIN_RAMP))
-            })
-            .collect()
+    fn period(&self) -> Duration {
+        self.config.heartbeat
     }
 }
 

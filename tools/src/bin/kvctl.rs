@@ -61,11 +61,23 @@ enum Command {
     Stat,
     /// Every member of a cluster: reachable or not, node id, blocks, and repair (passes,
     /// blocks copied, blocks under-replicated). Exits 1 if a member is unreachable or a
-    /// block is under-replicated.
+    /// block is under-replicated. Members come from --peers, or from etcd's registrations.
     Cluster {
         /// Control addresses of the members, comma separated (as given to kvd --peers).
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            required_unless_present = "etcd",
+            conflicts_with = "etcd"
+        )]
         peers: Vec<String>,
+        /// etcd client URLs, comma separated (as given to kvd --etcd): the members are the
+        /// nodes registered there now.
+        #[arg(long, value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// Key prefix of the registrations (as given to kvd --etcd-prefix).
+        #[arg(long, default_value = "/mooncake/members/")]
+        etcd_prefix: String,
     },
     /// Fetch a block's value (verified) to a file, or to stdout.
     Get {
@@ -269,7 +281,18 @@ fn keys(texts: &[String]) -> anyhow::Result<Vec<Vec<u8>>> {
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Stat => online::stat(cli),
-        Command::Cluster { peers } => online::cluster(cli, peers),
+        Command::Cluster {
+            peers,
+            etcd,
+            etcd_prefix,
+        } => {
+            let peers = if etcd.is_empty() {
+                peers.clone()
+            } else {
+                online::registered_members(etcd, etcd_prefix)?
+            };
+            online::cluster(cli, &peers)
+        }
         Command::Get { key, output } => online::get(cli, key, output.as_deref()),
         Command::Put { key, file, durable } => online::put(cli, key, file, *durable),
         Command::Del { keys: texts } => {
@@ -517,6 +540,30 @@ mod online {
             println!("{:<16} {}", "connections", stats.connections);
         }
         Ok(ExitCode::SUCCESS)
+    }
+
+    /// The control addresses registered under `prefix` in etcd now.
+    pub(super) fn registered_members(
+        endpoints: &[String],
+        prefix: &str,
+    ) -> anyhow::Result<Vec<String>> {
+        use mooncake_kv_replication::membership::{EtcdConfig, EtcdMembership, Membership};
+        let membership = EtcdMembership::start(EtcdConfig {
+            endpoints: endpoints.to_vec(),
+            prefix: prefix.to_owned(),
+            ..EtcdConfig::default()
+        })
+        .context("cannot start an etcd client")?;
+        anyhow::ensure!(
+            membership.wait_synced(Duration::from_secs(5)),
+            "cannot read the members from etcd at {}",
+            endpoints.join(",")
+        );
+        Ok(membership
+            .view()
+            .iter()
+            .map(|p| p.addr.to_string())
+            .collect())
     }
 
     pub(super) fn cluster(cli: &Cli, peers: &[String]) -> anyhow::Result<ExitCode> {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use mooncake_kv_engine::{EngineConfig, EvictionPolicyKind};
-use mooncake_kv_replication::membership::StaticConfig;
+use mooncake_kv_replication::membership::{EtcdConfig, StaticConfig};
 use mooncake_kv_replication::repair::RepairConfig;
 use mooncake_kv_replication::{Node, NodeConfig, NodeMetrics};
 use serde::Deserialize;
@@ -83,6 +83,18 @@ struct Cli {
     /// joins, it copies each block it holds to the replicas that should hold it now.
     #[arg(long, value_delimiter = ',')]
     peers: Vec<String>,
+    /// etcd client URLs, comma separated (e.g. http://127.0.0.1:2379), instead of --peers:
+    /// the node registers under --etcd-prefix with a lease, watches the prefix for the other
+    /// members, and repairs when one comes or goes.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Key prefix of the members' registrations in etcd.
+    #[arg(long)]
+    etcd_prefix: Option<String>,
+    /// Lease time to live in seconds: a dead node leaves the membership this long after it
+    /// stopped renewing.
+    #[arg(long)]
+    etcd_ttl_s: Option<u64>,
     /// Replicas of each block, for repair (clients place them the same way).
     #[arg(long)]
     replication_factor: Option<usize>,
@@ -114,6 +126,9 @@ struct FileConfig {
     lease_ms: Option<u64>,
     max_leases: Option<usize>,
     peers: Option<Vec<String>>,
+    etcd: Option<Vec<String>>,
+    etcd_prefix: Option<String>,
+    etcd_ttl_s: Option<u64>,
     replication_factor: Option<usize>,
     heartbeat_ms: Option<u64>,
 }
@@ -179,7 +194,48 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
     } else {
         cli.peers.clone()
     };
-    let repair = if peers.is_empty() {
+    let etcd = if cli.etcd.is_empty() {
+        file.etcd.unwrap_or_default()
+    } else {
+        cli.etcd.clone()
+    };
+    if !peers.is_empty() && !etcd.is_empty() {
+        bail!("give the members as --peers or through --etcd, not both");
+    }
+    let replication_factor = cli
+        .replication_factor
+        .or(file.replication_factor)
+        .unwrap_or(2);
+    if replication_factor == 0 {
+        bail!("replication_factor must be at least 1");
+    }
+    let repair_client = mooncake_kv_replication::ClientConfig {
+        token: token.clone(),
+        ..mooncake_kv_replication::ClientConfig::default()
+    };
+    let repair = if !etcd.is_empty() {
+        let ttl = cli.etcd_ttl_s.or(file.etcd_ttl_s).unwrap_or(3);
+        if ttl == 0 {
+            bail!("etcd_ttl_s must be at least 1");
+        }
+        Some(RepairConfig {
+            membership: EtcdConfig {
+                endpoints: etcd,
+                prefix: cli
+                    .etcd_prefix
+                    .clone()
+                    .or(file.etcd_prefix)
+                    .unwrap_or_else(|| EtcdConfig::default().prefix),
+                ttl: Duration::from_secs(ttl),
+                // The node fills in its own registration when repair starts.
+                register: None,
+            }
+            .into(),
+            replication_factor,
+            client: repair_client,
+            ..RepairConfig::default()
+        })
+    } else if peers.is_empty() {
         None
     } else {
         let peers = peers
@@ -197,13 +253,6 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
                 .unwrap_or(500)
                 .max(10),
         );
-        let replication_factor = cli
-            .replication_factor
-            .or(file.replication_factor)
-            .unwrap_or(2);
-        if replication_factor == 0 {
-            bail!("replication_factor must be at least 1");
-        }
         Some(RepairConfig {
             membership: StaticConfig {
                 peers,
@@ -211,12 +260,10 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
                 suspect_after: heartbeat * 3,
                 dead_after: heartbeat * 10,
                 token: token.clone(),
-            },
+            }
+            .into(),
             replication_factor,
-            client: mooncake_kv_replication::ClientConfig {
-                token: token.clone(),
-                ..mooncake_kv_replication::ClientConfig::default()
-            },
+            client: repair_client,
             ..RepairConfig::default()
         })
     };
