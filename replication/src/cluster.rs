@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
@@ -97,6 +98,28 @@ pub struct ClusterClient {
     membership: Box<dyn Membership>,
     /// One client per member id, opened on first use.
     clients: Mutex<HashMap<u64, Arc<Client>>>,
+    /// Requests this client has in flight to each member: its measure of their load.
+    in_flight: Mutex<HashMap<u64, Arc<AtomicUsize>>>,
+    /// Whether each address is on this host (cached: it is a system call to find out).
+    local: Mutex<HashMap<std::net::IpAddr, bool>>,
+}
+
+/// Counts one request to a member for as long as it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The order to ask a key's replicas in: those on this host first (no network hop, and the
+/// shared-memory transport), then the least loaded, placement order breaking ties. Each
+/// replica is `(member id, is local, load)`, in placement order.
+pub(crate) fn read_order(replicas: &[(u64, bool, usize)]) -> Vec<u64> {
+    let mut ranked: Vec<(usize, &(u64, bool, usize))> = replicas.iter().enumerate().collect();
+    ranked.sort_by_key(|&(rank, &(_, local, load))| (!local, load, rank));
+    ranked.into_iter().map(|(_, &(id, _, _))| id).collect()
 }
 
 impl ClusterClient {
@@ -121,6 +144,8 @@ impl ClusterClient {
             config,
             membership,
             clients: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
+            local: Mutex::new(HashMap::new()),
         })
     }
 
@@ -163,6 +188,28 @@ impl ClusterClient {
         Ok(client)
     }
 
+    /// Marks one request to member `id` in flight until the guard drops.
+    fn start_request(&self, id: u64) -> InFlight {
+        let counter = Arc::clone(self.in_flight.lock().entry(id).or_default());
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+
+    fn load(&self, id: u64) -> usize {
+        self.in_flight
+            .lock()
+            .get(&id)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Whether `addr` is an address of this host: loopback, or one a socket can bind to.
+    fn is_local(&self, addr: SocketAddr) -> bool {
+        let ip = addr.ip();
+        *self.local.lock().entry(ip).or_insert_with(|| {
+            ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+        })
+    }
+
     /// Records that member `id` failed a call: its connection is dropped (reopened on next
     /// use) and the failure kept for the caller.
     fn failed(&self, id: u64, addr: SocketAddr, error: ClientError) -> ReplicaFailure {
@@ -188,6 +235,7 @@ impl ClusterClient {
         }
         // The first replica on this thread, the others on one thread each, all at once.
         let put_to = |&(id, addr): &(u64, SocketAddr)| {
+            let _in_flight = self.start_request(id);
             let result = self.client(id, addr).and_then(|c| c.put(key, value));
             (id, addr, result)
         };
@@ -223,16 +271,26 @@ impl ClusterClient {
         }
     }
 
-    /// The value of `key` from the first replica that has it: the key's replicas in placement
-    /// order, then every other live member (a block written under an older membership may
-    /// sit elsewhere until repair moves it). `None` when no member has it.
+    /// The value of `key` from the first replica that has it: the key's replicas, those on
+    /// this host first and then the least loaded (fewest requests in flight from this client;
+    /// placement order breaks ties), then every other live member (a block written under an
+    /// older membership may sit elsewhere until repair moves it). `None` when no member has
+    /// it.
     ///
     /// # Errors
     ///
     /// [`ClusterError::AllReplicasFailed`] only when every member asked failed; a miss on one
     /// and a hit on another is a hit.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ClusterError> {
-        let mut order = self.replicas(key);
+        let replicas = self.replicas(key);
+        let ranked: Vec<(u64, bool, usize)> = replicas
+            .iter()
+            .map(|&(id, addr)| (id, self.is_local(addr), self.load(id)))
+            .collect();
+        let mut order: Vec<(u64, SocketAddr)> = read_order(&ranked)
+            .into_iter()
+            .filter_map(|id| replicas.iter().find(|r| r.0 == id).copied())
+            .collect();
         for peer in self.membership.view() {
             if let (Liveness::Live, Some(id)) = (peer.liveness, peer.id) {
                 if !order.iter().any(|&(o, _)| o == id) {
@@ -246,6 +304,7 @@ impl ClusterClient {
         let mut failures = Vec::new();
         let asked = order.len();
         for (id, addr) in order {
+            let _in_flight = self.start_request(id);
             match self.client(id, addr).and_then(|c| c.get(key)) {
                 Ok(Some(value)) => return Ok(Some(value)),
                 Ok(None) => {}
@@ -257,5 +316,26 @@ impl ClusterClient {
         } else {
             Ok(None)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_order;
+
+    #[test]
+    fn reads_go_local_first_then_least_loaded_then_in_placement_order() {
+        // (id, local, in flight), in placement order.
+        assert_eq!(read_order(&[(1, false, 0), (2, true, 5)]), vec![2, 1]);
+        assert_eq!(
+            read_order(&[(1, false, 3), (2, false, 1), (3, false, 1)]),
+            vec![2, 3, 1]
+        );
+        assert_eq!(
+            read_order(&[(1, true, 2), (2, true, 0), (3, false, 0)]),
+            vec![2, 1, 3]
+        );
+        assert_eq!(read_order(&[(7, false, 0), (8, false, 0)]), vec![7, 8]);
+        assert!(read_order(&[]).is_empty());
     }
 }

@@ -38,6 +38,7 @@ fn reads_fail_over_without_errors_when_a_replica_stops() {
             suspect_after: Duration::from_millis(300),
             dead_after: Duration::from_millis(800),
             token: None,
+            ..StaticConfig::default()
         }
         .into(),
         ..ClusterConfig::default()
@@ -175,6 +176,7 @@ fn repair_restores_the_replication_factor_after_a_node_stops() {
         suspect_after: Duration::from_millis(300),
         dead_after: Duration::from_millis(800),
         token: None,
+        ..StaticConfig::default()
     };
     let mut nodes: Vec<Option<Node>> = (0..3).map(|_| Some(node())).collect();
     let peers: Vec<_> = nodes.iter().flatten().map(Node::control_addr).collect();
@@ -272,4 +274,114 @@ fn repair_restores_the_replication_factor_after_a_node_stops() {
             .metrics_text()
             .contains("mooncake_repair_blocks_copied_total")
     );
+}
+
+/// A fourth node joins a cluster of three while a writer keeps putting new blocks: the share
+/// of new writes it takes rises gradually over the join ramp (4 s here, 60 s by default),
+/// instead of jumping to its full share (half of the blocks, with R = 2 of 4) at once. The
+/// share is measured on the nodes themselves: which new blocks the fourth node holds.
+#[test]
+fn a_joining_node_takes_new_writes_gradually() {
+    let nodes: Vec<Node> = (0..3).map(|_| node()).collect();
+    // The fourth node's address, reserved now, served later.
+    let fourth_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    let mut peers: Vec<_> = nodes.iter().map(Node::control_addr).collect();
+    peers.push(fourth_addr);
+    let ramp = Duration::from_secs(4);
+    let cluster = ClusterClient::new(ClusterConfig {
+        membership: StaticConfig {
+            peers,
+            heartbeat: Duration::from_millis(50),
+            suspect_after: Duration::from_millis(300),
+            dead_after: Duration::from_millis(800),
+            join_ramp: ramp,
+            ..StaticConfig::default()
+        }
+        .into(),
+        ..ClusterConfig::default()
+    })
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.membership().live_members().len() < 3 {
+        assert!(Instant::now() < deadline, "three members never went live");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Let the first three finish their own ramp, so the cluster is in its steady state.
+    std::thread::sleep(ramp);
+
+    let stop = AtomicBool::new(false);
+    let written = parking_lot::Mutex::new(Vec::<(Duration, u64)>::new());
+    let joined = parking_lot::Mutex::new(None::<Instant>);
+    let fourth = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                cluster
+                    .put(format!("new/{i}").as_bytes(), &value(i))
+                    .expect("put under load");
+                if let Some(at) = *joined.lock() {
+                    written.lock().push((at.elapsed(), i));
+                }
+                i += 1;
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let fourth = Node::start(NodeConfig {
+            listen: fourth_addr.to_string(),
+            data_listen: "127.0.0.1:0".into(),
+            engine: EngineConfig {
+                dram_capacity_bytes: 64 << 20,
+                ..EngineConfig::default()
+            },
+            ..NodeConfig::default()
+        })
+        .expect("start the fourth node");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cluster.membership().live_members().len() < 4 {
+            assert!(Instant::now() < deadline, "the fourth node never went live");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        *joined.lock() = Some(Instant::now());
+        std::thread::sleep(ramp + Duration::from_secs(1));
+        stop.store(true, Ordering::Relaxed);
+        fourth
+    });
+
+    // Share of each half second's new blocks the fourth node holds.
+    let written = written.into_inner();
+    let windows = (ramp.as_millis() / 500 + 2) as usize;
+    let mut shares = Vec::new();
+    for w in 0..windows {
+        let keys: Vec<Vec<u8>> = written
+            .iter()
+            .filter(|(at, _)| at.as_millis() as usize / 500 == w)
+            .map(|(_, i)| format!("new/{i}").into_bytes())
+            .collect();
+        if keys.is_empty() {
+            continue;
+        }
+        let held = keys.iter().filter(|k| fourth.engine().exists(k)).count();
+        shares.push(held as f64 / keys.len() as f64);
+    }
+    eprintln!(
+        "fourth node's share of new writes per 0.5 s since it joined: {:?}",
+        shares
+            .iter()
+            .map(|s| format!("{:.0}%", s * 100.0))
+            .collect::<Vec<_>>()
+    );
+    assert!(shares.len() >= windows - 1, "too few writes: {shares:?}");
+    let (first, last) = (shares[0], shares[shares.len() - 1]);
+    // Weight 1-12% of a full member in the first half second: a small share, not half.
+    assert!(first < 0.15, "took {first:.2} of new writes at once");
+    // After the ramp, its full share: half the blocks (R = 2 of 4 members).
+    assert!((0.38..=0.62).contains(&last), "full share {last:.2}");
+    // In between it rises, window after window (give or take sampling noise).
+    for pair in shares.windows(2) {
+        assert!(pair[1] > pair[0] - 0.08, "share fell: {shares:?}");
+    }
+    let mid = shares[shares.len() / 2];
+    assert!(first < mid && mid < last, "not gradual: {shares:?}");
 }

@@ -40,6 +40,7 @@ fn members_are_suspected_declared_dead_and_rejoin() {
         suspect_after: Duration::from_millis(300),
         dead_after: Duration::from_millis(800),
         token: None,
+        ..StaticConfig::default()
     })
     .unwrap();
     wait_for("three live members", || {

@@ -73,6 +73,7 @@ impl Backend {
                 suspect_after: heartbeat * 3,
                 dead_after: heartbeat * 10,
                 token: None,
+                ..StaticConfig::default()
             }
             .into(),
             Backend::Etcd { url, .. } => EtcdConfig {

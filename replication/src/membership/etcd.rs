@@ -34,6 +34,9 @@ pub struct EtcdConfig {
     pub ttl: Duration,
     /// This process's own registration, for a node (`None` for a client that only watches).
     pub register: Option<Registration>,
+    /// How long a newly registered member takes to reach its full placement weight. Default
+    /// 60 s.
+    pub join_ramp: Duration,
 }
 
 /// What a node registers.
@@ -52,6 +55,7 @@ impl Default for EtcdConfig {
             prefix: "/mooncake/members/".into(),
             ttl: Duration::from_secs(3),
             register: None,
+            join_ramp: crate::placement::JOIN_RAMP,
         }
     }
 }
@@ -142,6 +146,10 @@ impl Membership for EtcdMembership {
                 joined: Some(joined),
             })
             .collect()
+    }
+
+    fn join_ramp(&self) -> Duration {
+        self.config.join_ramp
     }
 
     fn period(&self) -> Duration {

@@ -31,17 +31,23 @@ pub trait Membership: Send + Sync + std::fmt::Debug {
     /// How often the view is worth looking at again (a heartbeat, or a fraction of a lease).
     fn period(&self) -> Duration;
 
+    /// How long a member that (re)joined takes to reach its full placement weight.
+    fn join_ramp(&self) -> Duration {
+        JOIN_RAMP
+    }
+
     /// The live members, weighted for placement (a recent joiner ramps up over
-    /// [`JOIN_RAMP`]).
+    /// [`join_ramp`](Self::join_ramp)).
     fn live_members(&self) -> Vec<Member> {
         let now = Instant::now();
+        let ramp = self.join_ramp();
         self.view()
             .into_iter()
             .filter(|p| p.liveness == Liveness::Live)
             .filter_map(|p| {
                 let id = p.id?;
                 let since = now.saturating_duration_since(p.joined.unwrap_or(now));
-                Some(Member::joining(id, since, JOIN_RAMP))
+                Some(Member::joining(id, since, ramp))
             })
             .collect()
     }
@@ -112,6 +118,9 @@ pub struct StaticConfig {
     pub dead_after: Duration,
     /// The shared secret of the peers, if they have one.
     pub token: Option<Vec<u8>>,
+    /// How long a (re)joining peer takes to reach its full placement weight. Default
+    /// [`JOIN_RAMP`] (60 s).
+    pub join_ramp: Duration,
 }
 
 impl Default for StaticConfig {
@@ -122,6 +131,7 @@ impl Default for StaticConfig {
             suspect_after: Duration::from_millis(1500),
             dead_after: Duration::from_secs(5),
             token: None,
+            join_ramp: JOIN_RAMP,
         }
     }
 }
@@ -212,6 +222,10 @@ impl Membership for StaticMembership {
 
     fn period(&self) -> Duration {
         self.config.heartbeat
+    }
+
+    fn join_ramp(&self) -> Duration {
+        self.config.join_ramp
     }
 }
 

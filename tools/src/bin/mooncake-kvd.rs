@@ -229,6 +229,7 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
                 ttl: Duration::from_secs(ttl),
                 // The node fills in its own registration when repair starts.
                 register: None,
+                ..EtcdConfig::default()
             }
             .into(),
             replication_factor,
@@ -260,6 +261,7 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
                 suspect_after: heartbeat * 3,
                 dead_after: heartbeat * 10,
                 token: token.clone(),
+                ..StaticConfig::default()
             }
             .into(),
             replication_factor,
