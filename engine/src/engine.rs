@@ -78,6 +78,8 @@ struct Inner {
     reclaiming: AtomicBool,
     /// The same for HBM.
     reclaiming_hbm: AtomicBool,
+    /// Generations below this were recovered from the data directory at open.
+    first_new_generation: AtomicU64,
     /// DRAM victims taken from the policy and not yet dealt with: space another thread is
     /// about to free.
     victims_in_flight: AtomicUsize,
@@ -500,6 +502,7 @@ impl Engine {
             next_generation: AtomicU64::new(1),
             reclaiming: AtomicBool::new(false),
             reclaiming_hbm: AtomicBool::new(false),
+            first_new_generation: AtomicU64::new(1),
             victims_in_flight: AtomicUsize::new(0),
             wake: (Mutex::new(false), Condvar::new()),
             stop: AtomicBool::new(false),
@@ -779,7 +782,26 @@ impl Engine {
     /// write-through put, a demotion, closing the engine): a crash before that brings the
     /// block back.
     pub fn remove(&self, key: &[u8]) -> bool {
-        self.inner.remove(key)
+        self.inner.remove_if(key, None)
+    }
+
+    /// [`remove`](Self::remove), but only the block of `generation`: a newer put of the key
+    /// stays. Returns whether it removed one. For reconciling copies without losing a write
+    /// that arrived meanwhile.
+    pub fn remove_generation(&self, key: &[u8], generation: u64) -> bool {
+        self.inner.remove_if(key, Some(generation))
+    }
+
+    /// The generation of `key`'s block, without reading it or counting a use. `None` if the
+    /// key has no block.
+    pub fn generation(&self, key: &[u8]) -> Option<u64> {
+        self.inner.index.get(key).map(|slot| slot.generation)
+    }
+
+    /// The generation the first put after this engine opened got (or will get): every block
+    /// with a smaller one was read back from the data directory at open.
+    pub fn first_new_generation(&self) -> u64 {
+        self.inner.first_new_generation.load(Ordering::Relaxed)
     }
 
     /// [`remove`](Self::remove) for many keys, in order.
@@ -1171,13 +1193,11 @@ impl Inner {
         }
     }
 
-    fn remove(&self, key: &[u8]) -> bool {
+    fn remove_if(&self, key: &[u8], generation: Option<u64>) -> bool {
         let hash = self.index.hash(key);
-        let removed = self
-            .index
-            .shard(hash)
-            .write()
-            .remove_if(hash, key, |_| true);
+        let removed = self.index.shard(hash).write().remove_if(hash, key, |slot| {
+            generation.is_none_or(|g| slot.generation == g)
+        });
         let Some(slot) = removed else { return false };
         self.forget_residency(&slot);
         self.retire(slot);
@@ -2123,6 +2143,8 @@ impl Inner {
             residency.insert(slot);
         }
         self.next_generation
+            .store(max_generation + 1, Ordering::Relaxed);
+        self.first_new_generation
             .store(max_generation + 1, Ordering::Relaxed);
         Ok(())
     }

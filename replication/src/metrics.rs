@@ -215,6 +215,16 @@ impl Metrics {
                     "Repair copies that failed (retried at the next pass).",
                     &r.failures,
                 ),
+                (
+                    "mooncake_reconcile_superseded_total",
+                    "Blocks read back from disk at start that a live member also held: replaced by its copy, or dropped.",
+                    &r.reconciled_superseded,
+                ),
+                (
+                    "mooncake_reconcile_kept_total",
+                    "Blocks read back from disk at start that no live member held: kept.",
+                    &r.reconciled_kept,
+                ),
             ];
             for (name, help, value) in figures {
                 counter(&mut out, name, help, load(value));

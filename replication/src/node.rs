@@ -158,6 +158,10 @@ struct Shared {
     metrics: Metrics,
     /// Repair's figures, once the node takes part in repair.
     repair_stats: Mutex<Option<Arc<RepairStats>>>,
+    /// Blocks with a generation below this (those read back from disk at start, in a
+    /// cluster) are not served until repair has reconciled them with the other members; 0:
+    /// nothing hidden.
+    hidden_below: AtomicU64,
     stopping: AtomicBool,
     /// A clone of each open connection, to stop reading them at shutdown.
     connections: Mutex<HashMap<u64, TcpStream>>,
@@ -202,6 +206,25 @@ pub struct Node {
 impl crate::repair::EngineAccess for Shared {
     fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    fn hidden_below(&self) -> &AtomicU64 {
+        &self.hidden_below
+    }
+}
+
+impl Shared {
+    /// Whether a block of `generation` waits for reconciliation (not served yet).
+    fn hidden(&self, generation: u64) -> bool {
+        let below = self.hidden_below.load(Ordering::Acquire);
+        below != 0 && generation < below
+    }
+
+    /// Whether `key` has a block this node serves now.
+    fn serves(&self, key: &[u8]) -> bool {
+        self.engine
+            .generation(key)
+            .is_some_and(|generation| !self.hidden(generation))
     }
 }
 
@@ -272,6 +295,7 @@ impl Node {
             max_reservations: config.max_reservations,
             metrics: Metrics::default(),
             repair_stats: Mutex::new(None),
+            hidden_below: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             connections: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(0),
@@ -324,10 +348,22 @@ impl Node {
     /// changes, copies each block this node holds to the replicas that should hold it now
     /// and do not (rate limited). Replaces any repair started before.
     ///
+    /// A node that read blocks back from its data directory at start does not serve them
+    /// until repair has reconciled them with the live members: a block another member holds
+    /// was written (or kept) while this node was away, so that copy replaces (or, if this
+    /// node is no longer one of its replicas, drops) the one read from disk. A block nobody
+    /// else holds is kept. A block removed while the node was away comes back this way:
+    /// there are no tombstones (KVCache keys name their content, so a key is rarely
+    /// rewritten with other bytes, but a removal can be undone).
+    ///
     /// # Errors
     ///
     /// If the repair threads cannot be started.
     pub fn start_repair(&self, mut config: RepairConfig) -> Result<(), NodeError> {
+        let first_new = self.shared.engine.first_new_generation();
+        if first_new > 1 && self.repair.lock().is_none() {
+            self.shared.hidden_below.store(first_new, Ordering::Release);
+        }
         if let crate::membership::MembershipConfig::Etcd(etcd) = &mut config.membership {
             etcd.register = Some(crate::membership::Registration {
                 id: self.member_id(),
@@ -713,8 +749,18 @@ fn handle(shared: &Shared, request: Request<'_>) -> (Response, Vec<PinnedBlock>)
             );
             (1, Response::Lookup(outcomes))
         }
-        Request::Exists { keys } => (2, Response::Flags(engine.exists_batch(&keys))),
-        Request::PrefixMatch { keys } => (3, Response::Count(engine.prefix_match(&keys) as u64)),
+        Request::Exists { keys } => (
+            2,
+            Response::Flags(keys.iter().map(|key| shared.serves(key)).collect()),
+        ),
+        Request::PrefixMatch { keys } => {
+            let count = if shared.hidden_below.load(Ordering::Acquire) == 0 {
+                engine.prefix_match(&keys)
+            } else {
+                keys.iter().take_while(|key| shared.serves(key)).count()
+            };
+            (3, Response::Count(count as u64))
+        }
         Request::Remove { keys } => (4, Response::Flags(engine.remove_batch(&keys))),
         Request::Stats => (5, Response::Stats(node_stats(shared))),
         Request::Health => (
@@ -736,8 +782,8 @@ fn lookup(
     inline: Option<&mut Vec<PinnedBlock>>,
 ) -> Outcome<Option<Descriptor>> {
     let pinned = match shared.engine.pin(key) {
-        Ok(Some(pinned)) => pinned,
-        Ok(None) => return Outcome::Ok(None),
+        Ok(Some(pinned)) if !shared.hidden(pinned.generation()) => pinned,
+        Ok(_) => return Outcome::Ok(None),
         Err(error) => return Outcome::Err(engine_refusal(&error)),
     };
     let mut descriptor = Descriptor {

@@ -16,6 +16,10 @@ use mooncake_kv_engine::Engine;
 
 use crate::membership::{Liveness, Membership, MembershipConfig};
 use crate::placement;
+
+/// How long blocks brought back from disk wait for other members to show up before they are
+/// served anyway (a node alone has nothing to reconcile with).
+const RECONCILE_WAIT: Duration = Duration::from_secs(30);
 use crate::{Client, ClientConfig};
 
 /// How a node takes part in repair.
@@ -46,6 +50,11 @@ impl Default for RepairConfig {
 /// Repair's figures.
 #[derive(Debug, Default)]
 pub struct RepairStats {
+    /// Blocks brought back from disk that a live member also held: replaced by that copy (or
+    /// dropped, when this node is not one of their replicas now).
+    pub reconciled_superseded: AtomicU64,
+    /// Blocks brought back from disk that no live member held: kept (and copied out).
+    pub reconciled_kept: AtomicU64,
     /// Passes over the node's blocks (one per membership change).
     pub passes: AtomicU64,
     /// Blocks copied to a replica that lacked them.
@@ -133,9 +142,12 @@ impl Drop for Repair {
     }
 }
 
-/// What repair needs of the node: its engine (shared with the node's threads).
+/// What repair needs of the node: its engine (shared with the node's threads), and the line
+/// below which the node hides blocks it brought back from disk until they are reconciled.
 pub(crate) trait EngineAccess: Send + Sync {
     fn engine(&self) -> &Engine;
+    /// Blocks with a generation below this are not served (0: none hidden).
+    fn hidden_below(&self) -> &std::sync::atomic::AtomicU64;
 }
 
 pub(crate) type EngineHandle = dyn EngineAccess;
@@ -153,8 +165,31 @@ impl Worker {
     fn run(&mut self, stop: &AtomicBool) {
         let mut repaired_for: Option<BTreeSet<u64>> = None;
         let mut dirty = false;
+        let mut waited = Duration::ZERO;
         while !stop.load(Ordering::Acquire) {
             std::thread::sleep(self.membership.period());
+            waited += self.membership.period();
+            if self.engine.hidden_below().load(Ordering::Acquire) != 0 {
+                // Blocks brought back from disk wait for a view with other members in it (or
+                // for long enough that nobody else is coming) before they are served again.
+                let others = self
+                    .membership
+                    .live_members()
+                    .iter()
+                    .filter(|m| m.id != self.self_id)
+                    .count();
+                let settled = self
+                    .membership
+                    .view()
+                    .iter()
+                    .all(|p| p.liveness != Liveness::Suspect);
+                if (others > 0 && settled) || waited > RECONCILE_WAIT {
+                    self.reconcile(stop);
+                    // Copy out what only this node had.
+                    dirty = true;
+                }
+                continue;
+            }
             let live: BTreeSet<u64> = self
                 .membership
                 .live_members()
@@ -237,6 +272,106 @@ impl Worker {
             }
         }
         clean
+    }
+
+    /// Reconciles the blocks this node brought back from disk with the live members: a block
+    /// another member holds was written (or kept) while this node was away, so that copy wins:
+    /// this node takes it if it is one of the block's replicas now, and drops its own
+    /// otherwise. A block nobody else holds is kept (repair then copies it out). Only the
+    /// block of the generation read from disk is replaced or dropped, so a put that reached
+    /// this node meanwhile stays. Then the blocks are served again.
+    fn reconcile(&mut self, stop: &AtomicBool) {
+        let below = self.engine.hidden_below().load(Ordering::Acquire);
+        let members = self.membership.live_members();
+        let addrs: HashMap<u64, SocketAddr> = self
+            .membership
+            .view()
+            .into_iter()
+            .filter(|p| p.liveness == Liveness::Live && p.id != Some(self.self_id))
+            .filter_map(|p| Some((p.id?, p.addr)))
+            .collect();
+        let engine = self.engine.engine();
+        let old: Vec<(Vec<u8>, u64)> = engine
+            .keys()
+            .into_iter()
+            .filter_map(|key| {
+                let generation = engine.generation(&key)?;
+                (generation < below).then_some((key, generation))
+            })
+            .collect();
+        // Which of them each other member holds, asked in batches.
+        let mut holders: Vec<Vec<u64>> = vec![Vec::new(); old.len()];
+        for (&id, &addr) in &addrs {
+            for (chunk_index, chunk) in old.chunks(512).enumerate() {
+                if stop.load(Ordering::Acquire) {
+                    return;
+                }
+                let keys: Vec<&[u8]> = chunk.iter().map(|(k, _)| k.as_slice()).collect();
+                let held = self.client(id, addr).and_then(|c| c.exists(&keys));
+                match held {
+                    Ok(flags) => {
+                        for (i, held) in flags.into_iter().enumerate() {
+                            if held {
+                                holders[chunk_index * 512 + i].push(id);
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        self.clients.remove(&id);
+                        tracing::warn!(%error, %addr, "reconciliation: cannot ask a member");
+                    }
+                }
+            }
+        }
+        for ((key, generation), holders) in old.iter().zip(&holders) {
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            if holders.is_empty() {
+                self.stats.reconciled_kept.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let replica_here = placement::replicas(key, &members, self.config.replication_factor)
+                .contains(&self.self_id);
+            let fetched = if replica_here {
+                holders.iter().find_map(|id| {
+                    let addr = *addrs.get(id)?;
+                    self.client(*id, addr).ok()?.get(key).ok()?
+                })
+            } else {
+                None
+            };
+            let engine = self.engine.engine();
+            match fetched {
+                // Overwrite only the block read from disk, not a put that came since.
+                Some(value) if engine.generation(key) == Some(*generation) => {
+                    if let Err(error) = engine.put(key, &value) {
+                        tracing::warn!(%error, "reconciliation: cannot store a block; dropping ours");
+                        engine.remove_generation(key, *generation);
+                    }
+                }
+                _ => {
+                    engine.remove_generation(key, *generation);
+                }
+            }
+            self.stats
+                .reconciled_superseded
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::info!(
+            superseded = self.stats.reconciled_superseded.load(Ordering::Relaxed),
+            kept = self.stats.reconciled_kept.load(Ordering::Relaxed),
+            "blocks brought back from disk reconciled with the cluster; serving them"
+        );
+        self.engine.hidden_below().store(0, Ordering::Release);
+    }
+
+    fn client(&mut self, id: u64, addr: SocketAddr) -> Result<&Client, crate::ClientError> {
+        if !self.clients.contains_key(&id) {
+            let client = Client::connect(addr, self.config.client.clone())?;
+            self.clients.insert(id, client);
+        }
+        Ok(&self.clients[&id])
     }
 
     /// Copies `key`'s block to member `id` unless it has it; returns the bytes copied.
