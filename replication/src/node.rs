@@ -45,6 +45,11 @@ pub struct NodeConfig {
     pub reservation_timeout: Duration,
     /// Most reservations held at once. Default 4,096.
     pub max_reservations: usize,
+    /// A connection that sends nothing (or stops in the middle of a request) for this long,
+    /// or does not take a response for this long, is closed: a stalled client never holds a
+    /// connection thread or a reservation for good. Clients reconnect on their next request.
+    /// Default 5 minutes.
+    pub idle_timeout: Duration,
     /// The engine.
     pub engine: EngineConfig,
 }
@@ -61,6 +66,7 @@ impl Default for NodeConfig {
             max_connections: 1024,
             reservation_timeout: Duration::from_secs(10),
             max_reservations: 4096,
+            idle_timeout: Duration::from_secs(300),
             engine: EngineConfig::default(),
         }
     }
@@ -155,6 +161,7 @@ struct Shared {
     next_reservation: AtomicU64,
     reservation_timeout: Duration,
     max_reservations: usize,
+    idle_timeout: Duration,
     metrics: Metrics,
     /// Repair's figures, once the node takes part in repair.
     repair_stats: Mutex<Option<Arc<RepairStats>>>,
@@ -293,6 +300,7 @@ impl Node {
             next_reservation: AtomicU64::new(0),
             reservation_timeout: config.reservation_timeout,
             max_reservations: config.max_reservations,
+            idle_timeout: config.idle_timeout.max(Duration::from_millis(10)),
             metrics: Metrics::default(),
             repair_stats: Mutex::new(None),
             hidden_below: AtomicU64::new(0),
@@ -523,6 +531,9 @@ fn sweep_leases(shared: &Shared) {
 /// Serves one connection until it closes, sends a frame that fails its checks, or fails
 /// authentication.
 fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    // Socket options: they hold for the reader's clone too.
+    stream.set_read_timeout(Some(shared.idle_timeout))?;
+    stream.set_write_timeout(Some(shared.idle_timeout))?;
     // Small read-ahead: put values that follow a frame are read straight into the space
     // reserved for them; at most this much of one is copied out of the buffer.
     let mut reader = BufReader::with_capacity(4096, stream.try_clone()?);

@@ -83,3 +83,46 @@ fn abandoned_reservations_give_their_space_back() {
         other => panic!("expected TooLarge, got {other:?}"),
     }
 }
+
+/// A client that connects and then sends nothing, or stops in the middle of a frame, loses
+/// its connection after the idle timeout: it does not hold a connection thread for good.
+/// Clients that keep talking are not affected, and one whose pooled connection was closed
+/// reconnects on its next request.
+#[test]
+fn stalled_connections_are_closed_after_the_idle_timeout() {
+    use std::io::{Read, Write};
+    let node = Node::start(NodeConfig {
+        listen: "127.0.0.1:0".into(),
+        data_listen: "127.0.0.1:0".into(),
+        idle_timeout: Duration::from_millis(300),
+        engine: EngineConfig {
+            dram_capacity_bytes: 16 << 20,
+            ..EngineConfig::default()
+        },
+        ..NodeConfig::default()
+    })
+    .unwrap();
+    let mut silent = std::net::TcpStream::connect(node.control_addr()).unwrap();
+    let mut half = std::net::TcpStream::connect(node.control_addr()).unwrap();
+    half.write_all(b"MKCP\x01\x00").unwrap(); // the start of a header, then nothing
+    let client = Client::connect(node.control_addr(), ClientConfig::default()).unwrap();
+    let started = std::time::Instant::now();
+    for stream in [&mut silent, &mut half] {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        // The node closes it: end of stream (or a reset), not our own 5 s timeout.
+        match stream.read(&mut byte) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("expected the node to close the connection, got {other:?}"),
+        }
+    }
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(250), "{waited:?}");
+    assert!(waited < Duration::from_secs(4), "{waited:?}");
+    // The idle client's own connection was closed too; its next request reconnects.
+    client.put(b"after", b"idle").unwrap();
+    assert_eq!(client.get(b"after").unwrap().as_deref(), Some(&b"idle"[..]));
+}
