@@ -137,6 +137,8 @@ pub struct Client {
     transport: Box<dyn Transport>,
     transport_name: &'static str,
     retries: AtomicU64,
+    /// Stale reads not yet reported to the node (sent with the next lookup).
+    unreported_stale: AtomicU64,
     /// Leases of blocks this client has finished reading, ended with its next lookup.
     done_leases: Mutex<Vec<u64>>,
 }
@@ -225,6 +227,7 @@ impl Client {
             transport,
             transport_name,
             retries: AtomicU64::new(0),
+            unreported_stale: AtomicU64::new(0),
             done_leases: Mutex::new(Vec::new()),
         })
     }
@@ -237,6 +240,17 @@ impl Client {
     /// What the node said when this client connected.
     pub fn hello(&self) -> &HelloReply {
         &self.hello
+    }
+
+    /// A read failed verification and will be looked up again.
+    fn count_stale_read(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+        self.unreported_stale.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The stale reads to report with the lookup about to be sent.
+    fn take_unreported_stale(&self) -> u32 {
+        u32::try_from(self.unreported_stale.swap(0, Ordering::Relaxed)).unwrap_or(u32::MAX)
     }
 
     /// Reads that failed verification (the block moved or changed between lookup and read)
@@ -307,6 +321,7 @@ impl Client {
         let request = Request::Lookup {
             keys: vec![key],
             release,
+            stale_reads: self.take_unreported_stale(),
             inline: true,
         };
         self.call_then(&request, &[], |control, response| {
@@ -489,6 +504,7 @@ impl Client {
         let Response::Lookup(mut outcomes) = self.call(&Request::Lookup {
             keys: vec![key],
             release,
+            stale_reads: self.take_unreported_stale(),
             inline: false,
         })?
         else {
@@ -513,7 +529,7 @@ impl Client {
                     Inline::Miss => return Ok(None),
                     Inline::Owned(value) => return Ok(Some(value)),
                     Inline::Read(_) | Inline::Mismatch => {
-                        self.retries.fetch_add(1, Ordering::Relaxed);
+                        self.count_stale_read();
                         continue;
                     }
                 }
@@ -546,7 +562,7 @@ impl Client {
                     Inline::Miss => return Ok(None),
                     Inline::Read(len) => return Ok(Some(len)),
                     Inline::Owned(_) | Inline::Mismatch => {
-                        self.retries.fetch_add(1, Ordering::Relaxed);
+                        self.count_stale_read();
                         continue;
                     }
                 }
@@ -588,7 +604,7 @@ impl Client {
         if verify_with_crc(key, d, ops[0].dst, crcs[1]) {
             Ok(true)
         } else {
-            self.retries.fetch_add(1, Ordering::Relaxed);
+            self.count_stale_read();
             Ok(false)
         }
     }
@@ -609,6 +625,7 @@ impl Client {
         let outcomes = match self.call(&Request::Lookup {
             keys: keys.clone(),
             release,
+            stale_reads: self.take_unreported_stale(),
             inline: false,
         }) {
             Ok(Response::Lookup(outcomes)) if outcomes.len() == keys.len() => outcomes,
@@ -675,7 +692,7 @@ impl Client {
                         Ok(Some(d.payload_len as usize))
                     }
                     (Ok(_), Ok(_)) => {
-                        self.retries.fetch_add(1, Ordering::Relaxed);
+                        self.count_stale_read();
                         retry.push(*i);
                         continue;
                     }

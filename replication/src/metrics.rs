@@ -45,6 +45,8 @@ pub(crate) struct Metrics {
     latency: [Histogram; KINDS.len()],
     pub(crate) errors: AtomicU64,
     pub(crate) rejected_frames: AtomicU64,
+    /// Reads clients found stale and looked up again, as they reported them.
+    pub(crate) stale_reads: AtomicU64,
     pub(crate) unauthorized: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_described: AtomicU64,
@@ -132,6 +134,12 @@ impl Metrics {
             "mooncake_rejected_frames_total",
             "Frames that failed their checks; the connection was closed.",
             load(&self.rejected_frames),
+        );
+        counter(
+            &mut out,
+            "mooncake_verification_retries_total",
+            "Reads that failed verification at the client (the slot was reused or the block moved) and were looked up again, as clients reported them with their next lookup.",
+            load(&self.stale_reads),
         );
         counter(
             &mut out,

@@ -740,8 +740,13 @@ fn handle(shared: &Shared, request: Request<'_>) -> (Response, Vec<PinnedBlock>)
         Request::Lookup {
             keys,
             release,
+            stale_reads,
             inline,
         } => {
+            shared
+                .metrics
+                .stale_reads
+                .fetch_add(u64::from(stale_reads), Ordering::Relaxed);
             {
                 let mut leases = shared.leases.lock();
                 for id in release {

@@ -29,7 +29,7 @@ pub const REQUEST_KINDS: [&str; 9] = [
 /// Bytes of a frame header.
 pub const FRAME_HEADER_BYTES: usize = 32;
 /// Version of the protocol.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest body: a largest value plus room for its key and the encoding.
 pub const MAX_BODY_BYTES: usize = mooncake_kv_engine::MAX_VALUE_BYTES + (1 << 20);
 const MAGIC: [u8; 4] = *b"MKCP";
@@ -271,6 +271,10 @@ pub enum Request<'a> {
         keys: Vec<&'a [u8]>,
         /// Leases to end now.
         release: Vec<u64>,
+        /// Reads this client found stale (failed verification: the slot was reused or the
+        /// block moved) and looked up again since its previous lookup: the node counts them,
+        /// since it cannot see them itself.
+        stale_reads: u32,
         /// Send each block found right after the response body (in order, `block_len` bytes
         /// each) instead of leasing it for a one-sided read: one round trip instead of two,
         /// for clients that read over tcp anyway. The client verifies the bytes the same way.

@@ -320,7 +320,10 @@ fn bad_input_is_refused_and_the_node_keeps_serving() {
         let mut frame = junk.clone();
         if round % 2 == 0 {
             // A valid header claiming a body far over the limit.
-            frame = b"MKCP\x01\x00\x00\x00".to_vec();
+            frame = b"MKCP".to_vec();
+            frame
+                .extend_from_slice(&mooncake_kv_replication::proto::PROTOCOL_VERSION.to_le_bytes());
+            frame.extend_from_slice(&[0, 0]);
             frame.extend_from_slice(&7u64.to_le_bytes());
             frame.extend_from_slice(&u32::MAX.to_le_bytes());
             frame.extend_from_slice(&[0; 8]);
@@ -557,6 +560,20 @@ fn race(extra: &[&str]) -> u64 {
         }
     }
     assert!(total_reads > 0);
+    // The node counts the retries the clients reported with their next lookups (a retry
+    // that ended a read as stale is never reported, so the node may count fewer).
+    let metrics = http_get(&kvd.metrics);
+    let reported: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mooncake_verification_retries_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no verification retries in the metrics:\n{metrics}"));
+    eprintln!("retries: {retries} seen by the readers, {reported} reported to the node");
+    assert!(reported <= retries);
+    assert!(
+        retries == 0 || reported > 0,
+        "retries never reached the node"
+    );
     assert!(kvd.terminate().success());
     retries
 }
