@@ -1324,13 +1324,16 @@ impl Inner {
             let mut victims = Vec::with_capacity(BATCH);
             {
                 // Without NVMe, take victims until their extents cover what is still needed,
-                // no more: an eviction is a block that will miss later. With NVMe, a whole
-                // batch: demoted blocks still hit there, and a batch shares one data sync and
-                // one metadata commit.
+                // no more: an eviction is a block that will miss later. With NVMe, at least a
+                // 32nd of the tier (up to a batch): demoted blocks still hit there, and a batch
+                // shares one data sync and one metadata commit.
                 let mut planned = freed;
-                let exact = self.store.is_none();
+                let goal = match self.store {
+                    None => target_bytes,
+                    Some(_) => target_bytes.max(self.dram.capacity_bytes() / 32),
+                };
                 let mut residency = self.residency[DRAM].lock();
-                while victims.len() < BATCH && budget > 0 && !(exact && planned >= target_bytes) {
+                while victims.len() < BATCH && budget > 0 && planned < goal {
                     let Some(slot) = residency.pop_victim(|slot| !slot.is_pinned()) else {
                         budget = 0;
                         break;
@@ -1418,31 +1421,35 @@ impl Inner {
         let mut results: Vec<Result<()>> = slots.iter().map(|_| Ok(())).collect();
         let mut work = Vec::new();
         for (i, slot) in slots.iter().enumerate() {
-            // NVMe blocks are written from DRAM: a block only in HBM gets a DRAM copy first.
-            self.copy_down(slot);
             let locations = slot.locations.read().clone();
-            match (locations.nvme, locations.dram) {
-                (Some(_), _) => {}
-                (None, None) if locations.hbm.is_some() => {
-                    results[i] = Err(Error::NoSpace {
-                        required_bytes: u64::from(slot.payload_len),
-                        capacity_bytes: self.dram.capacity_bytes(),
-                        used_bytes: self.dram.used_bytes(),
-                        pinned_bytes: self.pinned_bytes(),
-                    });
-                }
-                (None, None) => {}
-                (None, Some(dram)) => {
-                    let len = format::encoded_len(
-                        slot.key.len(),
-                        slot.payload_len as usize,
-                        NVME_PAYLOAD_ALIGN,
-                    );
-                    match self.reserve_nvme(len as u64) {
-                        Ok(extent) => work.push((i, dram, extent)),
-                        Err(error) => results[i] = Err(error),
+            // Written from the DRAM copy, or from a copy read out of HBM (verified first).
+            let source = match (locations.nvme, locations.dram, locations.hbm) {
+                (Some(_), _, _) | (None, None, None) => continue,
+                (None, Some(dram), _) => Source::Dram(dram),
+                (None, None, Some(hbm)) => {
+                    let mut block = vec![0u8; hbm.block_len as usize];
+                    let read = hbm
+                        .tier
+                        .read_at(hbm.extent(), 0, &mut block)
+                        .map_err(Error::from)
+                        .and_then(|()| verify_block(slot, &block).map(<[u8]>::to_vec));
+                    match self.checked(slot, read) {
+                        Ok(payload) => Source::Host(payload),
+                        Err(error) => {
+                            results[i] = Err(error);
+                            continue;
+                        }
                     }
                 }
+            };
+            let len = format::encoded_len(
+                slot.key.len(),
+                slot.payload_len as usize,
+                NVME_PAYLOAD_ALIGN,
+            );
+            match self.reserve_nvme(len as u64) {
+                Ok(extent) => work.push((i, source, extent)),
+                Err(error) => results[i] = Err(error),
             }
         }
         if work.is_empty() {
@@ -1451,13 +1458,19 @@ impl Inner {
         let written = {
             let mut blocks: Vec<_> = work
                 .iter_mut()
-                .map(|(i, dram, extent)| {
+                .map(|(i, source, extent)| {
                     let slot = &slots[*i];
-                    let start = dram.payload_offset as usize;
+                    let payload = match source {
+                        Source::Dram(dram) => {
+                            let start = dram.payload_offset as usize;
+                            &dram.bytes()[start..start + slot.payload_len as usize]
+                        }
+                        Source::Host(payload) => &payload[..],
+                    };
                     BlockWrite {
                         extent,
                         key: &slot.key,
-                        payload: &dram.bytes()[start..start + slot.payload_len as usize],
+                        payload,
                         generation: slot.generation,
                     }
                 })
@@ -2182,6 +2195,14 @@ impl Inner {
             nvme_io_fell_back: self.store.as_ref().is_some_and(|s| s.tier.fell_back()),
         }
     }
+}
+
+/// Where a block being persisted is written from.
+enum Source {
+    /// Its DRAM copy, in place.
+    Dram(Arc<DramCopy>),
+    /// Its payload, read out of HBM and verified.
+    Host(Vec<u8>),
 }
 
 /// Checks the header and key of a block (its first `payload_offset` bytes) against its slot.

@@ -210,6 +210,111 @@ impl ExtentAllocator {
     }
 }
 
+/// One tier's space as handed out: an [`ExtentAllocator`] in units of `unit_bytes` behind a
+/// lock, the extents it makes (named by the tier's region id), and a lock-free copy of the
+/// bytes in use. Every tier carves its medium with one.
+#[derive(Debug)]
+pub(crate) struct Carver {
+    region_id: u64,
+    unit_bytes: u64,
+    allocator: parking_lot::Mutex<ExtentAllocator>,
+    /// Mirror of the allocator's count, readable without the lock.
+    used_bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Carver {
+    /// `capacity_bytes` (a multiple of `unit_bytes`) of free space for region `region_id`.
+    pub(crate) fn new(region_id: u64, capacity_bytes: u64, unit_bytes: u64) -> Self {
+        Self {
+            region_id,
+            unit_bytes,
+            allocator: parking_lot::Mutex::new(ExtentAllocator::new(capacity_bytes / unit_bytes)),
+            used_bytes: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn unit_bytes(&self) -> u64 {
+        self.unit_bytes
+    }
+
+    pub(crate) fn used_bytes(&self) -> u64 {
+        self.used_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Panics unless `extent` was carved here.
+    pub(crate) fn check(&self, extent: &crate::Extent) {
+        assert_eq!(
+            extent.region_id, self.region_id,
+            "extent of another tier used with this one"
+        );
+    }
+
+    fn publish(&self, allocator: &ExtentAllocator) {
+        self.used_bytes.store(
+            allocator.allocated_units() * self.unit_bytes,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// An extent of at least `len_bytes`, rounded up to the unit.
+    pub(crate) fn allocate(&self, len_bytes: u64) -> crate::Result<crate::Extent> {
+        let unit = self.unit_bytes;
+        let units = len_bytes.div_ceil(unit).max(1);
+        let mut allocator = self.allocator.lock();
+        let Some(start) = allocator.allocate(units) else {
+            let stats = allocator.stats();
+            return Err(crate::Error::OutOfSpace {
+                requested_bytes: units * unit,
+                free_bytes: stats.free_units * unit,
+                largest_free_bytes: stats.largest_free_units * unit,
+            });
+        };
+        self.publish(&allocator);
+        Ok(crate::Extent {
+            region_id: self.region_id,
+            offset_bytes: start * unit,
+            len_bytes: units * unit,
+        })
+    }
+
+    /// Marks a known range used (recovering extents recorded elsewhere); `None` if any of it
+    /// is not free.
+    pub(crate) fn take(&self, offset_bytes: u64, len_bytes: u64) -> Option<crate::Extent> {
+        let mut allocator = self.allocator.lock();
+        if !allocator.take(offset_bytes / self.unit_bytes, len_bytes / self.unit_bytes) {
+            return None;
+        }
+        self.publish(&allocator);
+        Some(crate::Extent {
+            region_id: self.region_id,
+            offset_bytes,
+            len_bytes,
+        })
+    }
+
+    /// Returns an extent carved here.
+    pub(crate) fn free(&self, extent: crate::Extent) {
+        self.check(&extent);
+        let mut allocator = self.allocator.lock();
+        allocator.free(
+            extent.offset_bytes / self.unit_bytes,
+            extent.len_bytes / self.unit_bytes,
+        );
+        self.publish(&allocator);
+    }
+
+    pub(crate) fn usage(&self) -> crate::TierUsage {
+        let stats = self.allocator.lock().stats();
+        let unit = self.unit_bytes;
+        crate::TierUsage {
+            capacity_bytes: stats.capacity_units * unit,
+            used_bytes: stats.allocated_units * unit,
+            largest_free_bytes: stats.largest_free_units * unit,
+            free_extents: stats.free_extents,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,15 +1,11 @@
 //! The DRAM tier: one memfd-backed region carved by the best-fit extent allocator.
 
-use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use parking_lot::Mutex;
-
-use crate::allocator::ExtentAllocator;
+use crate::allocator::Carver;
 use crate::mmap::Region;
 use crate::{
     Error, Extent, HugePageMode, HugePages, Result, Tier, TierKind, TierUsage, range_within,
 };
+use std::os::fd::BorrowedFd;
 
 /// Configuration of a [`DramTier`]. Validated once by [`DramTier::open`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,10 +61,7 @@ impl DramConfig {
 #[derive(Debug)]
 pub struct DramTier {
     region: Region,
-    unit_bytes: u64,
-    allocator: Mutex<ExtentAllocator>,
-    /// Mirror of the allocator's count, readable without the lock.
-    used_bytes: AtomicU64,
+    carver: Carver,
 }
 
 impl DramTier {
@@ -92,12 +85,12 @@ impl DramTier {
             "DRAM tier mapped"
         );
         Ok(Self {
-            allocator: Mutex::new(ExtentAllocator::new(
-                config.capacity_bytes / config.allocation_unit_bytes,
-            )),
-            unit_bytes: config.allocation_unit_bytes,
+            carver: Carver::new(
+                region.id(),
+                config.capacity_bytes,
+                config.allocation_unit_bytes,
+            ),
             region,
-            used_bytes: AtomicU64::new(0),
         })
     }
 
@@ -151,61 +144,23 @@ impl Tier for DramTier {
     }
 
     fn used_bytes(&self) -> u64 {
-        self.used_bytes.load(Ordering::Relaxed)
+        self.carver.used_bytes()
     }
 
     fn allocation_unit_bytes(&self) -> u64 {
-        self.unit_bytes
+        self.carver.unit_bytes()
     }
 
     fn usage(&self) -> TierUsage {
-        let stats = self.allocator.lock().stats();
-        TierUsage {
-            capacity_bytes: stats.capacity_units * self.unit_bytes,
-            used_bytes: stats.allocated_units * self.unit_bytes,
-            largest_free_bytes: stats.largest_free_units * self.unit_bytes,
-            free_extents: stats.free_extents,
-        }
+        self.carver.usage()
     }
 
     fn allocate(&self, len_bytes: u64) -> Result<Extent> {
-        let units = len_bytes.div_ceil(self.unit_bytes).max(1);
-        let mut allocator = self.allocator.lock();
-        let Some(start) = allocator.allocate(units) else {
-            let stats = allocator.stats();
-            return Err(Error::OutOfSpace {
-                requested_bytes: units * self.unit_bytes,
-                free_bytes: stats.free_units * self.unit_bytes,
-                largest_free_bytes: stats.largest_free_units * self.unit_bytes,
-            });
-        };
-        self.used_bytes.store(
-            allocator.allocated_units() * self.unit_bytes,
-            Ordering::Relaxed,
-        );
-        drop(allocator);
-        Ok(Extent {
-            region_id: self.region.id(),
-            offset_bytes: start * self.unit_bytes,
-            len_bytes: units * self.unit_bytes,
-        })
+        self.carver.allocate(len_bytes)
     }
 
     fn free(&self, extent: Extent) {
-        assert_eq!(
-            extent.region_id,
-            self.region.id(),
-            "extent freed into another tier"
-        );
-        let mut allocator = self.allocator.lock();
-        allocator.free(
-            extent.offset_bytes / self.unit_bytes,
-            extent.len_bytes / self.unit_bytes,
-        );
-        self.used_bytes.store(
-            allocator.allocated_units() * self.unit_bytes,
-            Ordering::Relaxed,
-        );
+        self.carver.free(extent);
     }
 
     fn write_at(&self, extent: &mut Extent, offset_bytes: u64, source: &[u8]) -> Result<()> {

@@ -7,13 +7,12 @@
 )]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
-use parking_lot::Mutex;
-
+use crate::allocator::Carver;
 use crate::device::{DeviceMemory, DeviceRange, ToDevice, ToHost};
 use crate::mmap::NEXT_REGION_ID;
-use crate::{Error, Extent, ExtentAllocator, Result, Tier, TierKind, TierUsage, range_within};
+use crate::{Error, Extent, Result, Tier, TierKind, TierUsage, range_within};
 
 /// How an [`HbmTier`] is set up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,10 +38,7 @@ impl Default for HbmConfig {
 pub struct HbmTier {
     device: Arc<dyn DeviceMemory>,
     arena: DeviceRange,
-    region_id: u64,
-    unit_bytes: u64,
-    allocator: Mutex<ExtentAllocator>,
-    used_bytes: AtomicU64,
+    carver: Carver,
 }
 
 /// One write of a batch: `source` at `offset_bytes` of `extent`.
@@ -111,12 +107,13 @@ impl HbmTier {
             "HBM tier allocated"
         );
         Ok(Self {
-            allocator: Mutex::new(ExtentAllocator::new(config.capacity_bytes / unit)),
             device,
             arena,
-            region_id: NEXT_REGION_ID.fetch_add(1, Ordering::Relaxed),
-            unit_bytes: unit,
-            used_bytes: AtomicU64::new(0),
+            carver: Carver::new(
+                NEXT_REGION_ID.fetch_add(1, Ordering::Relaxed),
+                config.capacity_bytes,
+                unit,
+            ),
         })
     }
 
@@ -150,10 +147,7 @@ impl HbmTier {
     }
 
     fn check_extent(&self, extent: &Extent) {
-        assert_eq!(
-            extent.region_id, self.region_id,
-            "extent of another tier used with the HBM tier"
-        );
+        self.carver.check(extent);
     }
 
     /// Writes every item, in one batch of host-to-device copies.
@@ -295,56 +289,23 @@ impl Tier for HbmTier {
     }
 
     fn used_bytes(&self) -> u64 {
-        self.used_bytes.load(Ordering::Relaxed)
+        self.carver.used_bytes()
     }
 
     fn allocation_unit_bytes(&self) -> u64 {
-        self.unit_bytes
+        self.carver.unit_bytes()
     }
 
     fn usage(&self) -> TierUsage {
-        let stats = self.allocator.lock().stats();
-        TierUsage {
-            capacity_bytes: stats.capacity_units * self.unit_bytes,
-            used_bytes: stats.allocated_units * self.unit_bytes,
-            largest_free_bytes: stats.largest_free_units * self.unit_bytes,
-            free_extents: stats.free_extents,
-        }
+        self.carver.usage()
     }
 
     fn allocate(&self, len_bytes: u64) -> Result<Extent> {
-        let units = len_bytes.div_ceil(self.unit_bytes).max(1);
-        let mut allocator = self.allocator.lock();
-        let Some(start) = allocator.allocate(units) else {
-            let stats = allocator.stats();
-            return Err(Error::OutOfSpace {
-                requested_bytes: units * self.unit_bytes,
-                free_bytes: stats.free_units * self.unit_bytes,
-                largest_free_bytes: stats.largest_free_units * self.unit_bytes,
-            });
-        };
-        self.used_bytes.store(
-            allocator.allocated_units() * self.unit_bytes,
-            Ordering::Relaxed,
-        );
-        Ok(Extent {
-            region_id: self.region_id,
-            offset_bytes: start * self.unit_bytes,
-            len_bytes: units * self.unit_bytes,
-        })
+        self.carver.allocate(len_bytes)
     }
 
     fn free(&self, extent: Extent) {
-        self.check_extent(&extent);
-        let mut allocator = self.allocator.lock();
-        allocator.free(
-            extent.offset_bytes / self.unit_bytes,
-            extent.len_bytes / self.unit_bytes,
-        );
-        self.used_bytes.store(
-            allocator.allocated_units() * self.unit_bytes,
-            Ordering::Relaxed,
-        );
+        self.carver.free(extent);
     }
 
     fn write_at(&self, extent: &mut Extent, offset_bytes: u64, source: &[u8]) -> Result<()> {

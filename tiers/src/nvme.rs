@@ -10,10 +10,8 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::Mutex;
-
 use crate::aligned::{AlignedBuf, IO_ALIGN};
-use crate::allocator::ExtentAllocator;
+use crate::allocator::Carver;
 use crate::uring::{IoOp, Uring};
 use crate::{Error, Extent, Result, Tier, TierKind, TierUsage, range_within};
 
@@ -98,10 +96,8 @@ enum IoBackend {
 pub struct NvmeTier {
     file: File,
     path: PathBuf,
-    id: u64,
     capacity_bytes: u64,
-    allocator: Mutex<ExtentAllocator>,
-    used_bytes: AtomicU64,
+    carver: Carver,
     backend: IoBackend,
     fell_back: bool,
 }
@@ -172,12 +168,12 @@ impl NvmeTier {
         Ok(Self {
             file,
             path: config.path,
-            id: NEXT_NVME_ID.fetch_add(1, Ordering::Relaxed),
             capacity_bytes: config.capacity_bytes,
-            allocator: Mutex::new(ExtentAllocator::new(
-                config.capacity_bytes / NVME_UNIT_BYTES,
-            )),
-            used_bytes: AtomicU64::new(0),
+            carver: Carver::new(
+                NEXT_NVME_ID.fetch_add(1, Ordering::Relaxed),
+                config.capacity_bytes,
+                NVME_UNIT_BYTES,
+            ),
             backend,
             fell_back,
         })
@@ -219,19 +215,7 @@ impl NvmeTier {
         if !aligned || len_bytes == 0 || end > self.capacity_bytes {
             return Err(refuse());
         }
-        let mut allocator = self.allocator.lock();
-        if !allocator.take(offset_bytes / NVME_UNIT_BYTES, len_bytes / NVME_UNIT_BYTES) {
-            return Err(refuse());
-        }
-        self.used_bytes.store(
-            allocator.allocated_units() * NVME_UNIT_BYTES,
-            Ordering::Relaxed,
-        );
-        Ok(Extent {
-            region_id: self.id,
-            offset_bytes,
-            len_bytes,
-        })
+        self.carver.take(offset_bytes, len_bytes).ok_or_else(refuse)
     }
 
     /// Writes each buffer at the start of its extent, many in flight at once. Buffers are
@@ -294,7 +278,7 @@ impl NvmeTier {
     }
 
     fn check_direct(&self, extent: &Extent, offset: u64, len: usize) -> Result<()> {
-        assert_eq!(extent.region_id, self.id, "extent belongs to another tier");
+        self.carver.check(extent);
         range_within(extent, offset, len)?;
         if offset % NVME_UNIT_BYTES != 0 {
             return Err(Error::Misaligned { what: "offset" });
@@ -343,7 +327,7 @@ impl Tier for NvmeTier {
     }
 
     fn used_bytes(&self) -> u64 {
-        self.used_bytes.load(Ordering::Relaxed)
+        self.carver.used_bytes()
     }
 
     fn allocation_unit_bytes(&self) -> u64 {
@@ -351,48 +335,15 @@ impl Tier for NvmeTier {
     }
 
     fn usage(&self) -> TierUsage {
-        let stats = self.allocator.lock().stats();
-        TierUsage {
-            capacity_bytes: self.capacity_bytes,
-            used_bytes: stats.allocated_units * NVME_UNIT_BYTES,
-            largest_free_bytes: stats.largest_free_units * NVME_UNIT_BYTES,
-            free_extents: stats.free_extents,
-        }
+        self.carver.usage()
     }
 
     fn allocate(&self, len_bytes: u64) -> Result<Extent> {
-        let units = len_bytes.div_ceil(NVME_UNIT_BYTES).max(1);
-        let mut allocator = self.allocator.lock();
-        let Some(start) = allocator.allocate(units) else {
-            let stats = allocator.stats();
-            return Err(Error::OutOfSpace {
-                requested_bytes: units * NVME_UNIT_BYTES,
-                free_bytes: stats.free_units * NVME_UNIT_BYTES,
-                largest_free_bytes: stats.largest_free_units * NVME_UNIT_BYTES,
-            });
-        };
-        self.used_bytes.store(
-            allocator.allocated_units() * NVME_UNIT_BYTES,
-            Ordering::Relaxed,
-        );
-        Ok(Extent {
-            region_id: self.id,
-            offset_bytes: start * NVME_UNIT_BYTES,
-            len_bytes: units * NVME_UNIT_BYTES,
-        })
+        self.carver.allocate(len_bytes)
     }
 
     fn free(&self, extent: Extent) {
-        assert_eq!(extent.region_id, self.id, "extent freed into another tier");
-        let mut allocator = self.allocator.lock();
-        allocator.free(
-            extent.offset_bytes / NVME_UNIT_BYTES,
-            extent.len_bytes / NVME_UNIT_BYTES,
-        );
-        self.used_bytes.store(
-            allocator.allocated_units() * NVME_UNIT_BYTES,
-            Ordering::Relaxed,
-        );
+        self.carver.free(extent);
     }
 
     fn write_at(&self, extent: &mut Extent, offset_bytes: u64, source: &[u8]) -> Result<()> {
