@@ -1855,16 +1855,7 @@ impl Inner {
         );
         self.checked(slot, read.map_err(Error::from))?;
         self.checked(slot, check_head(slot, &head, hbm.payload_offset))?;
-        let actual = crc32fast::hash(&target[..len]);
-        if actual != slot.payload_crc32 {
-            return self.checked(
-                slot,
-                Err(Error::from(FormatError::PayloadChecksum {
-                    expected: slot.payload_crc32,
-                    actual,
-                })),
-            );
-        }
+        self.checked(slot, check_payload(&target[..len], slot.payload_crc32))?;
         self.hit(HBM, slot);
         Ok(len)
     }
@@ -1897,16 +1888,10 @@ impl Inner {
             self.checked(slot, result.map_err(Error::from))?;
         }
         self.checked(slot, verify_nvme_head(slot, &entry, &head))?;
-        let actual = crc32fast::hash(&target[..payload_len]);
-        if actual != entry.payload_crc32 {
-            return self.checked(
-                slot,
-                Err(Error::from(FormatError::PayloadChecksum {
-                    expected: entry.payload_crc32,
-                    actual,
-                })),
-            );
-        }
+        self.checked(
+            slot,
+            check_payload(&target[..payload_len], entry.payload_crc32),
+        )?;
         self.hit(NVME, slot);
         if self.config.promote_on_hit {
             self.promote(slot, &target[..payload_len], false);
@@ -2110,13 +2095,7 @@ impl Inner {
             .get(header.payload_offset as usize..header.block_len())
             .ok_or(mismatch("payload beyond extent"))?;
         if self.config.verify_payload_on_dram_read || cfg!(feature = "strict-assertions") {
-            let actual = crc32fast::hash(payload);
-            if actual != header.payload_crc32 {
-                return Err(Error::from(FormatError::PayloadChecksum {
-                    expected: header.payload_crc32,
-                    actual,
-                }));
-            }
+            check_payload(payload, header.payload_crc32)?;
         }
         Ok(payload)
     }
@@ -2203,6 +2182,19 @@ enum Source {
     Dram(Arc<DramCopy>),
     /// Its payload, read out of HBM and verified.
     Host(Vec<u8>),
+}
+
+/// Checks a payload against the CRC its header records.
+fn check_payload(payload: &[u8], expected: u32) -> Result<()> {
+    let actual = crc32fast::hash(payload);
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(Error::from(FormatError::PayloadChecksum {
+            expected,
+            actual,
+        }))
+    }
 }
 
 /// Checks the header and key of a block (its first `payload_offset` bytes) against its slot.
