@@ -684,6 +684,20 @@ impl Engine {
         let Some(slot) = self.inner.lookup(key) else {
             return Ok(None);
         };
+        let hbm_only = {
+            let locations = slot.locations.read();
+            locations
+                .dram
+                .is_none()
+                .then(|| locations.hbm.clone())
+                .flatten()
+        };
+        if let Some(hbm) = hbm_only {
+            // Straight from the device into the value's buffer: one copy.
+            let mut out = vec![0u8; slot.payload_len as usize];
+            self.inner.get_into_from_hbm(&slot, &hbm, &mut out)?;
+            return Ok(Some(out));
+        }
         let mut out = Vec::new();
         self.inner
             .read_slot(&slot, |payload| out.extend_from_slice(payload))?;
