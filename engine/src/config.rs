@@ -53,8 +53,9 @@ pub struct EngineConfig {
     pub nvme_io_backend: IoBackendKind,
     /// NVMe operations in flight per ring. Default: 64. From 1 to 4096.
     pub nvme_io_depth: u32,
-    /// Copy a block read from NVMe into DRAM when DRAM has room below its high watermark.
-    /// Default: true.
+    /// Copy a block read from NVMe into DRAM when DRAM has room below its high watermark;
+    /// when it has none, the background reclaimer brings DRAM down to its low watermark so
+    /// that later hits find room (a hit never evicts by itself). Default: true.
     pub promote_on_hit: bool,
     /// A GPU memory (HBM) tier above DRAM. Default: none. Needs a build with the `cuda`
     /// feature and a usable NVIDIA GPU; otherwise [`Engine::open`](crate::Engine::open) fails

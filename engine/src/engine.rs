@@ -78,6 +78,9 @@ struct Inner {
     reclaiming: AtomicBool,
     /// The same for HBM.
     reclaiming_hbm: AtomicBool,
+    /// A promotion found no room below the high watermark: the reclaimer should bring DRAM
+    /// down to its low mark even though usage has not passed the high one.
+    room_wanted: AtomicBool,
     /// Generations below this were recovered from the data directory at open.
     first_new_generation: AtomicU64,
     /// DRAM victims taken from the policy and not yet dealt with: space another thread is
@@ -502,6 +505,7 @@ impl Engine {
             next_generation: AtomicU64::new(1),
             reclaiming: AtomicBool::new(false),
             reclaiming_hbm: AtomicBool::new(false),
+            room_wanted: AtomicBool::new(false),
             first_new_generation: AtomicU64::new(1),
             victims_in_flight: AtomicUsize::new(0),
             wake: (Mutex::new(false), Condvar::new()),
@@ -1249,7 +1253,8 @@ impl Inner {
             if self.stop.load(Ordering::Acquire) {
                 break;
             }
-            if self.dram.used_bytes() > self.config.high_watermark_bytes() {
+            let wanted = self.room_wanted.swap(false, Ordering::AcqRel);
+            if wanted || self.dram.used_bytes() > self.config.high_watermark_bytes() {
                 self.reclaim_dram();
             }
             self.reclaim_nvme();
@@ -1924,6 +1929,12 @@ impl Inner {
             }
         } else {
             if self.dram.used_bytes() + len > self.config.high_watermark_bytes() {
+                // No room below the high mark: the reclaimer brings DRAM down to its low mark
+                // (demoting the coldest blocks, not this hot one), so later hits find room.
+                if self.store.is_some() {
+                    self.room_wanted.store(true, Ordering::Release);
+                    self.wake_reclaimer();
+                }
                 return false;
             }
             let Ok(extent) = self.dram.allocate(len) else {
