@@ -626,6 +626,11 @@ impl Engine {
     /// [`put`](Self::put) for many blocks; one result per item, in order. A failed item does
     /// not stop the others.
     pub fn put_batch(&self, items: &[(&[u8], &[u8])]) -> Vec<Result<u64>> {
+        if self.inner.hbm.is_some() {
+            let results = self.inner.put_batch_hbm(items);
+            self.inner.after_puts();
+            return results;
+        }
         let results = items
             .iter()
             .map(|(key, value)| {
@@ -981,6 +986,98 @@ impl Inner {
         self.publish(&slot);
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
         Ok(slot)
+    }
+
+    /// Puts many blocks into HBM with one trip to the device: every extent is reserved and
+    /// every header made first, then all the copies go in one batch, then the blocks are
+    /// published. An item HBM cannot take goes to DRAM on its own.
+    fn put_batch_hbm(&self, items: &[(&[u8], &[u8])]) -> Vec<Result<u64>> {
+        let hbm = self.hbm.as_ref().expect("called with an HBM tier");
+        let mut results: Vec<Option<Result<u64>>> = Vec::with_capacity(items.len());
+        // Per staged block: (item, generation, block length), its extent, its head.
+        let mut staged = Vec::new();
+        let mut extents = Vec::new();
+        let mut heads = Vec::new();
+        for (i, &(key, value)) in items.iter().enumerate() {
+            let checked = format::check_key(key).and_then(|()| format::check_value(value));
+            if let Err(error) = checked {
+                results.push(Some(Err(error.into())));
+                continue;
+            }
+            let block_len = format::encoded_len(key.len(), value.len(), DRAM_PAYLOAD_ALIGN);
+            let Some(extent) = self.reserve_hbm(block_len as u64) else {
+                results.push(Some(
+                    self.put_one(key, value, Lineage::default())
+                        .map(|slot| slot.generation),
+                ));
+                continue;
+            };
+            let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+            let mut head = vec![0u8; format::payload_offset(key.len(), DRAM_PAYLOAD_ALIGN)];
+            match format::encode_head(&mut head, key, value, generation, DRAM_PAYLOAD_ALIGN) {
+                Ok(_) => {
+                    results.push(None);
+                    staged.push((i, generation, block_len));
+                    extents.push(extent);
+                    heads.push(head);
+                }
+                Err(error) => {
+                    hbm.free(extent);
+                    results.push(Some(Err(error.into())));
+                }
+            }
+        }
+        let parts: Vec<[(u64, &[u8]); 2]> = staged
+            .iter()
+            .zip(&heads)
+            .map(|(&(i, _, _), head)| [(0, &head[..]), (head.len() as u64, items[i].1)])
+            .collect();
+        let written = {
+            let mut batch: Vec<mooncake_kv_tiers::ExtentParts<'_>> = extents
+                .iter_mut()
+                .zip(&parts)
+                .map(|(extent, parts)| (extent, &parts[..]))
+                .collect();
+            hbm.write_many(&mut batch)
+        };
+        drop(parts);
+        for (((i, generation, block_len), extent), head) in
+            staged.into_iter().zip(extents).zip(heads)
+        {
+            let copy = HbmCopy::new(extent, Arc::clone(hbm), head.len() as u32, block_len as u32);
+            let outcome = match (&written, format::decode_header(&head)) {
+                (Err(error), _) => Err(Error::Tier(mooncake_kv_tiers::Error::Device {
+                    device: hbm.device().name(),
+                    action: "copy a batch of blocks",
+                    reason: error.to_string(),
+                })),
+                (Ok(()), Err(error)) => Err(error.into()),
+                (Ok(()), Ok(header)) => {
+                    let key = items[i].0;
+                    let slot = Arc::new(Slot::new(
+                        key,
+                        self.index.hash(key),
+                        generation,
+                        header.payload_len,
+                        header.payload_crc32,
+                        Locations {
+                            dram: None,
+                            nvme: None,
+                            hbm: Some(Arc::new(copy)),
+                        },
+                        Lineage::default(),
+                    ));
+                    self.publish(&slot);
+                    self.counters.puts.fetch_add(1, Ordering::Relaxed);
+                    Ok(generation)
+                }
+            };
+            results[i] = Some(outcome);
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(Error::Poisoned)))
+            .collect()
     }
 
     /// Allocates HBM for a block, demoting cold blocks to DRAM as long as that helps. `None`

@@ -308,3 +308,45 @@ fn on_a_gpu_blocks_go_through_hbm_exactly() -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// A batch of puts reaches the device in one trip (every header and value in one batch of
+/// copies), an item that is refused does not stop the others, and every block reads back.
+#[test]
+fn a_batch_of_puts_goes_to_the_device_in_one_trip() -> Result<(), Error> {
+    let device = Arc::new(HostTestDevice::new(64 << 20));
+    let engine = Engine::open_with_device(
+        EngineConfig {
+            dram_capacity_bytes: 4 << 20,
+            hbm: Some(settings(8 << 20)),
+            ..EngineConfig::default()
+        },
+        device.clone(),
+    )?;
+    let keys: Vec<Vec<u8>> = (0..20).map(key).collect();
+    let values: Vec<Vec<u8>> = (0..20).map(value).collect();
+    let mut items: Vec<(&[u8], &[u8])> = keys
+        .iter()
+        .zip(&values)
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .collect();
+    items.insert(7, (b"", b"an empty key is refused"));
+    let before = device.batches_to_device();
+    let results = engine.put_batch(&items);
+    assert_eq!(
+        device.batches_to_device() - before,
+        1,
+        "one trip for the whole batch"
+    );
+    assert_eq!(results.len(), 21);
+    assert!(
+        matches!(results[7], Err(Error::Format(_))),
+        "{:?}",
+        results[7]
+    );
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 20);
+    assert_eq!(tier(&engine, TierKind::Hbm).blocks, 20);
+    for i in 0..20 {
+        assert_eq!(engine.get(&key(i))?, Some(value(i)), "block {i}");
+    }
+    Ok(())
+}

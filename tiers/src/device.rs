@@ -139,6 +139,8 @@ pub trait DeviceMemory: Send + Sync + fmt::Debug + 'static {
 #[derive(Debug)]
 pub struct HostTestDevice {
     capacity: u64,
+    /// Batches of host-to-device copies made so far (for tests of batching).
+    batches_to_device: std::sync::atomic::AtomicU64,
     /// Allocation start -> its buffer.
     allocations: Mutex<BTreeMap<u64, HostBuffer>>,
 }
@@ -167,8 +169,15 @@ impl HostTestDevice {
     pub fn new(capacity: u64) -> Self {
         Self {
             capacity,
+            batches_to_device: std::sync::atomic::AtomicU64::new(0),
             allocations: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Calls to [`DeviceMemory::copy_to_device`] so far: each is one trip to a real device.
+    pub fn batches_to_device(&self) -> u64 {
+        self.batches_to_device
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Checks `ptr..ptr + len` against the allocations, and returns the host pointer to it.
@@ -231,6 +240,8 @@ impl DeviceMemory for HostTestDevice {
     }
 
     unsafe fn copy_to_device(&self, copies: &[ToDevice<'_>]) -> Result<()> {
+        self.batches_to_device
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let allocations = self.allocations.lock();
         for copy in copies {
             let target = Self::check(&allocations, copy.target, copy.source.len())?;

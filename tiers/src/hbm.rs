@@ -41,6 +41,9 @@ pub struct HbmTier {
     carver: Carver,
 }
 
+/// An extent and the pieces to write into it: `(offset in the extent, bytes)`.
+pub type ExtentParts<'a> = (&'a mut Extent, &'a [(u64, &'a [u8])]);
+
 /// One write of a batch: `source` at `offset_bytes` of `extent`.
 #[derive(Debug)]
 pub struct HbmWrite<'a> {
@@ -178,17 +181,29 @@ impl HbmTier {
     ///
     /// [`Error::OutOfBounds`] if a piece does not fit (nothing is written); [`Error::Device`].
     pub fn write_parts(&self, extent: &mut Extent, parts: &[(u64, &[u8])]) -> Result<()> {
-        self.check_extent(extent);
-        let mut copies = Vec::with_capacity(parts.len());
-        for &(offset_bytes, source) in parts {
-            range_within(extent, offset_bytes, source.len())?;
-            copies.push(ToDevice {
-                target: self.arena.ptr + extent.offset_bytes + offset_bytes,
-                source,
-            });
+        self.write_many(&mut [(extent, parts)])
+    }
+
+    /// Writes the pieces of several extents (`(extent, [(offset in it, bytes)])`) in one batch:
+    /// one trip to the device for many blocks.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OutOfBounds`] if a piece does not fit (nothing is written); [`Error::Device`].
+    pub fn write_many(&self, items: &mut [ExtentParts<'_>]) -> Result<()> {
+        let mut copies = Vec::new();
+        for (extent, parts) in items.iter() {
+            self.check_extent(extent);
+            for &(offset_bytes, source) in *parts {
+                range_within(extent, offset_bytes, source.len())?;
+                copies.push(ToDevice {
+                    target: self.arena.ptr + extent.offset_bytes + offset_bytes,
+                    source,
+                });
+            }
         }
-        // SAFETY: every target lies inside the extent (checked above), inside the arena; the
-        // caller holds the extent mutably, so nothing else touches its bytes meanwhile.
+        // SAFETY: every target lies inside its extent (checked above), inside the arena; the
+        // caller holds each extent mutably, so nothing else touches their bytes meanwhile.
         unsafe { self.device.copy_to_device(&copies) }
     }
 

@@ -57,7 +57,7 @@ pub use cuda::CudaDevice;
 pub use device::{DeviceMemory, DeviceRange, HostTestDevice, ToDevice, ToHost};
 pub use dram::{DramConfig, DramTier};
 pub use error::{Error, Result};
-pub use hbm::{HbmConfig, HbmTier};
+pub use hbm::{ExtentParts, HbmConfig, HbmTier};
 pub use nvme::{IoBackendKind, NVME_UNIT_BYTES, NvmeConfig, NvmeTier};
 
 /// Which medium a tier is.
