@@ -171,19 +171,20 @@ impl Worker {
             waited += self.membership.period();
             if self.engine.hidden_below().load(Ordering::Acquire) != 0 {
                 // Blocks brought back from disk wait for a view with other members in it (or
-                // for long enough that nobody else is coming) before they are served again.
+                // for long enough that nobody else is coming, or for a view of this node
+                // alone) before they are served again.
                 let others = self
                     .membership
                     .live_members()
                     .iter()
                     .filter(|m| m.id != self.self_id)
                     .count();
-                let settled = self
-                    .membership
-                    .view()
-                    .iter()
-                    .all(|p| p.liveness != Liveness::Suspect);
-                if (others > 0 && settled) || waited > RECONCILE_WAIT {
+                let view = self.membership.view();
+                let settled = view.iter().all(|p| p.liveness != Liveness::Suspect);
+                // A member list of this node alone (once it has answered its own heartbeat)
+                // has nobody to reconcile with.
+                let alone = view.iter().all(|p| p.id == Some(self.self_id));
+                if (others > 0 && settled) || alone || waited > RECONCILE_WAIT {
                     self.reconcile(stop);
                     // Copy out what only this node had.
                     dirty = true;

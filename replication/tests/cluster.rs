@@ -385,3 +385,60 @@ fn a_joining_node_takes_new_writes_gradually() {
     let mid = shares[shares.len() / 2];
     assert!(first < mid && mid < last, "not gradual: {shares:?}");
 }
+
+/// A node restarted on its data directory in a cluster of one (its member list is itself)
+/// has nobody to reconcile with: it serves what it read back from disk as soon as it sees
+/// itself, not after the wait meant for absent peers.
+#[test]
+fn a_lone_member_back_with_its_data_serves_it_at_once() {
+    use mooncake_kv_replication::repair::RepairConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    let config = || NodeConfig {
+        listen: addr.to_string(),
+        data_listen: "127.0.0.1:0".into(),
+        engine: EngineConfig {
+            dram_capacity_bytes: 16 << 20,
+            data_dir: Some(dir.path().to_owned()),
+            nvme_capacity_bytes: 16 << 20,
+            ..EngineConfig::default()
+        },
+        ..NodeConfig::default()
+    };
+    let repair = || RepairConfig {
+        membership: StaticConfig {
+            peers: vec![addr],
+            heartbeat: Duration::from_millis(50),
+            ..StaticConfig::default()
+        }
+        .into(),
+        replication_factor: 1,
+        ..RepairConfig::default()
+    };
+    {
+        let node = Node::start(config()).unwrap();
+        node.engine().put(b"kept", b"from before").unwrap();
+        node.shutdown(Duration::from_secs(1)).unwrap();
+    }
+    let node = Node::start(config()).unwrap();
+    node.start_repair(repair()).unwrap();
+    let client = mooncake_kv_replication::Client::connect(
+        node.control_addr(),
+        mooncake_kv_replication::ClientConfig::default(),
+    )
+    .unwrap();
+    let started = Instant::now();
+    while client.get(b"kept").unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a lone member kept its own blocks hidden"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        client.get(b"kept").unwrap().as_deref(),
+        Some(&b"from before"[..])
+    );
+}
