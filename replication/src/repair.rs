@@ -181,9 +181,10 @@ impl Worker {
                     .count();
                 let view = self.membership.view();
                 let settled = view.iter().all(|p| p.liveness != Liveness::Suspect);
-                // A member list of this node alone (once it has answered its own heartbeat)
-                // has nobody to reconcile with.
-                let alone = view.iter().all(|p| p.id == Some(self.self_id));
+                // A member list of this node alone (once it has seen itself: answered its own
+                // heartbeat, or found its own registration) has nobody to reconcile with. An
+                // empty view (etcd not read yet) is not that.
+                let alone = !view.is_empty() && view.iter().all(|p| p.id == Some(self.self_id));
                 if (others > 0 && settled) || alone || waited > RECONCILE_WAIT {
                     self.reconcile(stop);
                     // Copy out what only this node had.
