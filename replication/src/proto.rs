@@ -31,7 +31,7 @@ pub const FRAME_HEADER_BYTES: usize = 32;
 /// Version of the protocol.
 pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest body: a largest value plus room for its key and the encoding.
-pub const MAX_BODY_BYTES: usize = mooncake_kv_engine::MAX_VALUE_BYTES + (1 << 20);
+pub const MAX_BODY_BYTES: usize = mooncake_kv_format::MAX_VALUE_BYTES + (1 << 20);
 const MAGIC: [u8; 4] = *b"MKCP";
 
 /// Why bytes are not a valid frame.
@@ -214,9 +214,13 @@ pub fn read_frame(
         }
     }
     let header = FrameHeader::decode(&raw)?;
+    // Grow the buffer with the bytes that arrive, not with what the header claims: a peer
+    // announcing 64 MiB and sending nothing costs nothing.
     body.clear();
-    body.resize(header.body_len as usize, 0);
-    input.read_exact(body)?;
+    let len = header.body_len as usize;
+    if input.take(len as u64).read_to_end(body)? < len {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
     if crc32fast::hash(body) != header.body_crc32 {
         return Err(FrameError::BodyChecksum.into());
     }
@@ -503,6 +507,21 @@ mod tests {
             decode_request(&body),
             Err(FrameError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_body_that_never_arrives_costs_what_arrived_not_what_was_claimed() {
+        let header = FrameHeader {
+            request_id: 1,
+            body_len: MAX_BODY_BYTES as u32,
+            body_crc32: 0,
+        };
+        let mut input = header.encode().to_vec();
+        input.extend_from_slice(&[7; 100]);
+        let mut body = Vec::new();
+        let result = read_frame(&mut input.as_slice(), &mut body);
+        assert!(matches!(result, Err(ReadFrameError::Io(_))), "{result:?}");
+        assert!(body.capacity() < 1 << 20, "{} bytes held", body.capacity());
     }
 
     #[test]
