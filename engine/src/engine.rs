@@ -902,22 +902,43 @@ impl Inner {
     ) -> Result<Arc<Slot>> {
         strict_assert!(format::decode(&copy.bytes()[..block_len]).is_ok());
         let header = format::decode_header(copy.bytes())?;
+        let locations = Locations {
+            dram: Some(Arc::new(copy)),
+            ..Locations::default()
+        };
+        Ok(self.publish_new(key, generation, &header, locations, lineage))
+    }
+
+    /// Makes a new block, whose one copy is in `locations`, the key's block, and counts the
+    /// put.
+    fn publish_new(
+        &self,
+        key: &[u8],
+        generation: u64,
+        header: &format::Header,
+        locations: Locations,
+        lineage: Lineage,
+    ) -> Arc<Slot> {
         let slot = Arc::new(Slot::new(
             key,
             self.index.hash(key),
             generation,
             header.payload_len,
             header.payload_crc32,
-            Locations {
-                dram: Some(Arc::new(copy)),
-                nvme: None,
-                hbm: None,
-            },
+            locations,
             lineage,
         ));
         self.publish(&slot);
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
-        Ok(slot)
+        slot
+    }
+
+    /// The part of an HBM block before its payload (header, key, padding), made on the host;
+    /// the value goes to the device as it is, checksummed where it lies.
+    fn hbm_head(key: &[u8], value: &[u8], generation: u64) -> Result<Vec<u8>> {
+        let mut head = vec![0u8; format::payload_offset(key.len(), DRAM_PAYLOAD_ALIGN)];
+        format::encode_head(&mut head, key, value, generation, DRAM_PAYLOAD_ALIGN)?;
+        Ok(head)
     }
 
     fn put_one(&self, key: &[u8], value: &[u8], lineage: Lineage) -> Result<Arc<Slot>> {
@@ -945,7 +966,7 @@ impl Inner {
     /// publishes it.
     fn put_into_hbm(
         &self,
-        mut extent: mooncake_kv_tiers::Extent,
+        extent: mooncake_kv_tiers::Extent,
         key: &[u8],
         value: &[u8],
         block_len: usize,
@@ -953,39 +974,26 @@ impl Inner {
     ) -> Result<Arc<Slot>> {
         let hbm = self.hbm.as_ref().expect("an HBM extent implies the tier");
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        // The header and key are made on the host; the value goes to the device as it is,
-        // checksummed where it lies: two copies in one batch, no intermediate buffer.
-        let mut head = vec![0u8; format::payload_offset(key.len(), DRAM_PAYLOAD_ALIGN)];
-        let payload_offset =
-            format::encode_head(&mut head, key, value, generation, DRAM_PAYLOAD_ALIGN)?;
-        let header = format::decode_header(&head)?;
-        let written = hbm.write_parts(
-            &mut extent,
-            &[(0, &head[..]), (payload_offset as u64, value)],
-        );
-        let copy = HbmCopy::new(
+        // The copy owns the extent from here, so any failure below returns it.
+        let payload_offset = format::payload_offset(key.len(), DRAM_PAYLOAD_ALIGN);
+        let mut copy = HbmCopy::new(
             extent,
             Arc::clone(hbm),
-            header.payload_offset,
+            payload_offset as u32,
             block_len as u32,
         );
-        written?;
-        let slot = Arc::new(Slot::new(
-            key,
-            self.index.hash(key),
-            generation,
-            header.payload_len,
-            header.payload_crc32,
-            Locations {
-                dram: None,
-                nvme: None,
-                hbm: Some(Arc::new(copy)),
-            },
-            lineage,
-        ));
-        self.publish(&slot);
-        self.counters.puts.fetch_add(1, Ordering::Relaxed);
-        Ok(slot)
+        // Head and value in one batch of copies, no intermediate buffer.
+        let head = Self::hbm_head(key, value, generation)?;
+        hbm.write_parts(
+            copy.extent_mut(),
+            &[(0, &head[..]), (payload_offset as u64, value)],
+        )?;
+        let header = format::decode_header(&head)?;
+        let locations = Locations {
+            hbm: Some(Arc::new(copy)),
+            ..Locations::default()
+        };
+        Ok(self.publish_new(key, generation, &header, locations, lineage))
     }
 
     /// Puts many blocks into HBM with one trip to the device: every extent is reserved and
@@ -1013,9 +1021,8 @@ impl Inner {
                 continue;
             };
             let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-            let mut head = vec![0u8; format::payload_offset(key.len(), DRAM_PAYLOAD_ALIGN)];
-            match format::encode_head(&mut head, key, value, generation, DRAM_PAYLOAD_ALIGN) {
-                Ok(_) => {
+            match Self::hbm_head(key, value, generation) {
+                Ok(head) => {
                     results.push(None);
                     staged.push((i, generation, block_len));
                     extents.push(extent);
@@ -1023,7 +1030,7 @@ impl Inner {
                 }
                 Err(error) => {
                     hbm.free(extent);
-                    results.push(Some(Err(error.into())));
+                    results.push(Some(Err(error)));
                 }
             }
         }
@@ -1053,22 +1060,17 @@ impl Inner {
                 })),
                 (Ok(()), Err(error)) => Err(error.into()),
                 (Ok(()), Ok(header)) => {
-                    let key = items[i].0;
-                    let slot = Arc::new(Slot::new(
-                        key,
-                        self.index.hash(key),
+                    let locations = Locations {
+                        hbm: Some(Arc::new(copy)),
+                        ..Locations::default()
+                    };
+                    self.publish_new(
+                        items[i].0,
                         generation,
-                        header.payload_len,
-                        header.payload_crc32,
-                        Locations {
-                            dram: None,
-                            nvme: None,
-                            hbm: Some(Arc::new(copy)),
-                        },
+                        &header,
+                        locations,
                         Lineage::default(),
-                    ));
-                    self.publish(&slot);
-                    self.counters.puts.fetch_add(1, Ordering::Relaxed);
+                    );
                     Ok(generation)
                 }
             };

@@ -211,6 +211,13 @@ impl HbmCopy {
     pub(crate) fn extent_len_bytes(&self) -> u64 {
         self.extent().len_bytes()
     }
+
+    /// The extent, writable: only before the copy is shared.
+    pub(crate) fn extent_mut(&mut self) -> &mut Extent {
+        self.extent
+            .as_mut()
+            .expect("a copy holds its extent until drop")
+    }
 }
 
 impl Drop for HbmCopy {

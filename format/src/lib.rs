@@ -266,16 +266,8 @@ pub fn encode_into(
     generation: u64,
     payload_align: usize,
 ) -> Result<usize> {
-    check_key(key)?;
-    check_value(payload)?;
-    let payload_start = payload_offset(key.len(), payload_align);
+    let payload_start = checked_layout(key, payload.len(), payload_align, target.len(), true)?;
     let block_len = payload_start + payload.len();
-    if target.len() < block_len {
-        return Err(Error::BufferTooSmall {
-            needed_bytes: block_len,
-            available_bytes: target.len(),
-        });
-    }
     let (head, rest) = target.split_at_mut(payload_start);
     let payload_target = &mut rest[..payload.len()];
 
@@ -310,15 +302,7 @@ pub fn encode_head(
     generation: u64,
     payload_align: usize,
 ) -> Result<usize> {
-    check_key(key)?;
-    check_value(payload)?;
-    let payload_start = payload_offset(key.len(), payload_align);
-    if head.len() < payload_start {
-        return Err(Error::BufferTooSmall {
-            needed_bytes: payload_start,
-            available_bytes: head.len(),
-        });
-    }
+    let payload_start = checked_layout(key, payload.len(), payload_align, head.len(), false)?;
     write_head(
         &mut head[..payload_start],
         key,
@@ -348,6 +332,23 @@ pub fn seal_in_place(
     generation: u64,
     payload_align: usize,
 ) -> Result<usize> {
+    let payload_start = checked_layout(key, payload_len, payload_align, block.len(), true)?;
+    let block_len = payload_start + payload_len;
+    let (head, rest) = block.split_at_mut(payload_start);
+    let payload_crc = crc32fast::hash(&rest[..payload_len]);
+    write_head(head, key, payload_len, payload_crc, generation);
+    Ok(block_len)
+}
+
+/// Checks a key and a payload length for a block, and that a buffer of `available` bytes can
+/// hold the block (`whole`) or only the part before its payload; returns the payload offset.
+fn checked_layout(
+    key: &[u8],
+    payload_len: usize,
+    payload_align: usize,
+    available: usize,
+    whole: bool,
+) -> Result<usize> {
     check_key(key)?;
     if payload_len > MAX_VALUE_BYTES {
         return Err(Error::ValueTooLarge {
@@ -356,17 +357,18 @@ pub fn seal_in_place(
         });
     }
     let payload_start = payload_offset(key.len(), payload_align);
-    let block_len = payload_start + payload_len;
-    if block.len() < block_len {
+    let needed = if whole {
+        payload_start + payload_len
+    } else {
+        payload_start
+    };
+    if available < needed {
         return Err(Error::BufferTooSmall {
-            needed_bytes: block_len,
-            available_bytes: block.len(),
+            needed_bytes: needed,
+            available_bytes: available,
         });
     }
-    let (head, rest) = block.split_at_mut(payload_start);
-    let payload_crc = crc32fast::hash(&rest[..payload_len]);
-    write_head(head, key, payload_len, payload_crc, generation);
-    Ok(block_len)
+    Ok(payload_start)
 }
 
 /// Writes header, key and zero padding into `head` (everything before the payload). The

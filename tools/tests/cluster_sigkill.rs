@@ -227,10 +227,8 @@ fn no_acknowledged_block_is_lost_when_a_node_is_killed_with_etcd_membership() {
     );
 }
 
-fn kill_test(addrs: Vec<SocketAddr>, backend: Backend) {
-    let etcd = matches!(backend, Backend::Etcd { .. });
-    let mut children = Nodes(addrs.iter().map(|&a| start(a, &backend)).collect());
-    let heartbeat = Duration::from_millis(HEARTBEAT_MS);
+/// A cluster client over `backend`'s members, once it sees all three live.
+fn cluster_of_three(backend: &Backend) -> ClusterClient {
     let cluster = ClusterClient::new(ClusterConfig {
         membership: backend.membership(),
         ..ClusterConfig::default()
@@ -239,6 +237,14 @@ fn kill_test(addrs: Vec<SocketAddr>, backend: Backend) {
     wait_until("three live members", Duration::from_secs(10), || {
         cluster.membership().live_members().len() == 3
     });
+    cluster
+}
+
+fn kill_test(addrs: Vec<SocketAddr>, backend: Backend) {
+    let etcd = matches!(backend, Backend::Etcd { .. });
+    let mut children = Nodes(addrs.iter().map(|&a| start(a, &backend)).collect());
+    let heartbeat = Duration::from_millis(HEARTBEAT_MS);
+    let cluster = cluster_of_three(&backend);
 
     const KEYS: u64 = 10_000;
     for i in 0..KEYS {
@@ -391,14 +397,7 @@ fn a_node_back_with_its_data_serves_nothing_stale() {
             .map(|(&a, d)| start_with(a, &backend, Some(d.path())))
             .collect(),
     );
-    let cluster = ClusterClient::new(ClusterConfig {
-        membership: backend.membership(),
-        ..ClusterConfig::default()
-    })
-    .unwrap();
-    wait_until("three live members", Duration::from_secs(10), || {
-        cluster.membership().live_members().len() == 3
-    });
+    let cluster = cluster_of_three(&backend);
     const KEYS: u64 = 2000;
     const REWRITTEN: u64 = 1000;
     let new_value = |i: u64| {
