@@ -134,6 +134,9 @@ impl DramTier {
     }
 }
 
+/// Bytes zeroed at the start of every freed extent: a block header's length.
+const FREED_ZEROED_BYTES: usize = 64;
+
 impl Tier for DramTier {
     fn kind(&self) -> TierKind {
         TierKind::Dram
@@ -159,7 +162,16 @@ impl Tier for DramTier {
         self.carver.allocate(len_bytes)
     }
 
-    fn free(&self, extent: Extent) {
+    fn free(&self, mut extent: Extent) {
+        // Another process may hold the descriptor of a block that lay here and read the region
+        // one-sidedly, checking the block's header before and after its copy instead of a
+        // payload checksum (docs/format.md, "Reading a block in place"). Zeroing where that
+        // header lies before the space can be handed out again means any byte a new owner
+        // writes here comes after the header stopped matching: the carver's lock orders this
+        // store before the next allocation of these bytes.
+        let len = usize::try_from(extent.len_bytes())
+            .map_or(FREED_ZEROED_BYTES, |len| len.min(FREED_ZEROED_BYTES));
+        self.region.bytes_mut(&mut extent)[..len].fill(0);
         self.carver.free(extent);
     }
 
@@ -226,6 +238,22 @@ mod tests {
         tier.free(a);
         tier.free(b);
         assert_eq!(tier.used_bytes(), 0);
+    }
+
+    #[test]
+    fn a_freed_extent_has_its_header_place_zeroed_before_reuse() {
+        let tier = small();
+        let mut e = tier.allocate(4096).unwrap();
+        tier.write_at(&mut e, 0, &[0xab; 4096]).unwrap();
+        let offset = e.offset_bytes();
+        tier.free(e);
+        // The whole tier is free again: this extent starts where the freed one did.
+        let again = tier.allocate(4096).unwrap();
+        assert_eq!(again.offset_bytes(), offset);
+        let bytes = tier.bytes(&again);
+        assert!(bytes[..FREED_ZEROED_BYTES].iter().all(|&b| b == 0));
+        // Only the header's place: the rest is left as it was.
+        assert!(bytes[FREED_ZEROED_BYTES..].iter().all(|&b| b == 0xab));
     }
 
     #[test]
