@@ -4,7 +4,8 @@
 //! region read-only once; a read is then a bounds check, an epoch check, a `memcpy`, and the
 //! epoch check again. Unregistering a region changes its epoch, so later reads fail with
 //! [`Error::UnknownRegion`]; the reader's mapping keeps the memory alive, so no read ever
-//! touches unmapped memory.
+//! touches unmapped memory. That mapping would also keep a dead owner's memory readable: the
+//! reader peeks at the owner's socket every 10 ms and refuses reads once it has closed.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -14,8 +15,9 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rustix::net::{
@@ -241,7 +243,18 @@ pub struct ShmTransport {
     stream: Mutex<UnixStream>,
     control: ControlTable,
     regions: Mutex<HashMap<u64, Arc<Mapped>>>,
+    /// When this transport was made: the origin of `owner_checked`.
+    opened: Instant,
+    /// Nanoseconds after `opened` of the last look at the owner's socket.
+    owner_checked: AtomicU64,
+    /// The owner's socket closed: it stopped or died, and its memory is no longer served.
+    owner_gone: AtomicBool,
 }
+
+/// How often a reader looks at the owner's socket to see whether it is still there. Its
+/// mapping would keep a dead owner's memory readable; this bounds how long reads go on
+/// after the owner is gone.
+const OWNER_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 
 impl std::fmt::Debug for ShmTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -279,7 +292,46 @@ impl ShmTransport {
             stream: Mutex::new(stream),
             control,
             regions: Mutex::new(HashMap::new()),
+            opened: Instant::now(),
+            owner_checked: AtomicU64::new(0),
+            owner_gone: AtomicBool::new(false),
         })
+    }
+
+    /// Fails once the owner's socket has closed (the owner stopped or died). Looks at the
+    /// socket at most every [`OWNER_CHECK_INTERVAL`], without blocking: a peek that finds
+    /// the end of the stream.
+    fn check_owner(&self) -> Result<()> {
+        let gone = || Error::Io {
+            action: "read the owner's memory (its shared-memory socket has closed)",
+            source: std::io::ErrorKind::ConnectionReset.into(),
+        };
+        if self.owner_gone.load(Ordering::Relaxed) {
+            return Err(gone());
+        }
+        let now = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let last = self.owner_checked.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < OWNER_CHECK_INTERVAL.as_nanos() as u64
+            || self
+                .owner_checked
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return Ok(());
+        }
+        // Busy with a map request: that exchange will see a closed socket itself.
+        let Some(stream) = self.stream.try_lock() else {
+            return Ok(());
+        };
+        let mut byte = [0u8; 1];
+        match rustix::net::recv(&*stream, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+            // The owner never writes unasked, so a byte here is not a sign of life or death.
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) | Ok((1.., _)) => Ok(()),
+            Ok(_) | Err(_) => {
+                self.owner_gone.store(true, Ordering::Relaxed);
+                Err(gone())
+            }
+        }
     }
 
     fn current(&self, region_id: u64) -> bool {
@@ -355,6 +407,7 @@ impl ShmTransport {
                 max: MAX_READ_BYTES,
             });
         }
+        self.check_owner()?;
         if !self.current(src.region_id) {
             self.regions.lock().remove(&src.region_id);
             return Err(Error::UnknownRegion {

@@ -381,3 +381,35 @@ fn unregistering_while_reads_are_in_flight_is_clean() {
         "no read ever met an unregistered region"
     );
 }
+
+/// A reader's mapping keeps a dead owner's memory alive; the transport must notice the owner's
+/// socket closing and stop serving reads from it.
+#[test]
+fn shm_reads_stop_soon_after_the_owner_dies() {
+    let mut peer = Peer::start();
+    let shm = ShmTransport::connect(&peer.shm).expect("shm");
+    let (seed, h) = peer.regions[0];
+    let mut buf = vec![0u8; 4096];
+    shm.read(slice(&h, 0), &mut buf)
+        .expect("read from the live owner");
+    assert!(check(seed, 0, &buf));
+    peer.child.kill().expect("SIGKILL the owner");
+    peer.child.wait().expect("wait for the owner");
+    let died = std::time::Instant::now();
+    let mut served = 0;
+    loop {
+        match shm.read(slice(&h, 0), &mut buf) {
+            Ok(()) => {
+                served += 1;
+                assert!(
+                    died.elapsed() < Duration::from_secs(2),
+                    "{served} reads of a dead owner's memory and counting"
+                );
+            }
+            Err(Error::Io { .. }) => break,
+            Err(other) => panic!("unexpected error {other}"),
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    println!("{served} reads served after the owner died, then refused");
+}
