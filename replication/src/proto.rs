@@ -172,13 +172,22 @@ pub fn decode_response(body: &[u8]) -> Result<Response, FrameError> {
 ///
 /// The stream's.
 pub fn write_frame(out: &mut impl Write, request_id: u64, body: &[u8]) -> std::io::Result<()> {
+    out.write_all(&frame_header(request_id, body)?)?;
+    out.write_all(body)
+}
+
+/// The encoded header of a frame carrying `body`.
+///
+/// # Errors
+///
+/// `InvalidInput` for a body longer than a frame can say.
+pub fn frame_header(request_id: u64, body: &[u8]) -> std::io::Result<[u8; FRAME_HEADER_BYTES]> {
     let header = FrameHeader {
         request_id,
         body_len: u32::try_from(body.len()).map_err(|_| std::io::ErrorKind::InvalidInput)?,
         body_crc32: crc32fast::hash(body),
     };
-    out.write_all(&header.encode())?;
-    out.write_all(body)
+    Ok(header.encode())
 }
 
 /// What reading a frame can fail with.
