@@ -1,10 +1,11 @@
 //! The client: control requests to a node, and verified one-sided reads of its blocks.
 
+use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mooncake_kv_engine::format::{self, HEADER_BYTES, MAX_PAYLOAD_OFFSET};
 use mooncake_kv_transfer::{ReadOp, RemoteSlice, ShmTransport, TcpTransport, Transport};
@@ -46,6 +47,27 @@ pub struct ClientConfig {
     /// the control connection: one round trip instead of two (lookup, then a read on the data
     /// plane). The bytes are verified the same way. Default true.
     pub inline_tcp_reads: bool,
+    /// One-sided reads (shared memory, or tcp without inline reads) reuse a block's
+    /// descriptor this long after the lookup that returned it, so a block read again soon
+    /// costs no round trip to the node. Every read is verified as usual; one that fails (the
+    /// block moved, was evicted, removed or replaced, and its space freed: the node zeroes a
+    /// freed block's header) drops the descriptor and looks up again. What it can miss: a
+    /// block another client removed or replaced stays readable while a lease on it lasts
+    /// (its space is freed only then). A node that died is noticed within 10 ms over shared
+    /// memory (the transport watches its socket) and at once over tcp. This client's own
+    /// puts and removes drop its descriptors of those keys at once. `Duration::ZERO` turns
+    /// the cache off. Default 10 s.
+    pub descriptor_ttl: Duration,
+    /// Descriptors the cache holds at most. Default 16,384.
+    pub descriptor_cache_entries: usize,
+    /// Over shared memory, also checksum every payload (CRC32) as it is copied. Off by
+    /// default: a same-host read checks the block's header (magic, CRCs of header and key,
+    /// key, generation) before the copy and that the header is unchanged after it, which
+    /// catches a slot freed or reused meanwhile because the node zeroes a block's header
+    /// before its space can be reused (docs/format.md, "Reading a block in place"). The
+    /// payload CRC adds a check against corrupted memory, at about a quarter of the read's
+    /// time. Reads over tcp always check it.
+    pub shm_payload_crc: bool,
 }
 
 impl Default for ClientConfig {
@@ -57,6 +79,9 @@ impl Default for ClientConfig {
             transport: TransportChoice::Auto,
             max_attempts: 4,
             inline_tcp_reads: true,
+            descriptor_ttl: Duration::from_secs(10),
+            descriptor_cache_entries: 1 << 14,
+            shm_payload_crc: false,
         }
     }
 }
@@ -141,6 +166,69 @@ pub struct Client {
     unreported_stale: AtomicU64,
     /// Leases of blocks this client has finished reading, ended with its next lookup.
     done_leases: Mutex<Vec<u64>>,
+    /// Descriptors of blocks read lately (see [`ClientConfig::descriptor_ttl`]).
+    descriptors: Mutex<DescriptorCache>,
+    cached_reads: AtomicU64,
+}
+
+/// Descriptors from recent lookups, by key, each with the time it was asked for.
+#[derive(Default)]
+struct DescriptorCache {
+    entries: HashMap<Box<[u8]>, (Descriptor, Instant)>,
+    /// Bumped by every put or remove of this client: a lookup that began before one may have
+    /// seen the block it replaced, so its descriptor is not kept.
+    writes: u64,
+}
+
+impl DescriptorCache {
+    fn get(&mut self, key: &[u8], ttl: Duration) -> Option<Descriptor> {
+        let (descriptor, asked) = self.entries.get(key)?;
+        if asked.elapsed() < ttl {
+            return Some(*descriptor);
+        }
+        self.entries.remove(key);
+        None
+    }
+
+    /// Keeps `descriptor`, asked for at `asked` when this cache had seen `writes` writes.
+    fn insert(
+        &mut self,
+        key: &[u8],
+        descriptor: &Descriptor,
+        asked: Instant,
+        writes: u64,
+        limit: usize,
+        ttl: Duration,
+    ) {
+        if writes != self.writes || limit == 0 {
+            return;
+        }
+        if self.entries.len() >= limit && !self.entries.contains_key(key) {
+            self.entries.retain(|_, (_, at)| at.elapsed() < ttl);
+            if self.entries.len() >= limit {
+                self.entries.clear();
+            }
+        }
+        // The lease, if any, was handed back after the read: a cached read holds none.
+        let descriptor = Descriptor {
+            lease_ms: 0,
+            lease_id: 0,
+            ..*descriptor
+        };
+        self.entries.insert(key.into(), (descriptor, asked));
+    }
+
+    fn forget<'a>(&mut self, keys: impl IntoIterator<Item = &'a [u8]>) {
+        self.writes += 1;
+        for key in keys {
+            self.entries.remove(key);
+        }
+    }
+
+    fn forget_all(&mut self) {
+        self.writes += 1;
+        self.entries.clear();
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -229,6 +317,8 @@ impl Client {
             retries: AtomicU64::new(0),
             unreported_stale: AtomicU64::new(0),
             done_leases: Mutex::new(Vec::new()),
+            descriptors: Mutex::new(DescriptorCache::default()),
+            cached_reads: AtomicU64::new(0),
         })
     }
 
@@ -259,6 +349,67 @@ impl Client {
         self.retries.load(Ordering::Relaxed)
     }
 
+    /// Reads served from a cached descriptor, with no lookup (see
+    /// [`ClientConfig::descriptor_ttl`]).
+    pub fn cached_reads(&self) -> u64 {
+        self.cached_reads.load(Ordering::Relaxed)
+    }
+
+    /// Whether one-sided reads check the header around the copy instead of a payload CRC
+    /// (see [`ClientConfig::shm_payload_crc`]).
+    fn in_place(&self) -> bool {
+        self.transport_name == "shm" && !self.config.shm_payload_crc
+    }
+
+    fn caching(&self) -> bool {
+        !self.inline() && !self.config.descriptor_ttl.is_zero()
+    }
+
+    /// What to hand [`remember`](Self::remember) after a lookup that starts now.
+    fn lookup_started(&self) -> (Instant, u64) {
+        (Instant::now(), self.descriptors.lock().writes)
+    }
+
+    /// Keeps the descriptor of a block just read and verified.
+    fn remember(&self, key: &[u8], d: &Descriptor, (asked, writes): (Instant, u64)) {
+        if self.caching() {
+            let (limit, ttl) = (
+                self.config.descriptor_cache_entries,
+                self.config.descriptor_ttl,
+            );
+            self.descriptors
+                .lock()
+                .insert(key, d, asked, writes, limit, ttl);
+        }
+    }
+
+    /// Drops the descriptors of keys this client is writing or removing.
+    fn forget<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) {
+        self.descriptors.lock().forget(keys);
+    }
+
+    /// The cached descriptor of `key`, if one is fresh.
+    fn cached(&self, key: &[u8]) -> Option<Descriptor> {
+        if !self.caching() {
+            return None;
+        }
+        self.descriptors.lock().get(key, self.config.descriptor_ttl)
+    }
+
+    /// A read through the cached descriptor `d` of `key`: `Some(len)` when it verified;
+    /// `None` when it did not (the descriptor is dropped, and the caller looks up).
+    fn read_cached(&self, key: &[u8], d: &Descriptor, dst: &mut [u8]) -> Option<usize> {
+        let len = d.payload_len as usize;
+        let verified =
+            dst.len() >= len && matches!(self.read_verified(key, d, &mut dst[..len]), Ok(true));
+        if verified {
+            self.cached_reads.fetch_add(1, Ordering::Relaxed);
+            return Some(len);
+        }
+        self.descriptors.lock().entries.remove(key);
+        None
+    }
+
     /// Sends one request and waits for its response. A pooled connection that turns out to be
     /// broken is replaced and the request sent once more.
     fn call(&self, request: &Request<'_>) -> Result<Response> {
@@ -275,8 +426,12 @@ impl Client {
         mut then: impl FnMut(&mut Control, Response) -> Result<T>,
     ) -> Result<T> {
         let body = encode_body(request);
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len();
-        let mut slot = self.pool[index].lock();
+        // The first idle connection from a rotating start; wait only when all are busy.
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.pool.len();
+        let mut slot = (0..n)
+            .find_map(|i| self.pool[(start + i) % n].try_lock())
+            .unwrap_or_else(|| self.pool[start % n].lock());
         for attempt in 0..2 {
             let reused = slot.is_some();
             let mut control = match slot.take() {
@@ -428,8 +583,10 @@ impl Client {
             },
             &values,
             |_, response| Ok(response),
-        )?;
-        let Response::Put(outcomes) = response else {
+        );
+        // Whatever the answer, the blocks may have changed.
+        self.forget(items.iter().map(|(key, _)| *key));
+        let Response::Put(outcomes) = response? else {
             return Err(unexpected("put"));
         };
         if outcomes.len() != items.len() {
@@ -471,11 +628,14 @@ impl Client {
         payload: Option<&[u8]>,
         durable: bool,
     ) -> Result<u64> {
-        match self.call(&Request::Commit {
+        let response = self.call(&Request::Commit {
             reservation: reservation.reservation,
             payload,
             durable,
-        })? {
+        });
+        // A reservation does not say its key: every cached descriptor goes.
+        self.descriptors.lock().forget_all();
+        match response? {
             Response::Put(mut outcomes) if outcomes.len() == 1 => match outcomes.pop() {
                 Some(Outcome::Ok(generation)) => Ok(generation),
                 Some(Outcome::Err(reply)) => Err(ClientError::Refused(reply)),
@@ -523,6 +683,12 @@ impl Client {
     ///
     /// As [`get_into`](Self::get_into).
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some(d) = self.cached(key) {
+            let mut value = vec![0u8; d.payload_len as usize];
+            if self.read_cached(key, &d, &mut value).is_some() {
+                return Ok(Some(value));
+            }
+        }
         for _ in 0..self.config.max_attempts {
             if self.inline() {
                 match self.read_inline(key, None)? {
@@ -534,12 +700,14 @@ impl Client {
                     }
                 }
             }
+            let started = self.lookup_started();
             let Some(d) = self.lookup(key)? else {
                 return Ok(None);
             };
             check_descriptor(&d)?;
             let mut value = vec![0u8; d.payload_len as usize];
             if self.read_verified(key, &d, &mut value)? {
+                self.remember(key, &d, started);
                 return Ok(Some(value));
             }
         }
@@ -556,6 +724,11 @@ impl Client {
     /// [`ClientError::BufferTooSmall`]; [`ClientError::Stale`] if the block changed under
     /// every attempt; [`ClientError::Transfer`] if the read was refused; connection errors.
     pub fn get_into(&self, key: &[u8], dst: &mut [u8]) -> Result<Option<usize>> {
+        if let Some(d) = self.cached(key) {
+            if let Some(len) = self.read_cached(key, &d, dst) {
+                return Ok(Some(len));
+            }
+        }
         for _ in 0..self.config.max_attempts {
             if self.inline() {
                 match self.read_inline(key, Some(dst))? {
@@ -567,6 +740,7 @@ impl Client {
                     }
                 }
             }
+            let started = self.lookup_started();
             let Some(d) = self.lookup(key)? else {
                 return Ok(None);
             };
@@ -579,6 +753,7 @@ impl Client {
                 });
             }
             if self.read_verified(key, &d, &mut dst[..len])? {
+                self.remember(key, &d, started);
                 return Ok(Some(len));
             }
         }
@@ -591,6 +766,9 @@ impl Client {
     /// straight into `payload`; then checks both against the descriptor and the key.
     /// `Ok(false)` when they do not match (the slot was reused or the block moved).
     fn read_verified(&self, key: &[u8], d: &Descriptor, payload: &mut [u8]) -> Result<bool> {
+        if self.in_place() {
+            return self.read_in_place(key, d, payload);
+        }
         let mut head = vec![0u8; d.payload_offset as usize];
         let mut ops = block_reads(d, &mut head, payload);
         let results = self.transport.read_batch_crc32(&mut ops);
@@ -609,6 +787,37 @@ impl Client {
         }
     }
 
+    /// [`read_verified`](Self::read_verified) over shared memory, without a payload CRC: the
+    /// header and key are read and checked first, then the payload is copied, then the header
+    /// is read again and must be unchanged. The node zeroes a block's header before any of its
+    /// bytes can be reused, so a copy that caught bytes of a later block sees that.
+    fn read_in_place(&self, key: &[u8], d: &Descriptor, payload: &mut [u8]) -> Result<bool> {
+        let at = |offset| RemoteSlice {
+            region_id: d.region_id,
+            offset,
+            remote_key: d.remote_key,
+        };
+        let mut head = vec![0u8; d.payload_offset as usize];
+        let read = self.transport.read(at(d.offset), &mut head);
+        if d.lease_id != 0 {
+            self.done_leases.lock().push(d.lease_id);
+        }
+        read?;
+        let verified = verify_head(key, d, &head).is_some() && {
+            self.transport
+                .read(at(d.offset + u64::from(d.payload_offset)), payload)?;
+            // The header read again must come after every byte of the payload.
+            std::sync::atomic::fence(Ordering::Acquire);
+            let mut again = [0u8; HEADER_BYTES];
+            self.transport.read(at(d.offset), &mut again)?;
+            again[..] == head[..HEADER_BYTES]
+        };
+        if !verified {
+            self.count_stale_read();
+        }
+        Ok(verified)
+    }
+
     /// [`get_into`](Self::get_into) for many keys: one lookup for all of them, then all the
     /// one-sided reads in one batch. A block that fails verification is read again on its
     /// own. One result per item, in order. (Over tcp with inline reads, the items are read one
@@ -620,26 +829,38 @@ impl Client {
                 .map(|(key, dst)| self.get_into(key, dst))
                 .collect();
         }
+        // Keys with fresh descriptors are read first, with no lookup.
         let keys: Vec<&[u8]> = items.iter().map(|(key, _)| *key).collect();
-        let release = std::mem::take(&mut *self.done_leases.lock());
-        let outcomes = match self.call(&Request::Lookup {
-            keys: keys.clone(),
-            release,
-            stale_reads: self.take_unreported_stale(),
-            inline: false,
-        }) {
-            Ok(Response::Lookup(outcomes)) if outcomes.len() == keys.len() => outcomes,
-            // The batch as a whole failed: each item says why on its own.
-            _ => {
-                return items
-                    .iter_mut()
-                    .map(|(key, dst)| self.get_into(key, dst))
-                    .collect();
-            }
-        };
         let mut results: Vec<Option<Result<Option<usize>>>> = keys.iter().map(|_| None).collect();
+        for ((key, dst), result) in items.iter_mut().zip(&mut results) {
+            if let Some(d) = self.cached(key) {
+                *result = self.read_cached(key, &d, dst).map(|len| Ok(Some(len)));
+            }
+        }
+        let pending: Vec<usize> = (0..items.len()).filter(|&i| results[i].is_none()).collect();
+        let started = self.lookup_started();
+        let release = std::mem::take(&mut *self.done_leases.lock());
+        let outcomes = match pending.len() {
+            0 => Vec::new(),
+            _ => match self.call(&Request::Lookup {
+                keys: pending.iter().map(|&i| keys[i]).collect(),
+                release,
+                stale_reads: self.take_unreported_stale(),
+                inline: false,
+            }) {
+                Ok(Response::Lookup(outcomes)) if outcomes.len() == pending.len() => outcomes,
+                // The batch as a whole failed: each item says why on its own.
+                _ => {
+                    for &i in &pending {
+                        let (key, dst) = &mut items[i];
+                        results[i] = Some(self.get_into(key, dst));
+                    }
+                    Vec::new()
+                }
+            },
+        };
         let mut planned: Vec<(usize, Descriptor)> = Vec::new();
-        for (i, outcome) in outcomes.into_iter().enumerate() {
+        for (&i, outcome) in pending.iter().zip(outcomes) {
             match outcome {
                 Outcome::Err(reply) => results[i] = Some(Err(ClientError::Refused(reply))),
                 Outcome::Ok(None) => results[i] = Some(Ok(None)),
@@ -657,12 +878,29 @@ impl Client {
                 }
             }
         }
-        let mut heads: Vec<Vec<u8>> = planned
-            .iter()
-            .map(|(_, d)| vec![0u8; d.payload_offset as usize])
-            .collect();
         let mut retry = Vec::new();
-        {
+        if self.in_place() {
+            // Copies out of shared memory: nothing to gain from one batch.
+            for (i, d) in &planned {
+                let (key, dst) = &mut items[*i];
+                let len = d.payload_len as usize;
+                results[*i] = Some(match self.read_in_place(key, d, &mut dst[..len]) {
+                    Ok(true) => {
+                        self.remember(key, d, started);
+                        Ok(Some(len))
+                    }
+                    Ok(false) => {
+                        retry.push(*i);
+                        continue;
+                    }
+                    Err(error) => Err(error),
+                });
+            }
+        } else {
+            let mut heads: Vec<Vec<u8>> = planned
+                .iter()
+                .map(|(_, d)| vec![0u8; d.payload_offset as usize])
+                .collect();
             // The planned items' buffers, in order (indexes in `planned` increase).
             let mut next = planned.iter().peekable();
             let mut payloads: Vec<&mut [u8]> = Vec::with_capacity(planned.len());
@@ -689,6 +927,7 @@ impl Client {
                 results[*i] = Some(match (head_read, payload_read) {
                     (Err(e), _) | (_, Err(e)) => Err(e.into()),
                     (Ok(_), Ok(crc)) if verify_with_crc(keys[*i], d, ops[2 * k].dst, crc) => {
+                        self.remember(keys[*i], d, started);
                         Ok(Some(d.payload_len as usize))
                     }
                     (Ok(_), Ok(_)) => {
@@ -743,9 +982,11 @@ impl Client {
     ///
     /// Connection errors and refusals.
     pub fn remove(&self, keys: &[&[u8]]) -> Result<Vec<bool>> {
-        match self.call(&Request::Remove {
+        let response = self.call(&Request::Remove {
             keys: keys.to_vec(),
-        })? {
+        });
+        self.forget(keys.iter().copied());
+        match response? {
             Response::Flags(flags) if flags.len() == keys.len() => Ok(flags),
             _ => Err(unexpected("remove")),
         }
@@ -818,19 +1059,23 @@ fn check_descriptor(d: &Descriptor) -> Result<()> {
 /// Whether `head` (header, key, padding) and a payload whose CRC32 is `payload_crc` are the
 /// block `d` describes, under `key`, whole.
 fn verify_with_crc(key: &[u8], d: &Descriptor, head: &[u8], payload_crc: u32) -> bool {
-    let Ok(header) = format::decode_header(head) else {
-        return false;
-    };
+    verify_head(key, d, head).is_some_and(|header| payload_crc == header.payload_crc32)
+}
+
+/// The header of `head` (header, key, padding) when it is whole and is the block `d`
+/// describes, under `key`.
+fn verify_head(key: &[u8], d: &Descriptor, head: &[u8]) -> Option<format::Header> {
+    let header = format::decode_header(head).ok()?;
     let key_end = HEADER_BYTES + key.len();
-    header.generation == d.generation
+    let whole = header.generation == d.generation
         && header.payload_len == d.payload_len
         && header.payload_offset == d.payload_offset
         && usize::from(header.key_len) == key.len()
         && head.len() == header.payload_offset as usize
         && head.get(HEADER_BYTES..key_end) == Some(key)
         && crc32fast::hash(key) == header.key_crc32
-        && head[key_end..].iter().all(|&b| b == 0)
-        && payload_crc == header.payload_crc32
+        && head[key_end..].iter().all(|&b| b == 0);
+    whole.then_some(header)
 }
 
 /// Bytes received at a time when checksumming a payload as it arrives: small enough to be
@@ -976,5 +1221,50 @@ mod tests {
         };
         assert!(check_descriptor(&huge).is_err());
         assert!(check_descriptor(&Descriptor { block_len: 5, ..d }).is_err());
+    }
+
+    #[test]
+    fn the_descriptor_cache_keeps_only_what_no_write_may_have_changed() {
+        let (d, _) = block(b"k", b"v", 1);
+        let ttl = Duration::from_secs(60);
+        let limit = 8;
+        let mut cache = DescriptorCache::default();
+        // A lookup that began before a write of this client is not kept.
+        let before = cache.writes;
+        cache.forget([b"other".as_slice()]);
+        cache.insert(b"k", &d, Instant::now(), before, limit, ttl);
+        assert_eq!(cache.get(b"k", ttl), None);
+        // One that began after is, without its lease.
+        let leased = Descriptor {
+            lease_id: 7,
+            lease_ms: 100,
+            ..d
+        };
+        cache.insert(b"k", &leased, Instant::now(), cache.writes, limit, ttl);
+        assert_eq!(cache.get(b"k", ttl), Some(d));
+        // A write of the key drops it.
+        cache.forget([b"k".as_slice()]);
+        assert_eq!(cache.get(b"k", ttl), None);
+        // It ages out.
+        if let Some(long_ago) = Instant::now().checked_sub(Duration::from_secs(61)) {
+            cache.insert(b"k", &d, long_ago, cache.writes, limit, ttl);
+            assert_eq!(cache.get(b"k", ttl), None);
+            assert!(cache.entries.is_empty());
+        }
+        // Never more than the limit.
+        for i in 0..100u32 {
+            cache.insert(
+                &i.to_le_bytes(),
+                &d,
+                Instant::now(),
+                cache.writes,
+                limit,
+                ttl,
+            );
+            assert!(cache.entries.len() <= limit);
+        }
+        assert_eq!(cache.get(&99u32.to_le_bytes(), ttl), Some(d));
+        cache.forget_all();
+        assert!(cache.entries.is_empty());
     }
 }

@@ -67,6 +67,8 @@ pub struct BenchReport {
     pub first_error: Option<String>,
     /// Reads the client re-did after a verification failure (block moved or replaced).
     pub verification_retries: u64,
+    /// Reads served through a cached descriptor, with no lookup.
+    pub cached_reads: u64,
     /// Value bytes read per second of time spent inside reads (the bench's own checking of
     /// each value excluded), in MiB: what one reader thread gets, to set next to memcpy.
     pub read_mib_per_busy_second: f64,
@@ -86,19 +88,26 @@ impl BenchReport {
 
 /// The reference a same-host get is measured against: one thread copying `value_bytes` at a
 /// time out of a 256 MiB buffer (so the source is as cold as a node's DRAM tier), for about
-/// `seconds`. Returns MiB per second.
-pub fn memcpy_reference(value_bytes: usize, seconds: f64) -> f64 {
+/// `seconds`; the values are taken in order, or with `random` in a random order, as a bench
+/// that picks keys at random reads them. Returns MiB per second.
+pub fn memcpy_reference(value_bytes: usize, seconds: f64, random: bool) -> f64 {
     const SOURCE: usize = 256 << 20;
     let value_bytes = value_bytes.clamp(1, SOURCE / 2);
     let source = vec![0x5au8; SOURCE];
     let mut dst = vec![0u8; value_bytes];
     let slots = SOURCE / value_bytes;
+    let mut rng = Rng(7);
     let started = Instant::now();
     let mut copied = 0u64;
     let mut i = 0;
     while started.elapsed().as_secs_f64() < seconds {
         for _ in 0..16 {
-            let at = (i % slots) * value_bytes;
+            let slot = if random {
+                rng.next() as usize % slots
+            } else {
+                i % slots
+            };
+            let at = slot * value_bytes;
             dst.copy_from_slice(std::hint::black_box(&source[at..at + value_bytes]));
             std::hint::black_box(&mut dst);
             i += 1;
@@ -291,6 +300,7 @@ pub fn prefill(
 /// Runs the load; `progress` is called with the operations done since its last call.
 pub fn run(client: &Client, o: &BenchOptions, progress: &(dyn Fn(u64) + Sync)) -> BenchReport {
     let retries_before = client.verification_retries();
+    let cached_before = client.cached_reads();
     let stop = AtomicBool::new(false);
     let done = AtomicU64::new(0);
     let started = Instant::now();
@@ -310,6 +320,7 @@ pub fn run(client: &Client, o: &BenchOptions, progress: &(dyn Fn(u64) + Sync)) -
     let mut report = BenchReport {
         elapsed,
         verification_retries: client.verification_retries() - retries_before,
+        cached_reads: client.cached_reads() - cached_before,
         ..BenchReport::default()
     };
     let (mut read_ns, mut write_ns) = (Vec::new(), Vec::new());

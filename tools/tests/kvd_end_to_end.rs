@@ -98,6 +98,21 @@ fn one_sided_client(kvd: &Kvd) -> Client {
     .expect("connect")
 }
 
+/// Reads reuse a block's descriptor with no lookup, for a long time: only verification can
+/// tell them the block is gone.
+fn caching_reader(kvd: &Kvd, transport: TransportChoice) -> Client {
+    Client::connect(
+        kvd.control,
+        ClientConfig {
+            transport,
+            inline_tcp_reads: false,
+            descriptor_ttl: Duration::from_secs(600),
+            ..ClientConfig::default()
+        },
+    )
+    .expect("connect")
+}
+
 fn kvctl(kvd: &Kvd, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_kvctl"))
         .arg("--addr")
@@ -470,6 +485,63 @@ fn crc32(bytes: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+/// A reader's cached descriptors never outlive the blocks they describe: once another client
+/// has removed or replaced a block and the last lease on it has ended, its space is freed
+/// and the reader sees that (over shm by the header the node zeroed, over tcp by the
+/// checksum), with no lookup to tell it. The reader's own writes show at once.
+#[test]
+fn cached_descriptors_do_not_outlive_their_blocks() {
+    let kvd = Kvd::start(&["--memory-only", "--lease-ms", "100"]);
+    let writer = client(&kvd, TransportChoice::Tcp);
+    let mut rng = StdRng::seed_from_u64(21);
+    for transport in [TransportChoice::Shm, TransportChoice::Tcp] {
+        let reader = caching_reader(&kvd, transport);
+        let name = reader.transport_name();
+        // The new values are larger than the three old blocks together, so they cannot land
+        // in the space the old blocks leave: only the node's zeroing of a freed block's header
+        // (or, over tcp, the checksum of that zeroed header) tells the reader.
+        let (old, new) = (value(&mut rng, 40_000), value(&mut rng, 200_000));
+        let keys = [b"gone".as_slice(), b"replaced", b"own"].map(|k| [name.as_bytes(), k].concat());
+        for key in &keys {
+            writer.put(key, &old).unwrap();
+        }
+        for key in &keys {
+            // The first read looks up; the second goes by the cached descriptor.
+            for _ in 0..2 {
+                assert_eq!(
+                    reader.get(key).unwrap().as_deref(),
+                    Some(&old[..]),
+                    "{name}"
+                );
+            }
+        }
+        assert_eq!(reader.cached_reads(), 3, "{name}: the cache was not used");
+
+        writer.remove(&[&keys[0]]).unwrap();
+        writer.put(&keys[1], &new).unwrap();
+        reader.put(&keys[2], &new).unwrap();
+        assert_eq!(
+            reader.get(&keys[2]).unwrap().as_deref(),
+            Some(&new[..]),
+            "{name}"
+        );
+        // The leases this reader took end, and with them the old blocks.
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(
+            reader.get(&keys[0]).unwrap(),
+            None,
+            "{name}: removed block read"
+        );
+        assert_eq!(
+            reader.get(&keys[1]).unwrap().as_deref(),
+            Some(&new[..]),
+            "{name}: replaced block read"
+        );
+        assert!(reader.verification_retries() >= 2, "{name}");
+    }
+    assert!(kvd.terminate().success());
 }
 
 /// The race test: a writer process keeps overwriting a small key space on a node whose DRAM

@@ -44,6 +44,16 @@ struct Cli {
     /// instead of receiving it inline with the lookup's answer.
     #[arg(long, global = true)]
     one_sided: bool,
+    /// One-sided reads (shm, or tcp with --one-sided) reuse a block's descriptor this many
+    /// milliseconds after its lookup, so a block read again soon costs no lookup; every read
+    /// is still verified. 0 looks up every read.
+    #[arg(long, global = true, default_value_t = 10_000, value_name = "MS")]
+    descriptor_ttl_ms: u64,
+    /// Over shm, also checksum each payload as it is copied (a check against corrupted
+    /// memory). Without it a same-host read checks the block's header before and after the
+    /// copy, which is what catches a slot reused under the reader.
+    #[arg(long, global = true)]
+    shm_payload_crc: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -210,9 +220,9 @@ struct BenchArgs {
     /// Seed of the key choice and the values.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Also measure, in this run, one thread copying values of the same size with memcpy
-    /// (the reference for same-host reads), and print the ratio to the reads' bytes per
-    /// second spent in them.
+    /// Also measure, in this run, one thread copying values of the same size with memcpy out
+    /// of 256 MiB of cold memory, in order and in a random order (the references for
+    /// same-host reads), and print the ratios to the reads' bytes per second spent in them.
     #[arg(long)]
     memcpy_reference: bool,
     /// Also measure, in this run, a plain TCP socket pair on loopback moving values of the
@@ -265,6 +275,8 @@ fn connect(cli: &Cli) -> anyhow::Result<Client> {
             token,
             transport,
             inline_tcp_reads: !cli.one_sided,
+            descriptor_ttl: Duration::from_millis(cli.descriptor_ttl_ms),
+            shm_payload_crc: cli.shm_payload_crc,
             ..ClientConfig::default()
         },
     )
@@ -778,7 +790,10 @@ mod online {
         bar.finish_and_clear();
         let memcpy = args
             .memcpy_reference
-            .then(|| bench::memcpy_reference(options.value_bytes, 1.0));
+            .then(|| bench::memcpy_reference(options.value_bytes, 1.0, false));
+        let memcpy_random = args
+            .memcpy_reference
+            .then(|| bench::memcpy_reference(options.value_bytes, 1.0, true));
         let raw_tcp = if args.tcp_reference {
             bench::raw_tcp_reference(options.value_bytes, 2.0)
         } else {
@@ -810,9 +825,12 @@ mod online {
                     "errors": report.errors,
                     "first_error": report.first_error,
                     "verification_retries": report.verification_retries,
+                    "cached_reads": report.cached_reads,
                     "memcpy_mib_per_second": memcpy,
                     "read_mib_per_busy_second": per_thread,
                     "ratio_to_memcpy_per_thread": memcpy.map(|m| per_thread / m),
+                    "memcpy_random_mib_per_second": memcpy_random,
+                    "ratio_to_random_memcpy_per_thread": memcpy_random.map(|m| per_thread / m),
                     "raw_tcp_mib_per_second": raw_tcp,
                     "ratio_to_raw_tcp": raw_tcp.map(|r| per_thread / r),
                 })
@@ -838,8 +856,13 @@ mod online {
                 }
             }
             println!(
-                "misses {}, errors {}, wrong values {}, verification retries {}",
-                report.misses, report.errors, report.wrong_values, report.verification_retries
+                "misses {}, errors {}, wrong values {}, verification retries {}, reads without a \
+                 lookup (cached descriptor) {}",
+                report.misses,
+                report.errors,
+                report.wrong_values,
+                report.verification_retries,
+                report.cached_reads
             );
             if let Some(error) = &report.first_error {
                 println!("first error: {error}");
@@ -851,11 +874,13 @@ mod online {
                     per_thread / r
                 );
             }
-            if let Some(m) = memcpy {
+            if let (Some(m), Some(r)) = (memcpy, memcpy_random) {
                 println!(
-                    "memcpy of the same size, one thread: {m:.1} MiB/s; reads, per second \
-                     spent in them: {per_thread:.1} MiB/s ({:.2}x)",
-                    per_thread / m
+                    "memcpy of the same size, one thread: {m:.1} MiB/s in order, {r:.1} MiB/s \
+                     in a random order; reads, per second spent in them: {per_thread:.1} MiB/s \
+                     ({:.2}x, {:.2}x)",
+                    per_thread / m,
+                    per_thread / r
                 );
             }
         }
