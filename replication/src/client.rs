@@ -1,6 +1,6 @@
 //! The client: control requests to a node, and verified one-sided reads of its blocks.
 
-use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::Path;
@@ -171,22 +171,31 @@ pub struct Client {
     cached_reads: AtomicU64,
 }
 
-/// Descriptors from recent lookups, by key, each with the time it was asked for.
+/// Descriptors from recent lookups, each with the time it was asked for. Entries are found by
+/// a 64-bit hash of the key, not the key itself: one cache line per entry, no second load for
+/// the key. Two keys with the same hash share an entry; a read through the other key's
+/// descriptor fails verification (the block's header names its key) and looks up.
 #[derive(Default)]
 struct DescriptorCache {
-    entries: HashMap<Box<[u8]>, (Descriptor, Instant)>,
+    entries: hashbrown::HashMap<u64, (Descriptor, Instant)>,
+    hasher: hashbrown::DefaultHashBuilder,
     /// Bumped by every put or remove of this client: a lookup that began before one may have
     /// seen the block it replaced, so its descriptor is not kept.
     writes: u64,
 }
 
 impl DescriptorCache {
+    fn slot(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
     fn get(&mut self, key: &[u8], ttl: Duration) -> Option<Descriptor> {
-        let (descriptor, asked) = self.entries.get(key)?;
+        let slot = self.slot(key);
+        let (descriptor, asked) = self.entries.get(&slot)?;
         if asked.elapsed() < ttl {
             return Some(*descriptor);
         }
-        self.entries.remove(key);
+        self.entries.remove(&slot);
         None
     }
 
@@ -203,7 +212,8 @@ impl DescriptorCache {
         if writes != self.writes || limit == 0 {
             return;
         }
-        if self.entries.len() >= limit && !self.entries.contains_key(key) {
+        let slot = self.slot(key);
+        if self.entries.len() >= limit && !self.entries.contains_key(&slot) {
             self.entries.retain(|_, (_, at)| at.elapsed() < ttl);
             if self.entries.len() >= limit {
                 self.entries.clear();
@@ -215,13 +225,18 @@ impl DescriptorCache {
             lease_id: 0,
             ..*descriptor
         };
-        self.entries.insert(key.into(), (descriptor, asked));
+        self.entries.insert(slot, (descriptor, asked));
+    }
+
+    fn remove(&mut self, key: &[u8]) {
+        let slot = self.slot(key);
+        self.entries.remove(&slot);
     }
 
     fn forget<'a>(&mut self, keys: impl IntoIterator<Item = &'a [u8]>) {
         self.writes += 1;
         for key in keys {
-            self.entries.remove(key);
+            self.remove(key);
         }
     }
 
@@ -406,7 +421,7 @@ impl Client {
             self.cached_reads.fetch_add(1, Ordering::Relaxed);
             return Some(len);
         }
-        self.descriptors.lock().entries.remove(key);
+        self.descriptors.lock().remove(key);
         None
     }
 
@@ -792,26 +807,34 @@ impl Client {
     /// is read again and must be unchanged. The node zeroes a block's header before any of its
     /// bytes can be reused, so a copy that caught bytes of a later block sees that.
     fn read_in_place(&self, key: &[u8], d: &Descriptor, payload: &mut [u8]) -> Result<bool> {
-        let at = |offset| RemoteSlice {
+        // Most heads (header, a short key, padding) fit on the stack; check_descriptor bounds
+        // the rest.
+        let mut small = [0u8; 256];
+        let mut large = Vec::new();
+        let len = d.payload_offset as usize;
+        let head = if len <= small.len() {
+            &mut small[..len]
+        } else {
+            large.resize(len, 0);
+            &mut large[..]
+        };
+        let block = RemoteSlice {
             region_id: d.region_id,
-            offset,
+            offset: d.offset,
             remote_key: d.remote_key,
         };
-        let mut head = vec![0u8; d.payload_offset as usize];
-        let read = self.transport.read(at(d.offset), &mut head);
+        let read = self.transport.read_in_place(
+            block,
+            head,
+            u64::from(d.payload_offset),
+            payload,
+            HEADER_BYTES,
+            &|head| verify_head(key, d, head).is_some(),
+        );
         if d.lease_id != 0 {
             self.done_leases.lock().push(d.lease_id);
         }
-        read?;
-        let verified = verify_head(key, d, &head).is_some() && {
-            self.transport
-                .read(at(d.offset + u64::from(d.payload_offset)), payload)?;
-            // The header read again must come after every byte of the payload.
-            std::sync::atomic::fence(Ordering::Acquire);
-            let mut again = [0u8; HEADER_BYTES];
-            self.transport.read(at(d.offset), &mut again)?;
-            again[..] == head[..HEADER_BYTES]
-        };
+        let verified = read?;
         if !verified {
             self.count_stale_read();
         }

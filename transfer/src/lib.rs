@@ -114,6 +114,9 @@ where
     })
 }
 
+/// Most bytes [`Transport::read_in_place`] reads again: a block header's length.
+pub const MAX_RECHECK_BYTES: usize = 64;
+
 /// One-sided access to memory another process registered.
 pub trait Transport: Send + Sync + fmt::Debug {
     /// Reads `dst.len()` bytes at `src` into `dst`.
@@ -138,5 +141,38 @@ pub trait Transport: Send + Sync + fmt::Debug {
             .zip(ops.iter())
             .map(|(result, op)| result.map(|()| crc32fast::hash(op.dst)))
             .collect()
+    }
+
+    /// Reads a block that its owner may free and reuse meanwhile, without a second pass over
+    /// its payload: `head` at `src`; then, if `check(head)` accepts it, `payload` at
+    /// `payload_offset` bytes past `src`; then, after an acquire fence, the first
+    /// `recheck` bytes at `src` once more (at most [`MAX_RECHECK_BYTES`]), which must equal
+    /// the first `recheck` bytes of `head`. `Ok(false)` when `check` refused or those bytes changed. Sound for an owner
+    /// that overwrites those bytes before reusing any of the block's space (the engine's
+    /// DRAM tier zeroes a freed block's header); the default makes three reads.
+    ///
+    /// # Errors
+    ///
+    /// As [`read`](Self::read).
+    fn read_in_place(
+        &self,
+        src: RemoteSlice,
+        head: &mut [u8],
+        payload_offset: u64,
+        payload: &mut [u8],
+        recheck: usize,
+        check: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<bool> {
+        self.read(src, head)?;
+        if !check(head) {
+            return Ok(false);
+        }
+        let at = |offset| RemoteSlice { offset, ..src };
+        self.read(at(src.offset.saturating_add(payload_offset)), payload)?;
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        let recheck = recheck.min(head.len()).min(MAX_RECHECK_BYTES);
+        let mut again = [0u8; MAX_RECHECK_BYTES];
+        self.read(src, &mut again[..recheck])?;
+        Ok(again[..recheck] == head[..recheck])
     }
 }

@@ -31,7 +31,7 @@ use crate::registry::{MAX_REGIONS, Registry, split};
 use crate::wire::{
     FrameError, MAP_REQUEST_BYTES, MAP_RESPONSE_BYTES, MapRequest, MapResponse, Status,
 };
-use crate::{Error, MAX_READ_BYTES, ReadOp, RemoteSlice, Result, Transport};
+use crate::{Error, MAX_READ_BYTES, MAX_RECHECK_BYTES, ReadOp, RemoteSlice, Result, Transport};
 
 /// The owner's Unix-socket listener. Dropping it stops accepting, closes every connection,
 /// joins its threads and removes the socket file.
@@ -407,25 +407,7 @@ impl ShmTransport {
                 max: MAX_READ_BYTES,
             });
         }
-        self.check_owner()?;
-        if !self.current(src.region_id) {
-            self.regions.lock().remove(&src.region_id);
-            return Err(Error::UnknownRegion {
-                region_id: src.region_id,
-            });
-        }
-        let mapped = self.mapped(&src)?;
-        if src
-            .offset
-            .checked_add(len)
-            .is_none_or(|end| end > mapped.len)
-        {
-            return Err(Error::OutOfBounds {
-                region_id: src.region_id,
-                offset: src.offset,
-                len,
-            });
-        }
+        let mapped = self.mapped_range(&src, len)?;
         // Bounds checked against the region's length, which the mapping covers.
         let memory = &mapped.mapping as &dyn MemorySource;
         match crc {
@@ -437,14 +419,39 @@ impl ShmTransport {
                 }
             }
         }
-        // Unregistered during the copy: the bytes may be from whatever reuses the memory.
-        if !self.current(src.region_id) {
-            self.regions.lock().remove(&src.region_id);
-            return Err(Error::UnknownRegion {
+        self.still_current(&src)
+    }
+
+    /// The mapping of `src`'s region, once the owner is known to be there, the region still
+    /// registered, and `len` bytes at `src` inside it.
+    fn mapped_range(&self, src: &RemoteSlice, len: u64) -> Result<Arc<Mapped>> {
+        self.check_owner()?;
+        self.still_current(src)?;
+        let mapped = self.mapped(src)?;
+        if src
+            .offset
+            .checked_add(len)
+            .is_none_or(|end| end > mapped.len)
+        {
+            return Err(Error::OutOfBounds {
                 region_id: src.region_id,
+                offset: src.offset,
+                len,
             });
         }
-        Ok(())
+        Ok(mapped)
+    }
+
+    /// Fails if `src`'s region was unregistered (checked after a copy too: then the bytes may
+    /// be from whatever reuses the memory).
+    fn still_current(&self, src: &RemoteSlice) -> Result<()> {
+        if self.current(src.region_id) {
+            return Ok(());
+        }
+        self.regions.lock().remove(&src.region_id);
+        Err(Error::UnknownRegion {
+            region_id: src.region_id,
+        })
     }
 }
 
@@ -465,5 +472,42 @@ impl Transport for ShmTransport {
 
     fn read_batch(&self, ops: &mut [ReadOp<'_>]) -> Vec<Result<()>> {
         ops.iter_mut().map(|op| self.read(op.src, op.dst)).collect()
+    }
+
+    /// One mapping, one bounds check for the whole block, three copies.
+    fn read_in_place(
+        &self,
+        src: RemoteSlice,
+        head: &mut [u8],
+        payload_offset: u64,
+        payload: &mut [u8],
+        recheck: usize,
+        check: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<bool> {
+        let head_len = head.len() as u64;
+        let payload_len = payload.len() as u64;
+        if head_len.max(payload_len) > MAX_READ_BYTES {
+            return Err(Error::TooLarge {
+                len: head_len.max(payload_len),
+                max: MAX_READ_BYTES,
+            });
+        }
+        let span = payload_offset.max(head_len).saturating_add(payload_len);
+        let mapped = self.mapped_range(&src, span)?;
+        let memory = &mapped.mapping as &dyn MemorySource;
+        // In bounds: `src.offset + span` fits in the region (checked above), and `span`
+        // covers the head, the payload and the recheck (at most the head).
+        let at = src.offset as usize;
+        copy_out(memory, at, head);
+        if !check(head) {
+            return Ok(false);
+        }
+        copy_out(memory, at + payload_offset as usize, payload);
+        std::sync::atomic::fence(Ordering::Acquire);
+        let recheck = recheck.min(head.len()).min(MAX_RECHECK_BYTES);
+        let mut again = [0u8; MAX_RECHECK_BYTES];
+        copy_out(memory, at, &mut again[..recheck]);
+        self.still_current(&src)?;
+        Ok(again[..recheck] == head[..recheck])
     }
 }

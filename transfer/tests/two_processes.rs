@@ -413,3 +413,62 @@ fn shm_reads_stop_soon_after_the_owner_dies() {
     }
     println!("{served} reads served after the owner died, then refused");
 }
+
+/// `read_in_place` (the shm transport's own, and the default over tcp): the head, the payload
+/// at its offset, the check in between, and out-of-bounds blocks refused.
+#[test]
+fn in_place_reads_return_head_and_payload_and_honour_the_check() {
+    let peer = Peer::start();
+    let mut rng = StdRng::seed_from_u64(9);
+    for (name, transport) in peer.transports() {
+        for _ in 0..100 {
+            let (seed, h) = peer.regions[rng.random_range(0..peer.regions.len())];
+            let head_len = rng.random_range(64..300u64);
+            let payload_offset = head_len + rng.random_range(0..200u64);
+            let payload_len = rng.random_range(0..200_000u64);
+            let offset = rng.random_range(0..=h.len - payload_offset - payload_len);
+            let mut head = vec![0u8; head_len as usize];
+            let mut payload = vec![0u8; payload_len as usize];
+            let accept = rng.random_bool(0.8);
+            let seen = std::cell::Cell::new(false);
+            let verified = transport
+                .read_in_place(
+                    slice(&h, offset),
+                    &mut head,
+                    payload_offset,
+                    &mut payload,
+                    64,
+                    &|bytes| {
+                        seen.set(check(seed, offset, bytes));
+                        accept
+                    },
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(seen.get(), "{name}: the check saw the wrong head");
+            // Nothing changes these regions, so an accepted head always rechecks equal.
+            assert_eq!(verified, accept, "{name}");
+            assert!(check(seed, offset, &head), "{name}: wrong head");
+            if accept {
+                assert!(
+                    check(seed, offset + payload_offset, &payload),
+                    "{name}: wrong payload"
+                );
+            }
+        }
+        let (_, h) = peer.regions[0];
+        let mut head = [0u8; 64];
+        let mut payload = [0u8; 100];
+        let past_the_end = transport.read_in_place(
+            slice(&h, h.len - 150),
+            &mut head,
+            64,
+            &mut payload,
+            64,
+            &|_| true,
+        );
+        assert!(
+            matches!(past_the_end, Err(Error::OutOfBounds { .. })),
+            "{name}: {past_the_end:?}"
+        );
+    }
+}
