@@ -65,8 +65,8 @@ pub struct ClientConfig {
     /// key, generation) before the copy and that the header is unchanged after it, which
     /// catches a slot freed or reused meanwhile because the node zeroes a block's header
     /// before its space can be reused (docs/format.md, "Reading a block in place"). The
-    /// payload CRC adds a check against corrupted memory, at about a quarter of the read's
-    /// time. Reads over tcp always check it.
+    /// payload CRC adds a check against corrupted memory, for a quarter to a third of the
+    /// read's throughput. Reads over tcp always check it.
     pub shm_payload_crc: bool,
 }
 
