@@ -187,7 +187,12 @@ fn library_and_kvctl_round_trip_and_a_restart_serves_flushed_blocks() {
         ));
     }
     // Batches: one lookup, then all the reads; a miss and a short buffer answered per item.
-    for reader in [&tcp, &one_sided, &shm] {
+    // The second round finds the descriptors of the one-sided readers cached.
+    for (reader, round) in [&tcp, &one_sided, &shm]
+        .into_iter()
+        .flat_map(|r| [(r, 0), (r, 1)])
+    {
+        let cached_before = reader.cached_reads();
         let mut bufs: Vec<Vec<u8>> = stored
             .iter()
             .take(7)
@@ -213,6 +218,14 @@ fn library_and_kvctl_round_trip_and_a_restart_serves_flushed_blocks() {
             results[8],
             Err(ClientError::BufferTooSmall { .. })
         ));
+        let cached = reader.cached_reads() - cached_before;
+        // The inline tcp reader has no descriptors to keep.
+        if round == 1 && !std::ptr::eq(reader, &tcp) {
+            assert!(
+                cached >= 7,
+                "{cached} of 7 batch items read by cached descriptor"
+            );
+        }
     }
     // The inline path skipped the block it could not deliver and stays in step.
     assert_eq!(
