@@ -19,12 +19,12 @@ use mooncake_kv_tiers::{
     DeviceMemory, DeviceRange, DramConfig, DramTier, HbmConfig, HbmTier, HugePageMode, Tier,
     TierKind, ToDevice,
 };
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLockWriteGuard};
 
 use crate::eviction::{EntryHint, EntryId, EvictionPolicy, new_policy};
 use crate::format::Error as FormatError;
 use crate::format::{self, HEADER_BYTES};
-use crate::index::Index;
+use crate::index::{Index, ShardMap};
 use crate::slot::{
     DRAM, DramCopy, HBM, HbmCopy, Lineage, Locations, NOT_RESIDENT, NVME, NvmeCopy, Slot, TIERS,
 };
@@ -1124,28 +1124,37 @@ impl Inner {
             self.counters.demotions.fetch_add(1, Ordering::Relaxed);
         }
         drop(copy);
-        let mut shard = self.index.shard(victim.hash).write();
-        if !shard
-            .find(victim.hash, &victim.key)
-            .is_some_and(|c| Arc::ptr_eq(c, victim))
-        {
+        let shard = self.index.shard(victim.hash).write();
+        if !shard.holds(victim) {
             return 0;
         }
         let mut locations = victim.locations.write();
         let Some(copy) = locations.hbm.take() else {
             return 0;
         };
-        self.account(HBM, victim, false);
-        self.counters.tiers[HBM]
+        self.evicted(HBM, victim, locations, shard);
+        copy.extent_len_bytes()
+    }
+
+    /// `victim` has just lost its `tier` copy (taken out of `locations`, both locks still
+    /// held): that tier's counts go, and a block with no copy left leaves the index.
+    fn evicted(
+        &self,
+        tier: usize,
+        victim: &Arc<Slot>,
+        locations: RwLockWriteGuard<'_, Locations>,
+        mut shard: RwLockWriteGuard<'_, ShardMap>,
+    ) {
+        self.account(tier, victim, false);
+        self.counters.tiers[tier]
             .evictions
             .fetch_add(1, Ordering::Relaxed);
-        if locations.dram.is_none() && locations.nvme.is_none() {
+        if locations.dram.is_none() && locations.nvme.is_none() && locations.hbm.is_none() {
             drop(locations);
             shard.remove_if(victim.hash, &victim.key, |_| true);
             drop(shard);
             self.forget_residency(victim);
         }
-        copy.extent_len_bytes()
     }
 
     /// Gives a block that is only in HBM a DRAM copy (making room there), so it can be pinned,
@@ -1208,10 +1217,7 @@ impl Inner {
         let offset = format::payload_offset(slot.key.len(), DRAM_PAYLOAD_ALIGN) as u32;
         let copy = Arc::new(HbmCopy::new(extent, Arc::clone(hbm), offset, len as u32));
         let shard = self.index.shard(slot.hash).read();
-        if !shard
-            .find(slot.hash, &slot.key)
-            .is_some_and(|c| Arc::ptr_eq(c, slot))
-        {
+        if !shard.holds(slot) {
             return;
         }
         let mut locations = slot.locations.write();
@@ -1498,10 +1504,8 @@ impl Inner {
     /// Drops a victim's DRAM copy: the block stays, on NVMe, if it has a copy there; otherwise
     /// it leaves the index. Returns the DRAM bytes let go of.
     fn drop_dram_copy(&self, victim: &Arc<Slot>) -> u64 {
-        let mut shard = self.index.shard(victim.hash).write();
-        let current = shard
-            .find(victim.hash, &victim.key)
-            .is_some_and(|c| Arc::ptr_eq(c, victim));
+        let shard = self.index.shard(victim.hash).write();
+        let current = shard.holds(victim);
         if !current {
             // Removed or overwritten meanwhile; whoever did it has accounted for it.
             return 0;
@@ -1515,18 +1519,8 @@ impl Inner {
         let Some(copy) = locations.dram.take() else {
             return 0;
         };
-        let bytes = copy.extent_len_bytes();
-        self.account(DRAM, victim, false);
-        self.counters.tiers[DRAM]
-            .evictions
-            .fetch_add(1, Ordering::Relaxed);
-        if locations.nvme.is_none() && locations.hbm.is_none() {
-            drop(locations);
-            shard.remove_if(victim.hash, &victim.key, |_| true);
-            drop(shard);
-            self.forget_residency(victim);
-        }
-        bytes
+        self.evicted(DRAM, victim, locations, shard);
+        copy.extent_len_bytes()
     }
 
     /// Writes blocks that are only in DRAM to NVMe and commits their map entries, with one
@@ -1621,12 +1615,7 @@ impl Inner {
                 store.tier.free(extent);
                 continue;
             }
-            let current = self
-                .index
-                .shard(slot.hash)
-                .read()
-                .find(slot.hash, &slot.key)
-                .is_some_and(|c| Arc::ptr_eq(c, slot));
+            let current = self.index.shard(slot.hash).read().holds(slot);
             // The copy frees its extent when dropped: right away if the slot was removed or
             // overwritten meanwhile (nothing points at the extent), or on a failed commit.
             let copy = Arc::new(NvmeCopy::new(extent, Arc::clone(&store.tier), entry));
@@ -1724,9 +1713,7 @@ impl Inner {
         let mut deletes = Vec::new();
         for victim in &victims {
             let mut shard = self.index.shard(victim.hash).write();
-            let current = shard
-                .find(victim.hash, &victim.key)
-                .is_some_and(|c| Arc::ptr_eq(c, victim));
+            let current = shard.holds(victim);
             if !current {
                 // Retired meanwhile, which took its copies (and deferred its map delete).
                 continue;
@@ -2055,10 +2042,7 @@ impl Inner {
             return false;
         }
         let shard = self.index.shard(slot.hash).read();
-        if !shard
-            .find(slot.hash, &slot.key)
-            .is_some_and(|c| Arc::ptr_eq(c, slot))
-        {
+        if !shard.holds(slot) {
             return false;
         }
         let mut locations = slot.locations.write();

@@ -79,6 +79,12 @@ impl ShardMap {
         self.table.find(hash, |slot| *slot.key == *key)
     }
 
+    /// Whether `slot` itself is the one indexed under its key (not removed, not replaced).
+    pub(crate) fn holds(&self, slot: &Arc<Slot>) -> bool {
+        self.find(slot.hash, &slot.key)
+            .is_some_and(|c| Arc::ptr_eq(c, slot))
+    }
+
     /// Inserts `slot` under its key and returns the slot it replaced.
     pub(crate) fn insert(&mut self, slot: Arc<Slot>) -> Option<Arc<Slot>> {
         let hash = slot.hash;
