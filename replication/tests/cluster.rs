@@ -2,13 +2,18 @@
 //! distinct nodes; while a reader keeps reading every key, one node stops: no read errors, no
 //! misses, no wrong bytes. A put with too few live replicas says which failed and why.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use mooncake_kv_engine::EngineConfig;
 use mooncake_kv_replication::cluster::{ClusterClient, ClusterConfig, ClusterError};
 use mooncake_kv_replication::membership::StaticConfig;
 use mooncake_kv_replication::{Node, NodeConfig};
+
+#[path = "support/reads.rs"]
+mod reads;
+use reads::ReadTally;
 
 fn node() -> Node {
     Node::start(NodeConfig {
@@ -23,6 +28,29 @@ fn node() -> Node {
     .expect("start a node")
 }
 
+/// Static membership of `peers`, with failure detection fast enough for a test.
+fn fast_membership(peers: Vec<SocketAddr>) -> StaticConfig {
+    StaticConfig {
+        peers,
+        heartbeat: Duration::from_millis(50),
+        suspect_after: Duration::from_millis(300),
+        dead_after: Duration::from_millis(800),
+        ..StaticConfig::default()
+    }
+}
+
+/// Waits up to 10 s until `cluster` sees `members` live.
+fn wait_live(cluster: &ClusterClient, members: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.membership().live_members().len() < members {
+        assert!(
+            Instant::now() < deadline,
+            "{members} members never all live"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn value(i: u64) -> Vec<u8> {
     let len = 1000 + (i * 7919 % 9000) as usize;
     (0..len).map(|j| (i as usize * 31 + j) as u8).collect()
@@ -32,23 +60,12 @@ fn value(i: u64) -> Vec<u8> {
 fn reads_fail_over_without_errors_when_a_replica_stops() {
     let mut nodes: Vec<Option<Node>> = (0..3).map(|_| Some(node())).collect();
     let cluster = ClusterClient::new(ClusterConfig {
-        membership: StaticConfig {
-            peers: nodes.iter().flatten().map(Node::control_addr).collect(),
-            heartbeat: Duration::from_millis(50),
-            suspect_after: Duration::from_millis(300),
-            dead_after: Duration::from_millis(800),
-            token: None,
-            ..StaticConfig::default()
-        }
-        .into(),
+        membership: fast_membership(nodes.iter().flatten().map(Node::control_addr).collect())
+            .into(),
         ..ClusterConfig::default()
     })
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cluster.membership().live_members().len() < 3 {
-        assert!(Instant::now() < deadline, "members never all live");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_live(&cluster, 3);
     const KEYS: u64 = 2000;
     for i in 0..KEYS {
         let held = cluster.put(format!("k{i}").as_bytes(), &value(i)).unwrap();
@@ -65,32 +82,10 @@ fn reads_fail_over_without_errors_when_a_replica_stops() {
     }
 
     let stop = AtomicBool::new(false);
-    let (reads, errors, misses, wrong) = (
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-    );
+    let tally = ReadTally::default();
     std::thread::scope(|scope| {
         scope.spawn(|| {
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                match cluster.get(format!("k{i}").as_bytes()) {
-                    Ok(Some(v)) if v == value(i) => {}
-                    Ok(Some(_)) => {
-                        wrong.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(None) => {
-                        misses.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        eprintln!("read error: {e}");
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                reads.fetch_add(1, Ordering::Relaxed);
-                i = (i + 1) % KEYS;
-            }
+            tally.read_until(&cluster, &stop, KEYS, |i| format!("k{i}"), value);
         });
         std::thread::sleep(Duration::from_millis(300));
         // Stop a node in the middle of the reads.
@@ -102,17 +97,12 @@ fn reads_fail_over_without_errors_when_a_replica_stops() {
         std::thread::sleep(Duration::from_millis(1500));
         stop.store(true, Ordering::Relaxed);
     });
-    eprintln!(
-        "{} reads, {} errors, {} misses, {} wrong",
-        reads.load(Ordering::Relaxed),
-        errors.load(Ordering::Relaxed),
-        misses.load(Ordering::Relaxed),
-        wrong.load(Ordering::Relaxed)
-    );
-    assert!(reads.load(Ordering::Relaxed) > KEYS);
-    assert_eq!(errors.load(Ordering::Relaxed), 0);
-    assert_eq!(misses.load(Ordering::Relaxed), 0);
-    assert_eq!(wrong.load(Ordering::Relaxed), 0);
+    let (reads, errors, misses, wrong) = tally.counts();
+    eprintln!("{reads} reads, {errors} errors, {misses} misses, {wrong} wrong");
+    assert!(reads > KEYS);
+    assert_eq!(errors, 0);
+    assert_eq!(misses, 0);
+    assert_eq!(wrong, 0);
     // Every acknowledged block is still readable.
     for i in 0..KEYS {
         assert_eq!(
@@ -170,33 +160,21 @@ fn repair_restores_the_replication_factor_after_a_node_stops() {
     use mooncake_kv_replication::repair::RepairConfig;
     use mooncake_kv_replication::{Client, ClientConfig};
 
-    let membership = |peers| StaticConfig {
-        peers,
-        heartbeat: Duration::from_millis(50),
-        suspect_after: Duration::from_millis(300),
-        dead_after: Duration::from_millis(800),
-        token: None,
-        ..StaticConfig::default()
-    };
     let mut nodes: Vec<Option<Node>> = (0..3).map(|_| Some(node())).collect();
     let peers: Vec<_> = nodes.iter().flatten().map(Node::control_addr).collect();
     for node in nodes.iter().flatten() {
         node.start_repair(RepairConfig {
-            membership: membership(peers.clone()).into(),
+            membership: fast_membership(peers.clone()).into(),
             ..RepairConfig::default()
         })
         .unwrap();
     }
     let cluster = ClusterClient::new(ClusterConfig {
-        membership: membership(peers.clone()).into(),
+        membership: fast_membership(peers.clone()).into(),
         ..ClusterConfig::default()
     })
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cluster.membership().live_members().len() < 3 {
-        assert!(Instant::now() < deadline, "members never all live");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_live(&cluster, 3);
     const KEYS: u64 = 1000;
     for i in 0..KEYS {
         cluster.put(format!("r{i}").as_bytes(), &value(i)).unwrap();
@@ -292,22 +270,14 @@ fn a_joining_node_takes_new_writes_gradually() {
     let ramp = Duration::from_secs(4);
     let cluster = ClusterClient::new(ClusterConfig {
         membership: StaticConfig {
-            peers,
-            heartbeat: Duration::from_millis(50),
-            suspect_after: Duration::from_millis(300),
-            dead_after: Duration::from_millis(800),
             join_ramp: ramp,
-            ..StaticConfig::default()
+            ..fast_membership(peers)
         }
         .into(),
         ..ClusterConfig::default()
     })
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cluster.membership().live_members().len() < 3 {
-        assert!(Instant::now() < deadline, "three members never went live");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_live(&cluster, 3);
     // Let the first three finish their own ramp, so the cluster is in its steady state.
     std::thread::sleep(ramp);
 
@@ -338,11 +308,7 @@ fn a_joining_node_takes_new_writes_gradually() {
             ..NodeConfig::default()
         })
         .expect("start the fourth node");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while cluster.membership().live_members().len() < 4 {
-            assert!(Instant::now() < deadline, "the fourth node never went live");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_live(&cluster, 4);
         *joined.lock() = Some(Instant::now());
         std::thread::sleep(ramp + Duration::from_secs(1));
         stop.store(true, Ordering::Relaxed);

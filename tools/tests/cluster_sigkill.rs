@@ -10,12 +10,16 @@
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use mooncake_kv_replication::cluster::{ClusterClient, ClusterConfig};
+
+#[path = "../../replication/tests/support/reads.rs"]
+mod reads;
 use mooncake_kv_replication::membership::{EtcdConfig, MembershipConfig, StaticConfig};
 use mooncake_kv_replication::{Client, ClientConfig};
+use reads::ReadTally;
 
 const HEARTBEAT_MS: u64 = 100;
 
@@ -254,32 +258,10 @@ fn kill_test(addrs: Vec<SocketAddr>, backend: Backend) {
     }
 
     let stop = AtomicBool::new(false);
-    let (reads, errors, misses, wrong) = (
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-    );
+    let tally = ReadTally::default();
     std::thread::scope(|scope| {
         scope.spawn(|| {
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                match cluster.get(format!("block/{i}").as_bytes()) {
-                    Ok(Some(v)) if v == value(i) => {}
-                    Ok(Some(_)) => {
-                        wrong.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(None) => {
-                        misses.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        eprintln!("read error: {e}");
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                reads.fetch_add(1, Ordering::Relaxed);
-                i = (i + 1) % KEYS;
-            }
+            tally.read_until(&cluster, &stop, KEYS, |i| format!("block/{i}"), value);
         });
         std::thread::sleep(Duration::from_millis(500));
         children[1].kill().expect("SIGKILL"); // Child::kill sends SIGKILL
@@ -294,12 +276,7 @@ fn kill_test(addrs: Vec<SocketAddr>, backend: Backend) {
         std::thread::sleep(heartbeat * 10);
         stop.store(true, Ordering::Relaxed);
     });
-    let (reads, errors, misses, wrong) = (
-        reads.load(Ordering::Relaxed),
-        errors.load(Ordering::Relaxed),
-        misses.load(Ordering::Relaxed),
-        wrong.load(Ordering::Relaxed),
-    );
+    let (reads, errors, misses, wrong) = tally.counts();
     eprintln!("during the kill: {reads} reads, {errors} errors, {misses} misses, {wrong} wrong");
     assert!(reads > 1000);
     assert_eq!((errors, misses, wrong), (0, 0, 0));
