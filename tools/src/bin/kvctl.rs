@@ -50,8 +50,8 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 10_000, value_name = "MS")]
     descriptor_ttl_ms: u64,
     /// Over shm, also checksum each payload as it is copied (a check against corrupted
-    /// memory). Without it a same-host read checks the block's header before and after the
-    /// copy, which is what catches a slot reused under the reader.
+    /// memory). Without it a same-host read checks the block's header after the copy, which is
+    /// what catches a slot reused under the reader.
     #[arg(long, global = true)]
     shm_payload_crc: bool,
     #[command(subcommand)]
@@ -220,6 +220,10 @@ struct BenchArgs {
     /// Seed of the key choice and the values.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The order keys are read and written in: at random, or one after the other (each
+    /// thread from its own share of the key space), as a prefix chain put together is read.
+    #[arg(long, value_enum, default_value_t = mooncake_kv_tools::bench::KeyOrder::Random)]
+    order: mooncake_kv_tools::bench::KeyOrder,
     /// Also measure, in this run, one thread copying values of the same size with memcpy out
     /// of 256 MiB of cold memory, in order and in a random order (the references for
     /// same-host reads), and print the ratios to the reads' bytes per second spent in them.
@@ -751,6 +755,7 @@ mod online {
             prefill: !args.no_prefill,
             key_prefix: args.key_prefix.clone(),
             seed: args.seed,
+            order: args.order,
         };
         let client = connect(cli)?;
         let show = !cli.json && std::io::stderr().is_terminal();
