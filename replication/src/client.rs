@@ -5,10 +5,12 @@ use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mooncake_kv_engine::format::{self, HEADER_BYTES, MAX_PAYLOAD_OFFSET};
-use mooncake_kv_transfer::{ReadOp, RemoteSlice, ShmTransport, TcpTransport, Transport};
+use mooncake_kv_transfer::{
+    ReadOp, RemoteSlice, ShmTransport, TcpTransport, Transport, coarse_clock_ns,
+};
 use parking_lot::Mutex;
 
 use crate::proto::{
@@ -61,10 +63,10 @@ pub struct ClientConfig {
     /// Descriptors the cache holds at most. Default 16,384.
     pub descriptor_cache_entries: usize,
     /// Over shared memory, also checksum every payload (CRC32) as it is copied. Off by
-    /// default: a same-host read checks the block's header (magic, CRCs of header and key,
-    /// key, generation) before the copy and that the header is unchanged after it, which
-    /// catches a slot freed or reused meanwhile because the node zeroes a block's header
-    /// before its space can be reused (docs/format.md, "Reading a block in place"). The
+    /// default: a same-host read copies the payload, then checks the block's header (magic,
+    /// CRCs of header and key, key, generation), which catches a slot freed or reused
+    /// meanwhile because the node zeroes a block's header before its space can be reused
+    /// (docs/format.md, "Reading a block in place"). The
     /// payload CRC adds a check against corrupted memory, for a quarter to a third of the
     /// read's throughput. Reads over tcp always check it.
     pub shm_payload_crc: bool,
@@ -171,17 +173,59 @@ pub struct Client {
     cached_reads: AtomicU64,
 }
 
-/// Descriptors from recent lookups, each with the time it was asked for. Entries are found by
-/// a 64-bit hash of the key, not the key itself: one cache line per entry, no second load for
-/// the key. Two keys with the same hash share an entry; a read through the other key's
-/// descriptor fails verification (the block's header names its key) and looks up.
+/// Descriptors from recent lookups, each with the time it was asked for (on the coarse clock,
+/// [`coarse_clock_ns`]: a TTL holds to within its few milliseconds). Entries are found by
+/// a 64-bit hash of the key, not the key itself, and each is one cache line: a read through
+/// the cache waits on one memory load before it can fetch the block's header. Two keys with
+/// the same hash share an entry; a read through the other key's descriptor fails
+/// verification (the block's header names its key) and looks up.
 #[derive(Default)]
 struct DescriptorCache {
-    entries: hashbrown::HashMap<u64, (Descriptor, Instant)>,
+    entries: hashbrown::HashTable<Cached>,
     hasher: hashbrown::DefaultHashBuilder,
     /// Bumped by every put or remove of this client: a lookup that began before one may have
     /// seen the block it replaced, so its descriptor is not kept.
     writes: u64,
+}
+
+/// A cached descriptor: everything a read needs but the lease (a cached read holds none).
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Cached {
+    /// The key's hash: the entry's name in the table.
+    slot: u64,
+    /// When the lookup that found it was asked for (coarse clock nanoseconds).
+    asked: u64,
+    region_id: u64,
+    remote_key: u64,
+    offset: u64,
+    block_len: u64,
+    generation: u64,
+    payload_offset: u32,
+    payload_len: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Cached>() == 64);
+
+impl Cached {
+    fn descriptor(&self) -> Descriptor {
+        Descriptor {
+            region_id: self.region_id,
+            remote_key: self.remote_key,
+            offset: self.offset,
+            block_len: self.block_len,
+            payload_offset: self.payload_offset,
+            payload_len: self.payload_len,
+            generation: self.generation,
+            lease_ms: 0,
+            lease_id: 0,
+        }
+    }
+}
+
+/// How long ago `stamp` (coarse clock nanoseconds) was.
+fn age(stamp: u64) -> Duration {
+    Duration::from_nanos(coarse_clock_ns().saturating_sub(stamp))
 }
 
 impl DescriptorCache {
@@ -191,20 +235,21 @@ impl DescriptorCache {
 
     fn get(&mut self, key: &[u8], ttl: Duration) -> Option<Descriptor> {
         let slot = self.slot(key);
-        let (descriptor, asked) = self.entries.get(&slot)?;
-        if asked.elapsed() < ttl {
-            return Some(*descriptor);
+        let entry = self.entries.find_entry(slot, |e| e.slot == slot).ok()?;
+        if age(entry.get().asked) < ttl {
+            return Some(entry.get().descriptor());
         }
-        self.entries.remove(&slot);
+        entry.remove();
         None
     }
 
-    /// Keeps `descriptor`, asked for at `asked` when this cache had seen `writes` writes.
+    /// Keeps `descriptor`, asked for at `asked` (coarse clock nanoseconds) when this cache had
+    /// seen `writes` writes.
     fn insert(
         &mut self,
         key: &[u8],
         descriptor: &Descriptor,
-        asked: Instant,
+        asked: u64,
         writes: u64,
         limit: usize,
         ttl: Duration,
@@ -213,24 +258,35 @@ impl DescriptorCache {
             return;
         }
         let slot = self.slot(key);
-        if self.entries.len() >= limit && !self.entries.contains_key(&slot) {
-            self.entries.retain(|_, (_, at)| at.elapsed() < ttl);
+        let cached = Cached {
+            slot,
+            asked,
+            region_id: descriptor.region_id,
+            remote_key: descriptor.remote_key,
+            offset: descriptor.offset,
+            block_len: descriptor.block_len,
+            generation: descriptor.generation,
+            payload_offset: descriptor.payload_offset,
+            payload_len: descriptor.payload_len,
+        };
+        if let Ok(mut entry) = self.entries.find_entry(slot, |e| e.slot == slot) {
+            *entry.get_mut() = cached;
+            return;
+        }
+        if self.entries.len() >= limit {
+            self.entries.retain(|e| age(e.asked) < ttl);
             if self.entries.len() >= limit {
                 self.entries.clear();
             }
         }
-        // The lease, if any, was handed back after the read: a cached read holds none.
-        let descriptor = Descriptor {
-            lease_ms: 0,
-            lease_id: 0,
-            ..*descriptor
-        };
-        self.entries.insert(slot, (descriptor, asked));
+        self.entries.insert_unique(slot, cached, |e| e.slot);
     }
 
     fn remove(&mut self, key: &[u8]) {
         let slot = self.slot(key);
-        self.entries.remove(&slot);
+        if let Ok(entry) = self.entries.find_entry(slot, |e| e.slot == slot) {
+            entry.remove();
+        }
     }
 
     fn forget<'a>(&mut self, keys: impl IntoIterator<Item = &'a [u8]>) {
@@ -370,7 +426,7 @@ impl Client {
         self.cached_reads.load(Ordering::Relaxed)
     }
 
-    /// Whether one-sided reads check the header around the copy instead of a payload CRC
+    /// Whether one-sided reads check the header after the copy instead of a payload CRC
     /// (see [`ClientConfig::shm_payload_crc`]).
     fn in_place(&self) -> bool {
         self.transport_name == "shm" && !self.config.shm_payload_crc
@@ -381,12 +437,12 @@ impl Client {
     }
 
     /// What to hand [`remember`](Self::remember) after a lookup that starts now.
-    fn lookup_started(&self) -> (Instant, u64) {
-        (Instant::now(), self.descriptors.lock().writes)
+    fn lookup_started(&self) -> (u64, u64) {
+        (coarse_clock_ns(), self.descriptors.lock().writes)
     }
 
     /// Keeps the descriptor of a block just read and verified.
-    fn remember(&self, key: &[u8], d: &Descriptor, (asked, writes): (Instant, u64)) {
+    fn remember(&self, key: &[u8], d: &Descriptor, (asked, writes): (u64, u64)) {
         if self.caching() {
             let (limit, ttl) = (
                 self.config.descriptor_cache_entries,
@@ -803,9 +859,9 @@ impl Client {
     }
 
     /// [`read_verified`](Self::read_verified) over shared memory, without a payload CRC: the
-    /// header and key are read and checked first, then the payload is copied, then the header
-    /// is read again and must be unchanged. The node zeroes a block's header before any of its
-    /// bytes can be reused, so a copy that caught bytes of a later block sees that.
+    /// payload is copied, then the header and key are read and checked (see
+    /// [`Transport::read_in_place`]). The node zeroes a block's header before any of its bytes
+    /// can be reused, so a copy that caught bytes of a later block, or of none, is refused.
     fn read_in_place(&self, key: &[u8], d: &Descriptor, payload: &mut [u8]) -> Result<bool> {
         // Most heads (header, a short key, padding) fit on the stack; check_descriptor bounds
         // the rest.
@@ -828,7 +884,6 @@ impl Client {
             head,
             u64::from(d.payload_offset),
             payload,
-            HEADER_BYTES,
             &|head| verify_head(key, d, head).is_some(),
         );
         if d.lease_id != 0 {
@@ -1255,7 +1310,7 @@ mod tests {
         // A lookup that began before a write of this client is not kept.
         let before = cache.writes;
         cache.forget([b"other".as_slice()]);
-        cache.insert(b"k", &d, Instant::now(), before, limit, ttl);
+        cache.insert(b"k", &d, coarse_clock_ns(), before, limit, ttl);
         assert_eq!(cache.get(b"k", ttl), None);
         // One that began after is, without its lease.
         let leased = Descriptor {
@@ -1263,23 +1318,22 @@ mod tests {
             lease_ms: 100,
             ..d
         };
-        cache.insert(b"k", &leased, Instant::now(), cache.writes, limit, ttl);
+        cache.insert(b"k", &leased, coarse_clock_ns(), cache.writes, limit, ttl);
         assert_eq!(cache.get(b"k", ttl), Some(d));
         // A write of the key drops it.
         cache.forget([b"k".as_slice()]);
         assert_eq!(cache.get(b"k", ttl), None);
         // It ages out.
-        if let Some(long_ago) = Instant::now().checked_sub(Duration::from_secs(61)) {
-            cache.insert(b"k", &d, long_ago, cache.writes, limit, ttl);
-            assert_eq!(cache.get(b"k", ttl), None);
-            assert!(cache.entries.is_empty());
-        }
+        let long_ago = coarse_clock_ns().saturating_sub(61_000_000_000);
+        cache.insert(b"k", &d, long_ago, cache.writes, limit, ttl);
+        assert_eq!(cache.get(b"k", ttl), None);
+        assert!(cache.entries.is_empty());
         // Never more than the limit.
         for i in 0..100u32 {
             cache.insert(
                 &i.to_le_bytes(),
                 &d,
-                Instant::now(),
+                coarse_clock_ns(),
                 cache.writes,
                 limit,
                 ttl,

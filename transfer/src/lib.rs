@@ -114,9 +114,6 @@ where
     })
 }
 
-/// Most bytes [`Transport::read_in_place`] reads again: a block header's length.
-pub const MAX_RECHECK_BYTES: usize = 64;
-
 /// One-sided access to memory another process registered.
 pub trait Transport: Send + Sync + fmt::Debug {
     /// Reads `dst.len()` bytes at `src` into `dst`.
@@ -143,13 +140,16 @@ pub trait Transport: Send + Sync + fmt::Debug {
             .collect()
     }
 
-    /// Reads a block that its owner may free and reuse meanwhile, without a second pass over
-    /// its payload: `head` at `src`; then, if `check(head)` accepts it, `payload` at
-    /// `payload_offset` bytes past `src`; then, after an acquire fence, the first
-    /// `recheck` bytes at `src` once more (at most [`MAX_RECHECK_BYTES`]), which must equal
-    /// the first `recheck` bytes of `head`. `Ok(false)` when `check` refused or those bytes changed. Sound for an owner
-    /// that overwrites those bytes before reusing any of the block's space (the engine's
-    /// DRAM tier zeroes a freed block's header); the default makes three reads.
+    /// Reads a block that its owner may free and reuse meanwhile, in one pass over its
+    /// payload: `payload` at `payload_offset` bytes past `src`, then, after an acquire fence,
+    /// `head` at `src`, which `check` must accept (`Ok(false)` when it does not).
+    ///
+    /// Sound when the owner leaves a block's payload alone while the block can be looked up,
+    /// and overwrites its header before reusing any of its space (the engine's DRAM tier zeroes
+    /// a freed block's header), and when `check` accepts only the header of the block the
+    /// caller looked up (its generation is unique), in a lookup answered before this read:
+    /// then the payload was copied after the block was published and before its header was
+    /// overwritten. The default makes two reads.
     ///
     /// # Errors
     ///
@@ -160,19 +160,27 @@ pub trait Transport: Send + Sync + fmt::Debug {
         head: &mut [u8],
         payload_offset: u64,
         payload: &mut [u8],
-        recheck: usize,
         check: &dyn Fn(&[u8]) -> bool,
     ) -> Result<bool> {
-        self.read(src, head)?;
-        if !check(head) {
-            return Ok(false);
-        }
-        let at = |offset| RemoteSlice { offset, ..src };
-        self.read(at(src.offset.saturating_add(payload_offset)), payload)?;
+        let at = RemoteSlice {
+            offset: src.offset.saturating_add(payload_offset),
+            ..src
+        };
+        self.read(at, payload)?;
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        let recheck = recheck.min(head.len()).min(MAX_RECHECK_BYTES);
-        let mut again = [0u8; MAX_RECHECK_BYTES];
-        self.read(src, &mut again[..recheck])?;
-        Ok(again[..recheck] == head[..recheck])
+        self.read(src, head)?;
+        Ok(check(head))
     }
+}
+
+/// Nanoseconds on the system's coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`): a few
+/// milliseconds of resolution, read in a few nanoseconds where a precise clock read costs
+/// tens. For the checks on a read's path that count in milliseconds (a descriptor's age, when
+/// to look at a peer's socket again).
+pub fn coarse_clock_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+    u64::try_from(t.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(t.tv_nsec).unwrap_or(0))
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use rustix::net::{
@@ -26,12 +26,12 @@ use rustix::net::{
 };
 
 use crate::conns::OpenConnections;
-use crate::memory::{ControlTable, MemorySource, RemoteMapping, copy_out};
+use crate::memory::{ControlTable, MemorySource, RemoteMapping, copy_out, prefetch};
 use crate::registry::{MAX_REGIONS, Registry, split};
 use crate::wire::{
     FrameError, MAP_REQUEST_BYTES, MAP_RESPONSE_BYTES, MapRequest, MapResponse, Status,
 };
-use crate::{Error, MAX_READ_BYTES, MAX_RECHECK_BYTES, ReadOp, RemoteSlice, Result, Transport};
+use crate::{Error, MAX_READ_BYTES, ReadOp, RemoteSlice, Result, Transport};
 
 /// The owner's Unix-socket listener. Dropping it stops accepting, closes every connection,
 /// joins its threads and removes the socket file.
@@ -243,9 +243,9 @@ pub struct ShmTransport {
     stream: Mutex<UnixStream>,
     control: ControlTable,
     regions: Mutex<HashMap<u64, Arc<Mapped>>>,
-    /// When this transport was made: the origin of `owner_checked`.
-    opened: Instant,
-    /// Nanoseconds after `opened` of the last look at the owner's socket.
+    /// When the owner's socket was last looked at, on the coarse clock
+    /// ([`coarse_clock_ns`](crate::coarse_clock_ns)): a precise clock read would cost a
+    /// same-host read about 1%.
     owner_checked: AtomicU64,
     /// The owner's socket closed: it stopped or died, and its memory is no longer served.
     owner_gone: AtomicBool,
@@ -292,7 +292,6 @@ impl ShmTransport {
             stream: Mutex::new(stream),
             control,
             regions: Mutex::new(HashMap::new()),
-            opened: Instant::now(),
             owner_checked: AtomicU64::new(0),
             owner_gone: AtomicBool::new(false),
         })
@@ -309,7 +308,7 @@ impl ShmTransport {
         if self.owner_gone.load(Ordering::Relaxed) {
             return Err(gone());
         }
-        let now = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let now = crate::coarse_clock_ns();
         let last = self.owner_checked.load(Ordering::Relaxed);
         if now.saturating_sub(last) < OWNER_CHECK_INTERVAL.as_nanos() as u64
             || self
@@ -481,7 +480,6 @@ impl Transport for ShmTransport {
         head: &mut [u8],
         payload_offset: u64,
         payload: &mut [u8],
-        recheck: usize,
         check: &dyn Fn(&[u8]) -> bool,
     ) -> Result<bool> {
         let head_len = head.len() as u64;
@@ -496,18 +494,14 @@ impl Transport for ShmTransport {
         let mapped = self.mapped_range(&src, span)?;
         let memory = &mapped.mapping as &dyn MemorySource;
         // In bounds: `src.offset + span` fits in the region (checked above), and `span`
-        // covers the head, the payload and the recheck (at most the head).
+        // covers the head and the payload.
         let at = src.offset as usize;
-        copy_out(memory, at, head);
-        if !check(head) {
-            return Ok(false);
-        }
+        // The head loads while the payload is copied: checking it then waits on no miss.
+        prefetch(memory, at, head.len());
         copy_out(memory, at + payload_offset as usize, payload);
         std::sync::atomic::fence(Ordering::Acquire);
-        let recheck = recheck.min(head.len()).min(MAX_RECHECK_BYTES);
-        let mut again = [0u8; MAX_RECHECK_BYTES];
-        copy_out(memory, at, &mut again[..recheck]);
+        copy_out(memory, at, head);
         self.still_current(&src)?;
-        Ok(again[..recheck] == head[..recheck])
+        Ok(check(head))
     }
 }
