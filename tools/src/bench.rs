@@ -31,6 +31,9 @@ pub struct BenchOptions {
     pub seed: u64,
     /// The order keys are taken in.
     pub order: KeyOrder,
+    /// Run this long before measuring, unmeasured: connections opened and descriptors cached,
+    /// as in a reader that has been running a while. Wrong values and errors still count.
+    pub warm_up: Duration,
 }
 
 /// The order a bench takes keys in.
@@ -82,6 +85,8 @@ pub struct BenchReport {
     pub verification_retries: u64,
     /// Reads served through a cached descriptor, with no lookup.
     pub cached_reads: u64,
+    /// Operations of the warm-up, not counted in the figures (its wrong values and errors are).
+    pub warm_up_ops: u64,
     /// Value bytes read per second of time spent inside reads (the bench's own checking of
     /// each value excluded), in MiB: what one reader thread gets, to set next to memcpy.
     pub read_mib_per_busy_second: f64,
@@ -352,8 +357,31 @@ pub fn prefill(
     Ok(())
 }
 
-/// Runs the load; `progress` is called with the operations done since its last call.
+/// Runs the load, after [`BenchOptions::warm_up`] of it unmeasured; `progress` is called with
+/// the measured operations done since its last call.
 pub fn run(client: &Client, o: &BenchOptions, progress: &(dyn Fn(u64) + Sync)) -> BenchReport {
+    let warm = (!o.warm_up.is_zero()).then(|| {
+        let warm_up = BenchOptions {
+            duration: o.warm_up,
+            count: None,
+            ..o.clone()
+        };
+        measure(client, &warm_up, &|_| {})
+    });
+    let mut report = measure(client, o, progress);
+    if let Some(warm) = warm {
+        report.warm_up_ops = warm.reads + warm.writes;
+        report.wrong_values += warm.wrong_values;
+        report.errors += warm.errors;
+        if report.first_error.is_none() {
+            report.first_error = warm.first_error;
+        }
+    }
+    report
+}
+
+/// One measured run of the workers.
+fn measure(client: &Client, o: &BenchOptions, progress: &(dyn Fn(u64) + Sync)) -> BenchReport {
     let retries_before = client.verification_retries();
     let cached_before = client.cached_reads();
     let stop = AtomicBool::new(false);
@@ -556,6 +584,7 @@ mod tests {
             key_prefix: String::new(),
             seed: 1,
             order: KeyOrder::Sequential,
+            warm_up: Duration::ZERO,
         };
         let mut rng = Rng(1);
         let walk = |thread, rng: &mut Rng| {

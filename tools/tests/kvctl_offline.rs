@@ -136,4 +136,16 @@ fn bad_arguments_exit_2_with_a_message() {
     let out = kvctl(&["header", "/nonexistent", "0xzz"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("non-hex digit"));
+    // Checked before connecting: no node needed, and no panic (exit 101) on absurd numbers.
+    for (flag, value) in [
+        ("--duration", "1e30"),
+        ("--duration", "0"),
+        ("--warm-up", "-1"),
+        ("--warm-up", "NaN"),
+    ] {
+        let out = kvctl(&["--addr", "127.0.0.1:1", "bench", &format!("{flag}={value}")]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+    }
 }

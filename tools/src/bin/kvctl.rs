@@ -224,6 +224,10 @@ struct BenchArgs {
     /// thread from its own share of the key space), as a prefix chain put together is read.
     #[arg(long, value_enum, default_value_t = mooncake_kv_tools::bench::KeyOrder::Random)]
     order: mooncake_kv_tools::bench::KeyOrder,
+    /// Seconds to run before measuring, unmeasured (connections opened, descriptors cached:
+    /// the steady state of a long-running reader). Wrong values and errors in it still count.
+    #[arg(long, default_value_t = 0.0, value_name = "SECONDS")]
+    warm_up: f64,
     /// Also measure, in this run, one thread copying values of the same size with memcpy out
     /// of 256 MiB of cold memory, in order and in a random order (the references for
     /// same-host reads), and print the ratios to the reads' bytes per second spent in them.
@@ -741,21 +745,25 @@ mod online {
     }
 
     pub(super) fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
-        if !(args.duration.is_finite() && args.duration > 0.0) {
-            anyhow::bail!("--duration must be a positive number of seconds");
-        }
+        let duration = Duration::try_from_secs_f64(args.duration)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .context("--duration must be a positive number of seconds")?;
+        let warm_up = Duration::try_from_secs_f64(args.warm_up)
+            .context("--warm-up must be a number of seconds, 0 or more")?;
         let options = BenchOptions {
             value_bytes: usize::try_from(args.value_size)?,
             batch: usize::try_from(args.batch)?,
             concurrency: usize::try_from(args.concurrency)?,
             read_percent: args.read_percent,
             keys: args.keys,
-            duration: Duration::from_secs_f64(args.duration),
+            duration,
             count: args.count,
             prefill: !args.no_prefill,
             key_prefix: args.key_prefix.clone(),
             seed: args.seed,
             order: args.order,
+            warm_up,
         };
         let client = connect(cli)?;
         let show = !cli.json && std::io::stderr().is_terminal();
@@ -768,7 +776,7 @@ mod online {
             Some(count) => bar(show, count, "bench"),
             None => bar(
                 show,
-                (options.duration.as_secs_f64() * 10.0) as u64,
+                ((options.warm_up + options.duration).as_secs_f64() * 10.0) as u64,
                 "bench",
             ),
         };
@@ -831,6 +839,7 @@ mod online {
                     "first_error": report.first_error,
                     "verification_retries": report.verification_retries,
                     "cached_reads": report.cached_reads,
+                    "warm_up_ops": report.warm_up_ops,
                     "memcpy_mib_per_second": memcpy,
                     "read_mib_per_busy_second": per_thread,
                     "ratio_to_memcpy_per_thread": memcpy.map(|m| per_thread / m),
