@@ -16,7 +16,9 @@
 //!   optionally with an NVMe tier below DRAM; hits are read back and checked byte for byte;
 //! - [`simulate`]: the engine's eviction policy alone, on block ids, with the same links;
 //! - [`belady`]: Belady's MIN, offline (evict the block used farthest in the future), the
-//!   reference an online policy is measured against.
+//!   reference an online policy is measured against;
+//! - [`lru_with_reuse_oracle`]: LRU that, offline, caches only blocks that will be used again:
+//!   what knowing which blocks have a future (and nothing about when) is worth.
 
 use std::collections::{BinaryHeap, HashMap};
 use std::io::{BufRead, BufReader, Read};
@@ -257,20 +259,7 @@ pub fn simulate(trace: &Trace, kind: EvictionPolicyKind, capacity: usize) -> Hit
 /// and while over capacity the cached block whose next use is farthest away goes. Optimal
 /// for plain hits; the reference figure for prefix hits.
 pub fn belady(trace: &Trace, capacity: usize) -> Hits {
-    let flat: Vec<u64> = trace
-        .requests
-        .iter()
-        .flat_map(|r| r.hash_ids.iter().copied())
-        .collect();
-    let mut next_use = vec![u64::MAX; flat.len()];
-    let mut last: HashMap<u64, u64> = HashMap::new();
-    for (position, block) in flat.iter().enumerate().rev() {
-        if let Some(&later) = last.get(block) {
-            next_use[position] = later;
-        }
-        last.insert(*block, position as u64);
-    }
-    drop(last);
+    let next_use = next_uses(trace);
     // Cached block -> its next use; the heap holds (next use, block), stale pairs skipped.
     let mut cached: HashMap<u64, u64> = HashMap::new();
     let mut heap: BinaryHeap<(u64, u64)> = BinaryHeap::new();
@@ -299,6 +288,63 @@ pub fn belady(trace: &Trace, capacity: usize) -> Hits {
         }
     }
     hits
+}
+
+/// LRU with room for `capacity` blocks that caches a referenced block only if the trace uses
+/// it again later (and drops it at its last use): an offline reference that separates what
+/// an online policy must guess, which blocks have a future, from the order LRU keeps them in.
+pub fn lru_with_reuse_oracle(trace: &Trace, capacity: usize) -> Hits {
+    use std::collections::BTreeSet;
+    let next_use = next_uses(trace);
+    // Cached block -> its last use; `order` holds (last use, block), oldest first.
+    let mut cached: HashMap<u64, usize> = HashMap::new();
+    let mut order: BTreeSet<(usize, u64)> = BTreeSet::new();
+    let mut hits = Hits::default();
+    let mut position = 0;
+    for request in &trace.requests {
+        let matched = request
+            .hash_ids
+            .iter()
+            .take_while(|id| cached.contains_key(*id))
+            .count();
+        hits.count(trace, request, matched);
+        for &block in &request.hash_ids {
+            if let Some(last) = cached.remove(&block) {
+                order.remove(&(last, block));
+            }
+            if next_use[position] != u64::MAX {
+                cached.insert(block, position);
+                order.insert((position, block));
+            }
+            position += 1;
+            while cached.len() > capacity {
+                let Some((_, victim)) = order.pop_first() else {
+                    break;
+                };
+                cached.remove(&victim);
+            }
+        }
+    }
+    hits
+}
+
+/// For every block reference of `trace`, in order, the position of the next reference to the
+/// same block (`u64::MAX`: none).
+fn next_uses(trace: &Trace) -> Vec<u64> {
+    let flat: Vec<u64> = trace
+        .requests
+        .iter()
+        .flat_map(|r| r.hash_ids.iter().copied())
+        .collect();
+    let mut next_use = vec![u64::MAX; flat.len()];
+    let mut last: HashMap<u64, u64> = HashMap::new();
+    for (position, block) in flat.iter().enumerate().rev() {
+        if let Some(&later) = last.get(block) {
+            next_use[position] = later;
+        }
+        last.insert(*block, position as u64);
+    }
+    next_use
 }
 
 /// A block id's key hash for a policy (the engine hashes real keys).
@@ -498,6 +544,18 @@ mod tests {
         let min = belady(&t, 6);
         assert_eq!(lru.hit_blocks, 0);
         assert!(min.hit_blocks > 40, "{min:?}");
+    }
+
+    #[test]
+    fn the_reuse_oracle_caches_only_blocks_with_a_future() {
+        // Chain [1, 2] comes back after three one-off chains that fill a cache of 6 blocks:
+        // LRU has let it go; LRU that skips the one-offs keeps it.
+        let t = trace(&[&[1, 2], &[10, 11], &[12, 13], &[14, 15], &[1, 2], &[3]]);
+        assert_eq!(simulate(&t, EvictionPolicyKind::Lru, 6).hit_blocks, 0);
+        assert_eq!(lru_with_reuse_oracle(&t, 6).hit_blocks, 2);
+        // With room for everything it is the ceiling; with room for nothing, no hits.
+        assert_eq!(lru_with_reuse_oracle(&t, 100), t.ceiling());
+        assert_eq!(lru_with_reuse_oracle(&t, 0).hit_blocks, 0);
     }
 
     #[test]

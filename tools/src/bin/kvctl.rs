@@ -124,8 +124,9 @@ enum Command {
     Bench(BenchArgs),
     /// Replay a prefix-reuse trace (JSON lines: input_length and hash_ids per request, in
     /// arrival order) against an embedded engine with each eviction policy and capacity, and
-    /// print the prefix hit ratio in blocks and tokens, per tier, next to LRU and Belady's MIN
-    /// computed offline on the same trace. No node is involved.
+    /// print the prefix hit ratio in blocks and tokens, per tier, next to LRU, Belady's MIN and
+    /// LRU told which blocks will be used again, computed offline on the same trace. No node
+    /// is involved.
     Replay(ReplayArgs),
     /// Summary of a stopped node's data directory: node id, format version, blocks, bytes,
     /// free space, and orphans (blocks written but never committed, reclaimed on open).
@@ -969,6 +970,10 @@ mod replay_cmd {
             let label = format!("{percent}% ({capacity})");
             for (name, hits) in [
                 ("belady (MIN)", replay::belady(&trace, capacity)),
+                (
+                    "lru+reuse oracle",
+                    replay::lru_with_reuse_oracle(&trace, capacity),
+                ),
                 (
                     "lru (offline)",
                     replay::simulate(
