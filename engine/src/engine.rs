@@ -27,6 +27,7 @@ use crate::format::{self, HEADER_BYTES};
 use crate::index::{Index, ShardMap};
 use crate::slot::{
     DRAM, DramCopy, HBM, HbmCopy, Lineage, Locations, NOT_RESIDENT, NVME, NvmeCopy, Slot, TIERS,
+    dram_extent_len,
 };
 use crate::store::{BlockWrite, NVME_PAYLOAD_ALIGN, Store, StoreConfig};
 use crate::{EngineConfig, Error, Result, strict_assert};
@@ -861,9 +862,14 @@ impl Inner {
             .into());
         }
         let block_len = format::encoded_len(key.len(), payload_len, DRAM_PAYLOAD_ALIGN);
-        let extent = self.reserve_dram(block_len as u64)?;
+        let extent = self.reserve_dram(dram_extent_len(block_len, payload_len))?;
         let payload_offset = format::payload_offset(key.len(), DRAM_PAYLOAD_ALIGN);
-        let mut copy = DramCopy::new(extent, Arc::clone(&self.dram), payload_offset as u32);
+        let mut copy = DramCopy::new(
+            extent,
+            Arc::clone(&self.dram),
+            payload_offset as u32,
+            payload_len,
+        );
         // Whatever block lay here before must not be taken for itself by a reader holding a
         // stale descriptor while the new payload is written over it.
         copy.bytes_mut()[..format::HEADER_BYTES].fill(0);
@@ -950,11 +956,16 @@ impl Inner {
         }
         // No HBM tier, or it cannot take the block (larger than the tier, nothing to demote):
         // DRAM.
-        let extent = self.reserve_dram(block_len as u64)?;
+        let extent = self.reserve_dram(dram_extent_len(block_len, value.len()))?;
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let payload_offset = format::payload_offset(key.len(), DRAM_PAYLOAD_ALIGN);
         // The offset fits in u32: it is at most MAX_PAYLOAD_OFFSET.
-        let mut copy = DramCopy::new(extent, Arc::clone(&self.dram), payload_offset as u32);
+        let mut copy = DramCopy::new(
+            extent,
+            Arc::clone(&self.dram),
+            payload_offset as u32,
+            value.len(),
+        );
         // If encoding failed, dropping the copy would return the extent.
         let written =
             format::encode_into(copy.bytes_mut(), key, value, generation, DRAM_PAYLOAD_ALIGN)?;
@@ -2007,7 +2018,10 @@ impl Inner {
     /// Copies an NVMe block into DRAM. A read hit promotes only into free space below the
     /// high watermark (`make_room` false: promotion never evicts); a pin makes room.
     fn promote(&self, slot: &Arc<Slot>, payload: &[u8], make_room: bool) -> bool {
-        let len = format::encoded_len(slot.key.len(), payload.len(), DRAM_PAYLOAD_ALIGN) as u64;
+        let len = dram_extent_len(
+            format::encoded_len(slot.key.len(), payload.len(), DRAM_PAYLOAD_ALIGN),
+            payload.len(),
+        );
         let extent = if make_room {
             match self.reserve_dram(len) {
                 Ok(extent) => extent,
@@ -2029,7 +2043,7 @@ impl Inner {
             extent
         };
         let offset = format::payload_offset(slot.key.len(), DRAM_PAYLOAD_ALIGN);
-        let mut copy = DramCopy::new(extent, Arc::clone(&self.dram), offset as u32);
+        let mut copy = DramCopy::new(extent, Arc::clone(&self.dram), offset as u32, payload.len());
         if format::encode_into(
             copy.bytes_mut(),
             &slot.key,
@@ -2112,9 +2126,10 @@ impl Inner {
                     let store = self.store.as_ref().expect("an NVMe copy implies a store");
                     let buf = self.checked(&slot, store.read_block(&nvme))?;
                     let payload = self.checked(&slot, verify_nvme(&slot, &nvme, &buf))?;
-                    needed_bytes =
-                        format::encoded_len(slot.key.len(), payload.len(), DRAM_PAYLOAD_ALIGN)
-                            as u64;
+                    needed_bytes = dram_extent_len(
+                        format::encoded_len(slot.key.len(), payload.len(), DRAM_PAYLOAD_ALIGN),
+                        payload.len(),
+                    );
                     self.promote(&slot, payload, true);
                 }
             }

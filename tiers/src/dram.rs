@@ -164,8 +164,8 @@ impl Tier for DramTier {
 
     fn free(&self, mut extent: Extent) {
         // Another process may hold the descriptor of a block that lay here and read the region
-        // one-sidedly, checking the block's header before and after its copy instead of a
-        // payload checksum (docs/format.md, "Reading a block in place"). Zeroing where that
+        // one-sidedly, checking the block's header after its copy instead of a payload
+        // checksum (docs/format.md, "Reading a block in place"). Zeroing where that
         // header lies before the space can be handed out again means any byte a new owner
         // writes here comes after the header stopped matching: the carver's lock orders this
         // store before the next allocation of these bytes.

@@ -563,17 +563,21 @@ fn cached_descriptors_do_not_outlive_their_blocks() {
 /// and inline over tcp.
 /// Every value carries its key and a checkable pattern; not one may come back wrong.
 ///
-/// Run twice: with leases (a block being read stays put), and with none at all, where only
-/// the client's verification stands between a reader and a reused slot.
+/// Run three times: with leases (a block being read stays put), and with none at all, where
+/// only the client's verification stands between a reader and a reused slot; the third time
+/// with 1 MiB values, which the node places further into their space so that their payloads
+/// start on a page (the header a stale reader checks is then not at the space's start).
 #[test]
 fn verified_reads_never_return_wrong_bytes_while_slots_are_reused() {
-    race(&["--lease-ms", "50"]);
-    let retries = race(&["--max-leases", "0"]);
+    race(&["--lease-ms", "50"], "65536", "600");
+    let retries = race(&["--max-leases", "0"], "65536", "600");
     eprintln!("without leases: {retries} reads failed verification and were looked up again");
+    let retries = race(&["--max-leases", "0"], "1048576", "40");
+    eprintln!("1 MiB values: {retries} reads failed verification and were looked up again");
 }
 
 /// Returns the reads that failed verification and were retried.
-fn race(extra: &[&str]) -> u64 {
+fn race(extra: &[&str], value_size: &str, keys: &str) -> u64 {
     let mut args = vec!["--memory-only", "--dram-mib", "16"];
     args.extend_from_slice(extra);
     let kvd = Kvd::start(&args);
@@ -596,9 +600,9 @@ fn race(extra: &[&str]) -> u64 {
             .args([
                 "bench",
                 "--value-size",
-                "65536",
+                value_size,
                 "--keys",
-                "600",
+                keys,
                 "--concurrency",
                 "2",
             ])
