@@ -143,11 +143,7 @@ impl Trace {
         let mut seen = std::collections::HashSet::new();
         let mut hits = Hits::default();
         for request in &self.requests {
-            let matched = request
-                .hash_ids
-                .iter()
-                .take_while(|id| seen.contains(*id))
-                .count();
+            let matched = cached_prefix(&request.hash_ids, |id| seen.contains(id));
             hits.count(self, request, matched);
             seen.extend(request.hash_ids.iter().copied());
         }
@@ -212,10 +208,7 @@ pub fn simulate(trace: &Trace, kind: EvictionPolicyKind, capacity: usize) -> Hit
     let mut hits = Hits::default();
     for request in &trace.requests {
         let chain = &request.hash_ids;
-        let matched = chain
-            .iter()
-            .take_while(|id| resident.contains_key(*id))
-            .count();
+        let matched = cached_prefix(chain, |id| resident.contains_key(id));
         hits.count(trace, request, matched);
         for id in &chain[..matched] {
             policy.access(resident[id]);
@@ -266,11 +259,7 @@ pub fn belady(trace: &Trace, capacity: usize) -> Hits {
     let mut hits = Hits::default();
     let mut position = 0;
     for request in &trace.requests {
-        let matched = request
-            .hash_ids
-            .iter()
-            .take_while(|id| cached.contains_key(*id))
-            .count();
+        let matched = cached_prefix(&request.hash_ids, |id| cached.contains_key(id));
         hits.count(trace, request, matched);
         for &block in &request.hash_ids {
             let next = next_use[position];
@@ -302,11 +291,7 @@ pub fn lru_with_reuse_oracle(trace: &Trace, capacity: usize) -> Hits {
     let mut hits = Hits::default();
     let mut position = 0;
     for request in &trace.requests {
-        let matched = request
-            .hash_ids
-            .iter()
-            .take_while(|id| cached.contains_key(*id))
-            .count();
+        let matched = cached_prefix(&request.hash_ids, |id| cached.contains_key(id));
         hits.count(trace, request, matched);
         for &block in &request.hash_ids {
             if let Some(last) = cached.remove(&block) {
@@ -345,6 +330,11 @@ fn next_uses(trace: &Trace) -> Vec<u64> {
         last.insert(*block, position as u64);
     }
     next_use
+}
+
+/// How many leading blocks of `chain` are cached: a prefix hit stops at the first miss.
+fn cached_prefix(chain: &[u64], is_cached: impl Fn(&u64) -> bool) -> usize {
+    chain.iter().take_while(|id| is_cached(id)).count()
 }
 
 /// A block id's key hash for a policy (the engine hashes real keys).
