@@ -244,8 +244,8 @@ pub struct ShmTransport {
     control: ControlTable,
     regions: Mutex<HashMap<u64, Arc<Mapped>>>,
     /// When the owner's socket was last looked at, on the coarse clock
-    /// ([`coarse_clock_ns`](crate::coarse_clock_ns)): a precise clock read would cost a
-    /// same-host read about 1%.
+    /// ([`coarse_clock_ns`](crate::coarse_clock_ns)), read on every read: about 3 ns where the
+    /// precise clock takes about 20 (measured on a VM with a TSC clock source).
     owner_checked: AtomicU64,
     /// The owner's socket closed: it stopped or died, and its memory is no longer served.
     owner_gone: AtomicBool,
