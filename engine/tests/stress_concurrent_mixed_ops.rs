@@ -89,7 +89,7 @@ fn run(config: EngineConfig) -> Result<(), Error> {
             );
             std::thread::spawn(move || -> Result<(), Error> {
                 let mut rng = StdRng::seed_from_u64(t as u64);
-                let mut buffer = vec![0u8; 1 << 20];
+                let mut buffer = vec![0u8; 2 << 20];
                 let check = |id: u64, bytes: &[u8]| {
                     checked.fetch_add(1, Ordering::Relaxed);
                     if !is_valid(id, bytes) {
@@ -100,8 +100,13 @@ fn run(config: EngineConfig) -> Result<(), Error> {
                     let id = rng.random_range(0..KEYS);
                     match rng.random_range(0..100) {
                         0..40 => {
-                            // 1 KiB to 512 KiB, log-uniform.
-                            let len = 2f64.powf(rng.random_range(10.0..19.0)) as usize;
+                            // 1 KiB to 512 KiB, log-uniform; one in 20 from 1 to 2 MiB, which
+                            // DRAM places so that the payload starts on a page.
+                            let len = if rng.random_range(0..20) == 0 {
+                                rng.random_range(1 << 20..=2 << 20)
+                            } else {
+                                2f64.powf(rng.random_range(10.0..19.0)) as usize
+                            };
                             engine.put(&key(id), &value(id, rng.random(), len))?;
                         }
                         40..60 => {
