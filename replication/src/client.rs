@@ -66,9 +66,9 @@ pub struct ClientConfig {
     /// default: a same-host read copies the payload, then checks the block's header (magic,
     /// CRCs of header and key, key, generation), which catches a slot freed or reused
     /// meanwhile because the node zeroes a block's header before its space can be reused
-    /// (docs/format.md, "Reading a block in place"). The
-    /// payload CRC adds a check against corrupted memory, for a quarter to a third of the
-    /// read's throughput. Reads over tcp always check it.
+    /// (docs/format.md, "Reading a block in place"). The payload CRC adds a check against
+    /// corrupted memory, for a quarter to a third of the read's throughput. Reads over tcp
+    /// always check it.
     pub shm_payload_crc: bool,
 }
 
