@@ -252,31 +252,21 @@ pub fn simulate(trace: &Trace, kind: EvictionPolicyKind, capacity: usize) -> Hit
 /// and while over capacity the cached block whose next use is farthest away goes. Optimal
 /// for plain hits; the reference figure for prefix hits.
 pub fn belady(trace: &Trace, capacity: usize) -> Hits {
-    let next_use = next_uses(trace);
-    // Cached block -> its next use; the heap holds (next use, block), stale pairs skipped.
-    let mut cached: HashMap<u64, u64> = HashMap::new();
+    // The heap holds (next use, block), oldest pairs skipped: a block's value in `cached` is
+    // its next use.
     let mut heap: BinaryHeap<(u64, u64)> = BinaryHeap::new();
-    let mut hits = Hits::default();
-    let mut position = 0;
-    for request in &trace.requests {
-        let matched = cached_prefix(&request.hash_ids, |id| cached.contains_key(id));
-        hits.count(trace, request, matched);
-        for &block in &request.hash_ids {
-            let next = next_use[position];
-            position += 1;
-            cached.insert(block, next);
-            heap.push((next, block));
-            while cached.len() > capacity {
-                let Some((next, victim)) = heap.pop() else {
-                    break;
-                };
-                if cached.get(&victim) == Some(&next) {
-                    cached.remove(&victim);
-                }
+    replay_offline(trace, |cached, block, _, next| {
+        cached.insert(block, next);
+        heap.push((next, block));
+        while cached.len() > capacity {
+            let Some((next, victim)) = heap.pop() else {
+                break;
+            };
+            if cached.get(&victim) == Some(&next) {
+                cached.remove(&victim);
             }
         }
-    }
-    hits
+    })
 }
 
 /// LRU with room for `capacity` blocks that caches a referenced block only if the trace uses
@@ -284,30 +274,44 @@ pub fn belady(trace: &Trace, capacity: usize) -> Hits {
 /// an online policy must guess, which blocks have a future, from the order LRU keeps them in.
 pub fn lru_with_reuse_oracle(trace: &Trace, capacity: usize) -> Hits {
     use std::collections::BTreeSet;
+    // `order` holds (last use, block), oldest first: a block's value in `cached` is its last
+    // use.
+    let mut order: BTreeSet<(u64, u64)> = BTreeSet::new();
+    replay_offline(trace, |cached, block, position, next| {
+        if let Some(last) = cached.remove(&block) {
+            order.remove(&(last, block));
+        }
+        if next != u64::MAX {
+            cached.insert(block, position);
+            order.insert((position, block));
+        }
+        while cached.len() > capacity {
+            let Some((_, victim)) = order.pop_first() else {
+                break;
+            };
+            cached.remove(&victim);
+        }
+    })
+}
+
+/// Replays `trace` against an offline cache, `cached` (block -> a value of the reference's
+/// choosing): for each request, counts the prefix of its blocks in `cached`, then hands
+/// `reference` each of its blocks in turn, with its position among all block references and
+/// the position of its next use (`u64::MAX`: none), to update `cached`.
+fn replay_offline(
+    trace: &Trace,
+    mut reference: impl FnMut(&mut HashMap<u64, u64>, u64, u64, u64),
+) -> Hits {
     let next_use = next_uses(trace);
-    // Cached block -> its last use; `order` holds (last use, block), oldest first.
-    let mut cached: HashMap<u64, usize> = HashMap::new();
-    let mut order: BTreeSet<(usize, u64)> = BTreeSet::new();
+    let mut cached = HashMap::new();
     let mut hits = Hits::default();
     let mut position = 0;
     for request in &trace.requests {
         let matched = cached_prefix(&request.hash_ids, |id| cached.contains_key(id));
         hits.count(trace, request, matched);
         for &block in &request.hash_ids {
-            if let Some(last) = cached.remove(&block) {
-                order.remove(&(last, block));
-            }
-            if next_use[position] != u64::MAX {
-                cached.insert(block, position);
-                order.insert((position, block));
-            }
+            reference(&mut cached, block, position as u64, next_use[position]);
             position += 1;
-            while cached.len() > capacity {
-                let Some((_, victim)) = order.pop_first() else {
-                    break;
-                };
-                cached.remove(&victim);
-            }
         }
     }
     hits

@@ -154,8 +154,8 @@ pub(crate) fn prefetch(memory: &dyn MemorySource, offset: usize, len: usize) {
     let _ = (memory, offset, len);
 }
 
-/// Lines [`prefetch`] asks for at most: enough to cover one memory latency of a streaming
-/// copy, after which the hardware prefetcher has caught up.
+/// Lines [`prefetch`] asks for at most (1 KiB): a block's header and a long key. Beyond that a
+/// streaming copy keeps the hardware prefetcher busy on its own.
 const PREFETCH_MAX_LINES: usize = 16;
 
 /// Writes `len` bytes of `memory` starting at `offset` to a socket, all of them.
