@@ -89,13 +89,12 @@ pub struct PrefixAware {
 }
 
 impl PrefixAware {
-    fn priority(&self, id: EntryId) -> u64 {
-        let meta = self.classes.data(id);
-        let class = self.classes.list_of(id).unwrap_or(0);
+    /// What an entry of `class` adds to its last use: its frequency level's boost, and the
+    /// penalty of its depth counted down from the deepest class.
+    const fn class_offset(class: usize) -> u64 {
         let level = (class / DEPTHS) as u64;
-        meta.tick
-            + LEVEL_BOOST * level
-            + DEPTH_PENALTY * (DEPTHS as u64 - 1 - u64::from(meta.depth))
+        let depth = (class % DEPTHS) as u64;
+        LEVEL_BOOST * level + DEPTH_PENALTY * (DEPTHS as u64 - 1 - depth)
     }
 
     fn class(&self, id: EntryId) -> usize {
@@ -153,14 +152,20 @@ impl PrefixAware {
 
     /// The tracked entry of lowest priority (of two equal, the deeper).
     fn lowest(&self) -> Option<EntryId> {
-        (0..CLASSES)
-            .filter_map(|class| self.classes.back(class))
-            .min_by_key(|&id| {
-                (
-                    self.priority(id),
-                    DEPTHS - usize::from(self.classes.data(id).depth),
-                )
-            })
+        // A class's entries share its offset, so only the end's last use is read (one load
+        // per class: this scan is most of an eviction's cost).
+        let mut best: Option<(u64, usize, EntryId)> = None;
+        for class in 0..CLASSES {
+            let Some(id) = self.classes.back(class) else {
+                continue;
+            };
+            let priority = self.classes.data(id).tick + Self::class_offset(class);
+            let shallowness = DEPTHS - class % DEPTHS;
+            if best.is_none_or(|(p, s, _)| (priority, shallowness) < (p, s)) {
+                best = Some((priority, shallowness, id));
+            }
+        }
+        best.map(|(_, _, id)| id)
     }
 
     /// Resident children of `id` (for tests).
