@@ -1,7 +1,7 @@
 //! The cost of each eviction policy's bookkeeping with 1M resident blocks: one access (a
 //! hit), and one eviction followed by the insert that takes its place (a miss in steady
-//! state). Entries are chains of 16 blocks linked to their parents, as the engine reports
-//! them for `put_chain`. Accesses pick entries uniformly at random from a pregenerated list,
+//! state). Entries are chains of 16 blocks linked to their parents, the last one partial, as
+//! the engine reports them for `put_chain_with`. Accesses pick entries uniformly at random from a pregenerated list,
 //! so most touch memory outside the CPU caches, as a big cache's would. Also prints each
 //! policy's memory per resident block.
 //!
@@ -32,6 +32,8 @@ fn hint(n: u64, id: EntryId) -> EntryHint {
         key_hash: key_hash(n),
         parent: (depth > 0).then(|| id - 1),
         depth,
+        // Each chain ends in a partial block, as most prompts do.
+        partial: depth == CHAIN - 1,
     }
 }
 
@@ -75,6 +77,7 @@ fn policies(c: &mut Criterion) {
                     key_hash: key_hash(fresh),
                     parent: None,
                     depth: 0,
+                    partial: false,
                 };
                 policy.insert(black_box(victim), hint);
             })

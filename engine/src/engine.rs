@@ -57,6 +57,22 @@ pub enum Durability {
     WriteThrough,
 }
 
+/// How the last block of a [`Engine::put_chain_with`] ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ChainEnd {
+    /// A full block: a longer prompt with the same start goes through it, so the chain may
+    /// grow past it.
+    #[default]
+    Full,
+    /// Fewer tokens than a full block (a prompt rarely ends on a block boundary). A longer
+    /// prompt's block at this place holds more tokens, so has another key: only the same
+    /// prompt again can use this one. On the production conversation trace 0.8% of such
+    /// blocks are used again, against 26% of full ones, and
+    /// [`PrefixAware`](crate::eviction::PrefixAware) evicts them first until one is hit.
+    Partial,
+}
+
 /// An embeddable, thread-safe KVCache block store.
 ///
 /// Share it between threads with `Arc<Engine>`; every method takes `&self`. Dropping it stops
@@ -348,6 +364,7 @@ impl Residency {
                 key_hash: slot.hash,
                 parent,
                 depth: slot.lineage.depth,
+                partial: slot.lineage.partial,
             },
         );
     }
@@ -655,6 +672,17 @@ impl Engine {
     /// cost a pointer and a depth per block, are never persisted, and a block put again
     /// (with [`put`](Self::put) or here) takes the links of its latest put.
     pub fn put_chain(&self, parent: Option<&[u8]>, items: &[(&[u8], &[u8])]) -> Vec<Result<u64>> {
+        self.put_chain_with(parent, items, ChainEnd::Full)
+    }
+
+    /// [`put_chain`](Self::put_chain), saying whether the chain's last block is full or
+    /// partial ([`ChainEnd`]). A partial last block is a hint for eviction like the links.
+    pub fn put_chain_with(
+        &self,
+        parent: Option<&[u8]>,
+        items: &[(&[u8], &[u8])],
+        end: ChainEnd,
+    ) -> Vec<Result<u64>> {
         // The block just put stays pinned while the next one finds room, so the eviction that
         // makes room cannot take it before its child links to it.
         let mut previous: Option<Held> = parent
@@ -663,12 +691,14 @@ impl Engine {
         let mut named_parent = parent.is_some();
         let results = items
             .iter()
-            .map(|&(key, value)| {
-                let lineage = match previous.as_ref() {
+            .enumerate()
+            .map(|(index, &(key, value))| {
+                let mut lineage = match previous.as_ref() {
                     Some(held) => Lineage::child_of(&held.0),
                     None if named_parent => Lineage::orphan(),
                     None => Lineage::default(),
                 };
+                lineage.partial = end == ChainEnd::Partial && index + 1 == items.len();
                 named_parent = true;
                 let put = self.inner.put_one(key, value, lineage);
                 previous = None;

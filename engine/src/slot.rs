@@ -53,6 +53,10 @@ pub(crate) struct Lineage {
     /// Blocks before this one in the chain: 0 for a head or an unlinked block; 1 when the
     /// parent was named but not held.
     pub(crate) depth: u32,
+    /// The block ends its chain short of a full block ([`ChainEnd::Partial`]).
+    ///
+    /// [`ChainEnd::Partial`]: crate::ChainEnd::Partial
+    pub(crate) partial: bool,
 }
 
 impl Lineage {
@@ -61,6 +65,7 @@ impl Lineage {
         Self {
             parent: Some(Arc::downgrade(parent)),
             depth: parent.lineage.depth.saturating_add(1),
+            partial: false,
         }
     }
 
@@ -69,6 +74,7 @@ impl Lineage {
         Self {
             parent: None,
             depth: 1,
+            partial: false,
         }
     }
 }

@@ -1,13 +1,14 @@
 //! Eviction under pressure, with every policy: the coldest blocks go first, usage returns under
 //! the low watermark once it passes the high one and no further, a pinned block is never
-//! evicted however cold it is, a chain loses its tail before its head (prefix-aware), and a put
+//! evicted however cold it is, a chain loses its tail before its head and an unused partial
+//! block goes before full ones (prefix-aware), and a put
 //! that cannot fit because everything is pinned gets `NoSpace` at once instead of blocking.
 //! A pinned block evicted under a reader would hand a GPU copy freed memory; a put that blocks
 //! would stall a serving engine; an eviction beyond the low watermark is a miss for nothing.
 
 use std::time::{Duration, Instant};
 
-use mooncake_kv_engine::{Engine, EngineConfig, Error, EvictionPolicyKind};
+use mooncake_kv_engine::{ChainEnd, Engine, EngineConfig, Error, EvictionPolicyKind};
 
 const BLOCK: usize = 64 << 10;
 
@@ -268,5 +269,66 @@ fn prefix_aware_evicts_chains_from_the_tail() -> Result<(), Error> {
     let keys: Vec<Vec<u8>> = (0..9).map(|b| chain_key(39, b)).collect();
     let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
     assert_eq!(engine.prefix_match(&refs), 9);
+    Ok(())
+}
+
+/// A chain put with a partial last block (`ChainEnd::Partial`): under pressure, prefix-aware
+/// evicts such blocks before any full block, even older and deeper ones, oldest first, unless
+/// one was read since its put.
+#[test]
+fn prefix_aware_evicts_unused_partial_blocks_first() -> Result<(), Error> {
+    let engine = Engine::open(EngineConfig {
+        dram_capacity_bytes: 4 << 20,
+        high_watermark_percent: 100,
+        low_watermark_percent: 99,
+        eviction_policy: EvictionPolicyKind::PrefixAware,
+        ..EngineConfig::default()
+    })?;
+    let value = vec![5u8; BLOCK];
+    let chain_key = |chain: usize, block: usize| format!("p{chain}-b{block}").into_bytes();
+    let put = |chain: usize, blocks: usize, end: ChainEnd| -> Result<(), Error> {
+        let keys: Vec<Vec<u8>> = (0..blocks).map(|b| chain_key(chain, b)).collect();
+        let items: Vec<(&[u8], &[u8])> = keys
+            .iter()
+            .map(|k| (k.as_slice(), value.as_slice()))
+            .collect();
+        engine
+            .put_chain_with(None, &items, end)
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map(drop)
+    };
+    // First 8 chains of 5 full blocks, then 20 prompts of one partial block: 60 blocks, no
+    // eviction yet. Without the hint, the old, deep tails of the first chains would go first.
+    for chain in 0..8 {
+        put(chain, 5, ChainEnd::Full)?;
+    }
+    for chain in 8..28 {
+        put(chain, 1, ChainEnd::Partial)?;
+    }
+    assert_eq!(engine.stats().tiers[0].evictions, 0);
+    // The same prompt again reads chain 8's partial block: it is now an ordinary block.
+    assert!(engine.get(&chain_key(8, 0))?.is_some());
+    // A chain of 8 full blocks needs room for about 6 more.
+    put(28, 8, ChainEnd::Full)?;
+    let evictions = engine.stats().tiers[0].evictions as usize;
+    assert!((1..19).contains(&evictions), "{evictions} evictions");
+    for chain in 0..8 {
+        for block in 0..5 {
+            assert!(
+                engine.exists(&chain_key(chain, block)),
+                "full block {block} of chain {chain} evicted before partial ones"
+            );
+        }
+    }
+    assert!(
+        engine.exists(&chain_key(8, 0)),
+        "the partial block read since its put went"
+    );
+    // The unused partial blocks went oldest first: chains 9 to 8 + `evictions`.
+    let gone: Vec<usize> = (9..28)
+        .filter(|&chain| !engine.exists(&chain_key(chain, 0)))
+        .collect();
+    assert_eq!(gone, (9..9 + evictions).collect::<Vec<_>>());
     Ok(())
 }

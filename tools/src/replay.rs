@@ -7,11 +7,12 @@
 //!
 //! For each request, in order: ask how many leading blocks of its chain are cached (the
 //! prefix hit: a block after the first missing one is of no use), then store the blocks from
-//! the first missing one on, linked as a chain. The hit ratio in blocks is hit blocks over
+//! the first missing one on, linked as a chain whose end is marked partial when the prompt's
+//! last block holds fewer tokens than a full block. The hit ratio in blocks is hit blocks over
 //! block references; in tokens, the same weighted by each block's tokens (the last block of
 //! a request is usually partial).
 //!
-//! Three ways to count, side by side:
+//! Four ways to count, side by side:
 //! - [`replay_engine`]: a real [`Engine`] holding `capacity` blocks (payloads scaled down),
 //!   optionally with an NVMe tier below DRAM; hits are read back and checked byte for byte;
 //! - [`simulate`]: the engine's eviction policy alone, on block ids, with the same links;
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use mooncake_kv_engine::eviction::{EntryHint, EntryId, EvictionPolicyKind, new_policy};
-use mooncake_kv_engine::{Engine, EngineConfig};
+use mooncake_kv_engine::{ChainEnd, Engine, EngineConfig};
 use serde::{Deserialize, Serialize};
 
 /// The longest line a trace may have, and the most blocks one request may name.
@@ -138,6 +139,16 @@ impl Trace {
         }
     }
 
+    /// Whether `request`'s last block holds fewer tokens than a full block: what a replay
+    /// tells the engine with [`ChainEnd::Partial`].
+    fn ends_partial(&self, request: &Request) -> bool {
+        request
+            .hash_ids
+            .len()
+            .checked_sub(1)
+            .is_some_and(|last| self.tokens(request, last) < self.tokens_per_block)
+    }
+
     /// The share of block references that repeat an earlier one: what an unbounded cache hits.
     pub fn ceiling(&self) -> Hits {
         let mut seen = std::collections::HashSet::new();
@@ -214,6 +225,7 @@ pub fn simulate(trace: &Trace, kind: EvictionPolicyKind, capacity: usize) -> Hit
             policy.access(resident[id]);
         }
         let mut parent = matched.checked_sub(1).map(|i| resident[&chain[i]]);
+        let ends_partial = trace.ends_partial(request);
         for (depth, &block) in chain.iter().enumerate().skip(matched) {
             if let Some(entry) = resident.remove(&block) {
                 // Put again, as the engine's replay does: a new block under the same key.
@@ -231,6 +243,7 @@ pub fn simulate(trace: &Trace, kind: EvictionPolicyKind, capacity: usize) -> Hit
                     key_hash: mix(block),
                     parent,
                     depth: depth as u32,
+                    partial: ends_partial && depth + 1 == chain.len(),
                 },
             );
             resident.insert(block, entry);
@@ -381,7 +394,7 @@ pub struct EngineHits {
 }
 
 /// Replays `trace` against a real engine: for each request `prefix_match`, a verified read
-/// of every hit block, then `put_chain` of the blocks from the first miss on, linked to the
+/// of every hit block, then `put_chain_with` of the blocks from the first miss on, linked to the
 /// last hit block. Keys are the 8 bytes of a block id; payloads are `block_bytes` long and
 /// carry their block id, so every read is checked.
 ///
@@ -461,7 +474,12 @@ pub fn replay_engine(
             .map(|(key, value)| (*key, value.as_slice()))
             .collect();
         let parent = matched.checked_sub(1).map(|i| refs[i]);
-        for result in engine.put_chain(parent, &items) {
+        let end = if trace.ends_partial(request) {
+            ChainEnd::Partial
+        } else {
+            ChainEnd::Full
+        };
+        for result in engine.put_chain_with(parent, &items, end) {
             result.context("a replay put failed")?;
         }
         if last_progress.elapsed() > Duration::from_millis(200) {

@@ -18,7 +18,8 @@
 //! - [`PrefixAware`]: never evicts a block while a resident child depends on it (a prefix
 //!   is only useful from its head, so a cached tail whose head is gone is dead weight), and
 //!   among leaves weighs recency, frequency (a count-min sketch of key hashes that outlives
-//!   residency) and depth in the chain (deeper blocks go first).
+//!   residency) and depth in the chain (deeper blocks go first). A chain's partial last
+//!   block goes before all of them, unless it has been used since it was put.
 
 use std::fmt;
 use std::str::FromStr;
@@ -100,6 +101,10 @@ pub struct EntryHint {
     /// Blocks before this one in its chain, as far as the engine knows (0: a chain's head or
     /// an unlinked block).
     pub depth: u32,
+    /// The block ends its chain with fewer tokens than a full block
+    /// ([`ChainEnd::Partial`](crate::ChainEnd::Partial)): only the same prompt again can use
+    /// it. Only [`PrefixAware`] acts on it; LRU stays plain LRU.
+    pub partial: bool,
 }
 
 /// Orders resident entries for eviction.
@@ -149,8 +154,8 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Op {
         /// Insert `id` (if not tracked) as a child of a tracked entry picked by the second
-        /// number, or as a head.
-        Insert(EntryId, Option<u8>),
+        /// number, or as a head; partial or not.
+        Insert(EntryId, Option<u8>, bool),
         Access(EntryId),
         Remove(EntryId),
         /// Ask for a victim; entries whose id is a multiple of the number are pinned.
@@ -159,7 +164,8 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            4 => (0u32..48, proptest::option::of(any::<u8>())).prop_map(|(id, p)| Op::Insert(id, p)),
+            4 => (0u32..48, proptest::option::of(any::<u8>()), proptest::bool::weighted(0.2))
+                .prop_map(|(id, p, partial)| Op::Insert(id, p, partial)),
             2 => (0u32..48).prop_map(Op::Access),
             1 => (0u32..48).prop_map(Op::Remove),
             3 => (2u8..8).prop_map(Op::Pop),
@@ -179,7 +185,7 @@ mod tests {
         };
         for op in ops {
             match op {
-                Op::Insert(id, parent) => {
+                Op::Insert(id, parent, partial) => {
                     if model.contains_key(&id) {
                         continue;
                     }
@@ -196,6 +202,7 @@ mod tests {
                             key_hash: u64::from(id) * 7919,
                             parent,
                             depth,
+                            partial,
                         },
                     );
                     model.insert(
