@@ -545,6 +545,23 @@ mod tests {
     }
 
     #[test]
+    fn a_prompt_ends_partial_only_inside_its_last_block() {
+        let request = |input_length, blocks: u64| Request {
+            input_length,
+            hash_ids: (0..blocks).collect(),
+        };
+        let t = trace(&[]);
+        // 4 tokens per block.
+        assert!(t.ends_partial(&request(7, 2)));
+        assert!(!t.ends_partial(&request(8, 2)));
+        assert!(t.ends_partial(&request(1, 1)));
+        // Lengths that disagree with the chain count as full blocks, as in the token count.
+        assert!(!t.ends_partial(&request(100, 2)));
+        assert!(!t.ends_partial(&request(3, 2)));
+        assert!(!t.ends_partial(&request(5, 0)));
+    }
+
+    #[test]
     fn belady_beats_lru_on_a_loop() {
         // A loop over 4 chains of 2 blocks with room for 6 blocks: LRU always misses.
         let chains: Vec<Vec<u64>> = (0..40)
