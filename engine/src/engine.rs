@@ -261,6 +261,98 @@ impl fmt::Debug for PinnedBlock {
     }
 }
 
+/// One prefix chain being put block by block ([`Engine::chain`]): each block put or committed
+/// through it follows the one before it, as in [`Engine::put_chain_with`]. A block that
+/// fails breaks the link: the next one is recorded as having a parent the engine does not
+/// hold.
+pub struct ChainPut<'a> {
+    engine: &'a Engine,
+    /// The block put last (or the named parent), pinned so that the eviction that makes room
+    /// for the next cannot take it before the next links to it.
+    previous: Option<Held>,
+    /// Whether the next block has a parent (named, or put before it here).
+    linked: bool,
+}
+
+impl ChainPut<'_> {
+    /// Room for the chain's next block; as [`Engine::reserve`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::reserve`]; the link to the previous block is then broken.
+    pub fn reserve(&mut self, key: &[u8], payload_len: usize) -> Result<Reservation> {
+        let reserved = self.engine.reserve(key, payload_len);
+        if reserved.is_err() {
+            self.previous = None;
+            self.linked = true;
+        }
+        reserved
+    }
+
+    /// Commits the chain's next block, `end` saying whether it is full or a partial last
+    /// block; as [`Engine::commit`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::commit`]; the link to the previous block is then broken.
+    pub fn commit(
+        &mut self,
+        reservation: Reservation,
+        durability: Durability,
+        end: ChainEnd,
+    ) -> Result<u64> {
+        let lineage = self.next_lineage(end);
+        let engine = self.engine;
+        let mut linked = false;
+        let committed = engine.commit_linked(reservation, durability, lineage, |slot| {
+            linked = true;
+            self.link(Ok(Arc::clone(slot)))
+        });
+        if !linked {
+            self.previous = None;
+        }
+        committed
+    }
+
+    /// The lineage of the next block. The previous block stays pinned until the next one is
+    /// published ([`link`](Self::link)).
+    fn next_lineage(&mut self, end: ChainEnd) -> Lineage {
+        let mut lineage = match self.previous.as_ref() {
+            Some(held) => Lineage::child_of(&held.0),
+            None if self.linked => Lineage::orphan(),
+            None => Lineage::default(),
+        };
+        lineage.partial = end == ChainEnd::Partial;
+        self.linked = true;
+        lineage
+    }
+
+    /// After the put of the block [`next_lineage`](Self::next_lineage) was for: holds it as
+    /// the next one's parent, letting the previous one go; or, if it failed, breaks the link.
+    fn link(&mut self, put: Result<Arc<Slot>>) -> Result<u64> {
+        match put {
+            Ok(slot) => {
+                let generation = slot.generation;
+                self.previous = Some(self.engine.inner.hold(slot));
+                Ok(generation)
+            }
+            Err(error) => {
+                self.previous = None;
+                Err(error)
+            }
+        }
+    }
+}
+
+impl fmt::Debug for ChainPut<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChainPut")
+            .field("holds_previous", &self.previous.is_some())
+            .field("linked", &self.linked)
+            .finish()
+    }
+}
+
 /// DRAM space reserved for one block by [`Engine::reserve`], not yet visible to readers.
 /// Dropping it returns the space; [`Engine::commit`] makes it a block.
 pub struct Reservation {
@@ -628,12 +720,26 @@ impl Engine {
     ///
     /// With [`Durability::WriteThrough`], as [`put_with`](Self::put_with).
     pub fn commit(&self, reservation: Reservation, durability: Durability) -> Result<u64> {
+        self.commit_linked(reservation, durability, Lineage::default(), |slot| {
+            Ok(slot.generation)
+        })
+    }
+
+    /// [`commit`](Self::commit) with the block's place in its chain; `published` sees the
+    /// block once it is visible, before the write-through (if any).
+    fn commit_linked(
+        &self,
+        reservation: Reservation,
+        durability: Durability,
+        lineage: Lineage,
+        published: impl FnOnce(&Arc<Slot>) -> Result<u64>,
+    ) -> Result<u64> {
         let inner = &self.inner;
         if durability == Durability::WriteThrough && inner.store.is_none() {
             return Err(Error::NotPersistent);
         }
-        let slot = inner.commit(reservation)?;
-        let generation = slot.generation;
+        let slot = inner.commit(reservation, lineage)?;
+        let generation = published(&slot)?;
         inner.after_puts();
         if durability == Durability::WriteThrough {
             inner.persist(vec![slot]).remove(0)?;
@@ -683,34 +789,37 @@ impl Engine {
         items: &[(&[u8], &[u8])],
         end: ChainEnd,
     ) -> Vec<Result<u64>> {
-        // The block just put stays pinned while the next one finds room, so the eviction that
-        // makes room cannot take it before its child links to it.
-        let mut previous: Option<Held> = parent
-            .and_then(|key| self.inner.index.get(key))
-            .map(|slot| self.inner.hold(slot));
-        let mut named_parent = parent.is_some();
+        let mut chain = self.chain(parent);
         let results = items
             .iter()
             .enumerate()
             .map(|(index, &(key, value))| {
-                let mut lineage = match previous.as_ref() {
-                    Some(held) => Lineage::child_of(&held.0),
-                    None if named_parent => Lineage::orphan(),
-                    None => Lineage::default(),
+                let end = if index + 1 == items.len() {
+                    end
+                } else {
+                    ChainEnd::Full
                 };
-                lineage.partial = end == ChainEnd::Partial && index + 1 == items.len();
-                named_parent = true;
-                let put = self.inner.put_one(key, value, lineage);
-                previous = None;
-                let slot = put?;
-                let generation = slot.generation;
-                previous = Some(self.inner.hold(slot));
-                Ok(generation)
+                let lineage = chain.next_lineage(end);
+                chain.link(self.inner.put_one(key, value, lineage))
             })
             .collect();
-        drop(previous);
+        drop(chain);
         self.inner.after_puts();
         results
+    }
+
+    /// Starts putting a prefix chain block by block, the first block following `parent` (the
+    /// key of the block before them, if the chain continues one the engine may hold): what
+    /// [`put_chain_with`](Self::put_chain_with) does, for a writer that fills
+    /// [`Reservation`]s (a node receiving values straight into DRAM).
+    pub fn chain(&self, parent: Option<&[u8]>) -> ChainPut<'_> {
+        ChainPut {
+            engine: self,
+            previous: parent
+                .and_then(|key| self.inner.index.get(key))
+                .map(|slot| self.inner.hold(slot)),
+            linked: parent.is_some(),
+        }
     }
 
     /// Copies the value of `key` into a new `Vec`. `Ok(None)` is a miss.
@@ -910,7 +1019,7 @@ impl Inner {
         })
     }
 
-    fn commit(&self, reservation: Reservation) -> Result<Arc<Slot>> {
+    fn commit(&self, reservation: Reservation, lineage: Lineage) -> Result<Arc<Slot>> {
         let Reservation {
             key,
             payload_len,
@@ -924,7 +1033,7 @@ impl Inner {
             generation,
             DRAM_PAYLOAD_ALIGN,
         )?;
-        self.publish_written(&key, generation, copy, block_len, Lineage::default())
+        self.publish_written(&key, generation, copy, block_len, lineage)
     }
 
     /// Makes a block written into `copy` (sealed, `block_len` bytes) the key's block.

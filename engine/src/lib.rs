@@ -12,7 +12,9 @@ mod slot;
 pub mod store;
 
 pub use config::{EngineConfig, HbmSettings};
-pub use engine::{ChainEnd, Durability, Engine, EngineStats, PinnedBlock, Reservation, TierStats};
+pub use engine::{
+    ChainEnd, ChainPut, Durability, Engine, EngineStats, PinnedBlock, Reservation, TierStats,
+};
 pub use error::{Error, Result};
 pub use eviction::EvictionPolicyKind;
 pub use mooncake_kv_format as format;

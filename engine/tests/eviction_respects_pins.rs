@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use mooncake_kv_engine::{ChainEnd, Engine, EngineConfig, Error, EvictionPolicyKind};
+use mooncake_kv_engine::{ChainEnd, Durability, Engine, EngineConfig, Error, EvictionPolicyKind};
 
 const BLOCK: usize = 64 << 10;
 
@@ -227,9 +227,15 @@ fn eviction_stops_at_the_low_watermark() -> Result<(), Error> {
 }
 
 /// With chain links, a prefix loses its tail before its head, whatever the order of use: a
-/// head evicted first would make the rest of the chain unreachable by `prefix_match`.
+/// head evicted first would make the rest of the chain unreachable by `prefix_match`. The
+/// same with the chains committed into reservations (`Engine::chain`, as a node does).
 #[test]
 fn prefix_aware_evicts_chains_from_the_tail() -> Result<(), Error> {
+    evicts_chains_from_the_tail(false)?;
+    evicts_chains_from_the_tail(true)
+}
+
+fn evicts_chains_from_the_tail(via_reservations: bool) -> Result<(), Error> {
     let engine = Engine::open(EngineConfig {
         dram_capacity_bytes: 4 << 20,
         high_watermark_percent: 100,
@@ -242,12 +248,21 @@ fn prefix_aware_evicts_chains_from_the_tail() -> Result<(), Error> {
     // Chains of 8 blocks; 4 MiB holds about 62 blocks, so the engine keeps evicting.
     for chain in 0..40 {
         let keys: Vec<Vec<u8>> = (0..8).map(|b| chain_key(chain, b)).collect();
-        let items: Vec<(&[u8], &[u8])> = keys
-            .iter()
-            .map(|k| (k.as_slice(), value.as_slice()))
-            .collect();
-        for result in engine.put_chain(None, &items) {
-            result?;
+        if via_reservations {
+            let mut put = engine.chain(None);
+            for key in &keys {
+                let mut reservation = put.reserve(key, value.len())?;
+                reservation.payload_mut().copy_from_slice(&value);
+                put.commit(reservation, Durability::Memory, ChainEnd::Full)?;
+            }
+        } else {
+            let items: Vec<(&[u8], &[u8])> = keys
+                .iter()
+                .map(|k| (k.as_slice(), value.as_slice()))
+                .collect();
+            for result in engine.put_chain(None, &items) {
+                result?;
+            }
         }
         // Every chain still resident is a prefix: present blocks are a head, never a tail
         // whose head is gone.
@@ -274,9 +289,15 @@ fn prefix_aware_evicts_chains_from_the_tail() -> Result<(), Error> {
 
 /// A chain put with a partial last block (`ChainEnd::Partial`): under pressure, prefix-aware
 /// evicts such blocks before any full block, even older and deeper ones, oldest first, unless
-/// one was read since its put.
+/// one was read since its put. The same whether the chain is put with values in hand
+/// (`put_chain_with`) or committed into reservations (`Engine::chain`, as a node does).
 #[test]
 fn prefix_aware_evicts_unused_partial_blocks_first() -> Result<(), Error> {
+    evicts_unused_partial_blocks_first(false)?;
+    evicts_unused_partial_blocks_first(true)
+}
+
+fn evicts_unused_partial_blocks_first(via_reservations: bool) -> Result<(), Error> {
     let engine = Engine::open(EngineConfig {
         dram_capacity_bytes: 4 << 20,
         high_watermark_percent: 100,
@@ -288,6 +309,20 @@ fn prefix_aware_evicts_unused_partial_blocks_first() -> Result<(), Error> {
     let chain_key = |chain: usize, block: usize| format!("p{chain}-b{block}").into_bytes();
     let put = |chain: usize, blocks: usize, end: ChainEnd| -> Result<(), Error> {
         let keys: Vec<Vec<u8>> = (0..blocks).map(|b| chain_key(chain, b)).collect();
+        if via_reservations {
+            let mut chain = engine.chain(None);
+            for (index, key) in keys.iter().enumerate() {
+                let mut reservation = chain.reserve(key, value.len())?;
+                reservation.payload_mut().copy_from_slice(&value);
+                let end = if index + 1 == blocks {
+                    end
+                } else {
+                    ChainEnd::Full
+                };
+                chain.commit(reservation, Durability::Memory, end)?;
+            }
+            return Ok(());
+        }
         let items: Vec<(&[u8], &[u8])> = keys
             .iter()
             .map(|k| (k.as_slice(), value.as_slice()))
