@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use mooncake_kv_engine::ChainEnd;
 use mooncake_kv_engine::format::{self, HEADER_BYTES, MAX_PAYLOAD_OFFSET};
 use mooncake_kv_transfer::{
     ReadOp, RemoteSlice, ShmTransport, TcpTransport, Transport, coarse_clock_ns,
@@ -14,8 +15,8 @@ use mooncake_kv_transfer::{
 use parking_lot::Mutex;
 
 use crate::proto::{
-    Descriptor, ErrorReply, FrameError, HelloReply, NodeStats, Outcome, ReadFrameError, Request,
-    ReservedReply, Response, decode_response, encode_body, read_frame, write_frame,
+    ChainLinks, Descriptor, ErrorReply, FrameError, HelloReply, NodeStats, Outcome, ReadFrameError,
+    Request, ReservedReply, Response, decode_response, encode_body, read_frame, write_frame,
 };
 
 /// Which data path reads blocks.
@@ -629,6 +630,38 @@ impl Client {
         items: &[(&[u8], &[u8])],
         durable: bool,
     ) -> Result<Vec<Result<u64, ErrorReply>>> {
+        self.put_items(items, durable, None)
+    }
+
+    /// Stores the blocks of one prefix chain in one request, in order, the first following
+    /// `parent` (the key of the block before them, if the chain continues one the node may
+    /// hold), `end` saying whether the last block is full or partial: what the engine's
+    /// `put_chain_with` does, on the node. The links are hints for the node's eviction (see
+    /// [`ChainEnd`]). One outcome per item, in order.
+    ///
+    /// # Errors
+    ///
+    /// When the request as a whole fails.
+    pub fn put_chain(
+        &self,
+        parent: Option<&[u8]>,
+        items: &[(&[u8], &[u8])],
+        end: ChainEnd,
+        durable: bool,
+    ) -> Result<Vec<Result<u64, ErrorReply>>> {
+        let links = ChainLinks {
+            parent,
+            partial_end: end == ChainEnd::Partial,
+        };
+        self.put_items(items, durable, Some(links))
+    }
+
+    fn put_items(
+        &self,
+        items: &[(&[u8], &[u8])],
+        durable: bool,
+        chain: Option<ChainLinks<'_>>,
+    ) -> Result<Vec<Result<u64, ErrorReply>>> {
         let limit = mooncake_kv_engine::MAX_VALUE_BYTES;
         let mut lens = Vec::with_capacity(items.len());
         for (key, value) in items {
@@ -651,6 +684,7 @@ impl Client {
             &Request::Put {
                 items: lens,
                 durable,
+                chain,
             },
             &values,
             |_, response| Ok(response),

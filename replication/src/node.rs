@@ -12,14 +12,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mooncake_kv_engine::format::Error as FormatError;
-use mooncake_kv_engine::{Durability, Engine, EngineConfig, PinnedBlock, Reservation};
+use mooncake_kv_engine::{ChainEnd, Durability, Engine, EngineConfig, PinnedBlock, Reservation};
 use mooncake_kv_transfer::{RegionHandle, Registry, ShmServer, TcpServer};
 use parking_lot::{Condvar, Mutex};
 
 use crate::metrics::Metrics;
 use crate::proto::{
-    Descriptor, ErrorCode, ErrorReply, HelloReply, NodeStats, Outcome, ReadFrameError, Request,
-    ReservedReply, Response, decode_request, encode_body, frame_header, read_frame, write_frame,
+    ChainLinks, Descriptor, ErrorCode, ErrorReply, HelloReply, NodeStats, Outcome, ReadFrameError,
+    Request, ReservedReply, Response, decode_request, encode_body, frame_header, read_frame,
+    write_frame,
 };
 use crate::region::DramRegion;
 use crate::repair::{Repair, RepairConfig, RepairStats};
@@ -580,8 +581,12 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 ),
                 true,
             ),
-            Ok(Request::Put { items, durable }) => {
-                match put_from_stream(shared, &mut reader, &items, durable)? {
+            Ok(Request::Put {
+                items,
+                durable,
+                chain,
+            }) => {
+                match put_from_stream(shared, &mut reader, &items, durable, chain)? {
                     Ok(response) => (response, false),
                     // The values cannot be skipped sensibly: answer, then close.
                     Err(refusal) => (refusal, true),
@@ -646,6 +651,7 @@ fn put_from_stream(
     reader: &mut impl Read,
     items: &[(&[u8], u32)],
     durable: bool,
+    chain: Option<ChainLinks<'_>>,
 ) -> std::io::Result<Result<Response, Response>> {
     let started = Instant::now();
     let metrics = &shared.metrics;
@@ -667,14 +673,30 @@ fn put_from_stream(
     } else {
         Durability::Memory
     };
+    // A chain's blocks are linked as they are committed; a plain batch's are not.
+    let mut linked = chain.map(|c| shared.engine.chain(c.parent));
+    let partial_end = chain.is_some_and(|c| c.partial_end);
     let mut outcomes = Vec::with_capacity(items.len());
-    for &(key, len) in items {
+    for (index, &(key, len)) in items.iter().enumerate() {
         metrics.bytes_in.fetch_add(len.into(), Ordering::Relaxed);
-        let outcome = match shared.engine.reserve(key, len as usize) {
+        let end = if partial_end && index + 1 == items.len() {
+            ChainEnd::Partial
+        } else {
+            ChainEnd::Full
+        };
+        let reserved = match linked.as_mut() {
+            Some(linked) => linked.reserve(key, len as usize),
+            None => shared.engine.reserve(key, len as usize),
+        };
+        let outcome = match reserved {
             Ok(mut reservation) => {
                 // The only copy: from the socket into the block's place in DRAM.
                 reader.read_exact(reservation.payload_mut())?;
-                match shared.engine.commit(reservation, durability) {
+                let committed = match linked.as_mut() {
+                    Some(linked) => linked.commit(reservation, durability, end),
+                    None => shared.engine.commit(reservation, durability),
+                };
+                match committed {
                     Ok(generation) => Outcome::Ok(generation),
                     Err(error) => Outcome::Err(engine_refusal(&error)),
                 }

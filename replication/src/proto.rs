@@ -29,7 +29,7 @@ pub const REQUEST_KINDS: [&str; 9] = [
 /// Bytes of a frame header.
 pub const FRAME_HEADER_BYTES: usize = 32;
 /// Version of the protocol.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest body: a largest value plus room for its key and the encoding.
 pub const MAX_BODY_BYTES: usize = mooncake_kv_format::MAX_VALUE_BYTES + (1 << 20);
 const MAGIC: [u8; 4] = *b"MKCP";
@@ -236,6 +236,16 @@ pub fn read_frame(
     Ok(Some(header))
 }
 
+/// How the blocks of a [`Request::Put`] form a prefix chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, BorrowDecode)]
+pub struct ChainLinks<'a> {
+    /// The key of the block before the first one, if the chain continues one the node may
+    /// hold.
+    pub parent: Option<&'a [u8]>,
+    /// The last block holds fewer tokens than a full block (`ChainEnd::Partial`).
+    pub partial_end: bool,
+}
+
 /// A request to a node.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, BorrowDecode)]
 pub enum Request<'a> {
@@ -252,6 +262,9 @@ pub enum Request<'a> {
         items: Vec<(&'a [u8], u32)>,
         /// Make each block durable before answering (write-through).
         durable: bool,
+        /// The blocks are one prefix chain, in order: each follows the one before it (hints
+        /// for eviction, as the engine's `put_chain_with`).
+        chain: Option<ChainLinks<'a>>,
     },
     /// The first half of a two-phase put: room for a block of `len` payload bytes under
     /// `key`, invisible until committed, reclaimed if not committed in time.
@@ -499,11 +512,20 @@ mod tests {
             inside.contains(&borrowed.as_ptr()),
             "the payload is not copied"
         );
-        let put = Request::Put {
-            items: vec![(b"k".as_slice(), 100_000)],
-            durable: false,
-        };
-        assert_eq!(decode_request(&encode_body(&put)).unwrap(), put);
+        for chain in [
+            None,
+            Some(ChainLinks {
+                parent: Some(b"parent".as_slice()),
+                partial_end: true,
+            }),
+        ] {
+            let put = Request::Put {
+                items: vec![(b"k".as_slice(), 100_000)],
+                durable: false,
+                chain,
+            };
+            assert_eq!(decode_request(&encode_body(&put)).unwrap(), put);
+        }
     }
 
     #[test]

@@ -443,6 +443,7 @@ fn oversize_put_from_a_raw_socket(kvd: &Kvd) {
             Request::Put {
                 items: vec![(b"big".as_slice(), u32::MAX)],
                 durable: false,
+                chain: None,
             },
         ),
     ] {
