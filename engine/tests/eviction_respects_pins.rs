@@ -236,34 +236,13 @@ fn prefix_aware_evicts_chains_from_the_tail() -> Result<(), Error> {
 }
 
 fn evicts_chains_from_the_tail(via_reservations: bool) -> Result<(), Error> {
-    let engine = Engine::open(EngineConfig {
-        dram_capacity_bytes: 4 << 20,
-        high_watermark_percent: 100,
-        low_watermark_percent: 99,
-        eviction_policy: EvictionPolicyKind::PrefixAware,
-        ..EngineConfig::default()
-    })?;
+    let engine = tight_prefix_aware()?;
     let value = vec![6u8; BLOCK];
     let chain_key = |chain: usize, block: usize| format!("c{chain}-b{block}").into_bytes();
     // Chains of 8 blocks; 4 MiB holds about 62 blocks, so the engine keeps evicting.
     for chain in 0..40 {
         let keys: Vec<Vec<u8>> = (0..8).map(|b| chain_key(chain, b)).collect();
-        if via_reservations {
-            let mut put = engine.chain(None);
-            for key in &keys {
-                let mut reservation = put.reserve(key, value.len())?;
-                reservation.payload_mut().copy_from_slice(&value);
-                put.commit(reservation, Durability::Memory, ChainEnd::Full)?;
-            }
-        } else {
-            let items: Vec<(&[u8], &[u8])> = keys
-                .iter()
-                .map(|k| (k.as_slice(), value.as_slice()))
-                .collect();
-            for result in engine.put_chain(None, &items) {
-                result?;
-            }
-        }
+        put_chain(&engine, &keys, &value, ChainEnd::Full, via_reservations)?;
         // Every chain still resident is a prefix: present blocks are a head, never a tail
         // whose head is gone.
         for c in 0..=chain {
@@ -298,40 +277,12 @@ fn prefix_aware_evicts_unused_partial_blocks_first() -> Result<(), Error> {
 }
 
 fn evicts_unused_partial_blocks_first(via_reservations: bool) -> Result<(), Error> {
-    let engine = Engine::open(EngineConfig {
-        dram_capacity_bytes: 4 << 20,
-        high_watermark_percent: 100,
-        low_watermark_percent: 99,
-        eviction_policy: EvictionPolicyKind::PrefixAware,
-        ..EngineConfig::default()
-    })?;
+    let engine = tight_prefix_aware()?;
     let value = vec![5u8; BLOCK];
     let chain_key = |chain: usize, block: usize| format!("p{chain}-b{block}").into_bytes();
-    let put = |chain: usize, blocks: usize, end: ChainEnd| -> Result<(), Error> {
+    let put = |chain: usize, blocks: usize, end: ChainEnd| {
         let keys: Vec<Vec<u8>> = (0..blocks).map(|b| chain_key(chain, b)).collect();
-        if via_reservations {
-            let mut chain = engine.chain(None);
-            for (index, key) in keys.iter().enumerate() {
-                let mut reservation = chain.reserve(key, value.len())?;
-                reservation.payload_mut().copy_from_slice(&value);
-                let end = if index + 1 == blocks {
-                    end
-                } else {
-                    ChainEnd::Full
-                };
-                chain.commit(reservation, Durability::Memory, end)?;
-            }
-            return Ok(());
-        }
-        let items: Vec<(&[u8], &[u8])> = keys
-            .iter()
-            .map(|k| (k.as_slice(), value.as_slice()))
-            .collect();
-        engine
-            .put_chain_with(None, &items, end)
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map(drop)
+        put_chain(&engine, &keys, &value, end, via_reservations)
     };
     // First 8 chains of 5 full blocks, then 20 prompts of one partial block: 60 blocks, no
     // eviction yet. Without the hint, the old, deep tails of the first chains would go first.
@@ -366,4 +317,46 @@ fn evicts_unused_partial_blocks_first(via_reservations: bool) -> Result<(), Erro
         .collect();
     assert_eq!(gone, (9..9 + evictions).collect::<Vec<_>>());
     Ok(())
+}
+
+/// An engine whose 4 MiB of DRAM holds about 62 blocks of 64 KiB, evicting only what a put
+/// needs, by the prefix-aware policy.
+fn tight_prefix_aware() -> Result<Engine, Error> {
+    Engine::open(EngineConfig {
+        dram_capacity_bytes: 4 << 20,
+        high_watermark_percent: 100,
+        low_watermark_percent: 99,
+        eviction_policy: EvictionPolicyKind::PrefixAware,
+        ..EngineConfig::default()
+    })
+}
+
+/// Puts `keys` as one chain of `value`s ending as `end` says: with `put_chain_with`, or block
+/// by block into reservations (`Engine::chain`, as a node does).
+fn put_chain(
+    engine: &Engine,
+    keys: &[Vec<u8>],
+    value: &[u8],
+    end: ChainEnd,
+    via_reservations: bool,
+) -> Result<(), Error> {
+    if via_reservations {
+        let mut chain = engine.chain(None);
+        for (index, key) in keys.iter().enumerate() {
+            let mut reservation = chain.reserve(key, value.len())?;
+            reservation.payload_mut().copy_from_slice(value);
+            let end = if index + 1 == keys.len() {
+                end
+            } else {
+                ChainEnd::Full
+            };
+            chain.commit(reservation, Durability::Memory, end)?;
+        }
+        return Ok(());
+    }
+    let items: Vec<(&[u8], &[u8])> = keys.iter().map(|k| (k.as_slice(), value)).collect();
+    engine
+        .put_chain_with(None, &items, end)
+        .into_iter()
+        .try_for_each(|result| result.map(drop))
 }
