@@ -811,7 +811,9 @@ impl Engine {
     /// Starts putting a prefix chain block by block, the first block following `parent` (the
     /// key of the block before them, if the chain continues one the engine may hold): what
     /// [`put_chain_with`](Self::put_chain_with) does, for a writer that fills
-    /// [`Reservation`]s (a node receiving values straight into DRAM).
+    /// [`Reservation`]s (a node receiving values straight into DRAM). The [`ChainPut`] pins
+    /// the block put last (so that room for the next cannot be made by evicting it): drop it
+    /// when the chain is done.
     pub fn chain(&self, parent: Option<&[u8]>) -> ChainPut<'_> {
         ChainPut {
             engine: self,
