@@ -57,7 +57,8 @@ pub enum Durability {
     WriteThrough,
 }
 
-/// How the last block of a [`Engine::put_chain_with`] ends.
+/// Whether a chain's block is full, or partial and so the chain's last
+/// ([`Engine::put_chain_with`] for its last block, [`ChainPut::commit`] for each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum ChainEnd {
