@@ -172,6 +172,9 @@ pub struct Client {
     /// Descriptors of blocks read lately (see [`ClientConfig::descriptor_ttl`]).
     descriptors: Mutex<DescriptorCache>,
     cached_reads: AtomicU64,
+    /// `cached_reads` as last reported to the node (with a lookup); the read path never
+    /// touches it.
+    reported_cached_reads: AtomicU64,
 }
 
 /// Descriptors from recent lookups, each with the time it was asked for (on the coarse clock,
@@ -391,6 +394,7 @@ impl Client {
             done_leases: Mutex::new(Vec::new()),
             descriptors: Mutex::new(DescriptorCache::default()),
             cached_reads: AtomicU64::new(0),
+            reported_cached_reads: AtomicU64::new(0),
         })
     }
 
@@ -413,6 +417,14 @@ impl Client {
     /// The stale reads to report with the lookup about to be sent.
     fn take_unreported_stale(&self) -> u32 {
         u32::try_from(self.unreported_stale.swap(0, Ordering::Relaxed)).unwrap_or(u32::MAX)
+    }
+
+    /// The cached reads to report with the lookup about to be sent. Of two lookups racing,
+    /// the later count wins whole and the other reports none, so each read is reported once.
+    fn take_unreported_cached(&self) -> u32 {
+        let now = self.cached_reads.load(Ordering::Relaxed);
+        let before = self.reported_cached_reads.fetch_max(now, Ordering::Relaxed);
+        u32::try_from(now.saturating_sub(before)).unwrap_or(u32::MAX)
     }
 
     /// Reads that failed verification (the block moved or changed between lookup and read)
@@ -549,6 +561,7 @@ impl Client {
             keys: vec![key],
             release,
             stale_reads: self.take_unreported_stale(),
+            cached_reads: self.take_unreported_cached(),
             inline: true,
         };
         self.call_then(&request, &[], |control, response| {
@@ -770,6 +783,7 @@ impl Client {
             keys: vec![key],
             release,
             stale_reads: self.take_unreported_stale(),
+            cached_reads: self.take_unreported_cached(),
             inline: false,
         })?
         else {
@@ -958,6 +972,7 @@ impl Client {
                 keys: pending.iter().map(|&i| keys[i]).collect(),
                 release,
                 stale_reads: self.take_unreported_stale(),
+                cached_reads: self.take_unreported_cached(),
                 inline: false,
             }) {
                 Ok(Response::Lookup(outcomes)) if outcomes.len() == pending.len() => outcomes,

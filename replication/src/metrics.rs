@@ -47,6 +47,8 @@ pub(crate) struct Metrics {
     pub(crate) rejected_frames: AtomicU64,
     /// Reads clients found stale and looked up again, as they reported them.
     pub(crate) stale_reads: AtomicU64,
+    /// Reads clients served from cached descriptors, as they reported them.
+    pub(crate) cached_reads: AtomicU64,
     pub(crate) unauthorized: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_described: AtomicU64,
@@ -140,6 +142,12 @@ impl Metrics {
             "mooncake_verification_retries_total",
             "Reads that failed verification at the client (the slot was reused or the block moved) and were looked up again, as clients reported them with their next lookup.",
             load(&self.stale_reads),
+        );
+        counter(
+            &mut out,
+            "mooncake_cached_reads_total",
+            "Reads clients served from a cached descriptor, with no lookup (not in the lookup counts), as they reported them with their next lookup.",
+            load(&self.cached_reads),
         );
         counter(
             &mut out,

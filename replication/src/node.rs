@@ -94,6 +94,9 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    /// Another live node serves shared memory at this socket path.
+    #[error("another live node serves shared memory at {}", .0.display())]
+    ShmSocketInUse(PathBuf),
 }
 
 fn random_id() -> std::io::Result<[u8; 16]> {
@@ -256,18 +259,23 @@ impl Node {
         let engine = Engine::open(config.engine.clone())?;
         let registry = Arc::new(Registry::new()?);
         let handle = registry.register(Arc::new(DramRegion::of(&engine)))?;
+        // The control address first: a second node started on a taken address fails here,
+        // before it can touch the first one's shared-memory socket.
+        let listener =
+            TcpListener::bind(config.listen.as_str()).map_err(io("bind the control listener"))?;
         let tcp = TcpServer::bind(config.data_listen.as_str(), Arc::clone(&registry))?;
         let data_addr = tcp.local_addr();
         let shm = match &config.shm_path {
             Some(path) => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(NodeError::ShmSocketInUse(path.clone()));
+                }
                 // A socket file left by a node that crashed would make bind fail.
                 let _ = std::fs::remove_file(path);
                 Some(ShmServer::bind(path, Arc::clone(&registry))?)
             }
             None => None,
         };
-        let listener =
-            TcpListener::bind(config.listen.as_str()).map_err(io("bind the control listener"))?;
         let control_addr = listener
             .local_addr()
             .map_err(io("read the control address"))?;
@@ -794,12 +802,17 @@ fn handle(shared: &Shared, request: Request<'_>) -> (Response, Vec<PinnedBlock>)
             keys,
             release,
             stale_reads,
+            cached_reads,
             inline,
         } => {
             shared
                 .metrics
                 .stale_reads
                 .fetch_add(u64::from(stale_reads), Ordering::Relaxed);
+            shared
+                .metrics
+                .cached_reads
+                .fetch_add(u64::from(cached_reads), Ordering::Relaxed);
             {
                 let mut leases = shared.leases.lock();
                 for id in release {

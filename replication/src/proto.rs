@@ -301,6 +301,9 @@ pub enum Request<'a> {
         /// block moved) and looked up again since its previous lookup: the node counts them,
         /// since it cannot see them itself.
         stale_reads: u32,
+        /// Reads this client served from cached descriptors, with no lookup, since its
+        /// previous lookup: the node counts them, since it cannot see them either.
+        cached_reads: u32,
         /// Send each block found right after the response body (in order, `block_len` bytes
         /// each) instead of leasing it for a one-sided read: one round trip instead of two,
         /// for clients that read over tcp anyway. The client verifies the bytes the same way.

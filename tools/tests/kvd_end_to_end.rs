@@ -25,10 +25,15 @@ struct Kvd {
 impl Kvd {
     /// Starts a kvd on free ports with `args` and waits for its "serving" line.
     fn start(args: &[&str]) -> Self {
+        Self::start_listening("127.0.0.1:0", args)
+    }
+
+    /// [`start`](Self::start), with the control plane on `listen`.
+    fn start_listening(listen: &str, args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mooncake-kvd"))
             .args([
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--data-listen",
                 "127.0.0.1:0",
                 "--metrics-listen",
@@ -484,6 +489,16 @@ fn values_over_the_limit_are_refused_before_they_are_read() {
     assert!(kvd.terminate().success());
 }
 
+/// One counter of the node's `/metrics`.
+fn metric(kvd: &Kvd, name: &str) -> u64 {
+    let metrics = http_get(&kvd.metrics);
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{metrics}"))
+}
+
 fn crc32(bytes: &[u8]) -> u32 {
     // The frame header's CRC covers bytes 0..28; computed here without the crate's helper so
     // the test builds frames the way a foreign client would.
@@ -501,6 +516,49 @@ fn crc32(bytes: &[u8]) -> u32 {
     !crc
 }
 
+/// Two memory-only nodes on system-chosen ports each serve shared memory on a socket of
+/// their own (they once shared one name, and the second took over the first's), and a
+/// second node started on a node's fixed address fails without breaking its socket.
+#[test]
+fn each_node_keeps_its_own_shared_memory_socket() {
+    let free_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let a = Kvd::start_listening(&format!("127.0.0.1:{free_port}"), &["--memory-only"]);
+    let b = Kvd::start(&["--memory-only"]);
+    let c = Kvd::start(&["--memory-only"]);
+    for (kvd, value) in [(&a, b"from a"), (&b, b"from b"), (&c, b"from c")] {
+        client(kvd, TransportChoice::Tcp).put(b"k", value).unwrap();
+    }
+    let read_over_shm = |kvd: &Kvd| {
+        let reader = client(kvd, TransportChoice::Shm);
+        assert_eq!(reader.transport_name(), "shm");
+        reader.get(b"k").unwrap()
+    };
+    assert_eq!(read_over_shm(&a).as_deref(), Some(&b"from a"[..]));
+    assert_eq!(read_over_shm(&b).as_deref(), Some(&b"from b"[..]));
+    assert_eq!(read_over_shm(&c).as_deref(), Some(&b"from c"[..]));
+    let duplicate = Command::new(env!("CARGO_BIN_EXE_mooncake-kvd"))
+        .args(["--memory-only", "--listen", &a.control.to_string()])
+        .args([
+            "--data-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .expect("run a second kvd");
+    assert!(
+        !duplicate.status.success(),
+        "a second node on a taken address started"
+    );
+    assert_eq!(read_over_shm(&a).as_deref(), Some(&b"from a"[..]));
+    for kvd in [a, b, c] {
+        assert!(kvd.terminate().success());
+    }
+}
+
 /// A reader's cached descriptors never outlive the blocks they describe: once another client
 /// has removed or replaced a block and the last lease on it has ended, its space is freed
 /// and the reader sees that (over shm by the header the node zeroed, over tcp by the
@@ -510,7 +568,10 @@ fn cached_descriptors_do_not_outlive_their_blocks() {
     let kvd = Kvd::start(&["--memory-only", "--lease-ms", "100"]);
     let writer = client(&kvd, TransportChoice::Tcp);
     let mut rng = StdRng::seed_from_u64(21);
-    for transport in [TransportChoice::Shm, TransportChoice::Tcp] {
+    for (round, transport) in [TransportChoice::Shm, TransportChoice::Tcp]
+        .into_iter()
+        .enumerate()
+    {
         let reader = caching_reader(&kvd, transport);
         let name = reader.transport_name();
         // The new values are larger than the three old blocks together, so they cannot land
@@ -539,6 +600,12 @@ fn cached_descriptors_do_not_outlive_their_blocks() {
         assert_eq!(
             reader.get(&keys[2]).unwrap().as_deref(),
             Some(&new[..]),
+            "{name}"
+        );
+        // That read's lookup reported the cached reads to the node, which no lookup showed.
+        assert_eq!(
+            metric(&kvd, "mooncake_cached_reads_total"),
+            3 * (round as u64 + 1),
             "{name}"
         );
         // The leases this reader took end, and with them the old blocks.
@@ -652,12 +719,7 @@ fn race(extra: &[&str], value_size: &str, keys: &str) -> u64 {
     assert!(total_reads > 0);
     // The node counts the retries the clients reported with their next lookups (a retry
     // that ended a read as stale is never reported, so the node may count fewer).
-    let metrics = http_get(&kvd.metrics);
-    let reported: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("mooncake_verification_retries_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no verification retries in the metrics:\n{metrics}"));
+    let reported = metric(&kvd, "mooncake_verification_retries_total");
     eprintln!("retries: {retries} seen by the readers, {reported} reported to the node");
     assert!(reported <= retries);
     assert!(

@@ -141,6 +141,18 @@ struct Settings {
     repair: Option<RepairConfig>,
 }
 
+/// The shared-memory socket of a node with no data directory: named by its control port, so
+/// a restarted node finds (and replaces) the file its predecessor left; by its process id
+/// when the port is chosen by the system (`:0`), so that two such nodes never share a name.
+/// Clients learn the path from the node's hello, so it need not be predictable.
+fn memory_only_shm_path(listen: &str) -> PathBuf {
+    let name = match listen.rsplit(':').next().map(str::parse::<u16>) {
+        Some(Ok(port)) if port != 0 => format!("mooncake-kvd-{port}.sock"),
+        _ => format!("mooncake-kvd-pid{}.sock", std::process::id()),
+    };
+    std::env::temp_dir().join(name)
+}
+
 fn settings(cli: &Cli) -> anyhow::Result<Settings> {
     let file: FileConfig = match &cli.config {
         Some(path) => {
@@ -183,10 +195,7 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
     let shm = !cli.no_shm && file.shm.unwrap_or(true);
     let shm_path = shm.then(|| match &data_dir {
         Some(dir) => dir.join("kvd.sock"),
-        None => std::env::temp_dir().join(format!(
-            "mooncake-kvd-{}.sock",
-            listen.rsplit(':').next().unwrap_or("0")
-        )),
+        None => memory_only_shm_path(&listen),
     });
     let lease_ms = cli.lease_ms.or(file.lease_ms).unwrap_or(2000);
     let peers = if cli.peers.is_empty() {
@@ -438,6 +447,21 @@ mod tests {
         );
         assert!(s.node.token.is_none());
         assert!(s.node.shm_path.is_some());
+    }
+
+    #[test]
+    fn memory_only_nodes_on_system_chosen_ports_get_their_own_socket() {
+        let fixed = memory_only_shm_path("127.0.0.1:7700");
+        assert!(
+            fixed.ends_with("mooncake-kvd-7700.sock"),
+            "{}",
+            fixed.display()
+        );
+        assert_eq!(memory_only_shm_path("[::1]:7700"), fixed);
+        let own = format!("mooncake-kvd-pid{}.sock", std::process::id());
+        for listen in ["127.0.0.1:0", "[::1]:0", "localhost", "nonsense:port"] {
+            assert!(memory_only_shm_path(listen).ends_with(&own), "{listen}");
+        }
     }
 
     #[test]
