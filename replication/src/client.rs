@@ -419,8 +419,9 @@ impl Client {
         u32::try_from(self.unreported_stale.swap(0, Ordering::Relaxed)).unwrap_or(u32::MAX)
     }
 
-    /// The cached reads to report with the lookup about to be sent. Of two lookups racing,
-    /// the later count wins whole and the other reports none, so each read is reported once.
+    /// The cached reads to report with the lookup about to be sent. Racing lookups split the
+    /// count between them (each reports what its count adds to the largest reported so far),
+    /// so each read is reported once.
     fn take_unreported_cached(&self) -> u32 {
         let now = self.cached_reads.load(Ordering::Relaxed);
         let before = self.reported_cached_reads.fetch_max(now, Ordering::Relaxed);
