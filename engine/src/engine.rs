@@ -304,12 +304,12 @@ impl ChainPut<'_> {
     ) -> Result<u64> {
         let lineage = self.next_lineage(end);
         let engine = self.engine;
-        let mut linked = false;
+        let mut published = false;
         let committed = engine.commit_linked(reservation, durability, lineage, |slot| {
-            linked = true;
-            self.link(Ok(Arc::clone(slot)))
+            published = true;
+            self.previous = Some(engine.inner.hold(Arc::clone(slot)));
         });
-        if !linked {
+        if !published {
             self.previous = None;
         }
         committed
@@ -721,26 +721,26 @@ impl Engine {
     ///
     /// With [`Durability::WriteThrough`], as [`put_with`](Self::put_with).
     pub fn commit(&self, reservation: Reservation, durability: Durability) -> Result<u64> {
-        self.commit_linked(reservation, durability, Lineage::default(), |slot| {
-            Ok(slot.generation)
-        })
+        self.commit_linked(reservation, durability, Lineage::default(), |_| {})
     }
 
     /// [`commit`](Self::commit) with the block's place in its chain; `published` sees the
-    /// block once it is visible, before the write-through (if any).
+    /// block once it is visible, before anything is evicted to make up for it and before the
+    /// write-through (if any).
     fn commit_linked(
         &self,
         reservation: Reservation,
         durability: Durability,
         lineage: Lineage,
-        published: impl FnOnce(&Arc<Slot>) -> Result<u64>,
+        published: impl FnOnce(&Arc<Slot>),
     ) -> Result<u64> {
         let inner = &self.inner;
         if durability == Durability::WriteThrough && inner.store.is_none() {
             return Err(Error::NotPersistent);
         }
         let slot = inner.commit(reservation, lineage)?;
-        let generation = published(&slot)?;
+        let generation = slot.generation;
+        published(&slot);
         inner.after_puts();
         if durability == Durability::WriteThrough {
             inner.persist(vec![slot]).remove(0)?;
