@@ -40,8 +40,9 @@ const BATCH: usize = 32;
 const FLUSH_BATCH: usize = 1024;
 /// How often the background reclaimer looks at DRAM usage when nobody wakes it.
 const RECLAIM_POLL: Duration = Duration::from_millis(50);
-/// A put that finds DRAM full while other threads are freeing it waits at most this many
-/// times this long before it reports `NoSpace`: 2 s in all, never forever.
+/// A put that finds a tier full of blocks it cannot move, while other threads or readers
+/// hold space that is on its way back, waits at most this many times this long before it
+/// reports `NoSpace`: 2 s in all, never forever.
 const MAX_SPACE_WAITS: u32 = 2000;
 const SPACE_WAIT: Duration = Duration::from_millis(1);
 
@@ -1566,9 +1567,14 @@ impl Inner {
             if self.free_dram(len_bytes) > 0 {
                 continue;
             }
-            // Nothing left for this thread to move. Another thread may hold victims it is
-            // about to free (demoting them to NVMe takes a while): wait for it, boundedly.
-            if self.victims_in_flight.load(Ordering::Acquire) > 0 && waits < MAX_SPACE_WAITS {
+            // Nothing left for this thread to move. Unless pinned blocks hold every used
+            // byte, space held elsewhere comes back soon: victims another thread is demoting,
+            // evicted copies a reader has not let go of yet, blocks other puts are writing.
+            // Wait for it, boundedly.
+            if waits < MAX_SPACE_WAITS
+                && (self.victims_in_flight.load(Ordering::Acquire) > 0
+                    || self.dram.used_bytes() > self.pinned_bytes())
+            {
                 waits += 1;
                 std::thread::sleep(SPACE_WAIT);
                 continue;
