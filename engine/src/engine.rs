@@ -45,6 +45,27 @@ const RECLAIM_POLL: Duration = Duration::from_millis(50);
 /// reports `NoSpace`: 2 s in all, never forever.
 const MAX_SPACE_WAITS: u32 = 2000;
 const SPACE_WAIT: Duration = Duration::from_millis(1);
+/// A read finds its key's block retired under it (overwritten, say) at most this many times
+/// before it reports an error instead of trying again.
+const MAX_RETIRED_READS: usize = 8;
+
+/// What reading a slot the index gave found.
+#[must_use]
+enum SlotRead<T> {
+    /// The block, read and verified.
+    Read(T),
+    /// The slot was retired after the lookup, before a copy was in hand: look the key up again.
+    Retired,
+}
+
+impl<T> SlotRead<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> SlotRead<U> {
+        match self {
+            Self::Read(value) => SlotRead::Read(f(value)),
+            Self::Retired => SlotRead::Retired,
+        }
+    }
+}
 
 /// How a put is made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -834,27 +855,27 @@ impl Engine {
     /// block fails verification; the block is then dropped, so it is reported once and never
     /// served. [`Error::Tier`] if reading NVMe fails.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let Some(slot) = self.inner.lookup(key) else {
-            return Ok(None);
-        };
-        let hbm_only = {
-            let locations = slot.locations.read();
-            locations
-                .dram
-                .is_none()
-                .then(|| locations.hbm.clone())
-                .flatten()
-        };
-        if let Some(hbm) = hbm_only {
-            // Straight from the device into the value's buffer: one copy.
-            let mut out = vec![0u8; slot.payload_len as usize];
-            self.inner.get_into_from_hbm(&slot, &hbm, &mut out)?;
-            return Ok(Some(out));
-        }
-        let mut out = Vec::new();
-        self.inner
-            .read_slot(&slot, |payload| out.extend_from_slice(payload))?;
-        Ok(Some(out))
+        self.inner.read_current(key, |slot| {
+            let hbm_only = {
+                let locations = slot.locations.read();
+                locations
+                    .dram
+                    .is_none()
+                    .then(|| locations.hbm.clone())
+                    .flatten()
+            };
+            if let Some(hbm) = hbm_only {
+                // Straight from the device into the value's buffer: one copy.
+                let mut out = vec![0u8; slot.payload_len as usize];
+                self.inner.get_into_from_hbm(slot, &hbm, &mut out)?;
+                return Ok(SlotRead::Read(out));
+            }
+            let mut out = Vec::new();
+            let read = self
+                .inner
+                .read_slot(slot, |payload| out.extend_from_slice(payload))?;
+            Ok(read.map(|()| out))
+        })
     }
 
     /// [`get`](Self::get) for many keys; one result per key, in order.
@@ -1954,8 +1975,8 @@ impl Inner {
     }
 
     /// Reads a block's payload and hands it to `sink`, from DRAM in place or from NVMe through
-    /// a verified buffer; promotes NVMe hits when configured. Returns the payload length.
-    fn read_slot(&self, slot: &Arc<Slot>, sink: impl FnOnce(&[u8])) -> Result<()> {
+    /// a verified buffer; promotes NVMe hits when configured.
+    fn read_slot(&self, slot: &Arc<Slot>, sink: impl FnOnce(&[u8])) -> Result<SlotRead<()>> {
         let locations = slot.locations.read().clone();
         if let Some(dram) = &locations.dram {
             let payload = self.checked(slot, self.verify_dram(slot, dram))?;
@@ -1964,7 +1985,7 @@ impl Inner {
                 self.promote_to_hbm(slot, payload);
             }
             sink(payload);
-            return Ok(());
+            return Ok(SlotRead::Read(()));
         }
         if let Some(hbm) = &locations.hbm {
             let mut block = vec![0u8; hbm.block_len as usize];
@@ -1977,16 +1998,11 @@ impl Inner {
             let payload = self.checked(slot, verify_block(slot, &block))?;
             self.hit(HBM, slot);
             sink(payload);
-            return Ok(());
+            return Ok(SlotRead::Read(()));
         }
         let Some(nvme) = &locations.nvme else {
-            // Retired between the lookup and now: a miss that came late. Report it as the
-            // block it was, gone.
-            return Err(Error::BlockMismatch {
-                expected_generation: slot.generation,
-                found_generation: 0,
-                detail: "removed while being read",
-            });
+            // Retired between the lookup and now.
+            return Ok(SlotRead::Retired);
         };
         let store = self.store.as_ref().expect("an NVMe copy implies a store");
         self.counters.tiers[DRAM]
@@ -2000,7 +2016,7 @@ impl Inner {
         }
         self.promote_to_hbm(slot, payload);
         sink(payload);
-        Ok(())
+        Ok(SlotRead::Read(()))
     }
 
     fn hit(&self, tier: usize, slot: &Slot) {
@@ -2011,32 +2027,61 @@ impl Inner {
     }
 
     fn get_into(&self, key: &[u8], target: &mut [u8]) -> Result<Option<usize>> {
-        let Some(slot) = self.lookup(key) else {
-            return Ok(None);
-        };
-        let needed = slot.payload_len as usize;
-        if target.len() < needed {
-            return Err(Error::BufferTooSmall {
-                needed_bytes: needed,
-                available_bytes: target.len(),
-            });
+        self.read_current(key, |slot| {
+            let needed = slot.payload_len as usize;
+            if target.len() < needed {
+                return Err(Error::BufferTooSmall {
+                    needed_bytes: needed,
+                    available_bytes: target.len(),
+                });
+            }
+            let locations = slot.locations.read().clone();
+            if let (None, Some(hbm)) = (&locations.dram, &locations.hbm) {
+                return self
+                    .get_into_from_hbm(slot, hbm, target)
+                    .map(SlotRead::Read);
+            }
+            let direct = locations.dram.is_none()
+                && locations.hbm.is_none()
+                && target.as_ptr() as usize % NVME_PAYLOAD_ALIGN == 0
+                && target.len() >= needed.next_multiple_of(NVME_PAYLOAD_ALIGN);
+            if let (true, Some(nvme)) = (direct, &locations.nvme) {
+                return self.get_into_direct(slot, nvme, target).map(SlotRead::Read);
+            }
+            // The slot's payload length never changes, so the check above holds for the copy.
+            let read = self.read_slot(slot, |payload| {
+                target[..payload.len()].copy_from_slice(payload)
+            })?;
+            Ok(read.map(|()| needed))
+        })
+    }
+
+    /// Looks `key` up and hands its slot to `read`, again while `read` finds the slot retired
+    /// (removed, overwritten, or dropped from its last tier) after the lookup and before it got
+    /// hold of a copy: the next lookup tells whether the key is gone or has a new block. So a
+    /// read that races a writer returns the old value, the new one or a miss, never an error.
+    /// A key retired under each of `MAX_RETIRED_READS` reads gets one, so no read spins.
+    fn read_current<T>(
+        &self,
+        key: &[u8],
+        mut read: impl FnMut(&Arc<Slot>) -> Result<SlotRead<T>>,
+    ) -> Result<Option<T>> {
+        let mut expected_generation = 0;
+        for _ in 0..MAX_RETIRED_READS {
+            let Some(slot) = self.lookup(key) else {
+                return Ok(None);
+            };
+            expected_generation = slot.generation;
+            match read(&slot)? {
+                SlotRead::Read(value) => return Ok(Some(value)),
+                SlotRead::Retired => {}
+            }
         }
-        let locations = slot.locations.read().clone();
-        if let (None, Some(hbm)) = (&locations.dram, &locations.hbm) {
-            return self.get_into_from_hbm(&slot, hbm, target).map(Some);
-        }
-        let direct = locations.dram.is_none()
-            && locations.hbm.is_none()
-            && target.as_ptr() as usize % NVME_PAYLOAD_ALIGN == 0
-            && target.len() >= needed.next_multiple_of(NVME_PAYLOAD_ALIGN);
-        if let (true, Some(nvme)) = (direct, &locations.nvme) {
-            return self.get_into_direct(&slot, nvme, target).map(Some);
-        }
-        // The slot's payload length never changes, so the check above holds for the copy.
-        self.read_slot(&slot, |payload| {
-            target[..payload.len()].copy_from_slice(payload)
-        })?;
-        Ok(Some(needed))
+        Err(Error::BlockMismatch {
+            expected_generation,
+            found_generation: 0,
+            detail: "retired under every read",
+        })
     }
 
     /// See [`Engine::get_into_device`].
@@ -2052,52 +2097,51 @@ impl Inner {
                 reason: "get_into_device needs an HBM tier".into(),
             });
         };
-        let Some(slot) = self.lookup(key) else {
-            return Ok(None);
-        };
-        let needed = slot.payload_len as usize;
-        if target.len < needed as u64 {
-            return Err(Error::BufferTooSmall {
-                needed_bytes: needed,
-                available_bytes: usize::try_from(target.len).unwrap_or(usize::MAX),
-            });
-        }
-        if let Some(copy) = slot.hbm() {
-            let mut head = vec![0u8; copy.payload_offset as usize];
-            self.checked(
-                &slot,
-                copy.tier
-                    .read_at(copy.extent(), 0, &mut head)
-                    .map_err(Error::from),
-            )?;
-            self.checked(&slot, check_head(&slot, &head, copy.payload_offset))?;
-            // SAFETY: the source is this block's payload in its extent, kept alive by `copy`;
-            // the target is the caller's, per the contract.
-            let copied = unsafe {
-                copy.tier.copy_to_device_buffer(
-                    copy.extent(),
-                    u64::from(copy.payload_offset),
-                    needed as u64,
-                    target.ptr,
-                )
-            };
-            self.checked(&slot, copied.map_err(Error::from))?;
-            self.hit(HBM, &slot);
-            return Ok(Some(needed));
-        }
-        let mut result = Ok(());
-        self.read_slot(&slot, |payload| {
-            // SAFETY: the target is the caller's device memory, per the contract, and at
-            // least `needed` bytes long (checked above).
-            result = unsafe {
-                hbm.device().copy_to_device(&[ToDevice {
-                    target: target.ptr,
-                    source: payload,
-                }])
-            };
-        })?;
-        result?;
-        Ok(Some(needed))
+        self.read_current(key, |slot| {
+            let needed = slot.payload_len as usize;
+            if target.len < needed as u64 {
+                return Err(Error::BufferTooSmall {
+                    needed_bytes: needed,
+                    available_bytes: usize::try_from(target.len).unwrap_or(usize::MAX),
+                });
+            }
+            if let Some(copy) = slot.hbm() {
+                let mut head = vec![0u8; copy.payload_offset as usize];
+                self.checked(
+                    slot,
+                    copy.tier
+                        .read_at(copy.extent(), 0, &mut head)
+                        .map_err(Error::from),
+                )?;
+                self.checked(slot, check_head(slot, &head, copy.payload_offset))?;
+                // SAFETY: the source is this block's payload in its extent, kept alive by
+                // `copy`; the target is the caller's, per the contract.
+                let copied = unsafe {
+                    copy.tier.copy_to_device_buffer(
+                        copy.extent(),
+                        u64::from(copy.payload_offset),
+                        needed as u64,
+                        target.ptr,
+                    )
+                };
+                self.checked(slot, copied.map_err(Error::from))?;
+                self.hit(HBM, slot);
+                return Ok(SlotRead::Read(needed));
+            }
+            let mut result = Ok(());
+            let read = self.read_slot(slot, |payload| {
+                // SAFETY: the target is the caller's device memory, per the contract, and at
+                // least `needed` bytes long (checked above).
+                result = unsafe {
+                    hbm.device().copy_to_device(&[ToDevice {
+                        target: target.ptr,
+                        source: payload,
+                    }])
+                };
+            })?;
+            result?;
+            Ok(read.map(|()| needed))
+        })
     }
 
     /// Reads an HBM block's header and key into a small buffer and its payload straight into
