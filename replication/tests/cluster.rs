@@ -298,11 +298,13 @@ fn a_joining_node_takes_new_writes_gradually() {
             }
         });
         std::thread::sleep(Duration::from_millis(300));
+        // Room for every block it takes: an eviction would take the oldest out of the count
+        // below (on a fast machine, all of the first second's).
         let fourth = Node::start(NodeConfig {
             listen: fourth_addr.to_string(),
             data_listen: "127.0.0.1:0".into(),
             engine: EngineConfig {
-                dram_capacity_bytes: 64 << 20,
+                dram_capacity_bytes: 1 << 30,
                 ..EngineConfig::default()
             },
             ..NodeConfig::default()
@@ -318,7 +320,7 @@ fn a_joining_node_takes_new_writes_gradually() {
     // Share of each half second's new blocks the fourth node holds.
     let written = written.into_inner();
     let windows = (ramp.as_millis() / 500 + 2) as usize;
-    let mut shares = Vec::new();
+    let (mut shares, mut counts) = (Vec::new(), Vec::new());
     for w in 0..windows {
         let keys: Vec<Vec<u8>> = written
             .iter()
@@ -330,23 +332,35 @@ fn a_joining_node_takes_new_writes_gradually() {
         }
         let held = keys.iter().filter(|k| fourth.engine().exists(k)).count();
         shares.push(held as f64 / keys.len() as f64);
+        counts.push(keys.len());
     }
     eprintln!(
-        "fourth node's share of new writes per 0.5 s since it joined: {:?}",
+        "fourth node's share of new writes per 0.5 s since it joined: {:?} of {counts:?}",
         shares
             .iter()
             .map(|s| format!("{:.0}%", s * 100.0))
             .collect::<Vec<_>>()
     );
     assert!(shares.len() >= windows - 1, "too few writes: {shares:?}");
+    let dram = &fourth.engine().stats().tiers[0];
+    assert_eq!(
+        dram.evictions, 0,
+        "the count needs every block the node took"
+    );
     let (first, last) = (shares[0], shares[shares.len() - 1]);
     // Weight 1-12% of a full member in the first half second: a small share, not half.
     assert!(first < 0.15, "took {first:.2} of new writes at once");
     // After the ramp, its full share: half the blocks (R = 2 of 4 members).
     assert!((0.38..=0.62).contains(&last), "full share {last:.2}");
-    // In between it rises, window after window (give or take sampling noise).
-    for pair in shares.windows(2) {
-        assert!(pair[1] > pair[0] - 0.08, "share fell: {shares:?}");
+    // In between it rises, window after window, give or take sampling noise: which node a
+    // key lands on is a coin toss, so two windows' shares near a half differ by up to three
+    // standard deviations, more when a loaded machine writes fewer keys per window.
+    for (w, pair) in shares.windows(2).enumerate() {
+        let noise = 3.0 * (0.25 / counts[w] as f64 + 0.25 / counts[w + 1] as f64).sqrt();
+        assert!(
+            pair[1] > pair[0] - noise.max(0.08),
+            "share fell: {shares:?} of {counts:?}"
+        );
     }
     let mid = shares[shares.len() / 2];
     assert!(first < mid && mid < last, "not gradual: {shares:?}");
