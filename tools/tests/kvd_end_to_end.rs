@@ -554,7 +554,15 @@ fn each_node_keeps_its_own_shared_memory_socket() {
         "a second node on a taken address started"
     );
     assert_eq!(read_over_shm(&a).as_deref(), Some(&b"from a"[..]));
-    for kvd in [a, b, c] {
+    // A node killed outright leaves its pid-named socket; the next such node removes it.
+    let b_socket = std::env::temp_dir().join(format!("mooncake-kvd-pid{}.sock", b.child.id()));
+    assert!(b_socket.exists(), "{}", b_socket.display());
+    drop(b);
+    assert!(b_socket.exists(), "SIGKILL leaves the socket behind");
+    let d = Kvd::start(&["--memory-only"]);
+    assert!(!b_socket.exists(), "the orphaned socket is still there");
+    assert_eq!(read_over_shm(&c).as_deref(), Some(&b"from c"[..]));
+    for kvd in [a, c, d] {
         assert!(kvd.terminate().success());
     }
 }

@@ -148,9 +148,43 @@ struct Settings {
 fn memory_only_shm_path(listen: &str) -> PathBuf {
     let name = match listen.rsplit(':').next().map(str::parse::<u16>) {
         Some(Ok(port)) if port != 0 => format!("mooncake-kvd-{port}.sock"),
-        _ => format!("mooncake-kvd-pid{}.sock", std::process::id()),
+        _ => format!(
+            "{PID_SOCKET_PREFIX}{}{PID_SOCKET_SUFFIX}",
+            std::process::id()
+        ),
     };
     std::env::temp_dir().join(name)
+}
+
+const PID_SOCKET_PREFIX: &str = "mooncake-kvd-pid";
+const PID_SOCKET_SUFFIX: &str = ".sock";
+
+/// Removes the pid-named sockets in `dir` that killed nodes left behind: nothing else would
+/// ever reuse their names. A socket goes only when no process has its pid (`/proc` says so), so
+/// a live node's socket is never touched. Returns how many went.
+fn remove_orphaned_pid_sockets(dir: &std::path::Path) -> usize {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PID_SOCKET_PREFIX))
+            .and_then(|n| n.strip_suffix(PID_SOCKET_SUFFIX))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let is_socket = entry.file_type().is_ok_and(|t| t.is_socket());
+        let process_lives = std::path::Path::new("/proc").join(pid.to_string()).exists();
+        if is_socket && !process_lives && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 fn settings(cli: &Cli) -> anyhow::Result<Settings> {
@@ -350,6 +384,20 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("cannot install a signal handler")?;
     }
+    let pid_named = settings.node.shm_path.as_deref().is_some_and(|path| {
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(PID_SOCKET_PREFIX))
+    });
+    if pid_named {
+        let removed = remove_orphaned_pid_sockets(&std::env::temp_dir());
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed shared-memory sockets of nodes that are gone"
+            );
+        }
+    }
     let node = Node::start(settings.node).context("cannot start the node")?;
     if let Some(repair) = settings.repair {
         node.start_repair(repair).context("cannot start repair")?;
@@ -447,6 +495,34 @@ mod tests {
         );
         assert!(s.node.token.is_none());
         assert!(s.node.shm_path.is_some());
+    }
+
+    #[test]
+    fn only_sockets_of_processes_that_are_gone_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone_pid = || {
+            let mut child = std::process::Command::new("true").spawn().unwrap();
+            child.wait().unwrap();
+            child.id()
+        };
+        let path = |pid: u32| {
+            dir.path()
+                .join(format!("{PID_SOCKET_PREFIX}{pid}{PID_SOCKET_SUFFIX}"))
+        };
+        let orphan = path(gone_pid());
+        let live = path(std::process::id());
+        let other = dir.path().join("mooncake-kvd-7700.sock");
+        let _listeners =
+            [&orphan, &live, &other].map(|p| std::os::unix::net::UnixListener::bind(p).unwrap());
+        // Named like an orphan but not a socket: not ours to remove.
+        let plain = path(gone_pid());
+        std::fs::write(&plain, b"not a socket").unwrap();
+
+        assert_eq!(remove_orphaned_pid_sockets(dir.path()), 1);
+        assert!(!orphan.exists());
+        assert!(live.exists() && other.exists() && plain.exists());
+        assert_eq!(remove_orphaned_pid_sockets(dir.path()), 0);
+        assert_eq!(remove_orphaned_pid_sockets(&dir.path().join("missing")), 0);
     }
 
     #[test]
