@@ -69,6 +69,10 @@ struct Cli {
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// Do not offer the shared-memory transport to local clients.
+    ///
+    /// Its socket is kvd.sock in the data directory. A memory-only node's is
+    /// mooncake-kvd-PORT.sock in the temporary directory, or mooncake-kvd-pidPID.sock when the
+    /// system chooses the port (a later such node removes those of processes that are gone).
     #[arg(long)]
     no_shm: bool,
     /// How long a lookup pins a block, in milliseconds.
