@@ -72,7 +72,8 @@ struct Cli {
     ///
     /// Its socket is kvd.sock in the data directory. A memory-only node's is
     /// mooncake-kvd-PORT.sock in the temporary directory, or mooncake-kvd-pidPID.sock when the
-    /// system chooses the port (a later such node removes those of processes that are gone).
+    /// system chooses the port; a memory-only node removes, at start, the pid-named sockets
+    /// of processes that are gone.
     #[arg(long)]
     no_shm: bool,
     /// How long a lookup pins a block, in milliseconds.
@@ -388,12 +389,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("cannot install a signal handler")?;
     }
-    let pid_named = settings.node.shm_path.as_deref().is_some_and(|path| {
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(PID_SOCKET_PREFIX))
-    });
-    if pid_named {
+    // A memory-only node's socket lives in the temporary directory, beside any that killed
+    // nodes left there.
+    if settings.node.engine.data_dir.is_none() && settings.node.shm_path.is_some() {
         let removed = remove_orphaned_pid_sockets(&std::env::temp_dir());
         if removed > 0 {
             tracing::info!(
