@@ -1,7 +1,7 @@
 //! Eviction under pressure, with every policy: the coldest blocks go first, usage returns under
 //! the low watermark once it passes the high one and no further, a pinned block is never
-//! evicted however cold it is, a chain loses its tail before its head and an unused partial
-//! block goes before full ones (prefix-aware), and a put
+//! evicted however cold it is, a chain loses its tail before its head, and an unused partial
+//! block or a chain the caller ended goes before full ones (prefix-aware), and a put
 //! that cannot fit because everything is pinned gets `NoSpace` at once instead of blocking.
 //! A pinned block evicted under a reader would hand a GPU copy freed memory; a put that blocks
 //! would stall a serving engine; an eviction beyond the low watermark is a miss for nothing.
@@ -316,6 +316,55 @@ fn evicts_unused_partial_blocks_first(via_reservations: bool) -> Result<(), Erro
         .filter(|&chain| !engine.exists(&chain_key(chain, 0)))
         .collect();
     assert_eq!(gone, (9..9 + evictions).collect::<Vec<_>>());
+    Ok(())
+}
+
+/// Twelve conversations under one shared head block (a system prompt). The newest says it is
+/// over (`Engine::end_chain`): under pressure its blocks go before any other, tail first,
+/// and the head it shares with the others stays. Without the hint the oldest conversation's
+/// tail would go instead.
+#[test]
+fn prefix_aware_evicts_an_ended_chain_first_and_keeps_its_shared_head() -> Result<(), Error> {
+    let engine = tight_prefix_aware()?;
+    let value = vec![6u8; BLOCK];
+    let head = b"system-prompt".to_vec();
+    let block = |conversation: usize, b: usize| format!("c{conversation}-b{b}").into_bytes();
+    engine.put(&head, &value)?;
+    let put_conversation = |conversation: usize| {
+        let keys: Vec<Vec<u8>> = (0..5).map(|b| block(conversation, b)).collect();
+        let items: Vec<(&[u8], &[u8])> = keys.iter().map(|k| (k.as_slice(), &value[..])).collect();
+        engine
+            .put_chain(Some(&head), &items)
+            .into_iter()
+            .try_for_each(|result| result.map(drop))
+    };
+    for conversation in 0..12 {
+        put_conversation(conversation)?;
+    }
+    assert_eq!(engine.stats().tiers[0].evictions, 0);
+    // The caller names the whole chain, the shared head included.
+    let ended: Vec<Vec<u8>> = std::iter::once(head.clone())
+        .chain((0..5).map(|b| block(11, b)))
+        .collect();
+    let ended: Vec<&[u8]> = ended.iter().map(Vec::as_slice).collect();
+    assert!(engine.end_chain(&ended));
+    assert!(!engine.end_chain(&[b"never-put".as_slice()]));
+    // Another conversation needs room for a few blocks.
+    put_conversation(12)?;
+    let evictions = engine.stats().tiers[0].evictions as usize;
+    assert!((1..=5).contains(&evictions), "{evictions} evictions");
+    assert!(engine.exists(&head), "the shared head went");
+    for conversation in (0..11).chain([12]) {
+        for b in 0..5 {
+            assert!(
+                engine.exists(&block(conversation, b)),
+                "block {b} of conversation {conversation} went before the ended chain"
+            );
+        }
+    }
+    // The ended chain went from its tail.
+    let gone: Vec<usize> = (0..5).filter(|&b| !engine.exists(&block(11, b))).collect();
+    assert_eq!(gone, (5 - evictions..5).collect::<Vec<_>>());
     Ok(())
 }
 

@@ -19,7 +19,8 @@
 //!   is only useful from its head, so a cached tail whose head is gone is dead weight), and
 //!   among leaves weighs recency, frequency (a count-min sketch of key hashes that outlives
 //!   residency) and depth in the chain (deeper blocks go first). A chain's partial last
-//!   block goes before all of them, unless it has been used since it was put.
+//!   block goes before all of them, unless it has been used since it was put, and a chain its
+//!   caller said is over goes before that.
 
 use std::fmt;
 use std::str::FromStr;
@@ -115,6 +116,13 @@ pub trait EvictionPolicy: Send + fmt::Debug {
     fn access(&mut self, id: EntryId);
     /// A tracked entry left for a reason of its own (removed, overwritten).
     fn remove(&mut self, id: EntryId);
+    /// The caller will neither extend nor read again the chain that ends at `id` (its
+    /// conversation or task is over): a hint that the chain's blocks may go before others.
+    /// The default ignores it; [`PrefixAware`] acts on it. An entry used afterwards is
+    /// treated as any other.
+    fn chain_ended(&mut self, id: EntryId) {
+        let _ = id;
+    }
     /// Removes and returns the entry to evict first among those `evictable` accepts, or
     /// `None` when no tracked entry is accepted. An entry `evictable` refuses stays tracked,
     /// treated as just used; each call looks at every tracked entry a bounded number of times.
@@ -158,6 +166,8 @@ mod tests {
         Insert(EntryId, Option<u8>, bool),
         Access(EntryId),
         Remove(EntryId),
+        /// The chain ending at `id` is over.
+        Ended(EntryId),
         /// Ask for a victim; entries whose id is a multiple of the number are pinned.
         Pop(u8),
     }
@@ -168,6 +178,7 @@ mod tests {
                 .prop_map(|(id, p, partial)| Op::Insert(id, p, partial)),
             2 => (0u32..48).prop_map(Op::Access),
             1 => (0u32..48).prop_map(Op::Remove),
+            1 => (0u32..48).prop_map(Op::Ended),
             3 => (2u8..8).prop_map(Op::Pop),
         ]
     }
@@ -214,6 +225,7 @@ mod tests {
                     );
                 }
                 Op::Access(id) if model.contains_key(&id) => policy.access(id),
+                Op::Ended(id) if model.contains_key(&id) => policy.chain_ended(id),
                 Op::Remove(id) if model.contains_key(&id) => {
                     policy.remove(id);
                     model.remove(&id);
@@ -273,8 +285,9 @@ mod tests {
             check(EvictionPolicyKind::S3Fifo, ops)?;
         }
 
-        /// Random chains: a parent is never evicted while a child of it is resident, pinned
-        /// entries are never chosen, and something is chosen whenever something may go.
+        /// Random chains, some of them ended: a parent is never evicted while a child of it
+        /// is resident, pinned entries are never chosen, and something is chosen whenever
+        /// something may go.
         #[test]
         fn prefix_aware_evicts_leaves_only(ops in proptest::collection::vec(op(), 0..300)) {
             check(EvictionPolicyKind::PrefixAware, ops)?;

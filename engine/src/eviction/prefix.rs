@@ -12,9 +12,12 @@
 //! ```
 //!
 //! A chain's partial last block ([`EntryHint::partial`]) goes before all of these: it waits
-//! in a FIFO of its own that is emptied first, and leaves it for the classes below when it is
-//! used. A partial block is only ever used by the same prompt again, which is rare (0.8% of
-//! them on the production trace, against 26% of full blocks).
+//! in a first-out list of its own that is emptied first, and leaves it for the classes below
+//! when it is used. A partial block is only ever used by the same prompt again, which is rare
+//! (0.8% of them on the production trace, against 26% of full blocks). A chain its caller
+//! ended ([`EvictionPolicy::chain_ended`]) joins the same list at its going-out end, tail
+//! first, up to the first block another resident chain goes through; a use takes a block
+//! back out.
 //!
 //! Frequency comes from a count-min sketch of key hashes with 4-bit counters that are halved
 //! every ten sketch-widths of uses (TinyLFU's aging), so it remembers keys after they were
@@ -24,7 +27,8 @@
 //!
 //! Priority is exact and O(1) to maintain: entries sit in one recency list per (level, depth)
 //! class, 64 in all, and within a class the list order is the priority order; a victim is the
-//! oldest unused partial block, else the lowest of the 64 list ends.
+//! back of the first-out list (an ended chain's tail, or the oldest unused partial block),
+//! else the lowest of the 64 list ends. Ending a chain costs one step per block it lets go.
 
 use super::lists::{Lists, NIL};
 use super::{EntryHint, EntryId, EvictionPolicy};
@@ -34,8 +38,9 @@ const LEVELS: usize = 4;
 /// Depth classes: 0 to 15 (deeper chains share the last one).
 const DEPTHS: usize = 16;
 const CLASSES: usize = LEVELS * DEPTHS;
-/// The list of partial blocks not used since their put, oldest at the back.
-const PARTIAL: usize = CLASSES;
+/// The list emptied before the classes: partial blocks not used since their put (oldest at
+/// the back), and ended chains (pushed at the back, so they go first).
+const FIRST_OUT: usize = CLASSES;
 const LISTS: usize = CLASSES + 1;
 
 /// Ticks one frequency level is worth: an entry a level up outlives one used this many
@@ -83,7 +88,8 @@ const EMPTY: Meta = Meta {
 
 /// Leaves first, then recency, frequency and depth: a block with a resident child is never
 /// evicted (it waits, at its old priority, until its last child leaves). Among the rest, a
-/// partial block not used since its put goes first, then the lowest
+/// chain its caller ended goes first, then a partial block not used since its put, then the
+/// lowest
 /// `last use + LEVEL_BOOST x frequency level - DEPTH_PENALTY x depth`, frequency coming from a
 /// count-min sketch of key hashes that outlives residency. O(1) per access; about 50 bytes
 /// per entry plus a 32 to 64-byte share of the sketch.
@@ -159,10 +165,10 @@ impl PrefixAware {
         }
     }
 
-    /// The tracked entry to go first: the oldest unused partial block, else the entry of
+    /// The tracked entry to go first: the back of the first-out list, else the entry of
     /// lowest priority (of two equal, the deeper).
     fn lowest(&self) -> Option<EntryId> {
-        if let Some(id) = self.classes.back(PARTIAL) {
+        if let Some(id) = self.classes.back(FIRST_OUT) {
             return Some(id);
         }
         // A class's entries share its offset, so only the end's last use is read (one load
@@ -218,7 +224,7 @@ impl EvictionPolicy for PrefixAware {
         if hint.partial {
             self.clock += 1;
             self.classes.data_mut(id).tick = self.clock;
-            self.classes.push_front(PARTIAL, id);
+            self.classes.push_front(FIRST_OUT, id);
         } else {
             self.bump(id);
         }
@@ -232,6 +238,48 @@ impl EvictionPolicy for PrefixAware {
 
     fn remove(&mut self, id: EntryId) {
         self.detach(id);
+    }
+
+    fn chain_ended(&mut self, id: EntryId) {
+        if !self.tracks(id) || self.classes.data(id).children > 0 {
+            return;
+        }
+        // The chain from `id` up to (not including) the first ancestor another resident
+        // chain goes through, or that is gone: tail first.
+        let mut chain = std::mem::take(&mut self.refused);
+        chain.push(id);
+        let mut at = id;
+        loop {
+            let Meta {
+                parent,
+                parent_generation,
+                ..
+            } = *self.classes.data(at);
+            if parent == NIL {
+                break;
+            }
+            // A removed parent keeps its generation until its id is reused, so check that
+            // it is still tracked.
+            let p = self.classes.data(parent);
+            if p.generation != parent_generation || p.children != 1 || !self.tracks(parent) {
+                break;
+            }
+            chain.push(parent);
+            at = parent;
+        }
+        // Head first onto the back of the first-out list, so the tail leaves first and each
+        // block leaves after its child.
+        for &id in chain.iter().rev() {
+            let meta = self.classes.data_mut(id);
+            if meta.parked {
+                meta.parked = false;
+            } else {
+                self.classes.unlink(id);
+            }
+            self.classes.push_back(FIRST_OUT, id);
+        }
+        chain.clear();
+        self.refused = chain;
     }
 
     fn pop_victim(&mut self, evictable: &mut dyn FnMut(EntryId) -> bool) -> Option<EntryId> {
@@ -403,6 +451,22 @@ mod tests {
         // ordinary leaf, the most recent and most used, so the last leaf to go, and its
         // parents wait for it.
         assert_eq!(order, vec![2, 6, 1, 0, 5, 4, 3]);
+    }
+
+    /// Two chains share a head: 0 -> 1 -> 2 -> 3 and 0 -> 4 -> 5, then block 6. The first
+    /// chain ends: its own blocks go first, tail first; the shared head stays.
+    #[test]
+    fn an_ended_chain_goes_first_down_to_where_another_chain_joins() {
+        let mut p = PrefixAware::default();
+        for id in 0..4 {
+            p.insert(id, chain_hint(u64::from(id), id.checked_sub(1), id));
+        }
+        p.insert(4, chain_hint(4, Some(0), 1));
+        p.insert(5, chain_hint(5, Some(4), 2));
+        p.insert(6, chain_hint(6, None, 0));
+        p.chain_ended(3);
+        let order: Vec<_> = (0..7).filter_map(|_| p.pop_victim(&mut |_| true)).collect();
+        assert_eq!(order, vec![3, 2, 1, 5, 4, 0, 6]);
     }
 
     /// A chain 0 -> 1 -> 2 -> 3, then an unrelated block 4 used later.
