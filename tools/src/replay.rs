@@ -111,6 +111,25 @@ impl Trace {
         })
     }
 
+    /// For each request, whether a caller that knows when a conversation is over would say
+    /// that its chain ended there: no later request uses any of its blocks after the first
+    /// (the first, a system prompt in the Mooncake traces, is shared between conversations).
+    /// Only `fraction` of such requests (chosen by a hash of their position) are marked: what
+    /// a caller that knows about that share of the conversations it ends would tell.
+    pub fn ended_chains(&self, fraction: f64) -> Vec<bool> {
+        let mut used_later: std::collections::HashSet<u64> = std::collections::HashSet::new();
+        let mut ended = vec![false; self.requests.len()];
+        for (number, request) in self.requests.iter().enumerate().rev() {
+            let tail = request.hash_ids.get(1..).unwrap_or_default();
+            let draw = (mix(number as u64) >> 11) as f64 / (1u64 << 53) as f64;
+            let chosen = draw < fraction;
+            ended[number] =
+                chosen && !tail.is_empty() && !tail.iter().any(|id| used_later.contains(id));
+            used_later.extend(request.hash_ids.iter().copied());
+        }
+        ended
+    }
+
     /// Block references in all requests.
     pub fn block_refs(&self) -> u64 {
         self.requests.iter().map(|r| r.hash_ids.len() as u64).sum()
@@ -212,12 +231,23 @@ fn ratio(part: u64, whole: u64) -> f64 {
 /// used (head first, as `Engine::prefix_match` does), and blocks from the first miss on are
 /// inserted, evicting as each one arrives.
 pub fn simulate(trace: &Trace, kind: EvictionPolicyKind, capacity: usize) -> Hits {
+    simulate_with_hints(trace, kind, capacity, &[])
+}
+
+/// [`simulate`], telling the policy after request `i` that its chain ended when `ended[i]` is
+/// set (see [`Trace::ended_chains`]); requests past `ended`'s end get no hint.
+pub fn simulate_with_hints(
+    trace: &Trace,
+    kind: EvictionPolicyKind,
+    capacity: usize,
+    ended: &[bool],
+) -> Hits {
     let mut policy = new_policy(kind);
     let mut resident: HashMap<u64, EntryId> = HashMap::new();
     let mut ids_of: Vec<u64> = Vec::new();
     let mut free: Vec<EntryId> = Vec::new();
     let mut hits = Hits::default();
-    for request in &trace.requests {
+    for (number, request) in trace.requests.iter().enumerate() {
         let chain = &request.hash_ids;
         let matched = cached_prefix(chain, |id| resident.contains_key(id));
         hits.count(trace, request, matched);
@@ -256,6 +286,11 @@ pub fn simulate(trace: &Trace, kind: EvictionPolicyKind, capacity: usize) -> Hit
             }
             // The parent may just have been evicted (capacity below a chain's length).
             parent = resident.get(&block).copied();
+        }
+        if ended.get(number).copied().unwrap_or(false) {
+            if let Some(&tail) = chain.iter().rev().find_map(|id| resident.get(id)) {
+                policy.chain_ended(tail);
+            }
         }
     }
     hits
@@ -374,6 +409,9 @@ pub struct EngineReplay {
     /// An NVMe tier below DRAM holding this many more blocks, in a fresh data directory
     /// under this path; `None`: DRAM only.
     pub nvme: Option<(std::path::PathBuf, usize)>,
+    /// After request `i`, call `Engine::end_chain` with its chain when `ended[i]` is set
+    /// ([`Trace::ended_chains`]); empty: never.
+    pub ended: Vec<bool>,
 }
 
 /// What [`replay_engine`] measured.
@@ -481,6 +519,9 @@ pub fn replay_engine(
         };
         for result in engine.put_chain_with(parent, &items, end) {
             result.context("a replay put failed")?;
+        }
+        if setup.ended.get(number).copied().unwrap_or(false) {
+            engine.end_chain(&refs);
         }
         if last_progress.elapsed() > Duration::from_millis(200) {
             progress(number + 1);
@@ -599,11 +640,92 @@ mod tests {
             dram_blocks: 1000,
             block_bytes: 1024,
             nvme: None,
+            ended: Vec::new(),
         };
         let got = replay_engine(&t, &setup, |_| {}).unwrap();
         assert_eq!(got.hits, t.ceiling());
         assert_eq!(got.wrong_blocks, 0);
         assert_eq!(got.dram_hit_blocks, got.hits.hit_blocks);
+    }
+
+    #[test]
+    fn a_chain_ends_where_nothing_after_its_head_is_used_again() {
+        let t = trace(&[&[0, 1, 2], &[0, 1, 2, 3], &[0, 4], &[0, 5], &[0], &[0, 5]]);
+        // Request 0 goes on in request 1; requests 1 and 2 are the last of theirs; request 3
+        // goes on in request 5; a chain of its head alone is shared, never ended.
+        assert_eq!(
+            t.ended_chains(1.0),
+            vec![false, true, true, false, false, true]
+        );
+        assert_eq!(t.ended_chains(0.0), vec![false; 6]);
+        // A fraction marks about that share of the ended chains.
+        let chains: Vec<Vec<u64>> = (0..4000).map(|i| vec![0, i + 1]).collect();
+        let refs: Vec<&[u64]> = chains.iter().map(Vec::as_slice).collect();
+        let marked = trace(&refs)
+            .ended_chains(0.25)
+            .iter()
+            .filter(|&&e| e)
+            .count();
+        assert!((900..1100).contains(&marked), "{marked} of 4000");
+    }
+
+    /// Conversations under a shared head block 0: a fifth go on for several turns, the rest
+    /// end after one; each turn adds two blocks to its conversation's chain.
+    fn conversations() -> Trace {
+        let mut chains: Vec<Vec<u64>> = Vec::new();
+        let mut open: Vec<(Vec<u64>, u64)> = Vec::new();
+        let mut state = 7u64;
+        let mut next_block = 1;
+        for _ in 0..4000 {
+            state = mix(state);
+            if open.is_empty() || state % 3 != 0 {
+                let turns = if (state >> 8) % 5 == 0 { 6 } else { 1 };
+                open.push((vec![0], turns));
+            }
+            let pick = (state >> 16) as usize % open.len().min(8);
+            let at = open.len() - 1 - pick;
+            let (chain, turns) = &mut open[at];
+            chain.extend([next_block, next_block + 1]);
+            next_block += 2;
+            chains.push(chain.clone());
+            *turns -= 1;
+            if *turns == 0 {
+                open.remove(at);
+            }
+        }
+        let refs: Vec<&[u64]> = chains.iter().map(Vec::as_slice).collect();
+        trace(&refs)
+    }
+
+    #[test]
+    fn end_hints_keep_the_conversations_that_go_on() {
+        let t = conversations();
+        let capacity = t.unique_blocks() / 20;
+        let ended = t.ended_chains(1.0);
+        let plain = simulate(&t, EvictionPolicyKind::PrefixAware, capacity).block_ratio();
+        let hinted = simulate_with_hints(&t, EvictionPolicyKind::PrefixAware, capacity, &ended)
+            .block_ratio();
+        assert!(hinted > plain + 0.1, "hinted {hinted:.3}, plain {plain:.3}");
+        // LRU ignores the hint.
+        assert_eq!(
+            simulate_with_hints(&t, EvictionPolicyKind::Lru, capacity, &ended),
+            simulate(&t, EvictionPolicyKind::Lru, capacity)
+        );
+        // The engine, told through `end_chain`, does what the simulation does.
+        let setup = EngineReplay {
+            policy: EvictionPolicyKind::PrefixAware,
+            dram_blocks: capacity,
+            block_bytes: 8192,
+            nvme: None,
+            ended,
+        };
+        let engine = replay_engine(&t, &setup, |_| {}).unwrap();
+        assert_eq!(engine.wrong_blocks, 0);
+        let e = engine.hits.block_ratio();
+        assert!(
+            (e - hinted).abs() < 0.02,
+            "engine {e:.3}, simulated {hinted:.3}"
+        );
     }
 
     #[test]
@@ -630,6 +752,7 @@ mod tests {
                 dram_blocks: capacity,
                 block_bytes: 8192,
                 nvme: None,
+                ended: Vec::new(),
             };
             let engine = replay_engine(&t, &setup, |_| {}).unwrap();
             let sim = simulate(&t, kind, capacity);

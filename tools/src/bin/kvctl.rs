@@ -187,6 +187,26 @@ struct ReplayArgs {
     /// Only simulate the policies on block ids; skip the engine.
     #[arg(long)]
     simulate_only: bool,
+    /// Also replay as a caller that tells the engine when a conversation is over
+    /// (`Engine::end_chain` after its last request) for this percentage of the
+    /// conversations it ends; several values give one row each. The trace says nothing
+    /// about it, so the replay looks ahead: a request's chain ended when no later request
+    /// uses any of its blocks after the first. That is what a caller that knows (a closed
+    /// session, an agent's last step) can tell; a store cannot know it by itself.
+    #[arg(long, value_delimiter = ',', value_name = "PERCENT", value_parser = end_hint_percent)]
+    end_hints: Vec<f64>,
+}
+
+/// A percentage in [0, 100].
+fn end_hint_percent(s: &str) -> Result<f64, String> {
+    let value: f64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number: {e}"))?;
+    if (0.0..=100.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("{value} is not a percentage from 0 to 100"))
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -948,7 +968,7 @@ mod replay_cmd {
                 }
             );
             println!(
-                "\n{:>14}  {:<16} {:>8} {:>8} {:>9} {:>9} {:>10} {:>7}",
+                "\n{:>14}  {:<22} {:>8} {:>8} {:>9} {:>9} {:>10} {:>7}",
                 "capacity",
                 "policy",
                 "blocks",
@@ -959,6 +979,13 @@ mod replay_cmd {
                 "secs"
             );
         }
+        // Without hints, then with each share of the ended conversations told.
+        let mut hint_runs: Vec<(Option<f64>, Vec<bool>)> = vec![(None, Vec::new())];
+        hint_runs.extend(
+            args.end_hints
+                .iter()
+                .map(|&p| (Some(p), trace.ended_chains(p / 100.0))),
+        );
         let mut rows = Vec::new();
         let mut wrong = 0;
         for &percent in &args.capacity_percent {
@@ -986,54 +1013,63 @@ mod replay_cmd {
                 print_row(cli, &label, name, &hits, None, None);
                 rows.push(json!({"capacity_percent": percent, "capacity_blocks": capacity, "policy": name, "offline": hits}));
             }
-            for &policy in &args.policy {
-                let simulated = replay::simulate(&trace, policy, capacity);
-                if args.simulate_only {
-                    print_row(cli, &label, policy.name(), &simulated, None, None);
-                    rows.push(json!({"capacity_percent": percent, "capacity_blocks": capacity, "policy": policy.name(), "simulated": simulated}));
-                    continue;
+            for (end_hints, ended) in &hint_runs {
+                for &policy in &args.policy {
+                    let name = match end_hints {
+                        Some(p) => format!("{policy} +end {p}%"),
+                        None => policy.name().to_owned(),
+                    };
+                    let simulated = replay::simulate_with_hints(&trace, policy, capacity, ended);
+                    if args.simulate_only {
+                        print_row(cli, &label, &name, &simulated, None, None);
+                        rows.push(json!({"capacity_percent": percent, "capacity_blocks": capacity, "policy": policy.name(), "end_hints_percent": end_hints, "simulated": simulated}));
+                        continue;
+                    }
+                    let nvme_dir = (args.nvme_percent > 0.0).then(|| {
+                        args.nvme_dir.join(format!(
+                            "kvctl-replay-{}-{policy}-{percent}",
+                            std::process::id()
+                        ))
+                    });
+                    let setup = EngineReplay {
+                        policy,
+                        ended: ended.clone(),
+                        dram_blocks: capacity,
+                        block_bytes: args.block_bytes as usize,
+                        nvme: nvme_dir.clone().map(|dir| {
+                            (
+                                dir,
+                                ((unique as f64 * args.nvme_percent / 100.0) as usize).max(1),
+                            )
+                        }),
+                    };
+                    let bar = progress_bar(trace.requests.len() as u64, quiet);
+                    let result =
+                        replay::replay_engine(&trace, &setup, |n| bar.set_position(n as u64));
+                    bar.finish_and_clear();
+                    if let Some(dir) = &nvme_dir {
+                        // Best effort: the directory is ours and only holds replay blocks.
+                        let _ = std::fs::remove_dir_all(dir);
+                    }
+                    let result = result?;
+                    wrong += result.wrong_blocks;
+                    print_row(
+                        cli,
+                        &label,
+                        &name,
+                        &result.hits,
+                        Some(&result),
+                        Some(&simulated),
+                    );
+                    rows.push(json!({
+                        "capacity_percent": percent,
+                        "capacity_blocks": capacity,
+                        "policy": policy.name(),
+                        "end_hints_percent": end_hints,
+                        "engine": result,
+                        "simulated": simulated,
+                    }));
                 }
-                let nvme_dir = (args.nvme_percent > 0.0).then(|| {
-                    args.nvme_dir.join(format!(
-                        "kvctl-replay-{}-{policy}-{percent}",
-                        std::process::id()
-                    ))
-                });
-                let setup = EngineReplay {
-                    policy,
-                    dram_blocks: capacity,
-                    block_bytes: args.block_bytes as usize,
-                    nvme: nvme_dir.clone().map(|dir| {
-                        (
-                            dir,
-                            ((unique as f64 * args.nvme_percent / 100.0) as usize).max(1),
-                        )
-                    }),
-                };
-                let bar = progress_bar(trace.requests.len() as u64, quiet);
-                let result = replay::replay_engine(&trace, &setup, |n| bar.set_position(n as u64));
-                bar.finish_and_clear();
-                if let Some(dir) = &nvme_dir {
-                    // Best effort: the directory is ours and only holds replay blocks.
-                    let _ = std::fs::remove_dir_all(dir);
-                }
-                let result = result?;
-                wrong += result.wrong_blocks;
-                print_row(
-                    cli,
-                    &label,
-                    policy.name(),
-                    &result.hits,
-                    Some(&result),
-                    Some(&simulated),
-                );
-                rows.push(json!({
-                    "capacity_percent": percent,
-                    "capacity_blocks": capacity,
-                    "policy": policy.name(),
-                    "engine": result,
-                    "simulated": simulated,
-                }));
             }
         }
         if cli.json {
@@ -1090,7 +1126,7 @@ mod replay_cmd {
             })
         };
         println!(
-            "{capacity:>14}  {policy:<16} {:>8} {:>8} {:>9} {:>9} {:>10} {:>7}",
+            "{capacity:>14}  {policy:<22} {:>8} {:>8} {:>9} {:>9} {:>10} {:>7}",
             pct(hits.block_ratio()),
             pct(hits.token_ratio()),
             engine.map_or("-".into(), |e| share(e.dram_hit_blocks)),
