@@ -1104,6 +1104,23 @@ impl Client {
         }
     }
 
+    /// Says that the prefix chain `keys` (head first) is over: its conversation or task has
+    /// ended, so nothing will extend it or read it again. The node's prefix-aware eviction then
+    /// lets the chain's blocks go first, up to a head other chains share (see the engine's
+    /// `end_chain`). Returns whether the node held a block of the chain.
+    ///
+    /// # Errors
+    ///
+    /// Connection errors and refusals.
+    pub fn end_chain(&self, keys: &[&[u8]]) -> Result<bool> {
+        match self.call(&Request::EndChain {
+            keys: keys.to_vec(),
+        })? {
+            Response::Flags(flags) if flags.len() == 1 => Ok(flags[0]),
+            _ => Err(unexpected("end_chain")),
+        }
+    }
+
     /// Removes blocks; says which existed.
     ///
     /// # Errors

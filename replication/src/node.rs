@@ -851,6 +851,7 @@ fn handle(shared: &Shared, request: Request<'_>) -> (Response, Vec<PinnedBlock>)
                 serving: !shared.stopping.load(Ordering::Acquire),
             },
         ),
+        Request::EndChain { keys } => (9, Response::Flags(vec![engine.end_chain(&keys)])),
     };
     metrics.record(kind, started.elapsed());
     (response, inline_blocks)

@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use bincode::{BorrowDecode, Decode, Encode};
 
 /// Request kinds, in the order of [`NodeStats::requests`] and of the node's metrics.
-pub const REQUEST_KINDS: [&str; 9] = [
+pub const REQUEST_KINDS: [&str; 10] = [
     "put",
     "lookup",
     "exists",
@@ -24,12 +24,13 @@ pub const REQUEST_KINDS: [&str; 9] = [
     "health",
     "reserve",
     "commit",
+    "end_chain",
 ];
 
 /// Bytes of a frame header.
 pub const FRAME_HEADER_BYTES: usize = 32;
 /// Version of the protocol.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Largest body: a largest value plus room for its key and the encoding.
 pub const MAX_BODY_BYTES: usize = mooncake_kv_format::MAX_VALUE_BYTES + (1 << 20);
 const MAGIC: [u8; 4] = *b"MKCP";
@@ -328,6 +329,12 @@ pub enum Request<'a> {
     Stats,
     /// Whether the node serves.
     Health,
+    /// The prefix chain `keys` (head first) is over: nothing will extend it or read it again.
+    /// A hint for eviction, as the engine's `end_chain`.
+    EndChain {
+        /// The chain.
+        keys: Vec<&'a [u8]>,
+    },
 }
 
 /// Why a node refused a request or one item of it.
@@ -435,7 +442,7 @@ pub struct NodeStats {
     /// Blocks evicted from DRAM (dropped or demoted).
     pub evictions: u64,
     /// Requests served, by kind: put, lookup, exists, prefix_match, remove, stats, health,
-    /// reserve, commit.
+    /// reserve, commit, end_chain (as [`REQUEST_KINDS`]).
     pub requests: Vec<u64>,
     /// Requests or items refused.
     pub errors: u64,
@@ -472,7 +479,7 @@ pub enum Response {
     Put(Vec<Outcome<u64>>),
     /// To `Lookup`: a descriptor, `None` for a miss, or why not.
     Lookup(Vec<Outcome<Option<Descriptor>>>),
-    /// To `Exists` and `Remove`.
+    /// To `Exists` and `Remove`; to `Abort` and `EndChain`, one flag.
     Flags(Vec<bool>),
     /// To `PrefixMatch`.
     Count(u64),
@@ -529,6 +536,10 @@ mod tests {
             };
             assert_eq!(decode_request(&encode_body(&put)).unwrap(), put);
         }
+        let end = Request::EndChain {
+            keys: vec![b"head".as_slice(), b"tail".as_slice()],
+        };
+        assert_eq!(decode_request(&encode_body(&end)).unwrap(), end);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Prefix chains put over the control protocol (`Client::put_chain`): the node links the
 //! blocks as the engine's `put_chain_with` does, so its prefix-aware eviction keeps what stays
-//! of a chain a prefix, and lets unused partial last blocks go first.
+//! of a chain a prefix, and lets unused partial last blocks go first; a chain the client says
+//! is over (`Client::end_chain`) goes before everything else.
 
 use mooncake_kv_engine::{ChainEnd, EngineConfig, EvictionPolicyKind};
 use mooncake_kv_replication::{Client, ClientConfig, Node, NodeConfig};
@@ -98,4 +99,47 @@ fn a_partial_last_block_put_over_the_network_goes_first() {
         .filter(|&chain| !present(&client, &chain_keys(chain, 1))[0])
         .collect();
     assert_eq!(gone, (8..8 + evictions).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_chain_ended_over_the_network_goes_first() {
+    let node = node();
+    let client = Client::connect(node.control_addr(), ClientConfig::default()).unwrap();
+    // A shared head, then 12 conversations of 5 blocks under it: 61 blocks, no eviction.
+    let head = b"system-prompt".to_vec();
+    put_chain(&client, None, std::slice::from_ref(&head), ChainEnd::Full);
+    for conversation in 0..12 {
+        put_chain(
+            &client,
+            Some(&head),
+            &chain_keys(conversation, 5),
+            ChainEnd::Full,
+        );
+    }
+    assert_eq!(client.stats().unwrap().evictions, 0);
+    // The newest conversation is over; the client names its whole chain.
+    let ended: Vec<Vec<u8>> = std::iter::once(head.clone())
+        .chain(chain_keys(11, 5))
+        .collect();
+    let refs: Vec<&[u8]> = ended.iter().map(Vec::as_slice).collect();
+    assert!(client.end_chain(&refs).unwrap());
+    assert!(!client.end_chain(&[b"never-put".as_slice()]).unwrap());
+    // Without the hint, the oldest conversation's tail would make room.
+    put_chain(&client, Some(&head), &chain_keys(12, 5), ChainEnd::Full);
+    let evictions = client.stats().unwrap().evictions as usize;
+    assert!((1..=5).contains(&evictions), "{evictions} evictions");
+    assert!(
+        present(&client, std::slice::from_ref(&head))[0],
+        "the shared head went"
+    );
+    for conversation in (0..11).chain([12]) {
+        assert_eq!(
+            present(&client, &chain_keys(conversation, 5)),
+            vec![true; 5],
+            "conversation {conversation}"
+        );
+    }
+    let mut expected = vec![true; 5];
+    expected[5 - evictions..].fill(false);
+    assert_eq!(present(&client, &chain_keys(11, 5)), expected);
 }
