@@ -524,6 +524,15 @@ impl Residency {
 
     /// The next victim among the blocks `evictable` accepts; the others stay, as just used.
     fn pop_victim(&mut self, evictable: impl Fn(&Slot) -> bool) -> Option<Arc<Slot>> {
+        self.pop_victim_judged(evictable).map(|(slot, _)| slot)
+    }
+
+    /// [`pop_victim`](Self::pop_victim), and whether the policy expects the victim to be used
+    /// again (if not, a tier below need not keep it).
+    fn pop_victim_judged(
+        &mut self,
+        evictable: impl Fn(&Slot) -> bool,
+    ) -> Option<(Arc<Slot>, bool)> {
         let slots = &self.slots;
         let id = self.policy.pop_victim(&mut |id| {
             slots
@@ -531,7 +540,8 @@ impl Residency {
                 .and_then(|(_, slot)| slot.as_deref())
                 .is_some_and(&evictable)
         })?;
-        Some(self.release(id))
+        let has_future = !self.policy.victim_has_no_future();
+        Some((self.release(id), has_future))
     }
 
     fn release(&mut self, id: EntryId) -> Arc<Slot> {
@@ -1647,8 +1657,9 @@ impl Inner {
 
     /// Takes DRAM copies of the coldest unpinned blocks away until their extents add up to
     /// `target_bytes`, or nothing more can go. With a data directory, a block without an NVMe
-    /// copy is written to NVMe first (demotion) and evicted only if that fails; without one,
-    /// it is evicted. Returns the bytes of the DRAM extents let go of.
+    /// copy is written to NVMe first (demotion) and evicted only if that fails or the policy
+    /// expects no use of it; without one, it is evicted. Returns the bytes of the DRAM extents
+    /// let go of.
     fn free_dram(&self, target_bytes: u64) -> u64 {
         let mut freed = 0;
         // The policy passes over pinned blocks (they stay, as recently used) and reports when
@@ -1656,7 +1667,10 @@ impl Inner {
         // as many victims as there were blocks at the start have been taken.
         let mut budget = self.residency[DRAM].lock().policy.len();
         while freed < target_bytes && budget > 0 {
-            let mut victims = Vec::with_capacity(BATCH);
+            // Each victim, and whether the policy expects it to be used again: one it does not
+            // (an ended chain, an unused partial block) is not worth an NVMe write, so it is
+            // evicted rather than demoted.
+            let mut victims: Vec<(Arc<Slot>, bool)> = Vec::with_capacity(BATCH);
             {
                 // Without NVMe, take victims until their extents cover what is still needed,
                 // no more: an eviction is a block that will miss later. With NVMe, at least a
@@ -1669,13 +1683,15 @@ impl Inner {
                 };
                 let mut residency = self.residency[DRAM].lock();
                 while victims.len() < BATCH && budget > 0 && planned < goal {
-                    let Some(slot) = residency.pop_victim(|slot| !slot.is_pinned()) else {
+                    let Some((slot, has_future)) =
+                        residency.pop_victim_judged(|slot| !slot.is_pinned())
+                    else {
                         budget = 0;
                         break;
                     };
                     budget -= 1;
                     planned += slot.dram().map_or(0, |copy| copy.extent_len_bytes());
-                    victims.push(slot);
+                    victims.push((slot, has_future));
                 }
             }
             if victims.is_empty() {
@@ -1688,8 +1704,8 @@ impl Inner {
             if self.store.is_some() {
                 let unpersisted: Vec<Arc<Slot>> = victims
                     .iter()
-                    .filter(|s| s.nvme().is_none())
-                    .cloned()
+                    .filter(|(slot, has_future)| *has_future && slot.nvme().is_none())
+                    .map(|(slot, _)| Arc::clone(slot))
                     .collect();
                 if !unpersisted.is_empty() {
                     let count = unpersisted.len() as u64;
@@ -1703,7 +1719,7 @@ impl Inner {
                         .fetch_add(count - failures as u64, Ordering::Relaxed);
                 }
             }
-            for victim in &victims {
+            for (victim, _) in &victims {
                 freed += self.drop_dram_copy(victim);
             }
             self.victims_in_flight

@@ -1,13 +1,14 @@
 //! DRAM overflowing onto NVMe: once DRAM passes its high watermark, the background reclaimer
 //! demotes the coldest blocks to NVMe instead of dropping them, so every block stays readable
 //! with its exact bytes; a read of a demoted block promotes it back when DRAM has room; pinned
-//! blocks stay in DRAM; when NVMe fills too, its coldest blocks are evicted for good. What could
-//! break: a block dropped from DRAM before its NVMe copy is committed, a demoted block read
+//! blocks stay in DRAM; when NVMe fills too, its coldest blocks are evicted for good; blocks the
+//! prefix-aware policy expects no use of (a chain the caller ended, an unused partial last
+//! block) are evicted from DRAM without an NVMe write. What could break: a block dropped from DRAM before its NVMe copy is committed, a demoted block read
 //! from a reused extent, a pinned block moved under its reader.
 
 use std::time::{Duration, Instant};
 
-use mooncake_kv_engine::{Engine, EngineConfig, Error};
+use mooncake_kv_engine::{ChainEnd, Engine, EngineConfig, Error};
 
 const BLOCK: usize = 64 << 10;
 
@@ -112,5 +113,65 @@ fn nvme_hits_are_promoted_and_a_full_nvme_evicts_its_coldest() -> Result<(), Err
         stats.promotions > promotions_before,
         "NVMe hits were promoted: {stats:#?}"
     );
+    Ok(())
+}
+
+/// Chains of 4 blocks, the last partial, into a DRAM that holds about 60 blocks over NVMe. One
+/// chain in three is ended by its caller. Under pressure, the ended chains and the unused
+/// partial blocks leave DRAM for good; only the other full blocks are written to NVMe.
+#[test]
+fn blocks_with_no_future_are_evicted_not_demoted() -> Result<(), Error> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(EngineConfig {
+        dram_capacity_bytes: 4 << 20,
+        high_watermark_percent: 100,
+        low_watermark_percent: 99,
+        data_dir: Some(dir.path().to_owned()),
+        nvme_capacity_bytes: 64 << 20,
+        promote_on_hit: false,
+        ..EngineConfig::default()
+    })?;
+    let chains = 60;
+    let keys = |chain: usize| -> Vec<Vec<u8>> { (0..4).map(|b| key(chain * 4 + b)).collect() };
+    for chain in 0..chains {
+        let keys = keys(chain);
+        let values: Vec<Vec<u8>> = (0..4).map(|b| value(chain * 4 + b)).collect();
+        let items: Vec<(&[u8], &[u8])> = keys
+            .iter()
+            .zip(&values)
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        for result in engine.put_chain_with(None, &items, ChainEnd::Partial) {
+            result?;
+        }
+        if chain % 3 == 0 {
+            let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+            assert!(engine.end_chain(&refs));
+        }
+    }
+    let stats = engine.stats();
+    assert!(stats.tiers[0].evictions > 100, "{stats:#?}");
+    // Every block is in DRAM, on NVMe, or gone; on NVMe only the full blocks of chains that
+    // were not ended.
+    let mut demoted = 0;
+    for chain in 0..chains {
+        for (b, key) in keys(chain).iter().enumerate() {
+            let ended = chain % 3 == 0;
+            let partial = b == 3;
+            match engine.get(key)? {
+                Some(bytes) => assert_eq!(bytes, value(chain * 4 + b), "chain {chain} block {b}"),
+                None => assert!(ended || partial, "chain {chain} block {b} was dropped"),
+            }
+            if engine.stats().tiers[1].hits > demoted {
+                demoted += 1;
+                assert!(
+                    !ended && !partial,
+                    "chain {chain} block {b} was written to NVMe"
+                );
+            }
+        }
+    }
+    assert!(demoted > 50, "{demoted} blocks read from NVMe");
+    assert_eq!(engine.stats().demotions, demoted);
     Ok(())
 }

@@ -127,6 +127,12 @@ pub trait EvictionPolicy: Send + fmt::Debug {
     /// `None` when no tracked entry is accepted. An entry `evictable` refuses stays tracked,
     /// treated as just used; each call looks at every tracked entry a bounded number of times.
     fn pop_victim(&mut self, evictable: &mut dyn FnMut(EntryId) -> bool) -> Option<EntryId>;
+    /// Whether the entry the last [`pop_victim`](Self::pop_victim) returned is one this policy
+    /// expects no further use of (a chain its caller ended, a partial block never used again),
+    /// so a tier below need not keep it. The default: always `false`.
+    fn victim_has_no_future(&self) -> bool {
+        false
+    }
     /// Number of tracked entries.
     fn len(&self) -> usize;
     /// Whether nothing is tracked.

@@ -101,6 +101,8 @@ pub struct PrefixAware {
     len: usize,
     /// Entries refused by the current `pop_victim` (kept to reuse the allocation).
     refused: Vec<EntryId>,
+    /// The last victim came off the first-out list.
+    victim_first_out: bool,
 }
 
 impl PrefixAware {
@@ -294,6 +296,7 @@ impl EvictionPolicy for PrefixAware {
                 self.classes.unlink(id);
                 self.classes.data_mut(id).parked = true;
             } else if evictable(id) {
+                self.victim_first_out = self.classes.list_of(id) == Some(FIRST_OUT);
                 self.detach(id);
                 victim = Some(id);
                 break;
@@ -308,6 +311,10 @@ impl EvictionPolicy for PrefixAware {
         refused.clear();
         self.refused = refused;
         victim
+    }
+
+    fn victim_has_no_future(&self) -> bool {
+        self.victim_first_out
     }
 
     fn len(&self) -> usize {
