@@ -1,6 +1,6 @@
 //! The cost of each eviction policy's bookkeeping with 1M resident blocks: one access (a
-//! hit), and one eviction followed by the insert that takes its place (a miss in steady
-//! state). Entries are chains of 16 blocks linked to their parents, the last one partial, as
+//! hit), one eviction followed by the insert that takes its place (a miss in steady
+//! state), and ending a chain of 16 blocks (`Engine::end_chain`; LRU and S3-FIFO ignore it). Entries are chains of 16 blocks linked to their parents, the last one partial, as
 //! the engine reports them for `put_chain_with`. Accesses pick entries uniformly at random from a pregenerated list,
 //! so most touch memory outside the CPU caches, as a big cache's would. Also prints each
 //! policy's memory per resident block.
@@ -80,6 +80,17 @@ fn policies(c: &mut Criterion) {
                     partial: false,
                 };
                 policy.insert(black_box(victim), hint);
+            })
+        });
+        // A caller ends a whole chain (`Engine::end_chain`): on a freshly filled policy, so
+        // each of the 16 blocks is still linked to its parent and the walk goes the full
+        // length.
+        let mut policy = filled(kind);
+        group.bench_function("chain_ended_16_blocks", |b| {
+            b.iter(|| {
+                let chain = accesses[next & (accesses.len() - 1)] / CHAIN;
+                policy.chain_ended(black_box(chain * CHAIN + CHAIN - 1));
+                next += 1;
             })
         });
         group.finish();
