@@ -138,27 +138,38 @@ impl PrefixAware {
         }
     }
 
-    /// Stops tracking `id`, and tells its parent it has one child fewer: a parked parent
-    /// left with none goes back to the end of its class, to leave next.
-    fn detach(&mut self, id: EntryId) {
-        if self.classes.data(id).parked {
-            self.classes.data_mut(id).parked = false;
+    /// Takes `id` off its list, or out of the parked entries.
+    fn unlist(&mut self, id: EntryId) {
+        let meta = self.classes.data_mut(id);
+        if meta.parked {
+            meta.parked = false;
         } else {
             self.classes.unlink(id);
         }
-        self.len -= 1;
+    }
+
+    /// The entry `id` was inserted under, while that id still holds the same incarnation
+    /// (ids are reused). A removed parent keeps its generation until its id is reused, so
+    /// this may name an untracked entry.
+    fn parent_of(&self, id: EntryId) -> Option<EntryId> {
         let Meta {
             parent,
             parent_generation,
             ..
         } = *self.classes.data(id);
-        if parent == NIL {
+        (parent != NIL && self.classes.data(parent).generation == parent_generation)
+            .then_some(parent)
+    }
+
+    /// Stops tracking `id`, and tells its parent it has one child fewer: a parked parent
+    /// left with none goes back to the end of its class, to leave next.
+    fn detach(&mut self, id: EntryId) {
+        self.unlist(id);
+        self.len -= 1;
+        let Some(parent) = self.parent_of(id) else {
             return;
-        }
+        };
         let p = self.classes.data_mut(parent);
-        if p.generation != parent_generation {
-            return;
-        }
         p.children = p.children.saturating_sub(1);
         if p.children == 0 && p.parked {
             p.parked = false;
@@ -251,33 +262,17 @@ impl EvictionPolicy for PrefixAware {
         let mut chain = std::mem::take(&mut self.refused);
         chain.push(id);
         let mut at = id;
-        loop {
-            let Meta {
-                parent,
-                parent_generation,
-                ..
-            } = *self.classes.data(at);
-            if parent == NIL {
-                break;
-            }
-            // A removed parent keeps its generation until its id is reused, so check that
-            // it is still tracked.
-            let p = self.classes.data(parent);
-            if p.generation != parent_generation || p.children != 1 || !self.tracks(parent) {
-                break;
-            }
+        while let Some(parent) = self
+            .parent_of(at)
+            .filter(|&p| self.tracks(p) && self.classes.data(p).children == 1)
+        {
             chain.push(parent);
             at = parent;
         }
         // Head first onto the back of the first-out list, so the tail leaves first and each
         // block leaves after its child.
         for &id in chain.iter().rev() {
-            let meta = self.classes.data_mut(id);
-            if meta.parked {
-                meta.parked = false;
-            } else {
-                self.classes.unlink(id);
-            }
+            self.unlist(id);
             self.classes.push_back(FIRST_OUT, id);
         }
         chain.clear();
