@@ -1318,25 +1318,27 @@ impl Inner {
     }
 
     /// Demotes the coldest HBM blocks to DRAM until their extents add up to `target_bytes`,
-    /// or nothing more can go. Returns the HBM bytes let go of.
+    /// or nothing more can go; one the policy expects no use of (an ended chain, an unused
+    /// partial block) is evicted instead. Returns the HBM bytes let go of.
     fn free_hbm(&self, target_bytes: u64) -> u64 {
         let mut freed = 0;
         let mut budget = self.residency[HBM].lock().policy.len();
         while freed < target_bytes && budget > 0 {
             budget -= 1;
-            let Some(victim) = self.residency[HBM].lock().pop_victim(|_| true) else {
+            let Some((victim, has_future)) = self.residency[HBM].lock().pop_victim_judged(|_| true)
+            else {
                 break;
             };
-            freed += self.demote_hbm(&victim);
+            freed += self.demote_hbm(&victim, has_future);
         }
         freed
     }
 
-    /// Moves a block's HBM copy down: into DRAM unless it has a copy below already, then
-    /// drops it. Returns the HBM bytes let go of.
-    fn demote_hbm(&self, victim: &Arc<Slot>) -> u64 {
+    /// Moves a block's HBM copy down: into DRAM unless it has a copy below already or has no
+    /// future, then drops it. Returns the HBM bytes let go of.
+    fn demote_hbm(&self, victim: &Arc<Slot>, has_future: bool) -> u64 {
         let Some(copy) = victim.hbm() else { return 0 };
-        if self.copy_down(victim) {
+        if has_future && self.copy_down(victim) {
             self.counters.demotions.fetch_add(1, Ordering::Relaxed);
         }
         drop(copy);

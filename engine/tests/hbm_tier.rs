@@ -1,8 +1,9 @@
 //! The HBM tier's logic, on the host test device (host memory posing as a GPU; this machine
 //! has none): puts land in HBM; a full HBM demotes its coldest blocks to DRAM, and DRAM to
 //! NVMe, in that order; hits promote back; pins bring a block into DRAM and hold it; a block
-//! no tier can hold is refused with NoSpace; reads straight into device memory are exact; and
-//! asking for an HBM tier where there is no GPU fails at open without creating anything.
+//! no tier can hold is refused with NoSpace; reads straight into device memory are exact; a
+//! chain its caller ended leaves HBM first and is not copied down; and asking for an HBM tier
+//! where there is no GPU fails at open without creating anything.
 
 use std::sync::Arc;
 
@@ -126,6 +127,49 @@ fn demotion_goes_hbm_then_dram_then_nvme_coldest_first() -> Result<(), Error> {
             Some(value(i)),
             "after restart, block {i}"
         );
+    }
+    Ok(())
+}
+
+/// Ten chains of two blocks in HBM, half of them ended by their caller; then plain puts push
+/// most of them out. The ended chains go first and are evicted, not copied into DRAM; the
+/// others are demoted, and every block not ended reads back exactly.
+#[test]
+fn an_ended_chain_leaves_hbm_first_and_is_not_copied_down() -> Result<(), Error> {
+    // HBM holds about 26 blocks below its high mark and 22 below its low one; DRAM 8 MiB.
+    let engine = engine(2 << 20, 8 << 20, None);
+    let chain = |c: usize| [key(2 * c), key(2 * c + 1)];
+    for c in 0..10 {
+        let keys = chain(c);
+        let values = [value(2 * c), value(2 * c + 1)];
+        let items: Vec<(&[u8], &[u8])> = keys
+            .iter()
+            .zip(&values)
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        for result in engine.put_chain(None, &items) {
+            result?;
+        }
+    }
+    assert_eq!(tier(&engine, TierKind::Hbm).blocks, 20);
+    for c in (0..10).step_by(2) {
+        let keys = chain(c);
+        assert!(engine.end_chain(&[&keys[0], &keys[1]]));
+    }
+    for i in 20..50 {
+        engine.put(&key(i), &value(i))?;
+    }
+    let hbm = tier(&engine, TierKind::Hbm);
+    assert!(hbm.evictions > 10, "{hbm:?}");
+    assert_eq!(
+        engine.stats().demotions,
+        hbm.evictions - 10,
+        "every HBM victim but the 10 ended blocks went down to DRAM"
+    );
+    for i in 0..50 {
+        let ended = i < 20 && (i / 2) % 2 == 0;
+        let expected = (!ended).then(|| value(i));
+        assert_eq!(engine.get(&key(i))?, expected, "block {i}");
     }
     Ok(())
 }
