@@ -2383,27 +2383,36 @@ impl Inner {
         })
     }
 
-    fn prefix_match(&self, keys: &[&[u8]]) -> usize {
-        let mut matched: Vec<([EntryId; TIERS], u64)> = Vec::with_capacity(keys.len());
-        for key in keys {
-            let hash = self.index.hash(key);
-            let shard = self.index.shard(hash).read();
-            let Some(slot) = shard.find(hash, key) else {
-                break;
-            };
-            matched.push((
+    /// Where `key`'s block is tracked in each tier, and its generation (to tell it from
+    /// whatever reuses an entry id later). Takes and releases the key's index shard lock.
+    fn residency_ids(&self, key: &[u8]) -> Option<([EntryId; TIERS], u64)> {
+        let hash = self.index.hash(key);
+        let shard = self.index.shard(hash).read();
+        shard.find(hash, key).map(|slot| {
+            (
                 std::array::from_fn(|tier| slot.entries[tier].load(Ordering::Relaxed)),
                 slot.generation,
-            ));
-        }
-        let tiers = [true, self.store.is_some(), self.hbm.is_some()];
-        for (tier, _) in tiers.iter().enumerate().filter(|(_, present)| **present) {
-            if matched.is_empty() {
-                break;
-            }
-            let mut residency = self.residency[tier].lock();
-            for &(ids, generation) in &matched {
-                residency.touch(ids[tier], generation);
+            )
+        })
+    }
+
+    /// The tiers this engine has: DRAM, then NVMe and HBM when configured.
+    fn tiers_present(&self) -> impl Iterator<Item = usize> {
+        [true, self.store.is_some(), self.hbm.is_some()]
+            .into_iter()
+            .enumerate()
+            .filter_map(|(tier, present)| present.then_some(tier))
+    }
+
+    fn prefix_match(&self, keys: &[&[u8]]) -> usize {
+        let mut matched: Vec<([EntryId; TIERS], u64)> = Vec::with_capacity(keys.len());
+        matched.extend(keys.iter().map_while(|key| self.residency_ids(key)));
+        if !matched.is_empty() {
+            for tier in self.tiers_present() {
+                let mut residency = self.residency[tier].lock();
+                for &(ids, generation) in &matched {
+                    residency.touch(ids[tier], generation);
+                }
             }
         }
         matched.len()
@@ -2412,23 +2421,13 @@ impl Inner {
     fn end_chain(&self, keys: &[&[u8]]) -> bool {
         let chain: Vec<([EntryId; TIERS], u64)> = keys
             .iter()
-            .filter_map(|key| {
-                let hash = self.index.hash(key);
-                let shard = self.index.shard(hash).read();
-                shard.find(hash, key).map(|slot| {
-                    (
-                        std::array::from_fn(|tier| slot.entries[tier].load(Ordering::Relaxed)),
-                        slot.generation,
-                    )
-                })
-            })
+            .filter_map(|key| self.residency_ids(key))
             .collect();
-        let tiers = [true, self.store.is_some(), self.hbm.is_some()];
+        if chain.is_empty() {
+            return false;
+        }
         let mut held = false;
-        for (tier, _) in tiers.iter().enumerate().filter(|(_, present)| **present) {
-            if chain.is_empty() {
-                break;
-            }
+        for tier in self.tiers_present() {
             held |= self.residency[tier].lock().chain_ended(&chain);
         }
         held
