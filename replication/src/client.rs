@@ -129,6 +129,30 @@ pub enum ClientError {
 
 type Result<T, E = ClientError> = std::result::Result<T, E>;
 
+impl ClientError {
+    /// The same failure again, for a caller that reports one failed request once per item it
+    /// carried: the same variant and message (an I/O error keeps its kind and text, a
+    /// transfer error becomes an I/O error with its text).
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            Self::Io { action, source } => Self::Io {
+                action,
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Self::Protocol(error) => Self::Protocol(error.clone()),
+            Self::Refused(reply) => Self::Refused(reply.clone()),
+            Self::Transfer(error) => Self::Io {
+                action: "read",
+                source: std::io::Error::other(error.to_string()),
+            },
+            &Self::Stale { attempts } => Self::Stale { attempts },
+            &Self::BufferTooSmall { needed, available } => {
+                Self::BufferTooSmall { needed, available }
+            }
+        }
+    }
+}
+
 fn io(action: &'static str) -> impl FnOnce(std::io::Error) -> ClientError {
     move |source| ClientError::Io { action, source }
 }

@@ -3,20 +3,30 @@
 //! failures. Placement is computed here from the membership view (rendezvous hashing), so no
 //! node is asked where a key lives.
 //!
-//! Not here yet: repair (copying blocks that lost a replica to their new owners) and the etcd
-//! membership backend.
+//! Prefix chains go through it too: [`ClusterClient::put_chain`] sends each member its share
+//! of a chain (the blocks it holds a replica of, in chain order) as one linked put, so each
+//! node's prefix-aware eviction keeps its share's head longer than its tail;
+//! [`ClusterClient::prefix_match`] asks every member holding a share at once;
+//! [`ClusterClient::end_chain`] passes the caller's word that a chain is over to each share.
+//!
+//! Repair (copying blocks that lost a replica to their new owners) runs on the nodes: see
+//! [`crate::repair`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use mooncake_kv_engine::ChainEnd;
 use parking_lot::Mutex;
 
 use crate::membership::{Liveness, Membership, MembershipConfig};
 use crate::placement;
 use crate::proto::ErrorReply;
 use crate::{Client, ClientConfig, ClientError};
+
+/// Members, and for each the positions of the keys it holds a replica of, in key order.
+type Shares = (Vec<(u64, SocketAddr)>, Vec<Vec<usize>>);
 
 /// How a cluster client places and acknowledges blocks.
 #[derive(Debug, Clone)]
@@ -233,42 +243,245 @@ impl ClusterClient {
         if replicas.is_empty() {
             return Err(ClusterError::NoLiveMember);
         }
-        // The first replica on this thread, the others on one thread each, all at once.
-        let put_to = |&(id, addr): &(u64, SocketAddr)| {
-            let _in_flight = self.start_request(id);
-            let result = self.client(id, addr).and_then(|c| c.put(key, value));
-            (id, addr, result)
-        };
-        let outcomes: Vec<(u64, SocketAddr, Result<u64, ClientError>)> =
-            std::thread::scope(|scope| {
-                let others: Vec<_> = replicas[1..]
-                    .iter()
-                    .map(|replica| scope.spawn(move || put_to(replica)))
-                    .collect();
-                let mut outcomes = vec![put_to(&replicas[0])];
-                outcomes.extend(others.into_iter().filter_map(|h| h.join().ok()));
-                outcomes
-            });
         let mut acked = Vec::new();
         let mut failures = Vec::new();
-        for (id, addr, result) in outcomes {
+        for (id, addr, result) in self.each_member(&replicas, |_, client| client.put(key, value)) {
             match result {
                 Ok(_) => acked.push(id),
                 Err(error) => failures.push(self.failed(id, addr, error)),
             }
         }
+        self.quorum(replicas.len(), acked, failures)
+    }
+
+    /// A put's outcome from the replicas that took it: `acked` of `wanted`, the others
+    /// having failed as `failures` say.
+    fn quorum(
+        &self,
+        wanted: usize,
+        acked: Vec<u64>,
+        failures: Vec<ReplicaFailure>,
+    ) -> Result<Vec<u64>, ClusterError> {
+        if wanted == 0 {
+            return Err(ClusterError::NoLiveMember);
+        }
         // Fewer live members than R: the quorum counts against what could be asked.
-        let quorum = self.config.write_quorum.min(replicas.len());
+        let quorum = self.config.write_quorum.min(wanted);
         if acked.len() >= quorum {
             Ok(acked)
         } else {
             Err(ClusterError::Quorum {
                 acked: acked.len(),
-                wanted: replicas.len(),
+                wanted,
                 quorum,
                 failures,
             })
         }
+    }
+
+    /// Runs `call` against each of `members` at once: the first on this thread, each other on
+    /// a thread of its own, each counted in flight to its member. `call` gets the member's
+    /// position in `members` and its client. One outcome per member, in the order of
+    /// `members`.
+    fn each_member<T: Send>(
+        &self,
+        members: &[(u64, SocketAddr)],
+        call: impl Fn(usize, &Client) -> Result<T, ClientError> + Sync,
+    ) -> Vec<(u64, SocketAddr, Result<T, ClientError>)> {
+        let call_one = |at: usize| {
+            let (id, addr) = members[at];
+            let _in_flight = self.start_request(id);
+            let result = self.client(id, addr).and_then(|client| call(at, &client));
+            (id, addr, result)
+        };
+        std::thread::scope(|scope| {
+            let others: Vec<_> = (1..members.len())
+                .map(|at| scope.spawn(move || call_one(at)))
+                .collect();
+            let mut outcomes = Vec::with_capacity(members.len());
+            if !members.is_empty() {
+                outcomes.push(call_one(0));
+            }
+            for other in others {
+                // A panic in a call is a bug here: pass it on rather than lose an outcome.
+                outcomes.push(
+                    other
+                        .join()
+                        .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                );
+            }
+            outcomes
+        })
+    }
+
+    /// Where each of `keys` lives now: the members holding a replica of any, and for each
+    /// member the positions of the keys it holds, in order.
+    fn shares(&self, keys: impl IntoIterator<Item = impl AsRef<[u8]>>) -> Shares {
+        let mut members: Vec<(u64, SocketAddr)> = Vec::new();
+        let mut shares: Vec<Vec<usize>> = Vec::new();
+        for (at, key) in keys.into_iter().enumerate() {
+            for (id, addr) in self.replicas(key.as_ref()) {
+                let member = match members.iter().position(|&(m, _)| m == id) {
+                    Some(member) => member,
+                    None => {
+                        members.push((id, addr));
+                        shares.push(Vec::new());
+                        members.len() - 1
+                    }
+                };
+                shares[member].push(at);
+            }
+        }
+        (members, shares)
+    }
+
+    /// Stores the blocks of one prefix chain on their replicas, the first following `parent`
+    /// (the key of the block before them, if the chain continues one the cluster may hold),
+    /// `end` saying whether the last block is full or partial. Each block is placed by its own
+    /// key, as [`put`](Self::put) places it; each member receives its share of the chain in
+    /// one request, linked in chain order under `parent`, so its eviction lets a share's tail
+    /// go before its head (a member links a block to the nearest earlier block of the chain it
+    /// holds, which is an ancestor: what the prefix rule needs). One outcome per item, in
+    /// order, as [`put`](Self::put)'s: the replicas that hold the block, or why fewer than the
+    /// write quorum do.
+    ///
+    /// A prefix is used from its head, so a caller that finds block `i` failed may count the
+    /// blocks after it as lost too.
+    pub fn put_chain(
+        &self,
+        parent: Option<&[u8]>,
+        items: &[(&[u8], &[u8])],
+        end: ChainEnd,
+    ) -> Vec<Result<Vec<u64>, ClusterError>> {
+        let (members, shares) = self.shares(items.iter().map(|(key, _)| key));
+        let last = items.len().saturating_sub(1);
+        let outcomes = self.each_member(&members, |member, client| {
+            let share = &shares[member];
+            let blocks: Vec<(&[u8], &[u8])> = share.iter().map(|&at| items[at]).collect();
+            // Only the share holding the chain's last block ends partial.
+            let end = if share.last() == Some(&last) {
+                end
+            } else {
+                ChainEnd::Full
+            };
+            client.put_chain(parent, &blocks, end, false)
+        });
+        let mut acked: Vec<Vec<u64>> = vec![Vec::new(); items.len()];
+        let mut wanted = vec![0usize; items.len()];
+        let mut failures: Vec<Vec<ReplicaFailure>> = items.iter().map(|_| Vec::new()).collect();
+        for ((id, addr, result), share) in outcomes.into_iter().zip(&shares) {
+            for &at in share {
+                wanted[at] += 1;
+            }
+            match result {
+                Ok(per_block) => {
+                    for (&at, outcome) in share.iter().zip(per_block) {
+                        match outcome {
+                            Ok(_) => acked[at].push(id),
+                            Err(reply) => failures[at].push(ReplicaFailure {
+                                member: id,
+                                addr,
+                                error: ClientError::Refused(reply),
+                            }),
+                        }
+                    }
+                }
+                // The request failed as a whole: so did each block it carried.
+                Err(error) => {
+                    for &at in share {
+                        failures[at].push(ReplicaFailure {
+                            member: id,
+                            addr,
+                            error: error.duplicate(),
+                        });
+                    }
+                    self.failed(id, addr, error);
+                }
+            }
+        }
+        acked
+            .into_iter()
+            .zip(failures)
+            .zip(wanted)
+            .map(|((acked, failures), wanted)| self.quorum(wanted, acked, failures))
+            .collect()
+    }
+
+    /// How many leading keys of the prefix chain `keys` the cluster holds: a key counts if any
+    /// of its replicas has its block. Every member holding a share is asked at once, one
+    /// request each; a member that fails counts as holding nothing. A block written under an
+    /// older membership and not yet moved by repair counts as missing (a miss, not an error;
+    /// [`get`](Self::get) still finds it). Blocks may be evicted after the answer, so a read
+    /// of a matched block can still miss.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::NoLiveMember`]; [`ClusterError::AllReplicasFailed`] when every member
+    /// asked failed.
+    pub fn prefix_match(&self, keys: &[&[u8]]) -> Result<usize, ClusterError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let (members, shares) = self.shares(keys);
+        if members.is_empty() {
+            return Err(ClusterError::NoLiveMember);
+        }
+        let outcomes = self.each_member(&members, |member, client| {
+            let asked: Vec<&[u8]> = shares[member].iter().map(|&at| keys[at]).collect();
+            client.exists(&asked)
+        });
+        let mut held = vec![false; keys.len()];
+        let mut failures = Vec::new();
+        for ((id, addr, result), share) in outcomes.into_iter().zip(&shares) {
+            match result {
+                Ok(flags) => {
+                    for (&at, flag) in share.iter().zip(flags) {
+                        held[at] |= flag;
+                    }
+                }
+                Err(error) => failures.push(self.failed(id, addr, error)),
+            }
+        }
+        if failures.len() == members.len() {
+            return Err(ClusterError::AllReplicasFailed(failures));
+        }
+        Ok(held.iter().take_while(|&&h| h).count())
+    }
+
+    /// Says that the prefix chain `keys` (head first) is over: its conversation or task has
+    /// ended, so nothing will extend it or read it again. Each member holding a share of it is
+    /// told (see [`Client::end_chain`]), so their eviction lets the chain's blocks go first,
+    /// up to blocks other chains share. Returns whether any member held a block of it. A hint:
+    /// a member that fails is skipped.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::NoLiveMember`]; [`ClusterError::AllReplicasFailed`] when every member
+    /// asked failed.
+    pub fn end_chain(&self, keys: &[&[u8]]) -> Result<bool, ClusterError> {
+        if keys.is_empty() {
+            return Ok(false);
+        }
+        let (members, shares) = self.shares(keys);
+        if members.is_empty() {
+            return Err(ClusterError::NoLiveMember);
+        }
+        let outcomes = self.each_member(&members, |member, client| {
+            let share: Vec<&[u8]> = shares[member].iter().map(|&at| keys[at]).collect();
+            client.end_chain(&share)
+        });
+        let mut held = false;
+        let mut failures = Vec::new();
+        for (id, addr, result) in outcomes {
+            match result {
+                Ok(h) => held |= h,
+                Err(error) => failures.push(self.failed(id, addr, error)),
+            }
+        }
+        if failures.len() == members.len() {
+            return Err(ClusterError::AllReplicasFailed(failures));
+        }
+        Ok(held)
     }
 
     /// The value of `key` from the first replica that has it: the key's replicas, those on
