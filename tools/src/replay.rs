@@ -27,8 +27,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use mooncake_kv_engine::eviction::{EntryHint, EntryId, EvictionPolicyKind, new_policy};
+use mooncake_kv_engine::eviction::{
+    EntryHint, EntryId, EvictionPolicy, EvictionPolicyKind, new_policy,
+};
 use mooncake_kv_engine::{ChainEnd, Engine, EngineConfig};
+use mooncake_kv_replication::placement::{self, Member};
 use serde::{Deserialize, Serialize};
 
 /// The longest line a trace may have, and the most blocks one request may name.
@@ -242,54 +245,187 @@ pub fn simulate_with_hints(
     capacity: usize,
     ended: &[bool],
 ) -> Hits {
-    let mut policy = new_policy(kind);
-    let mut resident: HashMap<u64, EntryId> = HashMap::new();
-    let mut ids_of: Vec<u64> = Vec::new();
-    let mut free: Vec<EntryId> = Vec::new();
+    simulate_cluster(trace, kind, capacity, ClusterShape::SINGLE, ended)
+}
+
+/// A simulated cluster: `nodes` caches, each block on `replicas` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ClusterShape {
+    /// Members.
+    pub nodes: usize,
+    /// Copies of each block (R).
+    pub replicas: usize,
+}
+
+impl ClusterShape {
+    /// One cache holding every block once: the plain simulation.
+    pub const SINGLE: Self = Self {
+        nodes: 1,
+        replicas: 1,
+    };
+
+    /// Blocks each member holds when the cluster holds `capacity` distinct blocks R times.
+    pub fn per_node(self, capacity: usize) -> usize {
+        (capacity * self.replicas).div_ceil(self.nodes).max(1)
+    }
+}
+
+impl std::fmt::Display for ClusterShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.nodes, self.replicas)
+    }
+}
+
+impl std::str::FromStr for ClusterShape {
+    type Err = String;
+
+    /// `NODESxREPLICAS`, e.g. `3x2`: 1 to 256 nodes, 1 to `nodes` replicas.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not NODESxREPLICAS (e.g. 3x2)");
+        let (nodes, replicas) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+        let nodes: usize = nodes.trim().parse().map_err(|_| bad())?;
+        let replicas: usize = replicas.trim().parse().map_err(|_| bad())?;
+        if !(1..=256).contains(&nodes) || !(1..=nodes).contains(&replicas) {
+            return Err(format!(
+                "{s:?}: need 1 to 256 nodes and 1 to that many replicas"
+            ));
+        }
+        Ok(Self { nodes, replicas })
+    }
+}
+
+/// One simulated cache: a policy over block ids, with room for `capacity` blocks.
+struct SimCache {
+    policy: Box<dyn EvictionPolicy>,
+    resident: HashMap<u64, EntryId>,
+    ids_of: Vec<u64>,
+    free: Vec<EntryId>,
+    capacity: usize,
+}
+
+impl SimCache {
+    fn new(kind: EvictionPolicyKind, capacity: usize) -> Self {
+        Self {
+            policy: new_policy(kind),
+            resident: HashMap::new(),
+            ids_of: Vec::new(),
+            free: Vec::new(),
+            capacity,
+        }
+    }
+
+    fn access(&mut self, block: u64) -> bool {
+        let Some(&entry) = self.resident.get(&block) else {
+            return false;
+        };
+        self.policy.access(entry);
+        true
+    }
+
+    /// Puts `block` under `parent` (linked if it is still here), evicting as needed.
+    fn insert(&mut self, block: u64, parent: Option<u64>, depth: usize, partial: bool) {
+        if let Some(entry) = self.resident.remove(&block) {
+            // Put again, as the engine's replay does: a new block under the same key.
+            self.policy.remove(entry);
+            self.free.push(entry);
+        }
+        let entry = self.free.pop().unwrap_or_else(|| {
+            self.ids_of.push(0);
+            (self.ids_of.len() - 1) as EntryId
+        });
+        self.ids_of[entry as usize] = block;
+        // The parent may have been evicted meanwhile (capacity below a chain's length).
+        let parent = parent.and_then(|p| self.resident.get(&p).copied());
+        self.policy.insert(
+            entry,
+            EntryHint {
+                key_hash: mix(block),
+                parent,
+                depth: depth as u32,
+                partial,
+            },
+        );
+        self.resident.insert(block, entry);
+        while self.resident.len() > self.capacity {
+            let Some(victim) = self.policy.pop_victim(&mut |_| true) else {
+                break;
+            };
+            self.resident.remove(&self.ids_of[victim as usize]);
+            self.free.push(victim);
+        }
+    }
+
+    /// Tells the policy that `chain` ended, from its deepest block held here.
+    fn end(&mut self, chain: &[u64]) {
+        if let Some(&tail) = chain.iter().rev().find_map(|id| self.resident.get(id)) {
+            self.policy.chain_ended(tail);
+        }
+    }
+}
+
+/// [`simulate_with_hints`] over a cluster of `shape.nodes` caches holding `capacity` distinct
+/// blocks `shape.replicas` times between them, used the way `ClusterClient` uses its members:
+/// each block placed by weighted rendezvous hashing of its id (all members at full weight); a
+/// block is a hit if any of its replicas holds it, and is read from the first of them in
+/// placement order (a lone client's `get`, which only that replica's policy sees); each
+/// member receives its share of a request's missing blocks, linked in chain order under the
+/// matched prefix's last block (`ClusterClient::put_chain`); an ended chain is told to every
+/// member. `ClusterShape::SINGLE` is the plain simulation.
+pub fn simulate_cluster(
+    trace: &Trace,
+    kind: EvictionPolicyKind,
+    capacity: usize,
+    shape: ClusterShape,
+    ended: &[bool],
+) -> Hits {
+    let per_node = shape.per_node(capacity);
+    let mut caches: Vec<SimCache> = (0..shape.nodes)
+        .map(|_| SimCache::new(kind, per_node))
+        .collect();
+    let members: Vec<Member> = (0..shape.nodes as u64).map(Member::full).collect();
+    let place = |block: u64| -> Vec<usize> {
+        if shape.nodes == 1 {
+            return vec![0];
+        }
+        placement::replicas(&block.to_le_bytes(), &members, shape.replicas)
+            .into_iter()
+            .map(|id| id as usize)
+            .collect()
+    };
     let mut hits = Hits::default();
+    let mut last_on: Vec<Option<u64>> = vec![None; shape.nodes];
     for (number, request) in trace.requests.iter().enumerate() {
         let chain = &request.hash_ids;
-        let matched = cached_prefix(chain, |id| resident.contains_key(id));
+        let places: Vec<Vec<usize>> = chain.iter().map(|&block| place(block)).collect();
+        let matched = chain
+            .iter()
+            .zip(&places)
+            .take_while(|&(block, replicas)| {
+                replicas
+                    .iter()
+                    .any(|&n| caches[n].resident.contains_key(block))
+            })
+            .count();
         hits.count(trace, request, matched);
-        for id in &chain[..matched] {
-            policy.access(resident[id]);
-        }
-        let mut parent = matched.checked_sub(1).map(|i| resident[&chain[i]]);
-        let ends_partial = trace.ends_partial(request);
-        for (depth, &block) in chain.iter().enumerate().skip(matched) {
-            if let Some(entry) = resident.remove(&block) {
-                // Put again, as the engine's replay does: a new block under the same key.
-                policy.remove(entry);
-                free.push(entry);
-            }
-            let entry = free.pop().unwrap_or_else(|| {
-                ids_of.push(0);
-                (ids_of.len() - 1) as EntryId
-            });
-            ids_of[entry as usize] = block;
-            policy.insert(
-                entry,
-                EntryHint {
-                    key_hash: mix(block),
-                    parent,
-                    depth: depth as u32,
-                    partial: ends_partial && depth + 1 == chain.len(),
-                },
-            );
-            resident.insert(block, entry);
-            while resident.len() > capacity {
-                let Some(victim) = policy.pop_victim(&mut |_| true) else {
+        for (&block, replicas) in chain[..matched].iter().zip(&places) {
+            for &n in replicas {
+                if caches[n].access(block) {
                     break;
-                };
-                resident.remove(&ids_of[victim as usize]);
-                free.push(victim);
+                }
             }
-            // The parent may just have been evicted (capacity below a chain's length).
-            parent = resident.get(&block).copied();
+        }
+        last_on.fill(matched.checked_sub(1).map(|i| chain[i]));
+        let ends_partial = trace.ends_partial(request);
+        for (depth, (&block, replicas)) in chain.iter().zip(&places).enumerate().skip(matched) {
+            let partial = ends_partial && depth + 1 == chain.len();
+            for &n in replicas {
+                caches[n].insert(block, last_on[n], depth, partial);
+                last_on[n] = Some(block);
+            }
         }
         if ended.get(number).copied().unwrap_or(false) {
-            if let Some(&tail) = chain.iter().rev().find_map(|id| resident.get(id)) {
-                policy.chain_ended(tail);
+            for cache in &mut caches {
+                cache.end(chain);
             }
         }
     }
@@ -614,6 +750,63 @@ mod tests {
         let min = belady(&t, 6);
         assert_eq!(lru.hit_blocks, 0);
         assert!(min.hit_blocks > 40, "{min:?}");
+    }
+
+    #[test]
+    fn cluster_shapes_parse_and_refuse_what_cannot_be() {
+        let shape: ClusterShape = "3x2".parse().unwrap();
+        assert_eq!(
+            shape,
+            ClusterShape {
+                nodes: 3,
+                replicas: 2
+            }
+        );
+        assert_eq!(shape.to_string(), "3x2");
+        assert_eq!(shape.per_node(10), 7);
+        assert_eq!("1X1".parse::<ClusterShape>(), Ok(ClusterShape::SINGLE));
+        for bad in [
+            "3", "x2", "3x", "0x1", "2x0", "2x3", "300x1", "-1x1", "3x2x1",
+        ] {
+            assert!(bad.parse::<ClusterShape>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_cluster_with_room_for_everything_hits_every_repeat() {
+        let t = conversations();
+        let unique = t.unique_blocks();
+        for shape in ["1x1", "3x1", "3x2", "5x3", "4x4"] {
+            let shape: ClusterShape = shape.parse().unwrap();
+            for kind in [EvictionPolicyKind::Lru, EvictionPolicyKind::PrefixAware] {
+                let hits = simulate_cluster(&t, kind, unique, shape, &[]);
+                assert_eq!(hits, t.ceiling(), "{kind} on {shape}");
+            }
+        }
+    }
+
+    #[test]
+    fn each_member_holds_its_share_of_the_capacity() {
+        // Two members, one copy each: room for 2 blocks in all, 1 on each.
+        let shape: ClusterShape = "2x1".parse().unwrap();
+        let members = [Member::full(0), Member::full(1)];
+        let member_of = |id: u64| placement::replicas(&id.to_le_bytes(), &members, 1)[0];
+        let a = 0;
+        let same = (1..).find(|&id| member_of(id) == member_of(a)).unwrap();
+        let other = (1..).find(|&id| member_of(id) != member_of(a)).unwrap();
+        let lru = EvictionPolicyKind::Lru;
+        // a and `other` live on different members: both stay, as in one cache of 2.
+        let t = trace(&[&[a], &[other], &[a], &[other]]);
+        assert_eq!(simulate_cluster(&t, lru, 2, shape, &[]).hit_blocks, 2);
+        assert_eq!(simulate(&t, lru, 2).hit_blocks, 2);
+        // a and `same` share a member with room for one: the second pushes the first out,
+        // where one cache of 2 would have kept both.
+        let t = trace(&[&[a], &[same], &[a]]);
+        assert_eq!(simulate_cluster(&t, lru, 2, shape, &[]).hit_blocks, 0);
+        assert_eq!(simulate(&t, lru, 2).hit_blocks, 1);
+        // With a second copy of each block, each member has room for two.
+        let both: ClusterShape = "2x2".parse().unwrap();
+        assert_eq!(simulate_cluster(&t, lru, 2, both, &[]).hit_blocks, 1);
     }
 
     #[test]

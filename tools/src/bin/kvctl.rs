@@ -195,6 +195,14 @@ struct ReplayArgs {
     /// session, an agent's last step) can tell; a store cannot know it by itself.
     #[arg(long, value_delimiter = ',', value_name = "PERCENT", value_parser = end_hint_percent)]
     end_hints: Vec<f64>,
+    /// Also simulate each policy (and end-hint share) on a cluster of NODES members holding
+    /// each block REPLICAS times, as the cluster client uses them: blocks placed by
+    /// rendezvous hashing, a hit if any replica holds the block, read from the first that
+    /// does, each member sent its share of a chain linked. The capacity is the cluster's in
+    /// distinct blocks (each member holds capacity x REPLICAS / NODES). Simulated only, on
+    /// block ids; several shapes give one row each.
+    #[arg(long, value_delimiter = ',', value_name = "NODESxREPLICAS")]
+    cluster: Vec<mooncake_kv_tools::replay::ClusterShape>,
 }
 
 /// A percentage in [0, 100].
@@ -968,7 +976,7 @@ mod replay_cmd {
                 }
             );
             println!(
-                "\n{:>14}  {:<22} {:>8} {:>8} {:>9} {:>9} {:>10} {:>7}",
+                "\n{:>14}  {:<30} {:>8} {:>8} {:>9} {:>9} {:>10} {:>7}",
                 "capacity",
                 "policy",
                 "blocks",
@@ -1023,52 +1031,34 @@ mod replay_cmd {
                     if args.simulate_only {
                         print_row(cli, &label, &name, &simulated, None, None);
                         rows.push(json!({"capacity_percent": percent, "capacity_blocks": capacity, "policy": policy.name(), "end_hints_percent": end_hints, "simulated": simulated}));
-                        continue;
+                    } else {
+                        let run = EngineRun {
+                            policy,
+                            ended,
+                            end_hints: *end_hints,
+                            capacity,
+                            percent,
+                            label: &label,
+                            name: &name,
+                            simulated: &simulated,
+                        };
+                        let (row, wrong_blocks) =
+                            replay_on_engine(cli, args, &trace, unique, quiet, &run)?;
+                        wrong += wrong_blocks;
+                        rows.push(row);
                     }
-                    let nvme_dir = (args.nvme_percent > 0.0).then(|| {
-                        args.nvme_dir.join(format!(
-                            "kvctl-replay-{}-{policy}-{percent}",
-                            std::process::id()
-                        ))
-                    });
-                    let setup = EngineReplay {
-                        policy,
-                        ended: ended.clone(),
-                        dram_blocks: capacity,
-                        block_bytes: args.block_bytes as usize,
-                        nvme: nvme_dir.clone().map(|dir| {
-                            (
-                                dir,
-                                ((unique as f64 * args.nvme_percent / 100.0) as usize).max(1),
-                            )
-                        }),
-                    };
-                    let bar = progress_bar(trace.requests.len() as u64, quiet);
-                    let result =
-                        replay::replay_engine(&trace, &setup, |n| bar.set_position(n as u64));
-                    bar.finish_and_clear();
-                    if let Some(dir) = &nvme_dir {
-                        // Best effort: the directory is ours and only holds replay blocks.
-                        let _ = std::fs::remove_dir_all(dir);
+                    for &shape in &args.cluster {
+                        let hits = replay::simulate_cluster(&trace, policy, capacity, shape, ended);
+                        print_row(
+                            cli,
+                            &label,
+                            &format!("{name} on {shape}"),
+                            &hits,
+                            None,
+                            None,
+                        );
+                        rows.push(json!({"capacity_percent": percent, "capacity_blocks": capacity, "policy": policy.name(), "end_hints_percent": end_hints, "cluster": shape, "simulated": hits}));
                     }
-                    let result = result?;
-                    wrong += result.wrong_blocks;
-                    print_row(
-                        cli,
-                        &label,
-                        &name,
-                        &result.hits,
-                        Some(&result),
-                        Some(&simulated),
-                    );
-                    rows.push(json!({
-                        "capacity_percent": percent,
-                        "capacity_blocks": capacity,
-                        "policy": policy.name(),
-                        "end_hints_percent": end_hints,
-                        "engine": result,
-                        "simulated": simulated,
-                    }));
                 }
             }
         }
@@ -1094,6 +1084,79 @@ mod replay_cmd {
         } else {
             ExitCode::SUCCESS
         })
+    }
+
+    /// One policy at one capacity and end-hint share, in a real engine.
+    struct EngineRun<'a> {
+        policy: mooncake_kv_engine::EvictionPolicyKind,
+        ended: &'a [bool],
+        end_hints: Option<f64>,
+        capacity: usize,
+        percent: f64,
+        label: &'a str,
+        name: &'a str,
+        simulated: &'a replay::Hits,
+    }
+
+    /// Replays the trace into an engine set up as `run` says, prints its row and returns it
+    /// for the JSON output, with the number of hit blocks that came back wrong.
+    fn replay_on_engine(
+        cli: &Cli,
+        args: &ReplayArgs,
+        trace: &Trace,
+        unique: usize,
+        quiet: bool,
+        run: &EngineRun<'_>,
+    ) -> anyhow::Result<(serde_json::Value, u64)> {
+        let EngineRun {
+            policy,
+            capacity,
+            percent,
+            ..
+        } = *run;
+        let nvme_dir = (args.nvme_percent > 0.0).then(|| {
+            args.nvme_dir.join(format!(
+                "kvctl-replay-{}-{policy}-{percent}",
+                std::process::id()
+            ))
+        });
+        let setup = EngineReplay {
+            policy,
+            ended: run.ended.to_vec(),
+            dram_blocks: capacity,
+            block_bytes: args.block_bytes as usize,
+            nvme: nvme_dir.clone().map(|dir| {
+                (
+                    dir,
+                    ((unique as f64 * args.nvme_percent / 100.0) as usize).max(1),
+                )
+            }),
+        };
+        let bar = progress_bar(trace.requests.len() as u64, quiet);
+        let result = replay::replay_engine(trace, &setup, |n| bar.set_position(n as u64));
+        bar.finish_and_clear();
+        if let Some(dir) = &nvme_dir {
+            // Best effort: the directory is ours and only holds replay blocks.
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        let result = result?;
+        print_row(
+            cli,
+            run.label,
+            run.name,
+            &result.hits,
+            Some(&result),
+            Some(run.simulated),
+        );
+        let row = json!({
+            "capacity_percent": percent,
+            "capacity_blocks": capacity,
+            "policy": policy.name(),
+            "end_hints_percent": run.end_hints,
+            "engine": result,
+            "simulated": run.simulated,
+        });
+        Ok((row, result.wrong_blocks))
     }
 
     fn progress_bar(len: u64, quiet: bool) -> ProgressBar {
@@ -1126,7 +1189,7 @@ mod replay_cmd {
             })
         };
         println!(
-            "{capacity:>14}  {policy:<22} {:>8} {:>8} {:>9} {:>9} {:>10} {:>7}",
+            "{capacity:>14}  {policy:<30} {:>8} {:>8} {:>9} {:>9} {:>10} {:>7}",
             pct(hits.block_ratio()),
             pct(hits.token_ratio()),
             engine.map_or("-".into(), |e| share(e.dram_hit_blocks)),
