@@ -298,7 +298,8 @@ impl std::str::FromStr for ClusterShape {
 struct SimCache {
     policy: Box<dyn EvictionPolicy>,
     resident: HashMap<u64, EntryId>,
-    ids_of: Vec<u64>,
+    /// Each entry's block id and depth.
+    ids_of: Vec<(u64, u32)>,
     free: Vec<EntryId>,
     capacity: usize,
 }
@@ -322,26 +323,32 @@ impl SimCache {
         true
     }
 
-    /// Puts `block` under `parent` (linked if it is still here), evicting as needed.
-    fn insert(&mut self, block: u64, parent: Option<u64>, depth: usize, partial: bool) {
+    /// Puts `block` under `parent`, evicting as needed. As in the engine, it is linked to the
+    /// parent and one deeper if the parent is here; a named parent that is not makes it an
+    /// orphan of depth 1; no parent, a head of depth 0.
+    fn insert(&mut self, block: u64, parent: Option<u64>, partial: bool) {
         if let Some(entry) = self.resident.remove(&block) {
             // Put again, as the engine's replay does: a new block under the same key.
             self.policy.remove(entry);
             self.free.push(entry);
         }
+        let held = parent.and_then(|p| self.resident.get(&p).copied());
+        let depth = match (parent, held) {
+            (_, Some(p)) => self.ids_of[p as usize].1.saturating_add(1),
+            (Some(_), None) => 1,
+            (None, None) => 0,
+        };
         let entry = self.free.pop().unwrap_or_else(|| {
-            self.ids_of.push(0);
+            self.ids_of.push((0, 0));
             (self.ids_of.len() - 1) as EntryId
         });
-        self.ids_of[entry as usize] = block;
-        // The parent may have been evicted meanwhile (capacity below a chain's length).
-        let parent = parent.and_then(|p| self.resident.get(&p).copied());
+        self.ids_of[entry as usize] = (block, depth);
         self.policy.insert(
             entry,
             EntryHint {
                 key_hash: mix(block),
-                parent,
-                depth: depth as u32,
+                parent: held,
+                depth,
                 partial,
             },
         );
@@ -350,7 +357,7 @@ impl SimCache {
             let Some(victim) = self.policy.pop_victim(&mut |_| true) else {
                 break;
             };
-            self.resident.remove(&self.ids_of[victim as usize]);
+            self.resident.remove(&self.ids_of[victim as usize].0);
             self.free.push(victim);
         }
     }
@@ -416,10 +423,10 @@ pub fn simulate_cluster(
         }
         last_on.fill(matched.checked_sub(1).map(|i| chain[i]));
         let ends_partial = trace.ends_partial(request);
-        for (depth, (&block, replicas)) in chain.iter().zip(&places).enumerate().skip(matched) {
-            let partial = ends_partial && depth + 1 == chain.len();
+        for (at, (&block, replicas)) in chain.iter().zip(&places).enumerate().skip(matched) {
+            let partial = ends_partial && at + 1 == chain.len();
             for &n in replicas {
-                caches[n].insert(block, last_on[n], depth, partial);
+                caches[n].insert(block, last_on[n], partial);
                 last_on[n] = Some(block);
             }
         }
