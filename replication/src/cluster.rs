@@ -28,6 +28,23 @@ use crate::{Client, ClientConfig, ClientError};
 /// Members, and for each the positions of the keys it holds a replica of, in key order.
 type Shares = (Vec<(u64, SocketAddr)>, Vec<Vec<usize>>);
 
+/// A snapshot of the live members to place keys by.
+struct Placement {
+    members: Vec<placement::Member>,
+    addr_of: HashMap<u64, SocketAddr>,
+    replication_factor: usize,
+}
+
+impl Placement {
+    /// The members that hold `key`'s replicas, primary first, with their addresses.
+    fn replicas(&self, key: &[u8]) -> Vec<(u64, SocketAddr)> {
+        placement::replicas(key, &self.members, self.replication_factor)
+            .into_iter()
+            .filter_map(|id| Some((id, *self.addr_of.get(&id)?)))
+            .collect()
+    }
+}
+
 /// How a cluster client places and acknowledges blocks.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -166,20 +183,24 @@ impl ClusterClient {
 
     /// The members that hold `key`'s replicas now, primary first, with their addresses.
     pub fn replicas(&self, key: &[u8]) -> Vec<(u64, SocketAddr)> {
-        let view = self.membership.view();
-        let addr_of: HashMap<u64, SocketAddr> = view
+        self.placement().replicas(key)
+    }
+
+    /// The live members and their addresses as this client sees them now: one snapshot to
+    /// place many keys by.
+    fn placement(&self) -> Placement {
+        let addr_of: HashMap<u64, SocketAddr> = self
+            .membership
+            .view()
             .iter()
             .filter(|p| p.liveness == Liveness::Live)
             .filter_map(|p| Some((p.id?, p.addr)))
             .collect();
-        placement::replicas(
-            key,
-            &self.membership.live_members(),
-            self.config.replication_factor,
-        )
-        .into_iter()
-        .filter_map(|id| Some((id, *addr_of.get(&id)?)))
-        .collect()
+        Placement {
+            members: self.membership.live_members(),
+            addr_of,
+            replication_factor: self.config.replication_factor,
+        }
     }
 
     fn client(&self, id: u64, addr: SocketAddr) -> Result<Arc<Client>, ClientError> {
@@ -317,10 +338,11 @@ impl ClusterClient {
     /// Where each of `keys` lives now: the members holding a replica of any, and for each
     /// member the positions of the keys it holds, in order.
     fn shares(&self, keys: impl IntoIterator<Item = impl AsRef<[u8]>>) -> Shares {
+        let placement = self.placement();
         let mut members: Vec<(u64, SocketAddr)> = Vec::new();
         let mut shares: Vec<Vec<usize>> = Vec::new();
         for (at, key) in keys.into_iter().enumerate() {
-            for (id, addr) in self.replicas(key.as_ref()) {
+            for (id, addr) in placement.replicas(key.as_ref()) {
                 let member = match members.iter().position(|&(m, _)| m == id) {
                     Some(member) => member,
                     None => {
