@@ -29,16 +29,18 @@ fn node(dram: u64) -> Node {
     .expect("start a node")
 }
 
-/// A cluster client of `nodes`, R = 2, W = 2, with failure detection fast enough for a
-/// test, once it sees every node live.
-fn cluster(nodes: &[Node]) -> ClusterClient {
+/// A cluster client of `nodes`, R = 2, W = 2, once it sees every node live. Members count
+/// at full weight at once (no join ramp) so placement stays put while a test runs; a member
+/// silent for `dead_after` is dead (suspected after half that).
+fn cluster(nodes: &[Node], dead_after: Duration) -> ClusterClient {
     let peers: Vec<SocketAddr> = nodes.iter().map(Node::control_addr).collect();
     let cluster = ClusterClient::new(ClusterConfig {
         membership: StaticConfig {
             peers,
             heartbeat: Duration::from_millis(50),
-            suspect_after: Duration::from_millis(300),
-            dead_after: Duration::from_millis(800),
+            suspect_after: dead_after / 2,
+            dead_after,
+            join_ramp: Duration::ZERO,
             ..StaticConfig::default()
         }
         .into(),
@@ -49,9 +51,9 @@ fn cluster(nodes: &[Node]) -> ClusterClient {
     cluster
 }
 
-/// Waits up to 10 s until `cluster` sees exactly `members` live.
+/// Waits up to 30 s until `cluster` sees exactly `members` live.
 fn wait_live(cluster: &ClusterClient, members: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while cluster.membership().live_members().len() != members {
         assert!(Instant::now() < deadline, "never {members} members live");
         std::thread::sleep(Duration::from_millis(5));
@@ -111,7 +113,8 @@ fn placed(cluster: &ClusterClient, key: &[u8]) -> Vec<u64> {
 #[test]
 fn a_chain_put_through_a_cluster_lands_on_each_blocks_replicas_and_matches_from_its_head() {
     let mut nodes: Vec<Node> = (0..3).map(|_| node(64 << 20)).collect();
-    let cluster = cluster(&nodes);
+    // A stopped node is found dead within 2 s; one busy machine's late heartbeats are not.
+    let cluster = cluster(&nodes, Duration::from_secs(2));
     let first = keys("turn1", 24);
     let held = put_chain(&cluster, None, &first, 10_000, ChainEnd::Partial);
     for (key, held) in first.iter().zip(&held) {
@@ -216,7 +219,8 @@ fn a_chain_ended_through_a_cluster_goes_first_on_each_member() {
     // 4 MiB of DRAM holds about 62 blocks of 64 KiB.
     const BLOCK: usize = 64 << 10;
     let nodes: Vec<Node> = (0..3).map(|_| node(4 << 20)).collect();
-    let cluster = cluster(&nodes);
+    // No node stops here: placement must not move under a slow heartbeat.
+    let cluster = cluster(&nodes, Duration::from_secs(60));
     // Blocks each node is placed for, to keep every node's DRAM under about 50 blocks.
     let per_node = |keys: &[Vec<u8>]| -> Vec<usize> {
         nodes
