@@ -574,6 +574,31 @@ pub struct EngineHits {
     pub seconds: f64,
 }
 
+/// An engine whose DRAM holds exactly `blocks` blocks of `block_bytes` under `policy`, and
+/// evicts only when a put finds it full, exactly as much as the put needs.
+fn dram_config(
+    policy: EvictionPolicyKind,
+    blocks: usize,
+    block_bytes: usize,
+) -> anyhow::Result<EngineConfig> {
+    let block_len = mooncake_kv_engine::format::encoded_len(8, block_bytes, 64);
+    // The DRAM tier allocates in 512-byte units; every block takes the same extent.
+    let extent = block_len.div_ceil(512) * 512;
+    let dram_bytes = (blocks.max(1) * extent).div_ceil(4096) * 4096;
+    ensure!(
+        dram_bytes >= 1 << 20,
+        "{blocks} blocks of {block_bytes} bytes make {dram_bytes} bytes of DRAM, under the \
+         engine's 1 MiB minimum: use larger blocks"
+    );
+    Ok(EngineConfig {
+        dram_capacity_bytes: dram_bytes as u64,
+        high_watermark_percent: 100,
+        low_watermark_percent: 99,
+        eviction_policy: policy,
+        ..EngineConfig::default()
+    })
+}
+
 /// Replays `trace` against a real engine: for each request `prefix_match`, a verified read
 /// of every hit block, then `put_chain_with` of the blocks from the first miss on, linked to the
 /// last hit block. Keys are the 8 bytes of a block id; payloads are `block_bytes` long and
@@ -587,26 +612,7 @@ pub fn replay_engine(
     setup: &EngineReplay,
     mut progress: impl FnMut(usize),
 ) -> anyhow::Result<EngineHits> {
-    let block_len = mooncake_kv_engine::format::encoded_len(8, setup.block_bytes, 64);
-    // The DRAM tier allocates in 512-byte units; every block takes the same extent.
-    let extent = block_len.div_ceil(512) * 512;
-    let dram_bytes = (setup.dram_blocks.max(1) * extent).div_ceil(4096) * 4096;
-    ensure!(
-        dram_bytes >= 1 << 20,
-        "{} blocks of {} bytes make {dram_bytes} bytes of DRAM, under the engine's 1 MiB \
-         minimum: use larger blocks",
-        setup.dram_blocks,
-        setup.block_bytes
-    );
-    let mut config = EngineConfig {
-        dram_capacity_bytes: dram_bytes as u64,
-        // Evict only when a put finds DRAM full, exactly as much as it needs: the tier then
-        // holds `dram_blocks` blocks.
-        high_watermark_percent: 100,
-        low_watermark_percent: 99,
-        eviction_policy: setup.policy,
-        ..EngineConfig::default()
-    };
+    let mut config = dram_config(setup.policy, setup.dram_blocks, setup.block_bytes)?;
     if let Some((dir, nvme_blocks)) = &setup.nvme {
         let nvme_extent = mooncake_kv_engine::format::encoded_len(8, setup.block_bytes, 4096)
             .div_ceil(4096)
@@ -674,6 +680,127 @@ pub fn replay_engine(
     progress(trace.requests.len());
     out.dram_evictions = engine.stats().tiers[0].evictions;
     out.seconds = started.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+/// [`replay_engine`] against a cluster of `shape.nodes` real nodes on 127.0.0.1, each with
+/// DRAM for `setup.dram_blocks x R / N` blocks, through a `ClusterClient` placing each block
+/// on `shape.replicas` of them: per request its `prefix_match`, a verified `get` of every hit
+/// block, `put_chain` of the blocks from the first miss on (each acknowledged by every
+/// replica), and `end_chain` where `setup.ended` says. DRAM only (`setup.nvme` is ignored);
+/// the counts of DRAM hits and evictions are summed over the nodes.
+///
+/// # Errors
+///
+/// A node cannot start, the members are not all live within 30 s, or a put or read fails.
+pub fn replay_cluster(
+    trace: &Trace,
+    setup: &EngineReplay,
+    shape: ClusterShape,
+    mut progress: impl FnMut(usize),
+) -> anyhow::Result<EngineHits> {
+    use mooncake_kv_replication::cluster::{ClusterClient, ClusterConfig};
+    use mooncake_kv_replication::membership::StaticConfig;
+    use mooncake_kv_replication::{Node, NodeConfig};
+
+    let engine = dram_config(
+        setup.policy,
+        shape.per_node(setup.dram_blocks),
+        setup.block_bytes,
+    )?;
+    let nodes = (0..shape.nodes)
+        .map(|_| {
+            Node::start(NodeConfig {
+                listen: "127.0.0.1:0".into(),
+                data_listen: "127.0.0.1:0".into(),
+                engine: engine.clone(),
+                ..NodeConfig::default()
+            })
+        })
+        .collect::<Result<Vec<Node>, _>>()
+        .context("cannot start a replay node")?;
+    let cluster = ClusterClient::new(ClusterConfig {
+        membership: StaticConfig {
+            peers: nodes.iter().map(Node::control_addr).collect(),
+            // Every member at full weight from the start, and none declared dead because a
+            // busy machine answered a heartbeat late: placement stays put for the replay.
+            join_ramp: Duration::ZERO,
+            suspect_after: Duration::from_secs(60),
+            dead_after: Duration::from_secs(120),
+            ..StaticConfig::default()
+        }
+        .into(),
+        replication_factor: shape.replicas,
+        write_quorum: shape.replicas,
+        ..ClusterConfig::default()
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cluster.membership().live_members().len() < shape.nodes {
+        ensure!(
+            Instant::now() < deadline,
+            "the replay nodes never all answered"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let dram = |f: fn(&mooncake_kv_engine::TierStats) -> u64| -> u64 {
+        nodes.iter().map(|n| f(&n.engine().stats().tiers[0])).sum()
+    };
+    let started = Instant::now();
+    let mut out = EngineHits::default();
+    let mut payload = vec![0u8; setup.block_bytes];
+    let mut last_progress = Instant::now();
+    for (number, request) in trace.requests.iter().enumerate() {
+        let keys: Vec<[u8; 8]> = request.hash_ids.iter().map(|id| id.to_be_bytes()).collect();
+        let refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+        let hits_before = dram(|t| t.hits);
+        let matched = cluster.prefix_match(&refs)?;
+        out.hits.count(trace, request, matched);
+        for (key, id) in refs[..matched].iter().zip(&request.hash_ids) {
+            match cluster.get(key)? {
+                Some(value) if value.len() == setup.block_bytes && carries(&value, *id) => {}
+                Some(_) => out.wrong_blocks += 1,
+                // Evicted between the match and the read.
+                None => {}
+            }
+        }
+        out.dram_hit_blocks += dram(|t| t.hits) - hits_before;
+        let values: Vec<Vec<u8>> = request.hash_ids[matched..]
+            .iter()
+            .map(|&id| {
+                fill(&mut payload, id);
+                payload.clone()
+            })
+            .collect();
+        let items: Vec<(&[u8], &[u8])> = refs[matched..]
+            .iter()
+            .zip(&values)
+            .map(|(key, value)| (*key, value.as_slice()))
+            .collect();
+        let parent = matched.checked_sub(1).map(|i| refs[i]);
+        let end = if trace.ends_partial(request) {
+            ChainEnd::Partial
+        } else {
+            ChainEnd::Full
+        };
+        for result in cluster.put_chain(parent, &items, end) {
+            result.context("a replay put failed")?;
+        }
+        if setup.ended.get(number).copied().unwrap_or(false) {
+            cluster.end_chain(&refs)?;
+        }
+        if last_progress.elapsed() > Duration::from_millis(200) {
+            progress(number + 1);
+            last_progress = Instant::now();
+        }
+    }
+    progress(trace.requests.len());
+    out.dram_evictions = dram(|t| t.evictions);
+    out.seconds = started.elapsed().as_secs_f64();
+    drop(cluster);
+    for node in nodes {
+        node.shutdown(Duration::from_secs(1))
+            .context("a replay node did not stop")?;
+    }
     Ok(out)
 }
 
@@ -963,6 +1090,50 @@ mod tests {
                 "{kind}: engine {e:.3} vs simulation {s:.3}"
             );
             assert!(belady(&t, capacity).block_ratio() >= s, "{kind}: beat MIN");
+        }
+    }
+
+    #[test]
+    fn the_cluster_replay_tracks_its_simulation() {
+        // As above, on three real nodes holding each block twice, through a cluster client.
+        let mut chains = Vec::new();
+        let mut state = 11u64;
+        for _ in 0..1500 {
+            state = mix(state);
+            let conversation = state % 150;
+            let len = 2 + (state >> 20) % 6;
+            chains.push(
+                (0..len)
+                    .map(|j| conversation * 100 + j)
+                    .collect::<Vec<u64>>(),
+            );
+        }
+        let refs: Vec<&[u64]> = chains.iter().map(Vec::as_slice).collect();
+        let t = trace(&refs);
+        let capacity = t.unique_blocks() / 5;
+        let shape: ClusterShape = "3x2".parse().unwrap();
+        let ended = t.ended_chains(1.0);
+        for (kind, ended) in [
+            (EvictionPolicyKind::Lru, Vec::new()),
+            (EvictionPolicyKind::PrefixAware, ended),
+        ] {
+            let setup = EngineReplay {
+                policy: kind,
+                dram_blocks: capacity,
+                block_bytes: 16 << 10,
+                nvme: None,
+                ended: ended.clone(),
+            };
+            let cluster = replay_cluster(&t, &setup, shape, |_| {}).unwrap();
+            let sim = simulate_cluster(&t, kind, capacity, shape, &ended);
+            assert_eq!(cluster.wrong_blocks, 0);
+            assert!(cluster.dram_evictions > 0);
+            assert!(cluster.hits.hit_blocks > 0);
+            let (c, s) = (cluster.hits.block_ratio(), sim.block_ratio());
+            assert!(
+                (c - s).abs() < 0.05,
+                "{kind}: cluster {c:.3} vs simulation {s:.3}"
+            );
         }
     }
 

@@ -195,12 +195,13 @@ struct ReplayArgs {
     /// session, an agent's last step) can tell; a store cannot know it by itself.
     #[arg(long, value_delimiter = ',', value_name = "PERCENT", value_parser = end_hint_percent)]
     end_hints: Vec<f64>,
-    /// Also simulate each policy (and end-hint share) on a cluster of NODES members holding
-    /// each block REPLICAS times, as the cluster client uses them: blocks placed by
-    /// rendezvous hashing, a hit if any replica holds the block, read from the first that
-    /// does, each member sent its share of a chain linked. The capacity is the cluster's in
-    /// distinct blocks (each member holds capacity x REPLICAS / NODES). Simulated only, on
-    /// block ids; several shapes give one row each.
+    /// Also replay each policy (and end-hint share) on a cluster of NODES members holding
+    /// each block REPLICAS times: real nodes on 127.0.0.1 (DRAM only) behind a cluster
+    /// client, which places blocks by rendezvous hashing, counts a hit if any replica holds
+    /// the block, reads it from one replica and sends each member its share of a chain,
+    /// linked; beside them the same simulated on block ids (with --simulate-only, that
+    /// alone). The capacity is the cluster's in distinct blocks (each member holds capacity x
+    /// REPLICAS / NODES). Several shapes give one row each.
     #[arg(long, value_delimiter = ',', value_name = "NODESxREPLICAS")]
     cluster: Vec<mooncake_kv_tools::replay::ClusterShape>,
 }
@@ -1048,16 +1049,37 @@ mod replay_cmd {
                         rows.push(row);
                     }
                     for &shape in &args.cluster {
-                        let hits = replay::simulate_cluster(&trace, policy, capacity, shape, ended);
+                        let simulated =
+                            replay::simulate_cluster(&trace, policy, capacity, shape, ended);
+                        let name = format!("{name} on {shape}");
+                        if args.simulate_only {
+                            print_row(cli, &label, &name, &simulated, None, None);
+                            rows.push(json!({"capacity_percent": percent, "capacity_blocks": capacity, "policy": policy.name(), "end_hints_percent": end_hints, "cluster": shape, "simulated": simulated}));
+                            continue;
+                        }
+                        let setup = EngineReplay {
+                            policy,
+                            ended: ended.clone(),
+                            dram_blocks: capacity,
+                            block_bytes: args.block_bytes as usize,
+                            nvme: None,
+                        };
+                        let bar = progress_bar(trace.requests.len() as u64, quiet);
+                        let result = replay::replay_cluster(&trace, &setup, shape, |n| {
+                            bar.set_position(n as u64)
+                        });
+                        bar.finish_and_clear();
+                        let result = result?;
+                        wrong += result.wrong_blocks;
                         print_row(
                             cli,
                             &label,
-                            &format!("{name} on {shape}"),
-                            &hits,
-                            None,
-                            None,
+                            &name,
+                            &result.hits,
+                            Some(&result),
+                            Some(&simulated),
                         );
-                        rows.push(json!({"capacity_percent": percent, "capacity_blocks": capacity, "policy": policy.name(), "end_hints_percent": end_hints, "cluster": shape, "simulated": hits}));
+                        rows.push(json!({"capacity_percent": percent, "capacity_blocks": capacity, "policy": policy.name(), "end_hints_percent": end_hints, "cluster": shape, "engine": result, "simulated": simulated}));
                     }
                 }
             }
