@@ -28,6 +28,13 @@ pub struct EngineConfig {
     /// [`EvictionPolicyKind::PrefixAware`] (the most prefix hits of the three on the
     /// production conversation trace; `kvctl replay` measures any trace).
     pub eviction_policy: EvictionPolicyKind,
+    /// Whether prefix-aware eviction holds a block while a later block of its chain is
+    /// resident (the rule that keeps what one cache holds of a chain a prefix). Default:
+    /// true. A member of a cluster holds only its share of each chain (the cluster client
+    /// places each block by its own key), and there the rule keeps blocks that other members'
+    /// evictions already cut off from their prefix: `mooncake-kvd` turns it off when it has
+    /// peers. Chain links still serve `end_chain` either way.
+    pub hold_chain_parents: bool,
     /// Number of independently locked shards of the key index. Default: 64. A power of two
     /// from 1 to 4096; more shards, less contention between threads.
     pub index_shards: usize,
@@ -103,6 +110,7 @@ impl Default for EngineConfig {
             high_watermark_percent: 95,
             low_watermark_percent: 85,
             eviction_policy: EvictionPolicyKind::PrefixAware,
+            hold_chain_parents: true,
             index_shards: 64,
             verify_payload_on_dram_read: false,
             data_dir: None,

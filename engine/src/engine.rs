@@ -21,7 +21,7 @@ use mooncake_kv_tiers::{
 };
 use parking_lot::{Condvar, Mutex, RwLockWriteGuard};
 
-use crate::eviction::{EntryHint, EntryId, EvictionPolicy, new_policy};
+use crate::eviction::{EntryHint, EntryId, EvictionPolicy, new_policy_holding};
 use crate::format::Error as FormatError;
 use crate::format::{self, HEADER_BYTES};
 use crate::index::{Index, ShardMap};
@@ -433,7 +433,7 @@ impl Residency {
     fn new(tier: usize, config: &EngineConfig) -> Self {
         Self {
             tier,
-            policy: new_policy(config.eviction_policy),
+            policy: new_policy_holding(config.eviction_policy, config.hold_chain_parents),
             slots: Vec::new(),
             free_ids: Vec::new(),
         }

@@ -368,16 +368,51 @@ fn prefix_aware_evicts_an_ended_chain_first_and_keeps_its_shared_head() -> Resul
     Ok(())
 }
 
+/// A chain of two blocks whose second keeps being read, then unrelated puts until one block
+/// must go: prefix-aware holds the cold first block while the second is resident, unless
+/// `hold_chain_parents` is off (a cluster member's setting), when it goes first, being the
+/// coldest.
+#[test]
+fn without_holding_chain_parents_the_coldest_block_goes_even_with_a_child() -> Result<(), Error> {
+    for hold in [true, false] {
+        let engine = Engine::open(EngineConfig {
+            hold_chain_parents: hold,
+            ..tight_config()
+        })?;
+        let value = vec![4u8; BLOCK];
+        let (parent, child) = (b"parent".as_slice(), b"child".as_slice());
+        engine
+            .put_chain(None, &[(parent, &value[..]), (child, &value[..])])
+            .into_iter()
+            .try_for_each(|result| result.map(drop))?;
+        let mut i = 0;
+        while engine.stats().tiers[0].evictions == 0 {
+            engine.put(&key(i), &value)?;
+            assert!(engine.get(child)?.is_some(), "hold {hold}: the child went");
+            i += 1;
+            assert!(i < 100, "hold {hold}: no eviction");
+        }
+        assert_eq!(engine.stats().tiers[0].evictions, 1);
+        assert_eq!(engine.exists(parent), hold, "hold {hold}");
+        assert_eq!(engine.exists(&key(0)), !hold, "hold {hold}");
+    }
+    Ok(())
+}
+
 /// An engine whose 4 MiB of DRAM holds about 62 blocks of 64 KiB, evicting only what a put
 /// needs, by the prefix-aware policy.
 fn tight_prefix_aware() -> Result<Engine, Error> {
-    Engine::open(EngineConfig {
+    Engine::open(tight_config())
+}
+
+fn tight_config() -> EngineConfig {
+    EngineConfig {
         dram_capacity_bytes: 4 << 20,
         high_watermark_percent: 100,
         low_watermark_percent: 99,
         eviction_policy: EvictionPolicyKind::PrefixAware,
         ..EngineConfig::default()
-    })
+    }
 }
 
 /// Puts `keys` as one chain of `value`s ending as `end` says: with `put_chain_with`, or block

@@ -5,7 +5,8 @@
 //!
 //! Prefix chains go through it too: [`ClusterClient::put_chain`] sends each member its share
 //! of a chain (the blocks it holds a replica of, in chain order) as one linked put, so each
-//! node's prefix-aware eviction keeps its share's head longer than its tail;
+//! node's prefix-aware eviction ranks its share's tail below its head (and a node with peers
+//! holds no block for a later one: see `EngineConfig::hold_chain_parents`);
 //! [`ClusterClient::prefix_match`] asks every member holding a share at once;
 //! [`ClusterClient::end_chain`] passes the caller's word that a chain is over to each share.
 //!
@@ -361,9 +362,9 @@ impl ClusterClient {
     /// (the key of the block before them, if the chain continues one the cluster may hold),
     /// `end` saying whether the last block is full or partial. Each block is placed by its own
     /// key, as [`put`](Self::put) places it; each member receives its share of the chain in
-    /// one request, linked in chain order under `parent`, so its eviction lets a share's tail
-    /// go before its head (a member links a block to the nearest earlier block of the chain it
-    /// holds, which is an ancestor: what the prefix rule needs). One outcome per item, in
+    /// one request, linked in chain order under `parent`, so its eviction ranks a share's tail
+    /// below its head and `end_chain` can find the share (a member links a block to the
+    /// nearest earlier block of the chain it holds, an ancestor). One outcome per item, in
     /// order, as [`put`](Self::put)'s: the replicas that hold the block, or why fewer than the
     /// write quorum do.
     ///

@@ -22,6 +22,8 @@ fn node(dram: u64) -> Node {
             high_watermark_percent: 100,
             low_watermark_percent: 99,
             eviction_policy: EvictionPolicyKind::PrefixAware,
+            // As mooncake-kvd sets it for a node with peers.
+            hold_chain_parents: false,
             ..EngineConfig::default()
         },
         ..NodeConfig::default()

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use mooncake_kv_engine::eviction::{
-    EntryHint, EntryId, EvictionPolicy, EvictionPolicyKind, new_policy,
+    EntryHint, EntryId, EvictionPolicy, EvictionPolicyKind, new_policy_holding,
 };
 use mooncake_kv_engine::{ChainEnd, Engine, EngineConfig};
 use mooncake_kv_replication::placement::{self, Member};
@@ -264,6 +264,13 @@ impl ClusterShape {
         replicas: 1,
     };
 
+    /// Whether its members' prefix-aware eviction holds a block while a later block of its
+    /// chain is resident: on one cache only, as `mooncake-kvd` does (see
+    /// `EngineConfig::hold_chain_parents`).
+    pub fn holds_chain_parents(self) -> bool {
+        self.nodes == 1
+    }
+
     /// Blocks each member holds when the cluster holds `capacity` distinct blocks R times.
     pub fn per_node(self, capacity: usize) -> usize {
         (capacity * self.replicas).div_ceil(self.nodes).max(1)
@@ -305,9 +312,9 @@ struct SimCache {
 }
 
 impl SimCache {
-    fn new(kind: EvictionPolicyKind, capacity: usize) -> Self {
+    fn new(kind: EvictionPolicyKind, capacity: usize, hold_chain_parents: bool) -> Self {
         Self {
-            policy: new_policy(kind),
+            policy: new_policy_holding(kind, hold_chain_parents),
             resident: HashMap::new(),
             ids_of: Vec::new(),
             free: Vec::new(),
@@ -377,7 +384,8 @@ impl SimCache {
 /// placement order (a lone client's `get`, which only that replica's policy sees); each
 /// member receives its share of a request's missing blocks, linked in chain order under the
 /// matched prefix's last block (`ClusterClient::put_chain`); an ended chain is told to every
-/// member. `ClusterShape::SINGLE` is the plain simulation.
+/// member; a member holds no block for the sake of a later one (what `mooncake-kvd` does
+/// with peers). `ClusterShape::SINGLE` is the plain simulation.
 pub fn simulate_cluster(
     trace: &Trace,
     kind: EvictionPolicyKind,
@@ -387,7 +395,7 @@ pub fn simulate_cluster(
 ) -> Hits {
     let per_node = shape.per_node(capacity);
     let mut caches: Vec<SimCache> = (0..shape.nodes)
-        .map(|_| SimCache::new(kind, per_node))
+        .map(|_| SimCache::new(kind, per_node, shape.holds_chain_parents()))
         .collect();
     let members: Vec<Member> = (0..shape.nodes as u64).map(Member::full).collect();
     let place = |block: u64| -> Vec<usize> {
@@ -703,11 +711,14 @@ pub fn replay_cluster(
     use mooncake_kv_replication::membership::StaticConfig;
     use mooncake_kv_replication::{Node, NodeConfig};
 
-    let engine = dram_config(
-        setup.policy,
-        shape.per_node(setup.dram_blocks),
-        setup.block_bytes,
-    )?;
+    let engine = EngineConfig {
+        hold_chain_parents: shape.holds_chain_parents(),
+        ..dram_config(
+            setup.policy,
+            shape.per_node(setup.dram_blocks),
+            setup.block_bytes,
+        )?
+    };
     let nodes = (0..shape.nodes)
         .map(|_| {
             Node::start(NodeConfig {

@@ -145,10 +145,21 @@ pub trait EvictionPolicy: Send + fmt::Debug {
 
 /// Builds the policy a config names.
 pub fn new_policy(kind: EvictionPolicyKind) -> Box<dyn EvictionPolicy> {
+    new_policy_holding(kind, true)
+}
+
+/// [`new_policy`], with prefix-aware's rule of holding a block while a later block of its
+/// chain is resident on or off (`EngineConfig::hold_chain_parents`; other policies have no
+/// such rule).
+pub fn new_policy_holding(
+    kind: EvictionPolicyKind,
+    hold_chain_parents: bool,
+) -> Box<dyn EvictionPolicy> {
     match kind {
         EvictionPolicyKind::Lru => Box::new(Lru::default()),
         EvictionPolicyKind::S3Fifo => Box::new(S3Fifo::default()),
-        EvictionPolicyKind::PrefixAware => Box::new(PrefixAware::default()),
+        EvictionPolicyKind::PrefixAware if hold_chain_parents => Box::new(PrefixAware::default()),
+        EvictionPolicyKind::PrefixAware => Box::new(PrefixAware::letting_parents_go()),
     }
 }
 
@@ -193,7 +204,17 @@ mod tests {
     /// count, that a victim is tracked and accepted, that `None` means nothing could go, and
     /// for the prefix-aware policy that no victim has a resident child.
     fn check(kind: EvictionPolicyKind, ops: Vec<Op>) -> Result<(), TestCaseError> {
-        let mut policy = new_policy(kind);
+        check_holding(kind, true, ops)
+    }
+
+    /// [`check`], with prefix-aware holding parents or not: the leaf rule is checked only
+    /// when it holds them.
+    fn check_holding(
+        kind: EvictionPolicyKind,
+        hold_chain_parents: bool,
+        ops: Vec<Op>,
+    ) -> Result<(), TestCaseError> {
+        let mut policy = new_policy_holding(kind, hold_chain_parents);
         let mut model: HashMap<EntryId, Tracked> = HashMap::new();
         let mut incarnations = 0u64;
         let has_resident_child = |model: &HashMap<EntryId, Tracked>, id: EntryId| {
@@ -246,7 +267,7 @@ mod tests {
                     for id in &asked {
                         prop_assert!(model.contains_key(id), "{kind}: asked about untracked {id}");
                     }
-                    let leaf_rule = kind == EvictionPolicyKind::PrefixAware;
+                    let leaf_rule = kind == EvictionPolicyKind::PrefixAware && hold_chain_parents;
                     match victim {
                         Some(id) => {
                             prop_assert!(
@@ -297,6 +318,16 @@ mod tests {
         #[test]
         fn prefix_aware_evicts_leaves_only(ops in proptest::collection::vec(op(), 0..300)) {
             check(EvictionPolicyKind::PrefixAware, ops)?;
+        }
+
+        /// The same without the leaf rule (a cluster member's setting): pins are respected,
+        /// something is chosen whenever anything unpinned is tracked, and ended chains (which
+        /// walk the links) keep the bookkeeping consistent.
+        #[test]
+        fn prefix_aware_letting_parents_go_keeps_its_promises(
+            ops in proptest::collection::vec(op(), 0..300)
+        ) {
+            check_holding(EvictionPolicyKind::PrefixAware, false, ops)?;
         }
     }
 

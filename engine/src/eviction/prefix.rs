@@ -87,7 +87,8 @@ const EMPTY: Meta = Meta {
 };
 
 /// Leaves first, then recency, frequency and depth: a block with a resident child is never
-/// evicted (it waits, at its old priority, until its last child leaves). Among the rest, a
+/// evicted (it waits, at its old priority, until its last child leaves; unless built with
+/// [`PrefixAware::letting_parents_go`], for a cluster member). Among the rest, a
 /// chain its caller ended goes first, then a partial block not used since its put, then the
 /// lowest
 /// `last use + LEVEL_BOOST x frequency level - DEPTH_PENALTY x depth`, frequency coming from a
@@ -103,9 +104,23 @@ pub struct PrefixAware {
     refused: Vec<EntryId>,
     /// The last victim came off the first-out list.
     victim_first_out: bool,
+    /// Evict a parent of resident children as any other entry (a cluster member's setting:
+    /// see [`PrefixAware::letting_parents_go`]).
+    lets_parents_go: bool,
 }
 
 impl PrefixAware {
+    /// The policy without its leaf rule: a block with resident children is ranked and
+    /// evicted as any other (chain links still serve [`EvictionPolicy::chain_ended`]). For a
+    /// cache that holds only shares of chains, where a resident child says little about
+    /// whether its prefix is whole.
+    pub fn letting_parents_go() -> Self {
+        Self {
+            lets_parents_go: true,
+            ..Self::default()
+        }
+    }
+
     /// What an entry of `class` adds to its last use: its frequency level's boost, and the
     /// penalty of its depth counted down from the deepest class.
     const fn class_offset(class: usize) -> u64 {
@@ -287,7 +302,7 @@ impl EvictionPolicy for PrefixAware {
         let mut refused = std::mem::take(&mut self.refused);
         let mut victim = None;
         while let Some(id) = self.lowest() {
-            if self.classes.data(id).children > 0 {
+            if self.classes.data(id).children > 0 && !self.lets_parents_go {
                 self.classes.unlink(id);
                 self.classes.data_mut(id).parked = true;
             } else if evictable(id) {
@@ -499,6 +514,33 @@ mod tests {
         assert_eq!(p.pop_victim(&mut |_| true), Some(1));
         assert_eq!(p.children(0), 0);
         assert_eq!(p.pop_victim(&mut |_| true), Some(0));
+    }
+
+    /// A cluster member's setting: the colder parent goes first, and ending a chain still
+    /// walks its links up to where another chain joins.
+    #[test]
+    fn letting_parents_go_ranks_a_parent_as_any_block_and_still_ends_chains() {
+        let mut p = PrefixAware::letting_parents_go();
+        p.insert(0, chain_hint(10, None, 0));
+        p.insert(1, chain_hint(11, Some(0), 1));
+        for _ in 0..5 {
+            p.access(1);
+        }
+        assert_eq!(p.children(0), 1);
+        assert_eq!(p.pop_victim(&mut |_| true), Some(0));
+        assert_eq!(p.pop_victim(&mut |_| true), Some(1));
+
+        let mut p = PrefixAware::letting_parents_go();
+        for id in 0..4 {
+            p.insert(id, chain_hint(u64::from(id), id.checked_sub(1), id));
+        }
+        p.insert(4, chain_hint(4, Some(0), 1));
+        p.insert(5, chain_hint(5, Some(4), 2));
+        p.insert(6, chain_hint(6, None, 0));
+        p.chain_ended(3);
+        let first: Vec<_> = (0..3).filter_map(|_| p.pop_victim(&mut |_| true)).collect();
+        assert_eq!(first, vec![3, 2, 1]);
+        assert_eq!(p.len(), 4);
     }
 
     #[test]

@@ -85,7 +85,9 @@ struct Cli {
     max_leases: Option<usize>,
     /// Control addresses of every member of the cluster, this node's included, comma
     /// separated. With them the node watches its peers and repairs: when a member dies or
-    /// joins, it copies each block it holds to the replicas that should hold it now.
+    /// joins, it copies each block it holds to the replicas that should hold it now. A node
+    /// with peers (or --etcd) holds only its share of each prefix chain, so its prefix-aware
+    /// eviction no longer keeps a block for the sake of a later block of its chain.
     #[arg(long, value_delimiter = ',')]
     peers: Vec<String>,
     /// etcd client URLs, comma separated (e.g. http://127.0.0.1:2379), instead of --peers:
@@ -351,6 +353,8 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
                 dram_capacity_bytes: mib(cli.dram_mib, file.dram_mib, 256, "dram_mib")?,
                 nvme_capacity_bytes: mib(cli.nvme_mib, file.nvme_mib, 1024, "nvme_mib")?,
                 eviction_policy,
+                // A member of a cluster holds shares of chains (see the field's doc).
+                hold_chain_parents: repair.is_none(),
                 hbm,
                 data_dir,
                 ..EngineConfig::default()
@@ -497,6 +501,17 @@ mod tests {
         );
         assert!(s.node.token.is_none());
         assert!(s.node.shm_path.is_some());
+        assert!(
+            s.node.engine.hold_chain_parents,
+            "a lone node holds whole chains"
+        );
+    }
+
+    #[test]
+    fn a_node_with_peers_holds_no_block_for_a_later_one() {
+        let s = settings(&cli(&["--peers", "127.0.0.1:7700,127.0.0.1:7710"])).unwrap();
+        assert!(s.repair.is_some());
+        assert!(!s.node.engine.hold_chain_parents);
     }
 
     #[test]
