@@ -618,7 +618,7 @@ fn dram_config(
 pub fn replay_engine(
     trace: &Trace,
     setup: &EngineReplay,
-    mut progress: impl FnMut(usize),
+    progress: impl FnMut(usize),
 ) -> anyhow::Result<EngineHits> {
     let mut config = dram_config(setup.policy, setup.dram_blocks, setup.block_bytes)?;
     if let Some((dir, nvme_blocks)) = &setup.nvme {
@@ -632,63 +632,7 @@ pub fn replay_engine(
         config.promote_on_hit = true;
     }
     let engine = Engine::open(config).context("cannot open the replay engine")?;
-    let started = Instant::now();
-    let mut out = EngineHits::default();
-    let mut payload = vec![0u8; setup.block_bytes];
-    let mut read_buf = vec![0u8; setup.block_bytes.max(8)];
-    let mut last_progress = Instant::now();
-    for (number, request) in trace.requests.iter().enumerate() {
-        let keys: Vec<[u8; 8]> = request.hash_ids.iter().map(|id| id.to_be_bytes()).collect();
-        let refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
-        let before = engine.stats();
-        let matched = engine.prefix_match(&refs);
-        out.hits.count(trace, request, matched);
-        for (key, id) in refs[..matched].iter().zip(&request.hash_ids) {
-            match engine.get_into(key, &mut read_buf)? {
-                Some(len) if len == setup.block_bytes && carries(&read_buf[..len], *id) => {}
-                // Evicted between the match and the read (another tier's reclaimer), or wrong.
-                Some(_) => out.wrong_blocks += 1,
-                None => {}
-            }
-        }
-        let after = engine.stats();
-        out.dram_hit_blocks += after.tiers[0].hits - before.tiers[0].hits;
-        if let (Some(a), Some(b)) = (after.tiers.get(1), before.tiers.get(1)) {
-            out.nvme_hit_blocks += a.hits - b.hits;
-        }
-        let values: Vec<Vec<u8>> = request.hash_ids[matched..]
-            .iter()
-            .map(|&id| {
-                fill(&mut payload, id);
-                payload.clone()
-            })
-            .collect();
-        let items: Vec<(&[u8], &[u8])> = refs[matched..]
-            .iter()
-            .zip(&values)
-            .map(|(key, value)| (*key, value.as_slice()))
-            .collect();
-        let parent = matched.checked_sub(1).map(|i| refs[i]);
-        let end = if trace.ends_partial(request) {
-            ChainEnd::Partial
-        } else {
-            ChainEnd::Full
-        };
-        for result in engine.put_chain_with(parent, &items, end) {
-            result.context("a replay put failed")?;
-        }
-        if setup.ended.get(number).copied().unwrap_or(false) {
-            engine.end_chain(&refs);
-        }
-        if last_progress.elapsed() > Duration::from_millis(200) {
-            progress(number + 1);
-            last_progress = Instant::now();
-        }
-    }
-    progress(trace.requests.len());
-    out.dram_evictions = engine.stats().tiers[0].evictions;
-    out.seconds = started.elapsed().as_secs_f64();
-    Ok(out)
+    drive(trace, setup, &mut OneEngine(&engine), progress)
 }
 
 /// [`replay_engine`] against a cluster of `shape.nodes` real nodes on 127.0.0.1, each with
@@ -705,7 +649,7 @@ pub fn replay_cluster(
     trace: &Trace,
     setup: &EngineReplay,
     shape: ClusterShape,
-    mut progress: impl FnMut(usize),
+    progress: impl FnMut(usize),
 ) -> anyhow::Result<EngineHits> {
     use mooncake_kv_replication::cluster::{ClusterClient, ClusterConfig};
     use mooncake_kv_replication::membership::StaticConfig;
@@ -753,28 +697,156 @@ pub fn replay_cluster(
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let dram = |f: fn(&mooncake_kv_engine::TierStats) -> u64| -> u64 {
-        nodes.iter().map(|n| f(&n.engine().stats().tiers[0])).sum()
-    };
+    let out = drive(trace, setup, &mut Cluster(&cluster, &nodes), progress)?;
+    drop(cluster);
+    for node in nodes {
+        node.shutdown(Duration::from_secs(1))
+            .context("a replay node did not stop")?;
+    }
+    Ok(out)
+}
+
+/// What a replay runs its requests against.
+trait Target {
+    fn prefix_match(&mut self, keys: &[&[u8]]) -> anyhow::Result<usize>;
+    /// The value of `key`, if it is still there.
+    fn get(&mut self, key: &[u8], buf: &mut Vec<u8>) -> anyhow::Result<bool>;
+    fn put_chain(
+        &mut self,
+        parent: Option<&[u8]>,
+        items: &[(&[u8], &[u8])],
+        end: ChainEnd,
+    ) -> anyhow::Result<()>;
+    fn end_chain(&mut self, keys: &[&[u8]]) -> anyhow::Result<()>;
+    /// Reads served so far by DRAM and by NVMe, and blocks evicted from DRAM.
+    fn tier_counts(&self) -> (u64, u64, u64);
+}
+
+struct OneEngine<'a>(&'a Engine);
+
+impl Target for OneEngine<'_> {
+    fn prefix_match(&mut self, keys: &[&[u8]]) -> anyhow::Result<usize> {
+        Ok(self.0.prefix_match(keys))
+    }
+
+    fn get(&mut self, key: &[u8], buf: &mut Vec<u8>) -> anyhow::Result<bool> {
+        Ok(match self.0.get_into(key, buf)? {
+            Some(len) => {
+                buf.truncate(len);
+                true
+            }
+            None => false,
+        })
+    }
+
+    fn put_chain(
+        &mut self,
+        parent: Option<&[u8]>,
+        items: &[(&[u8], &[u8])],
+        end: ChainEnd,
+    ) -> anyhow::Result<()> {
+        for result in self.0.put_chain_with(parent, items, end) {
+            result.context("a replay put failed")?;
+        }
+        Ok(())
+    }
+
+    fn end_chain(&mut self, keys: &[&[u8]]) -> anyhow::Result<()> {
+        self.0.end_chain(keys);
+        Ok(())
+    }
+
+    fn tier_counts(&self) -> (u64, u64, u64) {
+        let stats = self.0.stats();
+        let nvme = stats.tiers.get(1).map_or(0, |t| t.hits);
+        (stats.tiers[0].hits, nvme, stats.tiers[0].evictions)
+    }
+}
+
+struct Cluster<'a>(
+    &'a mooncake_kv_replication::cluster::ClusterClient,
+    &'a [mooncake_kv_replication::Node],
+);
+
+impl Target for Cluster<'_> {
+    fn prefix_match(&mut self, keys: &[&[u8]]) -> anyhow::Result<usize> {
+        Ok(self.0.prefix_match(keys)?)
+    }
+
+    fn get(&mut self, key: &[u8], buf: &mut Vec<u8>) -> anyhow::Result<bool> {
+        Ok(match self.0.get(key)? {
+            Some(value) => {
+                *buf = value;
+                true
+            }
+            None => false,
+        })
+    }
+
+    fn put_chain(
+        &mut self,
+        parent: Option<&[u8]>,
+        items: &[(&[u8], &[u8])],
+        end: ChainEnd,
+    ) -> anyhow::Result<()> {
+        for result in self.0.put_chain(parent, items, end) {
+            result.context("a replay put failed")?;
+        }
+        Ok(())
+    }
+
+    fn end_chain(&mut self, keys: &[&[u8]]) -> anyhow::Result<()> {
+        self.0.end_chain(keys)?;
+        Ok(())
+    }
+
+    fn tier_counts(&self) -> (u64, u64, u64) {
+        self.1
+            .iter()
+            .fold((0, 0, 0), |(hits, nvme, evictions), node| {
+                let stats = node.engine().stats();
+                (
+                    hits + stats.tiers[0].hits,
+                    nvme + stats.tiers.get(1).map_or(0, |t| t.hits),
+                    evictions + stats.tiers[0].evictions,
+                )
+            })
+    }
+}
+
+/// The replay loop both targets share: for each request its `prefix_match`, a verified read
+/// of every hit block, a chain put of the blocks from the first miss on (linked to the last
+/// hit block, the last block partial when the prompt ends inside it), and `end_chain` where
+/// `setup.ended` says.
+fn drive(
+    trace: &Trace,
+    setup: &EngineReplay,
+    target: &mut dyn Target,
+    mut progress: impl FnMut(usize),
+) -> anyhow::Result<EngineHits> {
     let started = Instant::now();
     let mut out = EngineHits::default();
     let mut payload = vec![0u8; setup.block_bytes];
+    let mut read_buf = Vec::new();
     let mut last_progress = Instant::now();
     for (number, request) in trace.requests.iter().enumerate() {
         let keys: Vec<[u8; 8]> = request.hash_ids.iter().map(|id| id.to_be_bytes()).collect();
         let refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
-        let hits_before = dram(|t| t.hits);
-        let matched = cluster.prefix_match(&refs)?;
+        let (dram_before, nvme_before, _) = target.tier_counts();
+        let matched = target.prefix_match(&refs)?;
         out.hits.count(trace, request, matched);
         for (key, id) in refs[..matched].iter().zip(&request.hash_ids) {
-            match cluster.get(key)? {
-                Some(value) if value.len() == setup.block_bytes && carries(&value, *id) => {}
-                Some(_) => out.wrong_blocks += 1,
-                // Evicted between the match and the read.
-                None => {}
+            read_buf.resize(setup.block_bytes.max(8), 0);
+            // A miss: evicted between the match and the read (another tier's reclaimer).
+            if target.get(key, &mut read_buf)?
+                && !(read_buf.len() == setup.block_bytes && carries(&read_buf, *id))
+            {
+                out.wrong_blocks += 1;
             }
         }
-        out.dram_hit_blocks += dram(|t| t.hits) - hits_before;
+        let (dram_after, nvme_after, _) = target.tier_counts();
+        out.dram_hit_blocks += dram_after - dram_before;
+        out.nvme_hit_blocks += nvme_after - nvme_before;
         let values: Vec<Vec<u8>> = request.hash_ids[matched..]
             .iter()
             .map(|&id| {
@@ -793,11 +865,9 @@ pub fn replay_cluster(
         } else {
             ChainEnd::Full
         };
-        for result in cluster.put_chain(parent, &items, end) {
-            result.context("a replay put failed")?;
-        }
+        target.put_chain(parent, &items, end)?;
         if setup.ended.get(number).copied().unwrap_or(false) {
-            cluster.end_chain(&refs)?;
+            target.end_chain(&refs)?;
         }
         if last_progress.elapsed() > Duration::from_millis(200) {
             progress(number + 1);
@@ -805,13 +875,8 @@ pub fn replay_cluster(
         }
     }
     progress(trace.requests.len());
-    out.dram_evictions = dram(|t| t.evictions);
+    out.dram_evictions = target.tier_counts().2;
     out.seconds = started.elapsed().as_secs_f64();
-    drop(cluster);
-    for node in nodes {
-        node.shutdown(Duration::from_secs(1))
-            .context("a replay node did not stop")?;
-    }
     Ok(out)
 }
 

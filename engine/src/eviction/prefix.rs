@@ -475,12 +475,7 @@ mod tests {
     #[test]
     fn an_ended_chain_goes_first_down_to_where_another_chain_joins() {
         let mut p = PrefixAware::default();
-        for id in 0..4 {
-            p.insert(id, chain_hint(u64::from(id), id.checked_sub(1), id));
-        }
-        p.insert(4, chain_hint(4, Some(0), 1));
-        p.insert(5, chain_hint(5, Some(4), 2));
-        p.insert(6, chain_hint(6, None, 0));
+        two_chains_sharing_a_head(&mut p);
         p.chain_ended(3);
         let order: Vec<_> = (0..7).filter_map(|_| p.pop_victim(&mut |_| true)).collect();
         assert_eq!(order, vec![3, 2, 1, 5, 4, 0, 6]);
@@ -502,15 +497,30 @@ mod tests {
         assert_eq!(order, vec![4, 3, 2, 1, 0]);
     }
 
-    #[test]
-    fn a_parent_waits_for_its_children_even_when_colder() {
-        let mut p = PrefixAware::default();
+    /// Inserts 0 -> 1 -> 2 -> 3 and 0 -> 4 -> 5, then block 6.
+    fn two_chains_sharing_a_head(p: &mut PrefixAware) {
+        for id in 0..4 {
+            p.insert(id, chain_hint(u64::from(id), id.checked_sub(1), id));
+        }
+        p.insert(4, chain_hint(4, Some(0), 1));
+        p.insert(5, chain_hint(5, Some(4), 2));
+        p.insert(6, chain_hint(6, None, 0));
+    }
+
+    /// Inserts 0 -> 1, then uses 1 five times.
+    fn cold_parent_of_a_hot_child(p: &mut PrefixAware) {
         p.insert(0, chain_hint(10, None, 0));
         p.insert(1, chain_hint(11, Some(0), 1));
         for _ in 0..5 {
             p.access(1);
         }
         assert_eq!(p.children(0), 1);
+    }
+
+    #[test]
+    fn a_parent_waits_for_its_children_even_when_colder() {
+        let mut p = PrefixAware::default();
+        cold_parent_of_a_hot_child(&mut p);
         assert_eq!(p.pop_victim(&mut |_| true), Some(1));
         assert_eq!(p.children(0), 0);
         assert_eq!(p.pop_victim(&mut |_| true), Some(0));
@@ -521,22 +531,12 @@ mod tests {
     #[test]
     fn letting_parents_go_ranks_a_parent_as_any_block_and_still_ends_chains() {
         let mut p = PrefixAware::letting_parents_go();
-        p.insert(0, chain_hint(10, None, 0));
-        p.insert(1, chain_hint(11, Some(0), 1));
-        for _ in 0..5 {
-            p.access(1);
-        }
-        assert_eq!(p.children(0), 1);
+        cold_parent_of_a_hot_child(&mut p);
         assert_eq!(p.pop_victim(&mut |_| true), Some(0));
         assert_eq!(p.pop_victim(&mut |_| true), Some(1));
 
         let mut p = PrefixAware::letting_parents_go();
-        for id in 0..4 {
-            p.insert(id, chain_hint(u64::from(id), id.checked_sub(1), id));
-        }
-        p.insert(4, chain_hint(4, Some(0), 1));
-        p.insert(5, chain_hint(5, Some(4), 2));
-        p.insert(6, chain_hint(6, None, 0));
+        two_chains_sharing_a_head(&mut p);
         p.chain_ended(3);
         let first: Vec<_> = (0..3).filter_map(|_| p.pop_victim(&mut |_| true)).collect();
         assert_eq!(first, vec![3, 2, 1]);
