@@ -199,8 +199,9 @@ struct ReplayArgs {
     /// each block REPLICAS times: real nodes on 127.0.0.1 (DRAM only) behind a cluster
     /// client, which places blocks by rendezvous hashing, counts a hit if any replica holds
     /// the block, reads it from one replica and sends each member its share of a chain,
-    /// linked; beside them the same simulated on block ids (with --simulate-only, that
-    /// alone). The capacity is the cluster's in distinct blocks (each member holds capacity x
+    /// linked; the nodes evict as mooncake-kvd with peers does (no block held for a later
+    /// one of its chain). Beside them the same simulated on block ids (with --simulate-only,
+    /// that alone). The capacity is the cluster's in distinct blocks (each member holds capacity x
     /// REPLICAS / NODES). Several shapes give one row each.
     #[arg(long, value_delimiter = ',', value_name = "NODESxREPLICAS")]
     cluster: Vec<mooncake_kv_tools::replay::ClusterShape>,
