@@ -989,6 +989,13 @@ impl Engine {
         self.inner.prefix_match(keys)
     }
 
+    /// Counts a use of each of `keys` that has a block, for eviction, as a read would: for
+    /// reads the engine did not serve itself (a client reading one-sidedly through a
+    /// descriptor it kept, which reports them later). Returns how many had blocks.
+    pub fn touch(&self, keys: &[&[u8]]) -> usize {
+        self.inner.touch_keys(keys)
+    }
+
     /// Says that the prefix chain `keys` (head first) is over: its conversation or task has
     /// ended, so no request will extend it or read it again. A hint for eviction, like the
     /// links of [`put_chain`](Self::put_chain): in each tier, the prefix-aware policy lets the
@@ -2407,15 +2414,30 @@ impl Inner {
     fn prefix_match(&self, keys: &[&[u8]]) -> usize {
         let mut matched: Vec<([EntryId; TIERS], u64)> = Vec::with_capacity(keys.len());
         matched.extend(keys.iter().map_while(|key| self.residency_ids(key)));
-        if !matched.is_empty() {
-            for tier in self.tiers_present() {
-                let mut residency = self.residency[tier].lock();
-                for &(ids, generation) in &matched {
-                    residency.touch(ids[tier], generation);
-                }
+        self.touch_all(&matched);
+        matched.len()
+    }
+
+    fn touch_keys(&self, keys: &[&[u8]]) -> usize {
+        let held: Vec<([EntryId; TIERS], u64)> = keys
+            .iter()
+            .filter_map(|key| self.residency_ids(key))
+            .collect();
+        self.touch_all(&held);
+        held.len()
+    }
+
+    /// Counts a use of each block (entry ids per tier and generation) in every tier.
+    fn touch_all(&self, blocks: &[([EntryId; TIERS], u64)]) {
+        if blocks.is_empty() {
+            return;
+        }
+        for tier in self.tiers_present() {
+            let mut residency = self.residency[tier].lock();
+            for &(ids, generation) in blocks {
+                residency.touch(ids[tier], generation);
             }
         }
-        matched.len()
     }
 
     fn end_chain(&self, keys: &[&[u8]]) -> bool {

@@ -15,8 +15,9 @@ use mooncake_kv_transfer::{
 use parking_lot::Mutex;
 
 use crate::proto::{
-    ChainLinks, Descriptor, ErrorReply, FrameError, HelloReply, NodeStats, Outcome, ReadFrameError,
-    Request, ReservedReply, Response, decode_response, encode_body, read_frame, write_frame,
+    ChainLinks, Descriptor, ErrorReply, FrameError, HelloReply, MAX_CACHED_KEYS, NodeStats,
+    Outcome, ReadFrameError, Request, ReservedReply, Response, decode_response, encode_body,
+    read_frame, write_frame,
 };
 
 /// Which data path reads blocks.
@@ -199,6 +200,8 @@ pub struct Client {
     /// `cached_reads` as last reported to the node (with a lookup); the read path never
     /// touches it.
     reported_cached_reads: AtomicU64,
+    /// Keys of cached reads not yet reported to the node (at most `MAX_CACHED_KEYS`).
+    unreported_cached_keys: Mutex<Vec<Vec<u8>>>,
 }
 
 /// Descriptors from recent lookups, each with the time it was asked for (on the coarse clock,
@@ -419,6 +422,7 @@ impl Client {
             descriptors: Mutex::new(DescriptorCache::default()),
             cached_reads: AtomicU64::new(0),
             reported_cached_reads: AtomicU64::new(0),
+            unreported_cached_keys: Mutex::new(Vec::new()),
         })
     }
 
@@ -450,6 +454,12 @@ impl Client {
         let now = self.cached_reads.load(Ordering::Relaxed);
         let before = self.reported_cached_reads.fetch_max(now, Ordering::Relaxed);
         u32::try_from(now.saturating_sub(before)).unwrap_or(u32::MAX)
+    }
+
+    /// The keys of cached reads to report with the lookup about to be sent (so the node
+    /// counts them as uses), taken from the list.
+    fn take_cached_keys(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut *self.unreported_cached_keys.lock())
     }
 
     /// Reads that failed verification (the block moved or changed between lookup and read)
@@ -513,6 +523,10 @@ impl Client {
             dst.len() >= len && matches!(self.read_verified(key, d, &mut dst[..len]), Ok(true));
         if verified {
             self.cached_reads.fetch_add(1, Ordering::Relaxed);
+            let mut keys = self.unreported_cached_keys.lock();
+            if keys.len() < MAX_CACHED_KEYS {
+                keys.push(key.to_vec());
+            }
             return Some(len);
         }
         self.descriptors.lock().remove(key);
@@ -582,11 +596,13 @@ impl Client {
     /// straight into `dst` (or a new buffer when `dst` is `None`), then verification.
     fn read_inline(&self, key: &[u8], mut dst: Option<&mut [u8]>) -> Result<Inline> {
         let release = std::mem::take(&mut *self.done_leases.lock());
+        let cached_keys = self.take_cached_keys();
         let request = Request::Lookup {
             keys: vec![key],
             release,
             stale_reads: self.take_unreported_stale(),
             cached_reads: self.take_unreported_cached(),
+            cached_keys: cached_keys.iter().map(Vec::as_slice).collect(),
             inline: true,
         };
         self.call_then(&request, &[], |control, response| {
@@ -804,11 +820,13 @@ impl Client {
 
     fn lookup(&self, key: &[u8]) -> Result<Option<Descriptor>> {
         let release = std::mem::take(&mut *self.done_leases.lock());
+        let cached_keys = self.take_cached_keys();
         let Response::Lookup(mut outcomes) = self.call(&Request::Lookup {
             keys: vec![key],
             release,
             stale_reads: self.take_unreported_stale(),
             cached_reads: self.take_unreported_cached(),
+            cached_keys: cached_keys.iter().map(Vec::as_slice).collect(),
             inline: false,
         })?
         else {
@@ -990,14 +1008,19 @@ impl Client {
         }
         let pending: Vec<usize> = (0..items.len()).filter(|&i| results[i].is_none()).collect();
         let started = self.lookup_started();
-        let release = std::mem::take(&mut *self.done_leases.lock());
-        let outcomes = match pending.len() {
-            0 => Vec::new(),
-            _ => match self.call(&Request::Lookup {
+        let outcomes = if pending.is_empty() {
+            // No lookup to send: what it would carry (leases to end, cached reads to report)
+            // waits for the next one.
+            Vec::new()
+        } else {
+            let release = std::mem::take(&mut *self.done_leases.lock());
+            let cached_keys = self.take_cached_keys();
+            match self.call(&Request::Lookup {
                 keys: pending.iter().map(|&i| keys[i]).collect(),
                 release,
                 stale_reads: self.take_unreported_stale(),
                 cached_reads: self.take_unreported_cached(),
+                cached_keys: cached_keys.iter().map(Vec::as_slice).collect(),
                 inline: false,
             }) {
                 Ok(Response::Lookup(outcomes)) if outcomes.len() == pending.len() => outcomes,
@@ -1009,7 +1032,7 @@ impl Client {
                     }
                     Vec::new()
                 }
-            },
+            }
         };
         let mut planned: Vec<(usize, Descriptor)> = Vec::new();
         for (&i, outcome) in pending.iter().zip(outcomes) {

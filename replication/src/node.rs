@@ -18,9 +18,9 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::metrics::Metrics;
 use crate::proto::{
-    ChainLinks, Descriptor, ErrorCode, ErrorReply, HelloReply, NodeStats, Outcome, ReadFrameError,
-    Request, ReservedReply, Response, decode_request, encode_body, frame_header, read_frame,
-    write_frame,
+    ChainLinks, Descriptor, ErrorCode, ErrorReply, HelloReply, MAX_CACHED_KEYS, NodeStats, Outcome,
+    ReadFrameError, Request, ReservedReply, Response, decode_request, encode_body, frame_header,
+    read_frame, write_frame,
 };
 use crate::region::DramRegion;
 use crate::repair::{Repair, RepairConfig, RepairStats};
@@ -803,8 +803,14 @@ fn handle(shared: &Shared, request: Request<'_>) -> (Response, Vec<PinnedBlock>)
             release,
             stale_reads,
             cached_reads,
+            cached_keys,
             inline,
         } => {
+            // Reads the node did not serve still count as uses (at most MAX_CACHED_KEYS are
+            // taken from one request; a client that names more is not trusted with them).
+            shared
+                .engine
+                .touch(&cached_keys[..cached_keys.len().min(MAX_CACHED_KEYS)]);
             shared
                 .metrics
                 .stale_reads

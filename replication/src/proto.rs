@@ -27,10 +27,14 @@ pub const REQUEST_KINDS: [&str; 10] = [
     "end_chain",
 ];
 
+/// Keys of cached reads a client reports with one lookup at most; reads beyond are counted,
+/// not named.
+pub const MAX_CACHED_KEYS: usize = 1024;
+
 /// Bytes of a frame header.
 pub const FRAME_HEADER_BYTES: usize = 32;
 /// Version of the protocol.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Largest body: a largest value plus room for its key and the encoding.
 pub const MAX_BODY_BYTES: usize = mooncake_kv_format::MAX_VALUE_BYTES + (1 << 20);
 const MAGIC: [u8; 4] = *b"MKCP";
@@ -305,6 +309,10 @@ pub enum Request<'a> {
         /// Reads this client served from cached descriptors, with no lookup, since its
         /// previous lookup: the node counts them, since it cannot see them either.
         cached_reads: u32,
+        /// The keys of those reads (the first [`MAX_CACHED_KEYS`] of them): the node counts
+        /// each as a use for eviction, as it would have counted the lookup, so a block read
+        /// often through a cached descriptor does not look cold to it.
+        cached_keys: Vec<&'a [u8]>,
         /// Send each block found right after the response body (in order, `block_len` bytes
         /// each) instead of leasing it for a one-sided read: one round trip instead of two,
         /// for clients that read over tcp anyway. The client verifies the bytes the same way.

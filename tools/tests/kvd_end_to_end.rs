@@ -633,6 +633,48 @@ fn cached_descriptors_do_not_outlive_their_blocks() {
     assert!(kvd.terminate().success());
 }
 
+/// Reads served from a cached descriptor count as uses for eviction once the reader's next
+/// lookup reports them: under LRU, a block read that way all along outlives the blocks put
+/// after it, where without the report its one lookup would leave it the coldest.
+#[test]
+fn reads_by_cached_descriptor_keep_a_block_warm() {
+    let kvd = Kvd::start(&[
+        "--memory-only",
+        "--dram-mib",
+        "4",
+        "--eviction-policy",
+        "lru",
+        "--lease-ms",
+        "50",
+    ]);
+    let writer = client(&kvd, TransportChoice::Tcp);
+    let reader = caching_reader(&kvd, TransportChoice::Shm);
+    let mut rng = StdRng::seed_from_u64(5);
+    let hot = value(&mut rng, 64 << 10);
+    writer.put(b"hot", &hot).unwrap();
+    // One lookup, then the lease it took ends: from here on only cached reads touch it.
+    assert_eq!(reader.get(b"hot").unwrap().as_deref(), Some(&hot[..]));
+    std::thread::sleep(Duration::from_millis(200));
+    let filler = value(&mut rng, 64 << 10);
+    // About 62 blocks fit in 4 MiB: 200 puts evict most of them.
+    for i in 0..200 {
+        writer.put(format!("cold-{i}").as_bytes(), &filler).unwrap();
+        assert_eq!(
+            reader.get(b"hot").unwrap().as_deref(),
+            Some(&hot[..]),
+            "put {i}: the block read by cached descriptor was evicted"
+        );
+        // A lookup (of a key that has no block) carries the report of the cached read.
+        assert_eq!(reader.get(b"absent").unwrap(), None);
+    }
+    assert_eq!(reader.cached_reads(), 200);
+    assert_eq!(
+        writer.exists(&[b"cold-0", b"cold-199"]).unwrap(),
+        [false, true]
+    );
+    assert!(kvd.terminate().success());
+}
+
 /// The race test: a writer process keeps overwriting a small key space on a node whose DRAM
 /// holds a fraction of it (memory only, so eviction drops blocks and their space is reused at
 /// once), while reader processes hammer verified reads: one-sided over tcp and shared memory,
