@@ -202,6 +202,8 @@ pub struct Client {
     reported_cached_reads: AtomicU64,
     /// Keys of cached reads not yet reported to the node (at most `MAX_CACHED_KEYS`).
     unreported_cached_keys: Mutex<Vec<Vec<u8>>>,
+    /// Its length, readable without the lock.
+    unreported_cached_key_count: AtomicUsize,
 }
 
 /// Descriptors from recent lookups, each with the time it was asked for (on the coarse clock,
@@ -423,6 +425,7 @@ impl Client {
             cached_reads: AtomicU64::new(0),
             reported_cached_reads: AtomicU64::new(0),
             unreported_cached_keys: Mutex::new(Vec::new()),
+            unreported_cached_key_count: AtomicUsize::new(0),
         })
     }
 
@@ -459,7 +462,9 @@ impl Client {
     /// The keys of cached reads to report with the lookup about to be sent (so the node
     /// counts them as uses), taken from the list.
     fn take_cached_keys(&self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut *self.unreported_cached_keys.lock())
+        let mut keys = self.unreported_cached_keys.lock();
+        self.unreported_cached_key_count.store(0, Ordering::Relaxed);
+        std::mem::take(&mut *keys)
     }
 
     /// Reads that failed verification (the block moved or changed between lookup and read)
@@ -523,9 +528,15 @@ impl Client {
             dst.len() >= len && matches!(self.read_verified(key, d, &mut dst[..len]), Ok(true));
         if verified {
             self.cached_reads.fetch_add(1, Ordering::Relaxed);
-            let mut keys = self.unreported_cached_keys.lock();
-            if keys.len() < MAX_CACHED_KEYS {
-                keys.push(key.to_vec());
+            // Checked without the lock first: a reader that has not looked up for a while has
+            // a full list, and its reads should not queue on it.
+            if self.unreported_cached_key_count.load(Ordering::Relaxed) < MAX_CACHED_KEYS {
+                let mut keys = self.unreported_cached_keys.lock();
+                if keys.len() < MAX_CACHED_KEYS {
+                    keys.push(key.to_vec());
+                    self.unreported_cached_key_count
+                        .store(keys.len(), Ordering::Relaxed);
+                }
             }
             return Some(len);
         }
