@@ -445,28 +445,11 @@ impl ClusterClient {
         if keys.is_empty() {
             return Ok(0);
         }
-        let (members, shares) = self.shares(keys);
-        if members.is_empty() {
-            return Err(ClusterError::NoLiveMember);
-        }
-        let outcomes = self.each_member(&members, |member, client| {
-            let asked: Vec<&[u8]> = shares[member].iter().map(|&at| keys[at]).collect();
-            client.exists(&asked)
-        });
         let mut held = vec![false; keys.len()];
-        let mut failures = Vec::new();
-        for ((id, addr, result), share) in outcomes.into_iter().zip(&shares) {
-            match result {
-                Ok(flags) => {
-                    for (&at, flag) in share.iter().zip(flags) {
-                        held[at] |= flag;
-                    }
-                }
-                Err(error) => failures.push(self.failed(id, addr, error)),
+        for (share, flags) in self.ask_shares(keys, |client, share| client.exists(share))? {
+            for (at, flag) in share.into_iter().zip(flags) {
+                held[at] |= flag;
             }
-        }
-        if failures.len() == members.len() {
-            return Err(ClusterError::AllReplicasFailed(failures));
         }
         Ok(held.iter().take_while(|&&h| h).count())
     }
@@ -485,26 +468,43 @@ impl ClusterClient {
         if keys.is_empty() {
             return Ok(false);
         }
+        let answers = self.ask_shares(keys, |client, share| client.end_chain(share))?;
+        Ok(answers.into_iter().any(|(_, held)| held))
+    }
+
+    /// Asks every member holding a share of `keys` at once, `call` getting its client and its
+    /// share (the keys it is a replica of, in order). Returns each answering member's share
+    /// (positions in `keys`) with its answer; a member that failed is left out.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::NoLiveMember`]; [`ClusterError::AllReplicasFailed`] when every member
+    /// asked failed.
+    fn ask_shares<T: Send>(
+        &self,
+        keys: &[&[u8]],
+        call: impl Fn(&Client, &[&[u8]]) -> Result<T, ClientError> + Sync,
+    ) -> Result<Vec<(Vec<usize>, T)>, ClusterError> {
         let (members, shares) = self.shares(keys);
         if members.is_empty() {
             return Err(ClusterError::NoLiveMember);
         }
         let outcomes = self.each_member(&members, |member, client| {
             let share: Vec<&[u8]> = shares[member].iter().map(|&at| keys[at]).collect();
-            client.end_chain(&share)
+            call(client, &share)
         });
-        let mut held = false;
+        let mut answers = Vec::with_capacity(members.len());
         let mut failures = Vec::new();
-        for (id, addr, result) in outcomes {
+        for ((id, addr, result), share) in outcomes.into_iter().zip(shares) {
             match result {
-                Ok(h) => held |= h,
+                Ok(answer) => answers.push((share, answer)),
                 Err(error) => failures.push(self.failed(id, addr, error)),
             }
         }
-        if failures.len() == members.len() {
+        if answers.is_empty() {
             return Err(ClusterError::AllReplicasFailed(failures));
         }
-        Ok(held)
+        Ok(answers)
     }
 
     /// The value of `key` from the first replica that has it: the key's replicas, those on
