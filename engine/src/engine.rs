@@ -2565,12 +2565,14 @@ impl Inner {
             misses: c.tiers[t].misses.load(Ordering::Relaxed),
             evictions: c.tiers[t].evictions.load(Ordering::Relaxed),
         };
-        let mut tiers = vec![tier(TierKind::Dram, self.dram.usage(), DRAM)];
-        if let Some(store) = &self.store {
-            tiers.push(tier(TierKind::Nvme, store.tier.usage(), NVME));
-        }
+        // Fastest first, as the field promises.
+        let mut tiers = Vec::with_capacity(TIERS);
         if let Some(hbm) = &self.hbm {
             tiers.push(tier(TierKind::Hbm, hbm.usage(), HBM));
+        }
+        tiers.push(tier(TierKind::Dram, self.dram.usage(), DRAM));
+        if let Some(store) = &self.store {
+            tiers.push(tier(TierKind::Nvme, store.tier.usage(), NVME));
         }
         EngineStats {
             tiers,

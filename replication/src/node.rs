@@ -12,15 +12,17 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mooncake_kv_engine::format::Error as FormatError;
-use mooncake_kv_engine::{ChainEnd, Durability, Engine, EngineConfig, PinnedBlock, Reservation};
+use mooncake_kv_engine::{
+    ChainEnd, DeviceMemory, Durability, Engine, EngineConfig, PinnedBlock, Reservation,
+};
 use mooncake_kv_transfer::{RegionHandle, Registry, ShmServer, TcpServer};
 use parking_lot::{Condvar, Mutex};
 
 use crate::metrics::Metrics;
 use crate::proto::{
     ChainLinks, Descriptor, ErrorCode, ErrorReply, HelloReply, MAX_CACHED_KEYS, NodeStats, Outcome,
-    ReadFrameError, Request, ReservedReply, Response, decode_request, encode_body, frame_header,
-    read_frame, write_frame,
+    ReadFrameError, Request, ReservedReply, Response, TierFigures, decode_request, encode_body,
+    frame_header, read_frame, write_frame,
 };
 use crate::region::DramRegion;
 use crate::repair::{Repair, RepairConfig, RepairStats};
@@ -257,6 +259,25 @@ impl Node {
     /// [`NodeError`] naming what could not be set up; nothing keeps running then.
     pub fn start(config: NodeConfig) -> Result<Self, NodeError> {
         let engine = Engine::open(config.engine.clone())?;
+        Self::serve(config, engine)
+    }
+
+    /// As [`Node::start`], with the HBM tier on `device` instead of the GPU that
+    /// `config.engine.hbm` names, as [`Engine::open_with_device`]: for a process that
+    /// manages its device itself, or a test on the host test device.
+    ///
+    /// # Errors
+    ///
+    /// As [`Node::start`]; a config without `hbm` settings is refused.
+    pub fn start_with_device(
+        config: NodeConfig,
+        device: Arc<dyn DeviceMemory>,
+    ) -> Result<Self, NodeError> {
+        let engine = Engine::open_with_device(config.engine.clone(), device)?;
+        Self::serve(config, engine)
+    }
+
+    fn serve(config: NodeConfig, engine: Engine) -> Result<Self, NodeError> {
         let registry = Arc::new(Registry::new()?);
         let handle = registry.register(Arc::new(DramRegion::of(&engine)))?;
         // The control address first: a second node started on a taken address fails here,
@@ -973,10 +994,18 @@ fn commit(shared: &Shared, id: u64, payload: Option<&[u8]>, durable: bool) -> Ou
 fn node_stats(shared: &Shared) -> NodeStats {
     let stats = shared.engine.stats();
     NodeStats {
-        tier_blocks: stats.tiers.iter().map(|t| t.blocks).collect(),
-        tier_used_bytes: stats.tiers.iter().map(|t| t.used_bytes).collect(),
-        tier_capacity_bytes: stats.tiers.iter().map(|t| t.capacity_bytes).collect(),
-        evictions: stats.tiers.first().map_or(0, |t| t.evictions),
+        tiers: stats
+            .tiers
+            .iter()
+            .map(|t| TierFigures {
+                tier: t.kind.to_string(),
+                blocks: t.blocks,
+                used_bytes: t.used_bytes,
+                capacity_bytes: t.capacity_bytes,
+                hits: t.hits,
+                evictions: t.evictions,
+            })
+            .collect(),
         requests: shared.metrics.requests(),
         errors: shared.metrics.errors.load(Ordering::Relaxed),
         leases: shared.leases.lock().len() as u64,

@@ -34,7 +34,7 @@ pub const MAX_CACHED_KEYS: usize = 1024;
 /// Bytes of a frame header.
 pub const FRAME_HEADER_BYTES: usize = 32;
 /// Version of the protocol.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Largest body: a largest value plus room for its key and the encoding.
 pub const MAX_BODY_BYTES: usize = mooncake_kv_format::MAX_VALUE_BYTES + (1 << 20);
 const MAGIC: [u8; 4] = *b"MKCP";
@@ -438,17 +438,28 @@ pub enum Outcome<T> {
     Err(ErrorReply),
 }
 
+/// One tier's figures, as `stats` reports them.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct TierFigures {
+    /// Which tier: `hbm`, `dram` or `nvme`.
+    pub tier: String,
+    /// Blocks with a copy on it.
+    pub blocks: u64,
+    /// Bytes in allocated extents.
+    pub used_bytes: u64,
+    /// Bytes it manages.
+    pub capacity_bytes: u64,
+    /// Reads it served.
+    pub hits: u64,
+    /// Copies dropped from it to make room (demoted ones included).
+    pub evictions: u64,
+}
+
 /// Node counters, as `stats` reports them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode)]
 pub struct NodeStats {
-    /// Blocks held, per tier (DRAM, then NVMe when present).
-    pub tier_blocks: Vec<u64>,
-    /// Bytes used, per tier.
-    pub tier_used_bytes: Vec<u64>,
-    /// Capacity, per tier.
-    pub tier_capacity_bytes: Vec<u64>,
-    /// Blocks evicted from DRAM (dropped or demoted).
-    pub evictions: u64,
+    /// Each tier, fastest first: HBM when present, DRAM, then NVMe when present.
+    pub tiers: Vec<TierFigures>,
     /// Requests served, by kind: put, lookup, exists, prefix_match, remove, stats, health,
     /// reserve, commit, end_chain (as [`REQUEST_KINDS`]).
     pub requests: Vec<u64>,

@@ -66,7 +66,7 @@ fn a_chain_put_over_the_network_loses_its_tail_before_its_head() {
             );
         }
     }
-    assert!(client.stats().unwrap().evictions > 200);
+    assert!(client.stats().unwrap().tiers[0].evictions > 200);
     let last = chain_keys(39, 8);
     let refs: Vec<&[u8]> = last.iter().map(Vec::as_slice).collect();
     assert_eq!(client.prefix_match(&refs).unwrap(), 8);
@@ -84,9 +84,9 @@ fn a_partial_last_block_put_over_the_network_goes_first() {
     for chain in 8..28 {
         put_chain(&client, None, &chain_keys(chain, 1), ChainEnd::Partial);
     }
-    assert_eq!(client.stats().unwrap().evictions, 0);
+    assert_eq!(client.stats().unwrap().tiers[0].evictions, 0);
     put_chain(&client, None, &chain_keys(28, 8), ChainEnd::Full);
-    let evictions = client.stats().unwrap().evictions as usize;
+    let evictions = client.stats().unwrap().tiers[0].evictions as usize;
     assert!((1..20).contains(&evictions), "{evictions} evictions");
     for chain in 0..8 {
         assert_eq!(
@@ -116,7 +116,7 @@ fn a_chain_ended_over_the_network_goes_first() {
             ChainEnd::Full,
         );
     }
-    assert_eq!(client.stats().unwrap().evictions, 0);
+    assert_eq!(client.stats().unwrap().tiers[0].evictions, 0);
     // The newest conversation is over; the client names its whole chain.
     let ended: Vec<Vec<u8>> = std::iter::once(head.clone())
         .chain(chain_keys(11, 5))
@@ -126,7 +126,7 @@ fn a_chain_ended_over_the_network_goes_first() {
     assert!(!client.end_chain(&[b"never-put".as_slice()]).unwrap());
     // Without the hint, the oldest conversation's tail would make room.
     put_chain(&client, Some(&head), &chain_keys(12, 5), ChainEnd::Full);
-    let evictions = client.stats().unwrap().evictions as usize;
+    let evictions = client.stats().unwrap().tiers[0].evictions as usize;
     assert!((1..=5).contains(&evictions), "{evictions} evictions");
     assert!(
         present(&client, std::slice::from_ref(&head))[0],

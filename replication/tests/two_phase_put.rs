@@ -22,7 +22,7 @@ fn node() -> Node {
 }
 
 fn dram_used(client: &Client) -> u64 {
-    client.stats().expect("stats").tier_used_bytes[0]
+    client.stats().expect("stats").tiers[0].used_bytes
 }
 
 #[test]

@@ -258,6 +258,15 @@ fn library_and_kvctl_round_trip_and_a_restart_serves_flushed_blocks() {
     assert!(stat.status.success());
     let stat: serde_json::Value = serde_json::from_slice(&stat.stdout).unwrap();
     assert_eq!(stat["serving"], true);
+    // Each tier by its name, fastest first: this node has DRAM and an NVMe file.
+    let tiers: Vec<&str> = stat["tiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["tier"].as_str().unwrap())
+        .collect();
+    assert_eq!(tiers, ["dram", "nvme"]);
+    assert!(stat["tiers"][0]["blocks"].as_u64().unwrap() > 0, "{stat}");
     let exists = kvctl(&kvd, &["exists", "from-kvctl", "nope"]);
     assert_eq!(
         String::from_utf8_lossy(&exists.stdout),

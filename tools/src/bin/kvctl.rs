@@ -536,15 +536,18 @@ mod online {
         let client = connect(cli)?;
         let stats = client.stats()?;
         let serving = client.health()?;
-        let tiers = ["dram", "nvme"];
         if cli.json {
-            let per_tier: Vec<_> = (0..stats.tier_blocks.len())
-                .map(|i| {
+            let per_tier: Vec<_> = stats
+                .tiers
+                .iter()
+                .map(|t| {
                     json!({
-                        "tier": tiers.get(i).copied().unwrap_or("other"),
-                        "blocks": stats.tier_blocks[i],
-                        "used_bytes": stats.tier_used_bytes.get(i),
-                        "capacity_bytes": stats.tier_capacity_bytes.get(i),
+                        "tier": t.tier,
+                        "blocks": t.blocks,
+                        "used_bytes": t.used_bytes,
+                        "capacity_bytes": t.capacity_bytes,
+                        "hits": t.hits,
+                        "evictions": t.evictions,
                     })
                 })
                 .collect();
@@ -556,7 +559,6 @@ mod online {
                     "node_id": hex(&client.hello().node_id),
                     "transport": client.transport_name(),
                     "tiers": per_tier,
-                    "evictions": stats.evictions,
                     "requests": stats.requests,
                     "errors": stats.errors,
                     "leases": stats.leases,
@@ -568,17 +570,17 @@ mod online {
             println!("{:<16} {}", "serving", serving);
             println!("{:<16} {}", "node id", hex(&client.hello().node_id));
             println!("{:<16} {}", "reads via", client.transport_name());
-            for i in 0..stats.tier_blocks.len() {
-                let name = tiers.get(i).copied().unwrap_or("other");
+            for t in &stats.tiers {
                 println!(
-                    "{:<16} {} blocks, {} of {}",
-                    name,
-                    stats.tier_blocks[i],
-                    bytes(stats.tier_used_bytes.get(i).copied().unwrap_or(0)),
-                    bytes(stats.tier_capacity_bytes.get(i).copied().unwrap_or(0)),
+                    "{:<16} {} blocks, {} of {}, {} hits, {} evictions",
+                    t.tier,
+                    t.blocks,
+                    bytes(t.used_bytes),
+                    bytes(t.capacity_bytes),
+                    t.hits,
+                    t.evictions,
                 );
             }
-            println!("{:<16} {}", "evictions", stats.evictions);
             let kinds = mooncake_kv_replication::proto::REQUEST_KINDS;
             let requests: Vec<String> = kinds
                 .iter()
@@ -640,8 +642,11 @@ mod online {
                         "addr": peer,
                         "state": "live",
                         "node_id": id,
-                        "blocks": stats.tier_blocks,
-                        "used_bytes": stats.tier_used_bytes,
+                        "tiers": stats.tiers.iter().map(|t| json!({
+                            "tier": t.tier,
+                            "blocks": t.blocks,
+                            "used_bytes": t.used_bytes,
+                        })).collect::<Vec<_>>(),
                         "repair": stats.repair.map(|r| json!({
                             "passes": r.passes,
                             "blocks_copied": r.blocks_copied,
@@ -663,19 +668,28 @@ mod online {
             );
         } else {
             println!(
-                "{:<22} {:<12} {:<34} {:>10} {:>10} {:>8} {:>8} {:>8}",
-                "MEMBER", "STATE", "NODE ID", "DRAM", "NVME", "PASSES", "COPIED", "UNDER"
+                "{:<22} {:<12} {:<34} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}",
+                "MEMBER", "STATE", "NODE ID", "HBM", "DRAM", "NVME", "PASSES", "COPIED", "UNDER"
             );
             for r in &rows {
                 let n =
                     |v: &serde_json::Value| v.as_u64().map_or("-".to_owned(), |x| x.to_string());
+                // Blocks on the tier named `name`, "-" where the member has none.
+                let blocks = |name: &str| {
+                    let tiers = r["tiers"].as_array().map_or(&[][..], Vec::as_slice);
+                    tiers
+                        .iter()
+                        .find(|t| t["tier"] == name)
+                        .map_or("-".to_owned(), |t| n(&t["blocks"]))
+                };
                 println!(
-                    "{:<22} {:<12} {:<34} {:>10} {:>10} {:>8} {:>8} {:>8}",
+                    "{:<22} {:<12} {:<34} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}",
                     r["addr"].as_str().unwrap_or(""),
                     r["state"].as_str().unwrap_or(""),
                     r["node_id"].as_str().unwrap_or("-"),
-                    n(&r["blocks"][0]),
-                    n(&r["blocks"][1]),
+                    blocks("hbm"),
+                    blocks("dram"),
+                    blocks("nvme"),
                     n(&r["repair"]["passes"]),
                     n(&r["repair"]["blocks_copied"]),
                     n(&r["repair"]["under_replicated"]),

@@ -54,13 +54,13 @@ struct Cli {
     /// NVMe data file size in MiB (fixed when the directory is created).
     #[arg(long)]
     nvme_mib: Option<u64>,
-    /// GPU memory (HBM) tier size in MiB, above DRAM; absent or 0: none. Needs a build with the
-    /// `cuda` feature and an NVIDIA GPU; otherwise the node refuses to start, saying why.
+    /// GPU memory (HBM) tier size in MiB. Refused for now (any value but 0): a node's clients
+    /// put into and read from its registered host memory, so an HBM tier in a server would
+    /// never hold a block. The HBM tier serves an inference process that embeds the engine
+    /// (`EngineConfig::hbm`, `Engine::get_into_device`); serving it to peers needs GPUDirect
+    /// RDMA registration, which is not built yet.
     #[arg(long)]
     hbm_mib: Option<u64>,
-    /// CUDA device ordinal of the HBM tier.
-    #[arg(long)]
-    hbm_device: Option<usize>,
     /// Which blocks leave a full tier first: prefix-aware (the default: a chain's tail before
     /// its head, blocks used again before one-offs), s3-fifo or lru.
     #[arg(long)]
@@ -127,7 +127,6 @@ struct FileConfig {
     nvme_mib: Option<u64>,
     eviction_policy: Option<String>,
     hbm_mib: Option<u64>,
-    hbm_device: Option<usize>,
     token_file: Option<PathBuf>,
     shm: Option<bool>,
     lease_ms: Option<u64>,
@@ -324,14 +323,13 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
         (None, Some(name)) => name.parse().context("bad eviction_policy in the config")?,
         (None, None) => EvictionPolicyKind::default(),
     };
-    let hbm = match cli.hbm_mib.or(file.hbm_mib) {
-        None | Some(0) => None,
-        Some(n) => Some(mooncake_kv_engine::HbmSettings {
-            device: cli.hbm_device.or(file.hbm_device).unwrap_or(0),
-            capacity_bytes: mib(Some(n), None, 0, "hbm_mib")?,
-            ..mooncake_kv_engine::HbmSettings::default()
-        }),
-    };
+    if let Some(n @ 1..) = cli.hbm_mib.or(file.hbm_mib) {
+        anyhow::bail!(
+            "hbm_mib = {n}: a node's clients put into and read from its registered host \
+             memory, so an HBM tier in a server would never hold a block; the HBM tier is for \
+             an inference process that embeds the engine (EngineConfig::hbm)"
+        );
+    }
     let metrics_listen = cli
         .metrics_listen
         .clone()
@@ -355,7 +353,6 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
                 eviction_policy,
                 // A member of a cluster holds shares of chains (see the field's doc).
                 hold_chain_parents: repair.is_none(),
-                hbm,
                 data_dir,
                 ..EngineConfig::default()
             },
@@ -583,10 +580,10 @@ mod tests {
             "{error:#}"
         );
         assert!(Cli::try_parse_from(["mooncake-kvd", "--eviction-policy", "arc"]).is_err());
-        std::fs::write(&file, "hbm_mib = 512\nhbm_device = 1\n").unwrap();
-        let s = settings(&cli(&["--config", path])).unwrap();
-        let hbm = s.node.engine.hbm.expect("an HBM tier");
-        assert_eq!((hbm.capacity_bytes, hbm.device), (512 << 20, 1));
+        // An HBM tier in a server would hold nothing: refused, saying why.
+        std::fs::write(&file, "hbm_mib = 512\n").unwrap();
+        let error = settings(&cli(&["--config", path])).unwrap_err();
+        assert!(format!("{error:#}").contains("hbm_mib = 512"), "{error:#}");
         let s = settings(&cli(&["--config", path, "--hbm-mib", "0"])).unwrap();
         assert!(s.node.engine.hbm.is_none());
         std::fs::write(&file, "dram_mb = 64\n").unwrap();
