@@ -923,9 +923,10 @@ impl Engine {
 
     /// Copies the value of `key` into device memory at `target` (an inference engine's KV
     /// pages, on the HBM tier's GPU) and returns its length. From HBM the copy stays on the
-    /// device, after the block's header and key are checked (the payload CRC is checked
-    /// when the block is written, as for DRAM); from DRAM or NVMe the block is read and fully
-    /// verified on the host, then copied to the device. `Ok(None)` is a miss.
+    /// device, and the block's header and key, read in the same trip, are checked after it
+    /// (the payload CRC is checked when the block is written, as for DRAM); from DRAM or NVMe
+    /// the block is read and fully verified on the host, then copied to the device. `Ok(None)`
+    /// is a miss. After an error, the bytes at `target` are unspecified.
     ///
     /// # Safety
     ///
@@ -2162,14 +2163,9 @@ impl Inner {
                 });
             }
             if let Some(copy) = slot.hbm() {
+                // The payload and the header in one trip; the header is checked after. The
+                // extent is `copy`'s until it is dropped, so it cannot be reused meanwhile.
                 let mut head = vec![0u8; copy.payload_offset as usize];
-                self.checked(
-                    slot,
-                    copy.tier
-                        .read_at(copy.extent(), 0, &mut head)
-                        .map_err(Error::from),
-                )?;
-                self.checked(slot, check_head(slot, &head, copy.payload_offset))?;
                 // SAFETY: the source is this block's payload in its extent, kept alive by
                 // `copy`; the target is the caller's, per the contract.
                 let copied = unsafe {
@@ -2178,9 +2174,11 @@ impl Inner {
                         u64::from(copy.payload_offset),
                         needed as u64,
                         target.ptr,
+                        &mut head,
                     )
                 };
                 self.checked(slot, copied.map_err(Error::from))?;
+                self.checked(slot, check_head(slot, &head, copy.payload_offset))?;
                 self.hit(HBM, slot);
                 return Ok(SlotRead::Read(needed));
             }
@@ -2201,7 +2199,8 @@ impl Inner {
     }
 
     /// Reads an HBM block's header and key into a small buffer and its payload straight into
-    /// `target`, in one batch, then verifies both.
+    /// `target`, in one batch, checksumming the payload piece by piece as it lands (while the
+    /// rest is still being copied), then verifies both.
     fn get_into_from_hbm(
         &self,
         slot: &Arc<Slot>,
@@ -2210,16 +2209,22 @@ impl Inner {
     ) -> Result<usize> {
         let len = slot.payload_len as usize;
         let mut head = vec![0u8; hbm.payload_offset as usize];
-        let read = hbm.tier.read_parts(
+        let mut payload_crc = crc32fast::Hasher::new();
+        let read = hbm.tier.read_parts_observed(
             hbm.extent(),
             &mut [
                 (0, &mut head[..]),
                 (u64::from(hbm.payload_offset), &mut target[..len]),
             ],
+            &mut |part, bytes| {
+                if part == 1 {
+                    payload_crc.update(bytes);
+                }
+            },
         );
         self.checked(slot, read.map_err(Error::from))?;
         self.checked(slot, check_head(slot, &head, hbm.payload_offset))?;
-        self.checked(slot, check_payload(&target[..len], slot.payload_crc32))?;
+        self.checked(slot, check_crc(payload_crc.finalize(), slot.payload_crc32))?;
         self.hit(HBM, slot);
         Ok(len)
     }
@@ -2598,7 +2603,11 @@ enum Source {
 
 /// Checks a payload against the CRC its header records.
 fn check_payload(payload: &[u8], expected: u32) -> Result<()> {
-    let actual = crc32fast::hash(payload);
+    check_crc(crc32fast::hash(payload), expected)
+}
+
+/// A payload whose checksum came to `actual`, against the `expected` one of its header.
+fn check_crc(actual: u32, expected: u32) -> Result<()> {
     if actual == expected {
         Ok(())
     } else {

@@ -18,8 +18,11 @@ use parking_lot::Mutex;
 use crate::device::{DeviceMemory, DeviceRange, ToDevice, ToHost};
 use crate::{Error, Result};
 
-/// Bytes per staging buffer.
-const STAGING_BYTES: usize = 8 << 20;
+/// Bytes per staging buffer, and per piece of a copy between host and device. Pieces
+/// alternate between the two lanes, so the CPU fills or drains one buffer while the GPU
+/// copies the other. Measured on an H200 against 1 and 8 MiB: gets of 2 MiB blocks 10%
+/// faster than with 8 MiB (one piece, nothing overlapped), puts the same.
+const STAGING_BYTES: usize = 256 << 10;
 
 /// A GPU, by CUDA ordinal.
 pub struct CudaDevice {
@@ -215,12 +218,37 @@ impl DeviceMemory for CudaDevice {
     }
 
     unsafe fn copy_to_host(&self, copies: &mut [ToHost<'_>]) -> Result<()> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.copy_to_host_observed(copies, &mut |_, _| {}) }
+    }
+
+    unsafe fn copy_to_host_observed(
+        &self,
+        copies: &mut [ToHost<'_>],
+        observe: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<()> {
         self.context
             .bind_to_thread()
             .map_err(self.fail("copy to host"))?;
         let mut lanes = self.lanes.lock();
         // The chunk in flight on each lane: (item, offset in its target, length).
         let mut pending: [Option<(usize, usize, usize)>; 2] = [None, None];
+        // Waits for a lane's chunk, moves it into its target and shows it to `observe` (while
+        // the other lane's chunk is still being copied).
+        let mut land = |lane: &mut Lane,
+                        chunk: Option<(usize, usize, usize)>,
+                        copies: &mut [ToHost<'_>]|
+         -> Result<()> {
+            if let Some((item, at, n)) = chunk {
+                lane.stream
+                    .synchronize()
+                    .map_err(self.fail("copy to host"))?;
+                let landed = &mut copies[item].target[at..at + n];
+                landed.copy_from_slice(&lane.staging.bytes_mut()[..n]);
+                observe(item, landed);
+            }
+            Ok(())
+        };
         let mut turn = 0;
         for item in 0..copies.len() {
             let (source, len) = (copies[item].source, copies[item].target.len());
@@ -229,14 +257,9 @@ impl DeviceMemory for CudaDevice {
                 let which = turn % 2;
                 turn += 1;
                 let lane = &mut lanes[which];
-                // The lane's previous chunk must land in its target before the buffer is
+                // The lane's previous chunk (the oldest in flight) lands before its buffer is
                 // reused.
-                if let Some((done, at, n)) = pending[which].take() {
-                    lane.stream
-                        .synchronize()
-                        .map_err(self.fail("copy to host"))?;
-                    copies[done].target[at..at + n].copy_from_slice(&lane.staging.bytes_mut()[..n]);
-                }
+                land(lane, pending[which].take(), copies)?;
                 let staged = &mut lane.staging.bytes_mut()[..chunk];
                 // SAFETY: the caller promises the source range is device memory it may read;
                 // the staging buffer is not read until this lane is synchronized.
@@ -251,13 +274,9 @@ impl DeviceMemory for CudaDevice {
                 pending[which] = Some((item, start, chunk));
             }
         }
-        for (lane, pending) in lanes.iter_mut().zip(pending) {
-            if let Some((done, at, n)) = pending {
-                lane.stream
-                    .synchronize()
-                    .map_err(self.fail("copy to host"))?;
-                copies[done].target[at..at + n].copy_from_slice(&lane.staging.bytes_mut()[..n]);
-            }
+        // The rest land oldest first: the lane the next chunk would have used.
+        for which in [turn % 2, (turn + 1) % 2] {
+            land(&mut lanes[which], pending[which].take(), copies)?;
         }
         Ok(())
     }
@@ -278,5 +297,61 @@ impl DeviceMemory for CudaDevice {
         unsafe { result::memcpy_dtod_async(target, source, size, stream.cu_stream()) }
             .map_err(self.fail("copy on device"))?;
         stream.synchronize().map_err(self.fail("copy on device"))
+    }
+
+    unsafe fn copy_within_and_read(
+        &self,
+        target: u64,
+        source: u64,
+        len: u64,
+        reads: &mut [ToHost<'_>],
+    ) -> Result<()> {
+        let staged_len: usize = reads.iter().map(|r| r.target.len()).sum();
+        if staged_len > STAGING_BYTES {
+            // More than one staging buffer holds: one after the other.
+            // SAFETY: the caller's promises, passed on.
+            return unsafe {
+                self.copy_within(target, source, len)?;
+                self.copy_to_host(reads)
+            };
+        }
+        self.context
+            .bind_to_thread()
+            .map_err(self.fail("copy on device"))?;
+        let size = usize::try_from(len).map_err(|_| Error::Device {
+            device: self.name.clone(),
+            action: "copy on device",
+            reason: format!("{len} bytes do not fit this machine's address space"),
+        })?;
+        let mut lanes = self.lanes.lock();
+        // The device copy on one stream, the reads on the other: they run at once.
+        let [copying, reading] = &mut *lanes;
+        // SAFETY: the caller promises both ranges are device memory it may use and that they
+        // do not overlap.
+        unsafe { result::memcpy_dtod_async(target, source, size, copying.stream.cu_stream()) }
+            .map_err(self.fail("copy on device"))?;
+        let mut at = 0;
+        for read in reads.iter() {
+            let n = read.target.len();
+            let staged = &mut reading.staging.bytes_mut()[at..at + n];
+            // SAFETY: the caller promises the source range is device memory it may read; the
+            // staging buffer is not read until its stream is synchronized below.
+            unsafe { result::memcpy_dtoh_async(staged, read.source, reading.stream.cu_stream()) }
+                .map_err(self.fail("copy to host"))?;
+            at += n;
+        }
+        for lane in [&*copying, &*reading] {
+            lane.stream
+                .synchronize()
+                .map_err(self.fail("copy on device"))?;
+        }
+        let mut at = 0;
+        for read in reads.iter_mut() {
+            let n = read.target.len();
+            read.target
+                .copy_from_slice(&reading.staging.bytes_mut()[at..at + n]);
+            at += n;
+        }
+        Ok(())
     }
 }

@@ -114,6 +114,32 @@ pub trait DeviceMemory: Send + Sync + fmt::Debug + 'static {
     /// [`Error::Device`]; after an error, the targets' bytes are unspecified.
     unsafe fn copy_to_host(&self, copies: &mut [ToHost<'_>]) -> Result<()>;
 
+    /// As [`copy_to_host`](Self::copy_to_host), and shows `observe` each piece of the targets
+    /// as it lands, as `(item, bytes)`, in order within each item: a caller can checksum the
+    /// bytes while later pieces are still being copied. The default copies everything, then
+    /// shows each target whole.
+    ///
+    /// # Safety
+    ///
+    /// As [`copy_to_host`](Self::copy_to_host).
+    ///
+    /// # Errors
+    ///
+    /// As [`copy_to_host`](Self::copy_to_host); pieces shown before an error are not
+    /// shown again.
+    unsafe fn copy_to_host_observed(
+        &self,
+        copies: &mut [ToHost<'_>],
+        observe: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<()> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.copy_to_host(copies) }?;
+        for (item, copy) in copies.iter().enumerate() {
+            observe(item, copy.target);
+        }
+        Ok(())
+    }
+
     /// Copies `len` bytes from device address `source` to device address `target`.
     ///
     /// # Safety
@@ -124,6 +150,32 @@ pub trait DeviceMemory: Send + Sync + fmt::Debug + 'static {
     ///
     /// [`Error::Device`].
     unsafe fn copy_within(&self, target: u64, source: u64, len: u64) -> Result<()>;
+
+    /// [`copy_within`](Self::copy_within) and the device-to-host `reads` in one trip: all are
+    /// issued, then waited for once. For a reader that checks a block's header after moving
+    /// its payload, rather than waiting for the header first. The default does one after the
+    /// other.
+    ///
+    /// # Safety
+    ///
+    /// As [`copy_within`](Self::copy_within) and [`copy_to_host`](Self::copy_to_host).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Device`]; after an error, every target's bytes are unspecified.
+    unsafe fn copy_within_and_read(
+        &self,
+        target: u64,
+        source: u64,
+        len: u64,
+        reads: &mut [ToHost<'_>],
+    ) -> Result<()> {
+        // SAFETY: the caller's promises, passed on.
+        unsafe {
+            self.copy_within(target, source, len)?;
+            self.copy_to_host(reads)
+        }
+    }
 
     /// Whether this is [`HostTestDevice`]: host memory standing in for a GPU in tests.
     fn is_test_device(&self) -> bool {

@@ -213,6 +213,23 @@ impl HbmTier {
     ///
     /// [`Error::OutOfBounds`] if a piece does not fit (nothing is read); [`Error::Device`].
     pub fn read_parts(&self, extent: &Extent, parts: &mut [(u64, &mut [u8])]) -> Result<()> {
+        self.read_parts_observed(extent, parts, &mut |_, _| {})
+    }
+
+    /// As [`read_parts`](Self::read_parts), showing `observe` the bytes of each piece as
+    /// they land, `(index of the piece, bytes)`, in order within each piece (see
+    /// [`DeviceMemory::copy_to_host_observed`]): a reader checksums a payload while the rest
+    /// of it is still being copied.
+    ///
+    /// # Errors
+    ///
+    /// As [`read_parts`](Self::read_parts).
+    pub fn read_parts_observed(
+        &self,
+        extent: &Extent,
+        parts: &mut [(u64, &mut [u8])],
+        observe: &mut dyn FnMut(usize, &[u8]),
+    ) -> Result<()> {
         self.check_extent(extent);
         for (offset_bytes, target) in parts.iter() {
             range_within(extent, *offset_bytes, target.len())?;
@@ -227,7 +244,7 @@ impl HbmTier {
             .collect();
         // SAFETY: every source lies inside the extent (checked above), inside the arena; the
         // caller borrows the extent, so no writer holds it meanwhile.
-        unsafe { self.device.copy_to_host(&mut copies) }
+        unsafe { self.device.copy_to_host_observed(&mut copies, observe) }
     }
 
     /// Reads every item, in one batch of device-to-host copies.
@@ -255,7 +272,9 @@ impl HbmTier {
     }
 
     /// Copies `len` bytes at `offset_bytes` of `extent` to device memory at `target` (an
-    /// inference engine's KV pages), without passing through the host.
+    /// inference engine's KV pages), without passing through the host, and reads the extent's
+    /// first `head.len()` bytes into `head` in the same trip (one wait for both): the caller
+    /// checks the block's header after the copy instead of waiting for it first.
     ///
     /// # Safety
     ///
@@ -264,13 +283,15 @@ impl HbmTier {
     ///
     /// # Errors
     ///
-    /// [`Error::OutOfBounds`]; [`Error::Device`].
+    /// [`Error::OutOfBounds`] (nothing is copied); [`Error::Device`], after which the bytes
+    /// of `head` and of the target are unspecified.
     pub unsafe fn copy_to_device_buffer(
         &self,
         extent: &Extent,
         offset_bytes: u64,
         len: u64,
         target: u64,
+        head: &mut [u8],
     ) -> Result<()> {
         self.check_extent(extent);
         let len_usize = usize::try_from(len).map_err(|_| Error::OutOfBounds {
@@ -279,10 +300,21 @@ impl HbmTier {
             extent_len_bytes: extent.len_bytes,
         })?;
         range_within(extent, offset_bytes, len_usize)?;
-        let source = self.arena.ptr + extent.offset_bytes + offset_bytes;
-        // SAFETY: the source lies inside the extent, which the caller borrows; the target is
-        // the caller's, as this function's contract says.
-        unsafe { self.device.copy_within(target, source, len) }
+        range_within(extent, 0, head.len())?;
+        let base = self.arena.ptr + extent.offset_bytes;
+        // SAFETY: the source and the head lie inside the extent, which the caller borrows; the
+        // target is the caller's, as this function's contract says.
+        unsafe {
+            self.device.copy_within_and_read(
+                target,
+                base + offset_bytes,
+                len,
+                &mut [ToHost {
+                    source: base,
+                    target: head,
+                }],
+            )
+        }
     }
 }
 
