@@ -1,5 +1,5 @@
-//! Shared pieces of the command-line tools: how keys are printed and parsed, and the
-//! self-describing values the crash test writes.
+//! Shared pieces of the command-line tools: how keys are printed and parsed, how errors are
+//! reported, and the self-describing values the crash test writes.
 
 pub mod bench;
 pub mod replay;
@@ -10,6 +10,24 @@ pub fn display_key(key: &[u8]) -> String {
         Ok(text) if !text.is_empty() && text.chars().all(|c| !c.is_control()) => text.to_owned(),
         _ => format!("0x{}", hex(key)),
     }
+}
+
+/// An error and its causes on one line, each said once. The project's errors put their
+/// source's message in their own (`cannot connect: Connection refused`), so a cause whose
+/// words the line already ends with is not repeated, as `{:#}` would.
+pub fn report(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// Lower-case hex of `bytes`.
@@ -71,6 +89,25 @@ mod tests {
         assert_eq!(display_key(b"abc"), "abc");
         assert_eq!(display_key(&[0, 255]), "0x00ff");
         assert_eq!(parse_key(&display_key(&[0, 255])).unwrap(), vec![0, 255]);
+    }
+
+    #[test]
+    fn a_report_says_each_cause_once() {
+        // As the client's errors: the source's message is already in the error's own.
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let words = refused.to_string();
+        let error = anyhow::Error::new(refused)
+            .context(format!("cannot connect to the node: {words}"))
+            .context("cannot connect to the node at 127.0.0.1:1");
+        assert_eq!(
+            report(&error),
+            format!(
+                "cannot connect to the node at 127.0.0.1:1: cannot connect to the node: {words}"
+            )
+        );
+        // A cause the error does not repeat is still said.
+        let error = anyhow::anyhow!("no such file").context("cannot open data");
+        assert_eq!(report(&error), "cannot open data: no such file");
     }
 
     #[test]

@@ -279,7 +279,7 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("kvctl: {error:#}");
+            eprintln!("kvctl: {}", mooncake_kv_tools::report(&error));
             ExitCode::from(2)
         }
     }

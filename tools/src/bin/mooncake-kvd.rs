@@ -373,7 +373,7 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("mooncake-kvd: {error:#}");
+            eprintln!("mooncake-kvd: {}", mooncake_kv_tools::report(&error));
             ExitCode::from(2)
         }
     }
