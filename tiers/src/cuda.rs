@@ -15,7 +15,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaStream, DriverError, result, sys};
 use parking_lot::Mutex;
 
-use crate::device::{DeviceMemory, DeviceRange, ToDevice, ToHost};
+use crate::device::{DeviceMemory, DeviceRange, ToDevice, ToHost, copy_within_then_read};
 use crate::{Error, Result};
 
 /// Bytes per staging buffer, and per piece of a copy between host and device. Pieces
@@ -149,6 +149,17 @@ impl CudaDevice {
     fn fail(&self, action: &'static str) -> impl Fn(DriverError) -> Error + '_ {
         move |error| device_error(&self.name, action, error)
     }
+
+    /// Binds the context to this thread for `action` on `len` bytes, and returns the length
+    /// as a size.
+    fn bind_for(&self, len: u64, action: &'static str) -> Result<usize> {
+        self.context.bind_to_thread().map_err(self.fail(action))?;
+        usize::try_from(len).map_err(|_| Error::Device {
+            device: self.name.clone(),
+            action,
+            reason: format!("{len} bytes do not fit this machine's address space"),
+        })
+    }
 }
 
 impl DeviceMemory for CudaDevice {
@@ -165,14 +176,7 @@ impl DeviceMemory for CudaDevice {
     }
 
     fn allocate(&self, len: u64) -> Result<DeviceRange> {
-        self.context
-            .bind_to_thread()
-            .map_err(self.fail("allocate"))?;
-        let size = usize::try_from(len).map_err(|_| Error::Device {
-            device: self.name.clone(),
-            action: "allocate",
-            reason: format!("{len} bytes do not fit this machine's address space"),
-        })?;
+        let size = self.bind_for(len, "allocate")?;
         // SAFETY: a plain cuMemAlloc in the context bound above.
         let ptr = unsafe { result::malloc_sync(size.max(1)) }.map_err(self.fail("allocate"))?;
         Ok(DeviceRange { ptr, len })
@@ -282,14 +286,7 @@ impl DeviceMemory for CudaDevice {
     }
 
     unsafe fn copy_within(&self, target: u64, source: u64, len: u64) -> Result<()> {
-        self.context
-            .bind_to_thread()
-            .map_err(self.fail("copy on device"))?;
-        let size = usize::try_from(len).map_err(|_| Error::Device {
-            device: self.name.clone(),
-            action: "copy on device",
-            reason: format!("{len} bytes do not fit this machine's address space"),
-        })?;
+        let size = self.bind_for(len, "copy on device")?;
         let lanes = self.lanes.lock();
         let stream = &lanes[0].stream;
         // SAFETY: the caller promises both ranges are device memory it may use and that they
@@ -310,19 +307,9 @@ impl DeviceMemory for CudaDevice {
         if staged_len > STAGING_BYTES {
             // More than one staging buffer holds: one after the other.
             // SAFETY: the caller's promises, passed on.
-            return unsafe {
-                self.copy_within(target, source, len)?;
-                self.copy_to_host(reads)
-            };
+            return unsafe { copy_within_then_read(self, target, source, len, reads) };
         }
-        self.context
-            .bind_to_thread()
-            .map_err(self.fail("copy on device"))?;
-        let size = usize::try_from(len).map_err(|_| Error::Device {
-            device: self.name.clone(),
-            action: "copy on device",
-            reason: format!("{len} bytes do not fit this machine's address space"),
-        })?;
+        let size = self.bind_for(len, "copy on device")?;
         let mut lanes = self.lanes.lock();
         // The device copy on one stream, the reads on the other: they run at once.
         let [copying, reading] = &mut *lanes;

@@ -171,15 +171,31 @@ pub trait DeviceMemory: Send + Sync + fmt::Debug + 'static {
         reads: &mut [ToHost<'_>],
     ) -> Result<()> {
         // SAFETY: the caller's promises, passed on.
-        unsafe {
-            self.copy_within(target, source, len)?;
-            self.copy_to_host(reads)
-        }
+        unsafe { copy_within_then_read(self, target, source, len, reads) }
     }
 
     /// Whether this is [`HostTestDevice`]: host memory standing in for a GPU in tests.
     fn is_test_device(&self) -> bool {
         false
+    }
+}
+
+/// [`DeviceMemory::copy_within_and_read`] in two trips, one after the other.
+///
+/// # Safety
+///
+/// As [`DeviceMemory::copy_within_and_read`].
+pub(crate) unsafe fn copy_within_then_read<D: DeviceMemory + ?Sized>(
+    device: &D,
+    target: u64,
+    source: u64,
+    len: u64,
+    reads: &mut [ToHost<'_>],
+) -> Result<()> {
+    // SAFETY: the caller's promises, passed on.
+    unsafe {
+        device.copy_within(target, source, len)?;
+        device.copy_to_host(reads)
     }
 }
 
