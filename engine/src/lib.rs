@@ -19,6 +19,10 @@ pub use error::{Error, Result};
 pub use eviction::EvictionPolicyKind;
 pub use mooncake_kv_format as format;
 pub use mooncake_kv_format::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+/// A GPU through the CUDA driver API (its primary context, which PyTorch shares): for
+/// [`Engine::open_with_device`], or to allocate the device memory `get_into_device` fills.
+#[cfg(feature = "cuda")]
+pub use mooncake_kv_tiers::CudaDevice;
 pub use mooncake_kv_tiers::{
     AlignedBuf, DeviceMemory, DeviceRange, DramTier, HostTestDevice, HugePageMode, HugePages,
     IoBackendKind, TierKind, ToDevice, ToHost,

@@ -39,7 +39,7 @@ fn devices() -> Vec<Arc<dyn DeviceMemory>> {
     )]
     let mut devices: Vec<Arc<dyn DeviceMemory>> = vec![Arc::new(HostTestDevice::new(256 << 20))];
     #[cfg(feature = "cuda")]
-    match mooncake_kv_tiers::CudaDevice::open(0) {
+    match mooncake_kv_engine::CudaDevice::open(0) {
         Ok(gpu) => devices.push(Arc::new(gpu)),
         Err(error) => eprintln!("not on a GPU: {error}"),
     }

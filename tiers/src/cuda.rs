@@ -24,7 +24,8 @@ use crate::{Error, Result};
 /// faster than with 8 MiB (one piece, nothing overlapped), puts the same.
 const STAGING_BYTES: usize = 256 << 10;
 
-/// A GPU, by CUDA ordinal.
+/// A GPU, by CUDA ordinal, in its primary context: the one the CUDA runtime (and so PyTorch)
+/// uses, so device pointers from either are valid here.
 pub struct CudaDevice {
     ordinal: usize,
     name: String,
