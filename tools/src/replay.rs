@@ -30,7 +30,7 @@ use anyhow::{Context, bail, ensure};
 use mooncake_kv_engine::eviction::{
     EntryHint, EntryId, EvictionPolicy, EvictionPolicyKind, new_policy_holding,
 };
-use mooncake_kv_engine::{ChainEnd, Engine, EngineConfig};
+use mooncake_kv_engine::{ChainEnd, Engine, EngineConfig, TierKind};
 use mooncake_kv_replication::placement::{self, Member};
 use serde::{Deserialize, Serialize};
 
@@ -757,10 +757,20 @@ impl Target for OneEngine<'_> {
     }
 
     fn tier_counts(&self) -> (u64, u64, u64) {
-        let stats = self.0.stats();
-        let nvme = stats.tiers.get(1).map_or(0, |t| t.hits);
-        (stats.tiers[0].hits, nvme, stats.tiers[0].evictions)
+        tier_counts(self.0)
     }
+}
+
+/// An engine's DRAM hits, NVMe hits and DRAM evictions, each tier found by its kind.
+fn tier_counts(engine: &Engine) -> (u64, u64, u64) {
+    let stats = engine.stats();
+    let of = |kind| stats.tiers.iter().find(|t| t.kind == kind);
+    let dram = of(TierKind::Dram);
+    (
+        dram.map_or(0, |t| t.hits),
+        of(TierKind::Nvme).map_or(0, |t| t.hits),
+        dram.map_or(0, |t| t.evictions),
+    )
 }
 
 struct Cluster<'a>(
@@ -804,12 +814,8 @@ impl Target for Cluster<'_> {
         self.1
             .iter()
             .fold((0, 0, 0), |(hits, nvme, evictions), node| {
-                let stats = node.engine().stats();
-                (
-                    hits + stats.tiers[0].hits,
-                    nvme + stats.tiers.get(1).map_or(0, |t| t.hits),
-                    evictions + stats.tiers[0].evictions,
-                )
+                let (h, n, e) = tier_counts(node.engine());
+                (hits + h, nvme + n, evictions + e)
             })
     }
 }
