@@ -19,7 +19,7 @@ pub enum Error {
     /// too long key, a too large value) or a block that failed verification (a checksum, a
     /// truncation, a bad header).
     #[error(transparent)]
-    Format(#[from] mooncake_kv_format::Error),
+    Format(mooncake_kv_format::Error),
     /// A caller-provided buffer is too small for what must go into it.
     #[error("buffer of {available_bytes} bytes is too small: {needed_bytes} needed")]
     BufferTooSmall {
@@ -113,3 +113,22 @@ pub enum Error {
 
 /// This crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<mooncake_kv_format::Error> for Error {
+    /// A valid block that is not the one expected is the engine's [`Error::BlockMismatch`];
+    /// every other format error is [`Error::Format`].
+    fn from(error: mooncake_kv_format::Error) -> Self {
+        match error {
+            mooncake_kv_format::Error::Mismatch {
+                field,
+                expected_generation,
+                found_generation,
+            } => Self::BlockMismatch {
+                expected_generation,
+                found_generation,
+                detail: field,
+            },
+            other => Self::Format(other),
+        }
+    }
+}

@@ -15,6 +15,7 @@ use std::path::Path;
 
 use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions};
 
+use crate::format::le;
 use crate::{Error, Result};
 
 /// Version of the data directory's layout (the map records, the node keys, the block format
@@ -46,7 +47,7 @@ pub struct MapEntry {
 
 /// Encoded size of a [`MapEntry`]: a version byte, three reserved zero bytes, then the fields
 /// in declaration order, little-endian.
-pub const MAP_ENTRY_BYTES: usize = 4 + 8 + 8 + 8 + 4 + 4 + 4;
+pub(crate) const MAP_ENTRY_BYTES: usize = 4 + 8 + 8 + 8 + 4 + 4 + 4;
 const MAP_ENTRY_VERSION: u8 = 1;
 
 impl MapEntry {
@@ -54,12 +55,12 @@ impl MapEntry {
     pub fn encode(&self) -> [u8; MAP_ENTRY_BYTES] {
         let mut out = [0u8; MAP_ENTRY_BYTES];
         out[0] = MAP_ENTRY_VERSION;
-        out[4..12].copy_from_slice(&self.extent_offset_bytes.to_le_bytes());
-        out[12..20].copy_from_slice(&self.extent_len_bytes.to_le_bytes());
-        out[20..28].copy_from_slice(&self.generation.to_le_bytes());
-        out[28..32].copy_from_slice(&self.payload_len.to_le_bytes());
-        out[32..36].copy_from_slice(&self.payload_offset.to_le_bytes());
-        out[36..40].copy_from_slice(&self.payload_crc32.to_le_bytes());
+        le::put_u64(&mut out, 4, self.extent_offset_bytes);
+        le::put_u64(&mut out, 12, self.extent_len_bytes);
+        le::put_u64(&mut out, 20, self.generation);
+        le::put_u32(&mut out, 28, self.payload_len);
+        le::put_u32(&mut out, 32, self.payload_offset);
+        le::put_u32(&mut out, 36, self.payload_crc32);
         out
     }
 
@@ -78,27 +79,13 @@ impl MapEntry {
         if bytes[0] != MAP_ENTRY_VERSION || bytes[1..4] != [0, 0, 0] {
             return Err(corrupt("map entry of an unknown version"));
         }
-        let u64_at = |at: usize| {
-            u64::from_le_bytes(
-                bytes[at..at + 8]
-                    .try_into()
-                    .expect("8 bytes in a fixed array"),
-            )
-        };
-        let u32_at = |at: usize| {
-            u32::from_le_bytes(
-                bytes[at..at + 4]
-                    .try_into()
-                    .expect("4 bytes in a fixed array"),
-            )
-        };
         Ok(Self {
-            extent_offset_bytes: u64_at(4),
-            extent_len_bytes: u64_at(12),
-            generation: u64_at(20),
-            payload_len: u32_at(28),
-            payload_offset: u32_at(32),
-            payload_crc32: u32_at(36),
+            extent_offset_bytes: le::u64_at(bytes, 4),
+            extent_len_bytes: le::u64_at(bytes, 12),
+            generation: le::u64_at(bytes, 20),
+            payload_len: le::u32_at(bytes, 28),
+            payload_offset: le::u32_at(bytes, 32),
+            payload_crc32: le::u32_at(bytes, 36),
         })
     }
 
@@ -120,7 +107,7 @@ pub struct NodeInfo {
 }
 
 /// The RocksDB database of a data directory.
-pub struct MetaStore {
+pub(crate) struct MetaStore {
     db: DB,
     sync: WriteOptions,
 }
@@ -155,7 +142,7 @@ impl MetaStore {
     ///
     /// [`Error::Metadata`] if the database exists but cannot be read;
     /// [`Error::CorruptMetadata`] if its node records are malformed.
-    pub fn peek(path: &Path) -> Result<Option<NodeInfo>> {
+    pub(crate) fn peek(path: &Path) -> Result<Option<NodeInfo>> {
         if !path.join("CURRENT").exists() {
             return Ok(None);
         }
@@ -170,7 +157,7 @@ impl MetaStore {
     /// # Errors
     ///
     /// [`Error::Metadata`] for RocksDB errors.
-    pub fn open(path: &Path, nvme_capacity_bytes: u64) -> Result<(Self, NodeInfo)> {
+    pub(crate) fn open(path: &Path, nvme_capacity_bytes: u64) -> Result<(Self, NodeInfo)> {
         let cfs =
             [CF_BLOCKS, CF_NODE].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
         let db = DB::open_cf_descriptors(&options(true), path, cfs)
@@ -202,7 +189,7 @@ impl MetaStore {
     /// # Errors
     ///
     /// [`Error::Metadata`]; [`Error::CorruptMetadata`] if the node records are malformed.
-    pub fn open_read_only(path: &Path) -> Result<(Self, NodeInfo)> {
+    pub(crate) fn open_read_only(path: &Path) -> Result<(Self, NodeInfo)> {
         let db = DB::open_cf_for_read_only(&options(false), path, [CF_BLOCKS, CF_NODE], false)
             .map_err(rocks("open the metadata read-only"))?;
         let info = Self::read_node_info(&db)?;
@@ -258,7 +245,7 @@ impl MetaStore {
     /// # Errors
     ///
     /// [`Error::Metadata`].
-    pub fn commit(&self, puts: &[(&[u8], MapEntry)], deletes: &[&[u8]]) -> Result<()> {
+    pub(crate) fn commit(&self, puts: &[(&[u8], MapEntry)], deletes: &[&[u8]]) -> Result<()> {
         if puts.is_empty() && deletes.is_empty() {
             return Ok(());
         }
@@ -280,7 +267,7 @@ impl MetaStore {
     /// # Errors
     ///
     /// [`Error::Metadata`]; [`Error::CorruptMetadata`] for a malformed entry.
-    pub fn get(&self, key: &[u8]) -> Result<Option<MapEntry>> {
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<MapEntry>> {
         let value = self
             .db
             .get_cf(self.cf(CF_BLOCKS), key)
@@ -294,12 +281,40 @@ impl MetaStore {
     /// # Errors
     ///
     /// [`Error::Metadata`] if iteration itself fails.
-    pub fn for_each_entry(&self, mut each: impl FnMut(&[u8], Result<MapEntry>)) -> Result<()> {
+    pub(crate) fn for_each_entry(
+        &self,
+        mut each: impl FnMut(&[u8], Result<MapEntry>),
+    ) -> Result<()> {
         for item in self.db.iterator_cf(self.cf(CF_BLOCKS), IteratorMode::Start) {
             let (key, value) = item.map_err(rocks("scan the block map"))?;
             each(&key, MapEntry::decode(&value));
         }
         Ok(())
+    }
+}
+
+/// What the engine asks of its block map, durably: the seam under which a test puts a store
+/// that fails. [`MetaStore`] (RocksDB) is the one the engine opens.
+pub(crate) trait MetadataStore: Send + Sync + std::fmt::Debug + 'static {
+    /// As [`MetaStore::commit`]: puts and deletes, atomically and durably.
+    fn commit(&self, puts: &[(&[u8], MapEntry)], deletes: &[&[u8]]) -> Result<()>;
+    /// As [`MetaStore::get`].
+    fn get(&self, key: &[u8]) -> Result<Option<MapEntry>>;
+    /// As [`MetaStore::for_each_entry`].
+    fn for_each_entry(&self, each: &mut dyn FnMut(&[u8], Result<MapEntry>)) -> Result<()>;
+}
+
+impl MetadataStore for MetaStore {
+    fn commit(&self, puts: &[(&[u8], MapEntry)], deletes: &[&[u8]]) -> Result<()> {
+        MetaStore::commit(self, puts, deletes)
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<MapEntry>> {
+        MetaStore::get(self, key)
+    }
+
+    fn for_each_entry(&self, each: &mut dyn FnMut(&[u8], Result<MapEntry>)) -> Result<()> {
+        MetaStore::for_each_entry(self, each)
     }
 }
 

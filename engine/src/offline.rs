@@ -10,8 +10,10 @@ use mooncake_kv_tiers::{ExtentAllocator, NVME_UNIT_BYTES};
 
 use crate::format::Error as FormatError;
 use crate::format::{self, Header};
-use crate::meta::{DATA_DIR_VERSION, MapEntry, MetaStore, NodeInfo};
-use crate::store::{DATA_FILE, META_DIR, lock_dir};
+use crate::meta::MetaStore;
+pub use crate::meta::{DATA_DIR_VERSION, MapEntry, NodeInfo};
+use crate::store::lock_dir;
+pub use crate::store::{DATA_FILE, LOCK_FILE, META_DIR};
 use crate::{Error, Result};
 
 /// A stopped node's data directory, open for reading.
@@ -206,24 +208,16 @@ impl DataDir {
     /// The first check that failed.
     pub fn verify_block(&self, key: &[u8], entry: &MapEntry) -> Result<()> {
         let bytes = self.read_block(entry)?;
-        let block = format::decode(&bytes)?;
-        let mismatch = |detail| Error::BlockMismatch {
-            expected_generation: entry.generation,
-            found_generation: block.header.generation,
-            detail,
-        };
-        if block.key != key {
-            return Err(mismatch("key"));
-        }
-        if block.header.generation != entry.generation {
-            return Err(mismatch("generation"));
-        }
-        if block.header.payload_len != entry.payload_len
-            || block.header.payload_offset != entry.payload_offset
-            || block.header.payload_crc32 != entry.payload_crc32
-        {
-            return Err(mismatch("map entry"));
-        }
+        format::verify(
+            &bytes,
+            &format::Expected {
+                key,
+                generation: entry.generation,
+                payload_len: entry.payload_len,
+                payload_offset: Some(entry.payload_offset),
+                payload_crc32: Some(entry.payload_crc32),
+            },
+        )?;
         Ok(())
     }
 

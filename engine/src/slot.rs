@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 
-use mooncake_kv_tiers::{DramTier, Extent, HbmTier, NvmeTier, Tier};
+use mooncake_kv_tiers::{DramTier, Extent, HbmTier, NvmeTier, Tier, TierKind};
 use parking_lot::RwLock;
 
 use crate::eviction::EntryId;
@@ -11,14 +11,40 @@ use crate::meta::MapEntry;
 
 /// Marks a slot that is not (or no longer) tracked by a tier's eviction policy.
 pub(crate) const NOT_RESIDENT: EntryId = EntryId::MAX;
-/// Index of the DRAM tier in per-tier arrays.
-pub(crate) const DRAM: usize = 0;
-/// Index of the NVMe tier in per-tier arrays.
-pub(crate) const NVME: usize = 1;
-/// Index of the HBM tier in per-tier arrays.
-pub(crate) const HBM: usize = 2;
-/// Tiers in per-tier arrays.
-pub(crate) const TIERS: usize = 3;
+/// A tier, by its place in the hierarchy: a block moves down it (HBM, then DRAM, then NVMe)
+/// when a tier passes its high watermark, and up it on hits. Indexes the engine's per-tier
+/// arrays; an engine without HBM or NVMe leaves their entries unused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Level {
+    /// GPU memory, above DRAM (with an HBM tier).
+    Hbm = 0,
+    /// Host memory: every engine has it.
+    Dram = 1,
+    /// The data directory's file (with a data directory).
+    Nvme = 2,
+}
+
+impl Level {
+    /// Every level, fastest first.
+    pub(crate) const ALL: [Level; LEVELS] = [Level::Hbm, Level::Dram, Level::Nvme];
+
+    /// This level's place in per-tier arrays.
+    pub(crate) const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The medium at this level.
+    pub(crate) const fn kind(self) -> TierKind {
+        match self {
+            Level::Hbm => TierKind::Hbm,
+            Level::Dram => TierKind::Dram,
+            Level::Nvme => TierKind::Nvme,
+        }
+    }
+}
+
+/// Levels in per-tier arrays.
+pub(crate) const LEVELS: usize = 3;
 
 /// One block. Shared by the index, the residency tables and readers through `Arc`. Its
 /// identity (key, generation, payload length and CRC) never changes; which tiers hold a copy
@@ -38,7 +64,7 @@ pub(crate) struct Slot {
     /// changes under a read lock of the block's index shard and is checked under its write lock.
     pub(crate) pins: AtomicU32,
     /// This slot's id in each tier's residency table, or [`NOT_RESIDENT`].
-    pub(crate) entries: [AtomicU32; TIERS],
+    pub(crate) entries: [AtomicU32; LEVELS],
     pub(crate) locations: RwLock<Locations>,
     /// Where the block sits in its prefix chain, for the eviction policies.
     pub(crate) lineage: Lineage,
@@ -87,6 +113,22 @@ pub(crate) struct Locations {
     pub(crate) hbm: Option<Arc<HbmCopy>>,
 }
 
+impl Locations {
+    /// Whether there is a copy on `level`.
+    pub(crate) fn has(&self, level: Level) -> bool {
+        match level {
+            Level::Hbm => self.hbm.is_some(),
+            Level::Dram => self.dram.is_some(),
+            Level::Nvme => self.nvme.is_some(),
+        }
+    }
+
+    /// Whether there is a copy anywhere.
+    pub(crate) fn any(&self) -> bool {
+        Level::ALL.into_iter().any(|level| self.has(level))
+    }
+}
+
 impl Slot {
     pub(crate) fn new(
         key: &[u8],
@@ -104,7 +146,7 @@ impl Slot {
             payload_len,
             payload_crc32,
             pins: AtomicU32::new(0),
-            entries: [const { AtomicU32::new(NOT_RESIDENT) }; TIERS],
+            entries: [const { AtomicU32::new(NOT_RESIDENT) }; LEVELS],
             locations: RwLock::new(locations),
             lineage,
         }
@@ -124,6 +166,24 @@ impl Slot {
 
     pub(crate) fn hbm(&self) -> Option<Arc<HbmCopy>> {
         self.locations.read().hbm.clone()
+    }
+
+    /// This slot's id in the residency table of `level`.
+    pub(crate) fn entry(&self, level: Level) -> EntryId {
+        self.entries[level.index()].load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the extent the block's copy on `level` holds; 0 without one.
+    pub(crate) fn extent_len_bytes(&self, level: Level) -> u64 {
+        let locations = self.locations.read();
+        match level {
+            Level::Hbm => locations.hbm.as_ref().map_or(0, |c| c.extent_len_bytes()),
+            Level::Dram => locations.dram.as_ref().map_or(0, |c| c.extent_len_bytes()),
+            Level::Nvme => locations
+                .nvme
+                .as_ref()
+                .map_or(0, |c| c.entry.extent_len_bytes),
+        }
     }
 }
 

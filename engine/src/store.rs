@@ -18,7 +18,7 @@ use mooncake_kv_tiers::{AlignedBuf, IoBackendKind, NvmeConfig, NvmeTier};
 use parking_lot::Mutex;
 
 use crate::format;
-use crate::meta::{DATA_DIR_VERSION, MapEntry, MetaStore, NodeInfo};
+use crate::meta::{DATA_DIR_VERSION, MapEntry, MetaStore, MetadataStore, NodeInfo};
 use crate::slot::NvmeCopy;
 use crate::{Error, Result};
 
@@ -79,7 +79,7 @@ pub(crate) struct BlockWrite<'a> {
 /// An open data directory.
 pub(crate) struct Store {
     pub(crate) tier: Arc<NvmeTier>,
-    meta: MetaStore,
+    meta: Box<dyn MetadataStore>,
     pub(crate) node: NodeInfo,
     /// Serialises map commits with the location changes that depend on them (see `Engine`).
     pub(crate) meta_lock: Mutex<()>,
@@ -113,7 +113,12 @@ impl Store {
     /// Opens or creates the directory. Checks, before writing anything, that an existing
     /// directory has this build's version and that its data file matches what the metadata
     /// recorded.
-    pub(crate) fn open(config: &StoreConfig) -> Result<Self> {
+    /// `wrap` makes the metadata store of the directory's RocksDB: itself, boxed, or a test's
+    /// that fails.
+    pub(crate) fn open(
+        config: &StoreConfig,
+        wrap: impl FnOnce(MetaStore) -> Box<dyn MetadataStore>,
+    ) -> Result<Self> {
         let dir = &config.dir;
         std::fs::create_dir_all(dir).map_err(|source| Error::DataDir {
             path: dir.clone(),
@@ -174,7 +179,7 @@ impl Store {
         let (meta, node) = MetaStore::open(&meta_path, config.nvme_capacity_bytes)?;
         Ok(Self {
             tier: Arc::new(tier),
-            meta,
+            meta: wrap(meta),
             node,
             meta_lock: Mutex::new(()),
             deferred_deletes: Mutex::new(Vec::new()),
@@ -191,7 +196,7 @@ impl Store {
         mut bad: impl FnMut(&[u8], &Error),
     ) -> Result<()> {
         let mut to_delete: Vec<Vec<u8>> = Vec::new();
-        self.meta.for_each_entry(|key, entry| {
+        self.meta.for_each_entry(&mut |key, entry| {
             let checked = entry.and_then(|entry| {
                 check_entry(key, &entry)?;
                 let extent = self
@@ -225,8 +230,13 @@ impl Store {
 
     fn poison<T>(&self, error: Error) -> Result<T> {
         tracing::error!(%error, "persisting failed; the engine refuses further persistence until restarted");
-        self.poisoned.store(true, Ordering::Release);
+        self.poison_now();
         Err(error)
+    }
+
+    /// From now on nothing more is persisted: [`Error::Poisoned`] until the engine reopens.
+    pub(crate) fn poison_now(&self) {
+        self.poisoned.store(true, Ordering::Release);
     }
 
     /// Encodes blocks in the NVMe layout into aligned buffers, writes them to their extents
