@@ -3,15 +3,11 @@
 //! (bincode under the body limit). Each returns a message or an error, never panics, and
 //! whatever decodes re-encodes to a body that decodes to the same message.
 //!
-//! The protocol module is compiled in from the replication crate's source, so this target
-//! does not build the engine (and RocksDB) in the fuzz profile.
+//! The protocol is the client crate's, which builds without the engine (and RocksDB).
 #![no_main]
 
-#[path = "../../replication/src/proto.rs"]
-#[allow(dead_code)]
-mod proto;
-
 use libfuzzer_sys::fuzz_target;
+use mooncake_kv_client::proto;
 
 fn bodies(body: &[u8]) {
     if let Ok(request) = proto::decode_request(body) {

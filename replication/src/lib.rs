@@ -1,9 +1,14 @@
-//! The mooncake KVCache node and its client.
+//! The mooncake KVCache node, and the client side re-exported.
 //!
 //! A [`Node`] serves one [`Engine`](mooncake_kv_engine::Engine) to peers: a control plane over
 //! TCP ([`proto`]: put, lookup, exists, prefix_match, remove, stats, health) and the engine's
 //! DRAM region registered with the transfer crate, served by its tcp data plane and, for
-//! clients on the same host, its shared-memory socket.
+//! clients on the same host, its shared-memory socket. [`repair`] copies blocks to the
+//! replicas that lack them when the cluster changes.
+//!
+//! The client side ([`Client`], [`cluster`], [`placement`], [`membership`], [`proto`]) is the
+//! `mooncake-kv-client` crate, re-exported here whole; an application that only talks to
+//! nodes depends on that crate alone and builds no engine.
 //!
 //! A [`Client`] reads a block in two steps: a lookup returns a [`Descriptor`](proto::Descriptor)
 //! (where the block lies, its generation, a lease that keeps it in place for a while), then a
@@ -33,15 +38,15 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-mod client;
-pub mod cluster;
-pub mod membership;
 mod metrics;
 mod node;
-pub mod placement;
-pub mod proto;
 mod region;
 pub mod repair;
 
-pub use client::{Client, ClientConfig, ClientError, TransportChoice};
+/// The client side lives in its own crate, so that an application links it without the
+/// server; re-exported here whole.
+pub use mooncake_kv_client::{
+    ChainEnd, Client, ClientConfig, ClientError, TransportChoice, cluster, membership, placement,
+    proto,
+};
 pub use node::{Node, NodeConfig, NodeError, NodeMetrics};

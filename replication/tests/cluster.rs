@@ -11,9 +11,7 @@ use mooncake_kv_replication::cluster::{ClusterClient, ClusterConfig, ClusterErro
 use mooncake_kv_replication::membership::StaticConfig;
 use mooncake_kv_replication::{Node, NodeConfig};
 
-#[path = "support/reads.rs"]
-mod reads;
-use reads::ReadTally;
+use mooncake_kv_test_support::ReadTally;
 
 fn node() -> Node {
     Node::start(NodeConfig {

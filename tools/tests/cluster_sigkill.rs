@@ -8,26 +8,18 @@
 //! serves nothing stale.
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use mooncake_kv_replication::cluster::{ClusterClient, ClusterConfig};
 
-#[path = "../../replication/tests/support/reads.rs"]
-mod reads;
 use mooncake_kv_replication::membership::{EtcdConfig, MembershipConfig, StaticConfig};
 use mooncake_kv_replication::{Client, ClientConfig};
-use reads::ReadTally;
+use mooncake_kv_test_support::{ReadTally, free_port, wait_until};
 
 const HEARTBEAT_MS: u64 = 100;
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-}
 
 /// How the nodes find each other.
 enum Backend {
@@ -197,14 +189,6 @@ fn start_with(listen: SocketAddr, backend: &Backend, data_dir: Option<&std::path
 fn value(i: u64) -> Vec<u8> {
     let len = 2048 + (i * 7919 % 4096) as usize;
     (0..len).map(|j| (i as usize * 131 + j * 7) as u8).collect()
-}
-
-fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

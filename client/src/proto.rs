@@ -12,6 +12,7 @@
 use std::io::{Read, Write};
 
 use bincode::{BorrowDecode, Decode, Encode};
+use mooncake_kv_format::le;
 
 /// Request kinds, in the order of [`NodeStats::requests`] and of the node's metrics.
 pub const REQUEST_KINDS: [&str; 10] = [
@@ -82,12 +83,12 @@ impl FrameHeader {
     pub fn encode(&self) -> [u8; FRAME_HEADER_BYTES] {
         let mut b = [0u8; FRAME_HEADER_BYTES];
         b[..4].copy_from_slice(&MAGIC);
-        b[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-        b[8..16].copy_from_slice(&self.request_id.to_le_bytes());
-        b[16..20].copy_from_slice(&self.body_len.to_le_bytes());
-        b[20..24].copy_from_slice(&self.body_crc32.to_le_bytes());
+        le::put_u16(&mut b, 4, PROTOCOL_VERSION);
+        le::put_u64(&mut b, 8, self.request_id);
+        le::put_u32(&mut b, 16, self.body_len);
+        le::put_u32(&mut b, 20, self.body_crc32);
         let crc = crc32fast::hash(&b[..28]);
-        b[28..].copy_from_slice(&crc.to_le_bytes());
+        le::put_u32(&mut b, 28, crc);
         b
     }
 
@@ -101,27 +102,24 @@ impl FrameHeader {
         if magic != MAGIC {
             return Err(FrameError::BadMagic(magic));
         }
-        let u32_at = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-        if u32_at(28) != crc32fast::hash(&b[..28]) {
+        if le::u32_at(b, 28) != crc32fast::hash(&b[..28]) {
             return Err(FrameError::HeaderChecksum);
         }
-        let version = u16::from_le_bytes([b[4], b[5]]);
+        let version = le::u16_at(b, 4);
         if version != PROTOCOL_VERSION {
             return Err(FrameError::UnsupportedVersion(version));
         }
         if b[6..8].iter().chain(&b[24..28]).any(|&x| x != 0) {
             return Err(FrameError::Reserved);
         }
-        let mut id = [0u8; 8];
-        id.copy_from_slice(&b[8..16]);
-        let body_len = u32_at(16);
+        let body_len = le::u32_at(b, 16);
         if body_len as usize > MAX_BODY_BYTES {
             return Err(FrameError::TooLarge(body_len.into()));
         }
         Ok(Self {
-            request_id: u64::from_le_bytes(id),
+            request_id: le::u64_at(b, 8),
             body_len,
-            body_crc32: u32_at(20),
+            body_crc32: le::u32_at(b, 20),
         })
     }
 }

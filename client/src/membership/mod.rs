@@ -8,8 +8,10 @@
 //! - etcd ([`EtcdMembership`]): each node keeps its registration under a key prefix alive with
 //!   an etcd lease; nodes and clients watch the prefix.
 
+#[cfg(feature = "etcd")]
 mod etcd;
 
+#[cfg(feature = "etcd")]
 pub use etcd::{EtcdConfig, EtcdMembership, Registration};
 
 use std::net::SocketAddr;
@@ -58,7 +60,8 @@ pub trait Membership: Send + Sync + std::fmt::Debug {
 pub enum MembershipConfig {
     /// A fixed list of peers with heartbeats.
     Static(StaticConfig),
-    /// Registrations under an etcd prefix, kept alive by leases.
+    /// Registrations under an etcd prefix, kept alive by leases (feature `etcd`).
+    #[cfg(feature = "etcd")]
     Etcd(EtcdConfig),
 }
 
@@ -74,6 +77,7 @@ impl From<StaticConfig> for MembershipConfig {
     }
 }
 
+#[cfg(feature = "etcd")]
 impl From<EtcdConfig> for MembershipConfig {
     fn from(config: EtcdConfig) -> Self {
         Self::Etcd(config)
@@ -89,6 +93,7 @@ impl MembershipConfig {
     pub fn start(&self) -> std::io::Result<Box<dyn Membership>> {
         Ok(match self {
             Self::Static(config) => Box::new(StaticMembership::start(config.clone())?),
+            #[cfg(feature = "etcd")]
             Self::Etcd(config) => Box::new(EtcdMembership::start(config.clone())?),
         })
     }
@@ -238,11 +243,10 @@ impl Drop for StaticMembership {
     }
 }
 
-/// A member's id in placement: the first 8 bytes of its node id.
-pub(crate) fn member_id(node_id: &[u8; 16]) -> u64 {
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&node_id[..8]);
-    u64::from_le_bytes(first)
+/// A member's id in placement: the first 8 bytes of its node id (as a node says in its Hello
+/// reply), little-endian.
+pub fn member_id(node_id: &[u8; 16]) -> u64 {
+    mooncake_kv_format::le::u64_at(node_id, 0)
 }
 
 fn liveness(config: &StaticConfig, last_seen: Option<Instant>, now: Instant) -> Liveness {

@@ -11,14 +11,14 @@
 //! [`ClusterClient::end_chain`] passes the caller's word that a chain is over to each share.
 //!
 //! Repair (copying blocks that lost a replica to their new owners) runs on the nodes: see
-//! [`crate::repair`].
+//! the node's repair (`mooncake_kv_replication::repair`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use mooncake_kv_engine::ChainEnd;
+use mooncake_kv_format::ChainEnd;
 use parking_lot::Mutex;
 
 use crate::membership::{Liveness, Membership, MembershipConfig};

@@ -1,13 +1,13 @@
 //! A reader that keeps reading every key through a cluster client while a test stops or
-//! kills nodes, and counts what came back. Shared by the replication and kvd cluster tests.
+//! kills nodes, and counts what came back.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use mooncake_kv_replication::cluster::ClusterClient;
+use mooncake_kv_client::cluster::ClusterClient;
 
 /// What the reads came back with.
 #[derive(Debug, Default)]
-pub(crate) struct ReadTally {
+pub struct ReadTally {
     reads: AtomicU64,
     errors: AtomicU64,
     misses: AtomicU64,
@@ -17,7 +17,7 @@ pub(crate) struct ReadTally {
 impl ReadTally {
     /// Reads `key(i)` for `i` in `0..keys`, round and round, until `stop`; each value must be
     /// `value(i)`.
-    pub(crate) fn read_until(
+    pub fn read_until(
         &self,
         cluster: &ClusterClient,
         stop: &AtomicBool,
@@ -45,7 +45,7 @@ impl ReadTally {
     }
 
     /// Reads, errors, misses and wrong values so far.
-    pub(crate) fn counts(&self) -> (u64, u64, u64, u64) {
+    pub fn counts(&self) -> (u64, u64, u64, u64) {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         (
             load(&self.reads),

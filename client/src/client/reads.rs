@@ -1,0 +1,462 @@
+//! Reads: a lookup, then one-sided reads of the block's head into a small buffer and of its
+//! payload straight into the caller's, verified against the descriptor by the format's one
+//! verification before the read counts; inline reads over the control connection; batches.
+
+use std::io::Read;
+
+use mooncake_kv_format::{self as format, HEADER_BYTES, MAX_PAYLOAD_OFFSET};
+use mooncake_kv_transfer::{ReadOp, RemoteSlice};
+
+use super::{Client, ClientError, Inline, Result, io, unexpected};
+use crate::proto::{Descriptor, FrameError, Outcome, Request, Response};
+
+/// Bytes received at a time when checksumming a payload as it arrives: small enough to be
+/// checksummed while still in cache.
+const RECEIVE_CHUNK: usize = 128 << 10;
+
+impl Client {
+    /// Whether reads take the inline path (see [`ClientConfig::inline_tcp_reads`]).
+    pub(super) fn inline(&self) -> bool {
+        self.transport_name == "tcp" && self.config.inline_tcp_reads
+    }
+
+    /// One lookup with the block inline: the header and key into a small buffer, the payload
+    /// straight into `dst` (or a new buffer when `dst` is `None`), then verification.
+    pub(super) fn read_inline(&self, key: &[u8], mut dst: Option<&mut [u8]>) -> Result<Inline> {
+        let release = std::mem::take(&mut *self.done_leases.lock());
+        let cached_keys = self.take_cached_keys();
+        let request = Request::Lookup {
+            keys: vec![key],
+            release,
+            stale_reads: self.take_unreported_stale(),
+            cached_reads: self.take_unreported_cached(),
+            cached_keys: cached_keys.iter().map(Vec::as_slice).collect(),
+            inline: true,
+        };
+        self.call_then(&request, &[], |control, response| {
+            let Response::Lookup(mut outcomes) = response else {
+                return Err(unexpected("lookup"));
+            };
+            let d = match (outcomes.pop(), outcomes.is_empty()) {
+                (Some(Outcome::Ok(Some(d))), true) => d,
+                (Some(Outcome::Ok(None)), true) => return Ok(Inline::Miss),
+                (Some(Outcome::Err(e)), true) => return Err(ClientError::Refused(e)),
+                _ => return Err(unexpected("lookup")),
+            };
+            check_descriptor(&d)?;
+            let len = d.payload_len as usize;
+            let mut head = vec![0u8; d.payload_offset as usize];
+            let reader = &mut control.reader;
+            reader
+                .read_exact(&mut head)
+                .map_err(io("read a block header"))?;
+            let mut owned = Vec::new();
+            let payload: &mut [u8] = match dst.as_deref_mut() {
+                Some(buf) if buf.len() >= len => &mut buf[..len],
+                Some(buf) => {
+                    // Keep the stream in step, then say why.
+                    std::io::copy(&mut reader.take(len as u64), &mut std::io::sink())
+                        .map_err(io("skip a block"))?;
+                    return Err(ClientError::BufferTooSmall {
+                        needed: len,
+                        available: buf.len(),
+                    });
+                }
+                None => {
+                    owned = vec![0u8; len];
+                    &mut owned
+                }
+            };
+            // Checksummed piece by piece as it arrives, while each piece is in cache.
+            let mut crc = crc32fast::Hasher::new();
+            for piece in payload.chunks_mut(RECEIVE_CHUNK) {
+                reader
+                    .read_exact(piece)
+                    .map_err(io("read a block payload"))?;
+                crc.update(piece);
+            }
+            if !verify_with_crc(key, &d, &head, crc.finalize()) {
+                return Ok(Inline::Mismatch);
+            }
+            Ok(if dst.is_some() {
+                Inline::Read(len)
+            } else {
+                Inline::Owned(owned)
+            })
+        })
+    }
+
+    pub(super) fn lookup(&self, key: &[u8]) -> Result<Option<Descriptor>> {
+        let release = std::mem::take(&mut *self.done_leases.lock());
+        let cached_keys = self.take_cached_keys();
+        let Response::Lookup(mut outcomes) = self.call(&Request::Lookup {
+            keys: vec![key],
+            release,
+            stale_reads: self.take_unreported_stale(),
+            cached_reads: self.take_unreported_cached(),
+            cached_keys: cached_keys.iter().map(Vec::as_slice).collect(),
+            inline: false,
+        })?
+        else {
+            return Err(unexpected("lookup"));
+        };
+        match (outcomes.pop(), outcomes.is_empty()) {
+            (Some(Outcome::Ok(d)), true) => Ok(d),
+            (Some(Outcome::Err(e)), true) => Err(ClientError::Refused(e)),
+            _ => Err(unexpected("lookup")),
+        }
+    }
+
+    /// The value of `key`, or `None` on a miss.
+    ///
+    /// # Errors
+    ///
+    /// As [`get_into`](Self::get_into).
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some(d) = self.cached(key) {
+            let mut value = vec![0u8; d.payload_len as usize];
+            if self.read_cached(key, &d, &mut value).is_some() {
+                return Ok(Some(value));
+            }
+        }
+        for _ in 0..self.config.max_attempts {
+            if self.inline() {
+                match self.read_inline(key, None)? {
+                    Inline::Miss => return Ok(None),
+                    Inline::Owned(value) => return Ok(Some(value)),
+                    Inline::Read(_) | Inline::Mismatch => {
+                        self.count_stale_read();
+                        continue;
+                    }
+                }
+            }
+            let started = self.lookup_started();
+            let Some(d) = self.lookup(key)? else {
+                return Ok(None);
+            };
+            check_descriptor(&d)?;
+            let mut value = vec![0u8; d.payload_len as usize];
+            if self.read_verified(key, &d, &mut value)? {
+                self.remember(key, &d, started);
+                return Ok(Some(value));
+            }
+        }
+        Err(ClientError::Stale {
+            attempts: self.config.max_attempts,
+        })
+    }
+
+    /// Reads the value of `key` straight into `dst` (one-sided, then verified); returns its
+    /// length, or `None` on a miss. Bytes of `dst` past the value are left alone.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::BufferTooSmall`]; [`ClientError::Stale`] if the block changed under
+    /// every attempt; [`ClientError::Transfer`] if the read was refused; connection errors.
+    pub fn get_into(&self, key: &[u8], dst: &mut [u8]) -> Result<Option<usize>> {
+        if let Some(d) = self.cached(key) {
+            if let Some(len) = self.read_cached(key, &d, dst) {
+                return Ok(Some(len));
+            }
+        }
+        for _ in 0..self.config.max_attempts {
+            if self.inline() {
+                match self.read_inline(key, Some(dst))? {
+                    Inline::Miss => return Ok(None),
+                    Inline::Read(len) => return Ok(Some(len)),
+                    Inline::Owned(_) | Inline::Mismatch => {
+                        self.count_stale_read();
+                        continue;
+                    }
+                }
+            }
+            let started = self.lookup_started();
+            let Some(d) = self.lookup(key)? else {
+                return Ok(None);
+            };
+            check_descriptor(&d)?;
+            let len = d.payload_len as usize;
+            if dst.len() < len {
+                return Err(ClientError::BufferTooSmall {
+                    needed: len,
+                    available: dst.len(),
+                });
+            }
+            if self.read_verified(key, &d, &mut dst[..len])? {
+                self.remember(key, &d, started);
+                return Ok(Some(len));
+            }
+        }
+        Err(ClientError::Stale {
+            attempts: self.config.max_attempts,
+        })
+    }
+
+    /// Reads the block `d` describes: its header and key into a small buffer, its payload
+    /// straight into `payload`; then checks both against the descriptor and the key.
+    /// `Ok(false)` when they do not match (the slot was reused or the block moved).
+    pub(super) fn read_verified(
+        &self,
+        key: &[u8],
+        d: &Descriptor,
+        payload: &mut [u8],
+    ) -> Result<bool> {
+        if self.in_place() {
+            return self.read_in_place(key, d, payload);
+        }
+        let mut head = vec![0u8; d.payload_offset as usize];
+        let mut ops = block_reads(d, &mut head, payload);
+        let results = self.transport.read_batch_crc32(&mut ops);
+        if d.lease_id != 0 {
+            self.done_leases.lock().push(d.lease_id);
+        }
+        let mut crcs = [0u32; 2];
+        for (crc, result) in crcs.iter_mut().zip(results) {
+            *crc = result?;
+        }
+        if verify_with_crc(key, d, ops[0].dst, crcs[1]) {
+            Ok(true)
+        } else {
+            self.count_stale_read();
+            Ok(false)
+        }
+    }
+
+    /// [`read_verified`](Self::read_verified) over shared memory, without a payload CRC: the
+    /// payload is copied, then the header and key are read and checked (see
+    /// [`Transport::read_in_place`]). The node zeroes a block's header before any of its bytes
+    /// can be reused, so a copy that caught bytes of a later block, or of none, is refused.
+    pub(super) fn read_in_place(
+        &self,
+        key: &[u8],
+        d: &Descriptor,
+        payload: &mut [u8],
+    ) -> Result<bool> {
+        // Most heads (header, a short key, padding) fit on the stack; check_descriptor bounds
+        // the rest.
+        let mut small = [0u8; 256];
+        let mut large = Vec::new();
+        let len = d.payload_offset as usize;
+        let head = if len <= small.len() {
+            &mut small[..len]
+        } else {
+            large.resize(len, 0);
+            &mut large[..]
+        };
+        let block = RemoteSlice {
+            region_id: d.region_id,
+            offset: d.offset,
+            remote_key: d.remote_key,
+        };
+        let read = self.transport.read_in_place(
+            block,
+            head,
+            u64::from(d.payload_offset),
+            payload,
+            &|head| verify_head(key, d, head).is_some(),
+        );
+        if d.lease_id != 0 {
+            self.done_leases.lock().push(d.lease_id);
+        }
+        let verified = read?;
+        if !verified {
+            self.count_stale_read();
+        }
+        Ok(verified)
+    }
+
+    /// [`get_into`](Self::get_into) for many keys: one lookup for all of them, then all the
+    /// one-sided reads in one batch. A block that fails verification is read again on its
+    /// own. One result per item, in order. (Over tcp with inline reads, the items are read one
+    /// after another.)
+    pub fn get_into_batch(&self, items: &mut [(&[u8], &mut [u8])]) -> Vec<Result<Option<usize>>> {
+        if self.inline() || items.len() <= 1 {
+            return items
+                .iter_mut()
+                .map(|(key, dst)| self.get_into(key, dst))
+                .collect();
+        }
+        // Keys with fresh descriptors are read first, with no lookup.
+        let keys: Vec<&[u8]> = items.iter().map(|(key, _)| *key).collect();
+        let mut results: Vec<Option<Result<Option<usize>>>> = keys.iter().map(|_| None).collect();
+        for ((key, dst), result) in items.iter_mut().zip(&mut results) {
+            if let Some(d) = self.cached(key) {
+                *result = self.read_cached(key, &d, dst).map(|len| Ok(Some(len)));
+            }
+        }
+        let pending: Vec<usize> = (0..items.len()).filter(|&i| results[i].is_none()).collect();
+        let started = self.lookup_started();
+        let outcomes = if pending.is_empty() {
+            // No lookup to send: what it would carry (leases to end, cached reads to report)
+            // waits for the next one.
+            Vec::new()
+        } else {
+            let release = std::mem::take(&mut *self.done_leases.lock());
+            let cached_keys = self.take_cached_keys();
+            match self.call(&Request::Lookup {
+                keys: pending.iter().map(|&i| keys[i]).collect(),
+                release,
+                stale_reads: self.take_unreported_stale(),
+                cached_reads: self.take_unreported_cached(),
+                cached_keys: cached_keys.iter().map(Vec::as_slice).collect(),
+                inline: false,
+            }) {
+                Ok(Response::Lookup(outcomes)) if outcomes.len() == pending.len() => outcomes,
+                // The batch as a whole failed: each item says why on its own.
+                _ => {
+                    for &i in &pending {
+                        let (key, dst) = &mut items[i];
+                        results[i] = Some(self.get_into(key, dst));
+                    }
+                    Vec::new()
+                }
+            }
+        };
+        let mut planned: Vec<(usize, Descriptor)> = Vec::new();
+        for (&i, outcome) in pending.iter().zip(outcomes) {
+            match outcome {
+                Outcome::Err(reply) => results[i] = Some(Err(ClientError::Refused(reply))),
+                Outcome::Ok(None) => results[i] = Some(Ok(None)),
+                Outcome::Ok(Some(d)) => {
+                    if let Err(error) = check_descriptor(&d) {
+                        results[i] = Some(Err(error));
+                    } else if items[i].1.len() < d.payload_len as usize {
+                        results[i] = Some(Err(ClientError::BufferTooSmall {
+                            needed: d.payload_len as usize,
+                            available: items[i].1.len(),
+                        }));
+                    } else {
+                        planned.push((i, d));
+                    }
+                }
+            }
+        }
+        let mut retry = Vec::new();
+        if self.in_place() {
+            // Copies out of shared memory: nothing to gain from one batch.
+            for (i, d) in &planned {
+                let (key, dst) = &mut items[*i];
+                let len = d.payload_len as usize;
+                results[*i] = Some(match self.read_in_place(key, d, &mut dst[..len]) {
+                    Ok(true) => {
+                        self.remember(key, d, started);
+                        Ok(Some(len))
+                    }
+                    Ok(false) => {
+                        retry.push(*i);
+                        continue;
+                    }
+                    Err(error) => Err(error),
+                });
+            }
+        } else {
+            let mut heads: Vec<Vec<u8>> = planned
+                .iter()
+                .map(|(_, d)| vec![0u8; d.payload_offset as usize])
+                .collect();
+            // The planned items' buffers, in order (indexes in `planned` increase).
+            let mut next = planned.iter().peekable();
+            let mut payloads: Vec<&mut [u8]> = Vec::with_capacity(planned.len());
+            for (i, (_, dst)) in items.iter_mut().enumerate() {
+                if let Some((_, d)) = next.next_if(|(j, _)| *j == i) {
+                    payloads.push(&mut dst[..d.payload_len as usize]);
+                }
+            }
+            let mut ops: Vec<ReadOp<'_>> = Vec::with_capacity(planned.len() * 2);
+            for (((_, d), head), payload) in planned.iter().zip(&mut heads).zip(payloads) {
+                ops.extend(block_reads(d, head, payload));
+            }
+            let mut crcs = self.transport.read_batch_crc32(&mut ops).into_iter();
+            self.done_leases.lock().extend(
+                planned
+                    .iter()
+                    .map(|(_, d)| d.lease_id)
+                    .filter(|&id| id != 0),
+            );
+            for (k, (i, d)) in planned.iter().enumerate() {
+                let (Some(head_read), Some(payload_read)) = (crcs.next(), crcs.next()) else {
+                    break;
+                };
+                results[*i] = Some(match (head_read, payload_read) {
+                    (Err(e), _) | (_, Err(e)) => Err(e.into()),
+                    (Ok(_), Ok(crc)) if verify_with_crc(keys[*i], d, ops[2 * k].dst, crc) => {
+                        self.remember(keys[*i], d, started);
+                        Ok(Some(d.payload_len as usize))
+                    }
+                    (Ok(_), Ok(_)) => {
+                        self.count_stale_read();
+                        retry.push(*i);
+                        continue;
+                    }
+                });
+            }
+        }
+        for i in retry {
+            let (key, dst) = &mut items[i];
+            results[i] = Some(self.get_into(key, dst));
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(unexpected("lookup"))))
+            .collect()
+    }
+}
+
+/// The two one-sided reads of a block: header, key and padding into `head`, the payload
+/// into `payload`.
+pub(super) fn block_reads<'a>(
+    d: &Descriptor,
+    head: &'a mut [u8],
+    payload: &'a mut [u8],
+) -> [ReadOp<'a>; 2] {
+    let at = |offset| RemoteSlice {
+        region_id: d.region_id,
+        offset,
+        remote_key: d.remote_key,
+    };
+    [
+        ReadOp {
+            src: at(d.offset),
+            dst: head,
+        },
+        ReadOp {
+            src: at(d.offset + u64::from(d.payload_offset)),
+            dst: payload,
+        },
+    ]
+}
+
+/// A descriptor is the node's word, but its sizes still bound what this client allocates.
+pub(super) fn check_descriptor(d: &Descriptor) -> Result<()> {
+    let plausible = (HEADER_BYTES..=MAX_PAYLOAD_OFFSET + HEADER_BYTES)
+        .contains(&(d.payload_offset as usize))
+        && d.payload_len as usize <= mooncake_kv_format::MAX_VALUE_BYTES
+        && d.block_len == u64::from(d.payload_offset) + u64::from(d.payload_len);
+    if plausible {
+        Ok(())
+    } else {
+        Err(FrameError::Malformed(format!("implausible descriptor {d:?}")).into())
+    }
+}
+
+/// Whether `head` (header, key, padding) and a payload whose CRC32 is `payload_crc` are the
+/// block `d` describes, under `key`, whole.
+pub(super) fn verify_with_crc(key: &[u8], d: &Descriptor, head: &[u8], payload_crc: u32) -> bool {
+    verify_head(key, d, head).is_some_and(|header| payload_crc == header.payload_crc32)
+}
+
+/// The header of `head` (header, key, padding) when it is whole and is the block `d`
+/// describes, under `key` ([`format::verify_head`]: the format's one verification).
+pub(super) fn verify_head(key: &[u8], d: &Descriptor, head: &[u8]) -> Option<format::Header> {
+    let expected = format::Expected {
+        key,
+        generation: d.generation,
+        payload_len: d.payload_len,
+        payload_offset: Some(d.payload_offset),
+        payload_crc32: None,
+    };
+    // The head is read into a buffer of exactly the descriptor's payload offset.
+    (head.len() == d.payload_offset as usize)
+        .then(|| format::verify_head(head, &expected).ok())
+        .flatten()
+}

@@ -1,0 +1,37 @@
+//! Helpers the integration tests of several crates share, so that none is copied between
+//! crates or compiled in by path: a free loopback port, a bounded wait, and a reader that
+//! tallies what a cluster returns while a test stops or kills nodes.
+//!
+//! For tests only: every helper panics (with what it was waiting for) instead of returning
+//! an error, as a failed test should.
+
+mod reads;
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+pub use reads::ReadTally;
+
+/// A loopback address with a port that was free a moment ago.
+///
+/// # Panics
+///
+/// If no port can be bound.
+pub fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+/// Polls `done` every 50 ms until it holds.
+///
+/// # Panics
+///
+/// After `limit`, naming `what` was awaited.
+pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

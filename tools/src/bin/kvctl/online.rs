@@ -1,0 +1,428 @@
+//! `kvctl` against a running node: stat, get, put, del, exists, cluster, bench.
+
+use super::*;
+use mooncake_kv_tools::bench::{self, BenchOptions};
+
+pub(super) fn stat(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let client = connect(cli)?;
+    let stats = client.stats()?;
+    let serving = client.health()?;
+    if cli.json {
+        let per_tier: Vec<_> = stats
+            .tiers
+            .iter()
+            .map(|t| {
+                json!({
+                    "tier": t.tier,
+                    "blocks": t.blocks,
+                    "used_bytes": t.used_bytes,
+                    "capacity_bytes": t.capacity_bytes,
+                    "hits": t.hits,
+                    "evictions": t.evictions,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "addr": cli.addr,
+                "serving": serving,
+                "node_id": hex(&client.hello().node_id),
+                "transport": client.transport_name(),
+                "tiers": per_tier,
+                "requests": stats.requests,
+                "errors": stats.errors,
+                "leases": stats.leases,
+                "connections": stats.connections,
+            })
+        );
+    } else {
+        println!("{:<16} {}", "node", cli.addr);
+        println!("{:<16} {}", "serving", serving);
+        println!("{:<16} {}", "node id", hex(&client.hello().node_id));
+        println!("{:<16} {}", "reads via", client.transport_name());
+        for t in &stats.tiers {
+            println!(
+                "{:<16} {} blocks, {} of {}, {} hits, {} evictions",
+                t.tier,
+                t.blocks,
+                bytes(t.used_bytes),
+                bytes(t.capacity_bytes),
+                t.hits,
+                t.evictions,
+            );
+        }
+        let kinds = mooncake_kv_replication::proto::REQUEST_KINDS;
+        let requests: Vec<String> = kinds
+            .iter()
+            .zip(&stats.requests)
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect();
+        println!("{:<16} {}", "requests", requests.join(" "));
+        println!("{:<16} {}", "errors", stats.errors);
+        println!("{:<16} {}", "leases", stats.leases);
+        println!("{:<16} {}", "connections", stats.connections);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The control addresses registered under `prefix` in etcd now.
+pub(super) fn registered_members(
+    endpoints: &[String],
+    prefix: &str,
+) -> anyhow::Result<Vec<String>> {
+    use mooncake_kv_replication::membership::{EtcdConfig, EtcdMembership, Membership};
+    let membership = EtcdMembership::start(EtcdConfig {
+        endpoints: endpoints.to_vec(),
+        prefix: prefix.to_owned(),
+        ..EtcdConfig::default()
+    })
+    .context("cannot start an etcd client")?;
+    anyhow::ensure!(
+        membership.wait_synced(Duration::from_secs(5)),
+        "cannot read the members from etcd at {}",
+        endpoints.join(",")
+    );
+    Ok(membership
+        .view()
+        .iter()
+        .map(|p| p.addr.to_string())
+        .collect())
+}
+
+pub(super) fn cluster(cli: &Cli, peers: &[String]) -> anyhow::Result<ExitCode> {
+    let config = ClientConfig {
+        token: token(cli)?,
+        transport: TransportChoice::Tcp,
+        connections: 1,
+        timeout: Duration::from_secs(2),
+        ..ClientConfig::default()
+    };
+    let mut rows = Vec::new();
+    let (mut live, mut under) = (0usize, 0u64);
+    for peer in peers {
+        let row = match Client::connect(peer.as_str(), config.clone())
+            .map_err(anyhow::Error::from)
+            .and_then(|c| Ok((hex(&c.hello().node_id), c.stats()?)))
+        {
+            Ok((id, stats)) => {
+                live += 1;
+                let repair = stats.repair.unwrap_or_default();
+                under += repair.under_replicated;
+                json!({
+                    "addr": peer,
+                    "state": "live",
+                    "node_id": id,
+                    "tiers": stats.tiers.iter().map(|t| json!({
+                        "tier": t.tier,
+                        "blocks": t.blocks,
+                        "used_bytes": t.used_bytes,
+                    })).collect::<Vec<_>>(),
+                    "repair": stats.repair.map(|r| json!({
+                        "passes": r.passes,
+                        "blocks_copied": r.blocks_copied,
+                        "failures": r.failures,
+                        "under_replicated": r.under_replicated,
+                    })),
+                })
+            }
+            Err(error) => {
+                json!({ "addr": peer, "state": "unreachable", "error": error.to_string() })
+            }
+        };
+        rows.push(row);
+    }
+    if cli.json {
+        println!(
+            "{}",
+            json!({ "members": rows, "live": live, "total": peers.len(), "under_replicated": under })
+        );
+    } else {
+        println!(
+            "{:<22} {:<12} {:<34} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}",
+            "MEMBER", "STATE", "NODE ID", "HBM", "DRAM", "NVME", "PASSES", "COPIED", "UNDER"
+        );
+        for r in &rows {
+            let n = |v: &serde_json::Value| v.as_u64().map_or("-".to_owned(), |x| x.to_string());
+            // Blocks on the tier named `name`, "-" where the member has none.
+            let blocks = |name: &str| {
+                let tiers = r["tiers"].as_array().map_or(&[][..], Vec::as_slice);
+                tiers
+                    .iter()
+                    .find(|t| t["tier"] == name)
+                    .map_or("-".to_owned(), |t| n(&t["blocks"]))
+            };
+            println!(
+                "{:<22} {:<12} {:<34} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}",
+                r["addr"].as_str().unwrap_or(""),
+                r["state"].as_str().unwrap_or(""),
+                r["node_id"].as_str().unwrap_or("-"),
+                blocks("hbm"),
+                blocks("dram"),
+                blocks("nvme"),
+                n(&r["repair"]["passes"]),
+                n(&r["repair"]["blocks_copied"]),
+                n(&r["repair"]["under_replicated"]),
+            );
+            if let Some(error) = r["error"].as_str() {
+                println!("  {error}");
+            }
+        }
+        println!(
+            "{live} of {} members live; {under} blocks under-replicated",
+            peers.len()
+        );
+    }
+    Ok(if live == peers.len() && under == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+pub(super) fn get(cli: &Cli, key: &str, output: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let key_bytes = parse_key(key).map_err(anyhow::Error::msg)?;
+    let client = connect(cli)?;
+    let Some(value) = client.get(&key_bytes)? else {
+        eprintln!("kvctl: no block under {key}");
+        return Ok(ExitCode::from(1));
+    };
+    match output {
+        Some(path) => std::fs::write(path, &value)
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&value)?;
+            out.flush()?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn put(cli: &Cli, key: &str, file: &Path, durable: bool) -> anyhow::Result<ExitCode> {
+    let key_bytes = parse_key(key).map_err(anyhow::Error::msg)?;
+    let limit = mooncake_kv_engine::MAX_VALUE_BYTES as u64;
+    let mut value = Vec::new();
+    // Read at most one byte past the limit, so that an oversize input is refused here
+    // without reading all of it.
+    if file == Path::new("-") {
+        std::io::stdin()
+            .lock()
+            .take(limit + 1)
+            .read_to_end(&mut value)?;
+    } else {
+        std::fs::File::open(file)
+            .with_context(|| format!("cannot open {}", file.display()))?
+            .take(limit + 1)
+            .read_to_end(&mut value)?;
+    }
+    if value.len() as u64 > limit {
+        anyhow::bail!("the value is larger than the limit of {limit} bytes");
+    }
+    let client = connect(cli)?;
+    let mut outcomes = client.put_batch(&[(&key_bytes, &value)], durable)?;
+    let generation = outcomes
+        .pop()
+        .context("the node answered no outcome")?
+        .map_err(|reply| anyhow::anyhow!("refused ({:?}): {}", reply.code, reply.message))?;
+    if cli.json {
+        println!(
+            "{}",
+            json!({ "key": key, "bytes": value.len(), "generation": generation })
+        );
+    } else {
+        println!(
+            "stored {key}: {} bytes, generation {generation}",
+            value.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn print_flags(cli: &Cli, keys: &[String], flags: &[bool], yes: &str, no: &str) {
+    if cli.json {
+        let rows: Vec<_> = keys
+            .iter()
+            .zip(flags)
+            .map(|(k, f)| json!({ "key": k, yes: f }))
+            .collect();
+        println!("{}", json!({ "keys": rows }));
+    } else {
+        for (k, f) in keys.iter().zip(flags) {
+            println!("{k} {}", if *f { yes } else { no });
+        }
+    }
+}
+
+pub(super) fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let duration = Duration::try_from_secs_f64(args.duration)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--duration must be a positive number of seconds")?;
+    let warm_up = Duration::try_from_secs_f64(args.warm_up)
+        .context("--warm-up must be a number of seconds, 0 or more")?;
+    let options = BenchOptions {
+        value_bytes: usize::try_from(args.value_size)?,
+        batch: usize::try_from(args.batch)?,
+        concurrency: usize::try_from(args.concurrency)?,
+        read_percent: args.read_percent,
+        keys: args.keys,
+        duration,
+        count: args.count,
+        prefill: !args.no_prefill,
+        key_prefix: args.key_prefix.clone(),
+        seed: args.seed,
+        order: args.order,
+        warm_up,
+    };
+    let client = connect(cli)?;
+    let show = !cli.json && std::io::stderr().is_terminal();
+    if options.prefill {
+        let bar = bar(show, options.keys, "prefill");
+        bench::prefill(&client, &options, &|n| bar.inc(n))?;
+        bar.finish_and_clear();
+    }
+    let bar = match options.count {
+        Some(count) => bar(show, count, "bench"),
+        None => bar(
+            show,
+            ((options.warm_up + options.duration).as_secs_f64() * 10.0) as u64,
+            "bench",
+        ),
+    };
+    let report = if options.count.is_some() {
+        bench::run(&client, &options, &|n| bar.inc(n))
+    } else {
+        let ticker = {
+            let bar = bar.clone();
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let s = std::sync::Arc::clone(&stop);
+            let h = std::thread::spawn(move || {
+                while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    bar.inc(1);
+                }
+            });
+            (stop, h)
+        };
+        let report = bench::run(&client, &options, &|_| {});
+        ticker.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = ticker.1.join();
+        report
+    };
+    bar.finish_and_clear();
+    let memcpy = args
+        .memcpy_reference
+        .then(|| bench::memcpy_reference(options.value_bytes, 1.0, false));
+    let memcpy_random = args
+        .memcpy_reference
+        .then(|| bench::memcpy_reference(options.value_bytes, 1.0, true));
+    let raw_tcp = if args.tcp_reference {
+        bench::raw_tcp_reference(options.value_bytes, 2.0)
+    } else {
+        None
+    };
+    // One reader thread's bytes per second of time spent in reads, next to one memcpy
+    // thread's.
+    let per_thread = report.read_mib_per_busy_second;
+    let q = |x: &bench::Quantiles| json!({ "p50_us": x.p50_us, "p99_us": x.p99_us, "p999_us": x.p999_us });
+    if cli.json {
+        println!(
+            "{}",
+            json!({
+                "addr": cli.addr,
+                "transport": client.transport_name(),
+                "value_bytes": options.value_bytes,
+                "batch": options.batch,
+                "concurrency": options.concurrency,
+                "read_percent": options.read_percent,
+                "seconds": report.elapsed.as_secs_f64(),
+                "reads": report.reads,
+                "misses": report.misses,
+                "writes": report.writes,
+                "ops_per_second": report.ops_per_second(),
+                "mib_per_second": report.mib_per_second(),
+                "read_latency": q(&report.read_latency),
+                "write_latency": q(&report.write_latency),
+                "wrong_values": report.wrong_values,
+                "errors": report.errors,
+                "first_error": report.first_error,
+                "verification_retries": report.verification_retries,
+                "cached_reads": report.cached_reads,
+                "warm_up_ops": report.warm_up_ops,
+                "memcpy_mib_per_second": memcpy,
+                "read_mib_per_busy_second": per_thread,
+                "ratio_to_memcpy_per_thread": memcpy.map(|m| per_thread / m),
+                "memcpy_random_mib_per_second": memcpy_random,
+                "ratio_to_random_memcpy_per_thread": memcpy_random.map(|m| per_thread / m),
+                "raw_tcp_mib_per_second": raw_tcp,
+                "ratio_to_raw_tcp": raw_tcp.map(|r| per_thread / r),
+            })
+        );
+    } else {
+        println!(
+            "{} ops in {:.2} s over {}: {:.0} ops/s, {:.1} MiB/s",
+            report.reads + report.writes,
+            report.elapsed.as_secs_f64(),
+            client.transport_name(),
+            report.ops_per_second(),
+            report.mib_per_second()
+        );
+        for (what, n, l) in [
+            ("reads", report.reads, &report.read_latency),
+            ("writes", report.writes, &report.write_latency),
+        ] {
+            if n > 0 {
+                println!(
+                    "{what:<7} {n:>10}  p50 {:>9.1} us  p99 {:>9.1} us  p999 {:>9.1} us",
+                    l.p50_us, l.p99_us, l.p999_us
+                );
+            }
+        }
+        println!(
+            "misses {}, errors {}, wrong values {}, verification retries {}, reads without a \
+             lookup (cached descriptor) {}",
+            report.misses,
+            report.errors,
+            report.wrong_values,
+            report.verification_retries,
+            report.cached_reads
+        );
+        if let Some(error) = &report.first_error {
+            println!("first error: {error}");
+        }
+        if let Some(r) = raw_tcp {
+            println!(
+                "raw TCP loopback of the same size, one stream: {r:.1} MiB/s; reads, per \
+                 second spent in them: {per_thread:.1} MiB/s ({:.2}x)",
+                per_thread / r
+            );
+        }
+        if let (Some(m), Some(r)) = (memcpy, memcpy_random) {
+            println!(
+                "memcpy of the same size, one thread: {m:.1} MiB/s in order, {r:.1} MiB/s \
+                 in a random order; reads, per second spent in them: {per_thread:.1} MiB/s \
+                 ({:.2}x, {:.2}x)",
+                per_thread / m,
+                per_thread / r
+            );
+        }
+    }
+    Ok(if report.wrong_values > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn bar(show: bool, len: u64, what: &'static str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {elapsed}") {
+        bar.set_style(style);
+    }
+    bar.set_message(what);
+    bar
+}

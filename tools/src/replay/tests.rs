@@ -1,0 +1,342 @@
+use mooncake_kv_engine::eviction::EvictionPolicyKind;
+use mooncake_kv_replication::placement::{self, Member};
+
+use super::*;
+use std::io::Write;
+
+fn trace(chains: &[&[u64]]) -> Trace {
+    Trace {
+        requests: chains
+            .iter()
+            .map(|c| Request {
+                input_length: c.len() as u64 * 4 - 1,
+                hash_ids: c.to_vec(),
+            })
+            .collect(),
+        tokens_per_block: 4,
+    }
+}
+
+#[test]
+fn counts_prefix_hits_in_blocks_and_tokens() {
+    let t = trace(&[&[1, 2, 3], &[1, 2, 4], &[5, 2, 3]]);
+    let h = t.ceiling();
+    // Second request: 1 and 2 hit; third: 5 misses, so 2 and 3 do not count.
+    assert_eq!((h.hit_blocks, h.blocks), (2, 9));
+    assert_eq!((h.hit_tokens, h.tokens), (8, 3 * 11));
+    for kind in EvictionPolicyKind::ALL {
+        assert_eq!(simulate(&t, kind, 100), h, "{kind}");
+    }
+    assert_eq!(belady(&t, 100), h);
+}
+
+#[test]
+fn a_prompt_ends_partial_only_inside_its_last_block() {
+    let request = |input_length, blocks: u64| Request {
+        input_length,
+        hash_ids: (0..blocks).collect(),
+    };
+    let t = trace(&[]);
+    // 4 tokens per block.
+    assert!(t.ends_partial(&request(7, 2)));
+    assert!(!t.ends_partial(&request(8, 2)));
+    assert!(t.ends_partial(&request(1, 1)));
+    // Lengths that disagree with the chain count as full blocks, as in the token count.
+    assert!(!t.ends_partial(&request(100, 2)));
+    assert!(!t.ends_partial(&request(3, 2)));
+    assert!(!t.ends_partial(&request(5, 0)));
+}
+
+#[test]
+fn belady_beats_lru_on_a_loop() {
+    // A loop over 4 chains of 2 blocks with room for 6 blocks: LRU always misses.
+    let chains: Vec<Vec<u64>> = (0..40)
+        .map(|i| vec![(i % 4) * 2, (i % 4) * 2 + 1])
+        .collect();
+    let refs: Vec<&[u64]> = chains.iter().map(Vec::as_slice).collect();
+    let t = trace(&refs);
+    let lru = simulate(&t, EvictionPolicyKind::Lru, 6);
+    let min = belady(&t, 6);
+    assert_eq!(lru.hit_blocks, 0);
+    assert!(min.hit_blocks > 40, "{min:?}");
+}
+
+#[test]
+fn cluster_shapes_parse_and_refuse_what_cannot_be() {
+    let shape: ClusterShape = "3x2".parse().unwrap();
+    assert_eq!(
+        shape,
+        ClusterShape {
+            nodes: 3,
+            replicas: 2
+        }
+    );
+    assert_eq!(shape.to_string(), "3x2");
+    assert_eq!(shape.per_node(10), 7);
+    assert_eq!("1X1".parse::<ClusterShape>(), Ok(ClusterShape::SINGLE));
+    for bad in [
+        "3", "x2", "3x", "0x1", "2x0", "2x3", "300x1", "-1x1", "3x2x1",
+    ] {
+        assert!(bad.parse::<ClusterShape>().is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn a_cluster_with_room_for_everything_hits_every_repeat() {
+    let t = conversations();
+    let unique = t.unique_blocks();
+    for shape in ["1x1", "3x1", "3x2", "5x3", "4x4"] {
+        let shape: ClusterShape = shape.parse().unwrap();
+        for kind in [EvictionPolicyKind::Lru, EvictionPolicyKind::PrefixAware] {
+            let hits = simulate_cluster(&t, kind, unique, shape, &[]);
+            assert_eq!(hits, t.ceiling(), "{kind} on {shape}");
+        }
+    }
+}
+
+#[test]
+fn each_member_holds_its_share_of_the_capacity() {
+    // Two members, one copy each: room for 2 blocks in all, 1 on each.
+    let shape: ClusterShape = "2x1".parse().unwrap();
+    let members = [Member::full(0), Member::full(1)];
+    let member_of = |id: u64| placement::replicas(&id.to_le_bytes(), &members, 1)[0];
+    let a = 0;
+    let same = (1..).find(|&id| member_of(id) == member_of(a)).unwrap();
+    let other = (1..).find(|&id| member_of(id) != member_of(a)).unwrap();
+    let lru = EvictionPolicyKind::Lru;
+    // a and `other` live on different members: both stay, as in one cache of 2.
+    let t = trace(&[&[a], &[other], &[a], &[other]]);
+    assert_eq!(simulate_cluster(&t, lru, 2, shape, &[]).hit_blocks, 2);
+    assert_eq!(simulate(&t, lru, 2).hit_blocks, 2);
+    // a and `same` share a member with room for one: the second pushes the first out,
+    // where one cache of 2 would have kept both.
+    let t = trace(&[&[a], &[same], &[a]]);
+    assert_eq!(simulate_cluster(&t, lru, 2, shape, &[]).hit_blocks, 0);
+    assert_eq!(simulate(&t, lru, 2).hit_blocks, 1);
+    // With a second copy of each block, each member has room for two.
+    let both: ClusterShape = "2x2".parse().unwrap();
+    assert_eq!(simulate_cluster(&t, lru, 2, both, &[]).hit_blocks, 1);
+}
+
+#[test]
+fn the_reuse_oracle_caches_only_blocks_with_a_future() {
+    // Chain [1, 2] comes back after three one-off chains that fill a cache of 6 blocks:
+    // LRU has let it go; LRU that skips the one-offs keeps it.
+    let t = trace(&[&[1, 2], &[10, 11], &[12, 13], &[14, 15], &[1, 2], &[3]]);
+    assert_eq!(simulate(&t, EvictionPolicyKind::Lru, 6).hit_blocks, 0);
+    assert_eq!(lru_with_reuse_oracle(&t, 6).hit_blocks, 2);
+    // With room for everything it is the ceiling; with room for nothing, no hits.
+    assert_eq!(lru_with_reuse_oracle(&t, 100), t.ceiling());
+    assert_eq!(lru_with_reuse_oracle(&t, 0).hit_blocks, 0);
+}
+
+#[test]
+fn the_engine_replay_agrees_with_the_simulation_when_nothing_is_evicted() {
+    let chains: Vec<Vec<u64>> = (0..200u64)
+        .map(|i| (0..(i % 7 + 1)).map(|j| (i % 13) * 10 + j).collect())
+        .collect();
+    let refs: Vec<&[u64]> = chains.iter().map(Vec::as_slice).collect();
+    let t = trace(&refs);
+    let setup = EngineReplay {
+        policy: EvictionPolicyKind::PrefixAware,
+        dram_blocks: 1000,
+        block_bytes: 1024,
+        nvme: None,
+        ended: Vec::new(),
+    };
+    let got = replay_engine(&t, &setup, |_| {}).unwrap();
+    assert_eq!(got.hits, t.ceiling());
+    assert_eq!(got.wrong_blocks, 0);
+    assert_eq!(got.dram_hit_blocks, got.hits.hit_blocks);
+}
+
+#[test]
+fn a_chain_ends_where_nothing_after_its_head_is_used_again() {
+    let t = trace(&[&[0, 1, 2], &[0, 1, 2, 3], &[0, 4], &[0, 5], &[0], &[0, 5]]);
+    // Request 0 goes on in request 1; requests 1 and 2 are the last of theirs; request 3
+    // goes on in request 5; a chain of its head alone is shared, never ended.
+    assert_eq!(
+        t.ended_chains(1.0),
+        vec![false, true, true, false, false, true]
+    );
+    assert_eq!(t.ended_chains(0.0), vec![false; 6]);
+    // A fraction marks about that share of the ended chains.
+    let chains: Vec<Vec<u64>> = (0..4000).map(|i| vec![0, i + 1]).collect();
+    let refs: Vec<&[u64]> = chains.iter().map(Vec::as_slice).collect();
+    let marked = trace(&refs)
+        .ended_chains(0.25)
+        .iter()
+        .filter(|&&e| e)
+        .count();
+    assert!((900..1100).contains(&marked), "{marked} of 4000");
+}
+
+/// Conversations under a shared head block 0: a fifth go on for several turns, the rest
+/// end after one; each turn adds two blocks to its conversation's chain.
+fn conversations() -> Trace {
+    let mut chains: Vec<Vec<u64>> = Vec::new();
+    let mut open: Vec<(Vec<u64>, u64)> = Vec::new();
+    let mut state = 7u64;
+    let mut next_block = 1;
+    for _ in 0..4000 {
+        state = mix(state);
+        if open.is_empty() || state % 3 != 0 {
+            let turns = if (state >> 8) % 5 == 0 { 6 } else { 1 };
+            open.push((vec![0], turns));
+        }
+        let pick = (state >> 16) as usize % open.len().min(8);
+        let at = open.len() - 1 - pick;
+        let (chain, turns) = &mut open[at];
+        chain.extend([next_block, next_block + 1]);
+        next_block += 2;
+        chains.push(chain.clone());
+        *turns -= 1;
+        if *turns == 0 {
+            open.remove(at);
+        }
+    }
+    let refs: Vec<&[u64]> = chains.iter().map(Vec::as_slice).collect();
+    trace(&refs)
+}
+
+#[test]
+fn end_hints_keep_the_conversations_that_go_on() {
+    let t = conversations();
+    let capacity = t.unique_blocks() / 20;
+    let ended = t.ended_chains(1.0);
+    let plain = simulate(&t, EvictionPolicyKind::PrefixAware, capacity).block_ratio();
+    let hinted =
+        simulate_with_hints(&t, EvictionPolicyKind::PrefixAware, capacity, &ended).block_ratio();
+    assert!(hinted > plain + 0.1, "hinted {hinted:.3}, plain {plain:.3}");
+    // LRU ignores the hint.
+    assert_eq!(
+        simulate_with_hints(&t, EvictionPolicyKind::Lru, capacity, &ended),
+        simulate(&t, EvictionPolicyKind::Lru, capacity)
+    );
+    // The engine, told through `end_chain`, does what the simulation does.
+    let setup = EngineReplay {
+        policy: EvictionPolicyKind::PrefixAware,
+        dram_blocks: capacity,
+        block_bytes: 8192,
+        nvme: None,
+        ended,
+    };
+    let engine = replay_engine(&t, &setup, |_| {}).unwrap();
+    assert_eq!(engine.wrong_blocks, 0);
+    let e = engine.hits.block_ratio();
+    assert!(
+        (e - hinted).abs() < 0.02,
+        "engine {e:.3}, simulated {hinted:.3}"
+    );
+}
+
+#[test]
+fn the_engine_replay_tracks_the_simulated_policy_under_eviction() {
+    // Chains that share heads, with room for a fifth of the blocks.
+    let mut chains = Vec::new();
+    let mut state = 7u64;
+    for _ in 0..3000 {
+        state = mix(state);
+        let conversation = state % 150;
+        let len = 2 + (state >> 20) % 6;
+        chains.push(
+            (0..len)
+                .map(|j| conversation * 100 + j)
+                .collect::<Vec<u64>>(),
+        );
+    }
+    let refs: Vec<&[u64]> = chains.iter().map(Vec::as_slice).collect();
+    let t = trace(&refs);
+    let capacity = t.unique_blocks() / 5;
+    for kind in EvictionPolicyKind::ALL {
+        let setup = EngineReplay {
+            policy: kind,
+            dram_blocks: capacity,
+            block_bytes: 8192,
+            nvme: None,
+            ended: Vec::new(),
+        };
+        let engine = replay_engine(&t, &setup, |_| {}).unwrap();
+        let sim = simulate(&t, kind, capacity);
+        assert_eq!(engine.wrong_blocks, 0);
+        let (e, s) = (engine.hits.block_ratio(), sim.block_ratio());
+        assert!(
+            (e - s).abs() < 0.05,
+            "{kind}: engine {e:.3} vs simulation {s:.3}"
+        );
+        assert!(belady(&t, capacity).block_ratio() >= s, "{kind}: beat MIN");
+    }
+}
+
+#[test]
+fn the_cluster_replay_tracks_its_simulation() {
+    // As above, on three real nodes holding each block twice, through a cluster client.
+    let mut chains = Vec::new();
+    let mut state = 11u64;
+    for _ in 0..1500 {
+        state = mix(state);
+        let conversation = state % 150;
+        let len = 2 + (state >> 20) % 6;
+        chains.push(
+            (0..len)
+                .map(|j| conversation * 100 + j)
+                .collect::<Vec<u64>>(),
+        );
+    }
+    let refs: Vec<&[u64]> = chains.iter().map(Vec::as_slice).collect();
+    let t = trace(&refs);
+    let capacity = t.unique_blocks() / 5;
+    let shape: ClusterShape = "3x2".parse().unwrap();
+    let ended = t.ended_chains(1.0);
+    for (kind, ended) in [
+        (EvictionPolicyKind::Lru, Vec::new()),
+        (EvictionPolicyKind::PrefixAware, ended),
+    ] {
+        let setup = EngineReplay {
+            policy: kind,
+            dram_blocks: capacity,
+            block_bytes: 16 << 10,
+            nvme: None,
+            ended: ended.clone(),
+        };
+        let cluster = replay_cluster(&t, &setup, shape, |_| {}).unwrap();
+        let sim = simulate_cluster(&t, kind, capacity, shape, &ended);
+        assert_eq!(cluster.wrong_blocks, 0);
+        assert!(cluster.dram_evictions > 0);
+        assert!(cluster.hits.hit_blocks > 0);
+        let (c, s) = (cluster.hits.block_ratio(), sim.block_ratio());
+        assert!(
+            (c - s).abs() < 0.05,
+            "{kind}: cluster {c:.3} vs simulation {s:.3}"
+        );
+    }
+}
+
+#[test]
+fn rejects_malformed_traces_with_the_line_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    writeln!(
+        f,
+        r#"{{"timestamp": 0, "input_length": 10, "hash_ids": [1, 2]}}"#
+    )
+    .unwrap();
+    writeln!(f).unwrap();
+    writeln!(f, r#"{{"timestamp": 1, "hash_ids": [1]}}"#).unwrap();
+    drop(f);
+    let err = format!("{:#}", Trace::load(&path, 512).unwrap_err());
+    assert!(err.contains("t.jsonl:3"), "{err}");
+    assert!(err.contains("input_length"), "{err}");
+
+    std::fs::write(&path, "").unwrap();
+    assert!(format!("{:#}", Trace::load(&path, 512).unwrap_err()).contains("no requests"));
+    std::fs::write(&path, r#"{"input_length": 5, "hash_ids": [-1]}"#).unwrap();
+    assert!(Trace::load(&path, 512).is_err());
+    assert!(Trace::load(&dir.path().join("missing"), 512).is_err());
+
+    std::fs::write(&path, "{\"input_length\": 700, \"hash_ids\": [3, 4]}\n").unwrap();
+    let t = Trace::load(&path, 512).unwrap();
+    assert_eq!(t.requests[0].hash_ids, vec![3, 4]);
+    assert_eq!(t.ceiling().tokens, 700);
+}
