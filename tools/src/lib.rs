@@ -117,3 +117,19 @@ mod tests {
         assert!((1..=96 << 10).contains(&crash_value(b"some-key").len()));
     }
 }
+
+/// The README's and the docs' examples, compiled and run as doc tests (this crate depends on
+/// every crate they use).
+#[cfg(doctest)]
+mod documentation {
+    #[doc = include_str!("../../README.md")]
+    struct Readme;
+    #[doc = include_str!("../../docs/engine.md")]
+    struct Engine;
+    #[doc = include_str!("../../docs/node.md")]
+    struct Node;
+    #[doc = include_str!("../../docs/cluster.md")]
+    struct Cluster;
+    #[doc = include_str!("../../docs/features.md")]
+    struct Features;
+}
