@@ -174,14 +174,19 @@ impl DataDir {
         }
         // Bounded: block_len is at most the extent, which is inside the file.
         let mut buf = vec![0u8; entry.block_len() as usize];
+        self.read_at(&mut buf, entry.extent_offset_bytes)?;
+        Ok(buf)
+    }
+
+    /// Fills `buf` from the data file at `offset_bytes`.
+    fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> Result<()> {
         self.data
-            .read_exact_at(&mut buf, entry.extent_offset_bytes)
+            .read_exact_at(buf, offset_bytes)
             .map_err(|source| Error::DataDir {
                 path: self.dir.join(DATA_FILE),
                 action: "read the data file",
                 source,
-            })?;
-        Ok(buf)
+            })
     }
 
     /// The decoded header of a block (checked, but without reading the payload).
@@ -191,13 +196,7 @@ impl DataDir {
     /// As [`format::decode_header`], and read errors.
     pub fn header(&self, entry: &MapEntry) -> Result<Header> {
         let mut buf = [0u8; format::HEADER_BYTES];
-        self.data
-            .read_exact_at(&mut buf, entry.extent_offset_bytes)
-            .map_err(|source| Error::DataDir {
-                path: self.dir.join(DATA_FILE),
-                action: "read the data file",
-                source,
-            })?;
+        self.read_at(&mut buf, entry.extent_offset_bytes)?;
         Ok(format::decode_header(&buf)?)
     }
 

@@ -1,15 +1,18 @@
 //! Helpers the integration tests of several crates share, so that none is copied between
-//! crates or compiled in by path: a free loopback port, a bounded wait, and a reader that
-//! tallies what a cluster returns while a test stops or kills nodes.
+//! crates or compiled in by path: a `mooncake-kvd` process ([`Kvd`]), a free loopback port, a
+//! bounded wait, and a reader that tallies what a cluster returns while a test stops or
+//! kills nodes.
 //!
 //! For tests only: every helper panics (with what it was waiting for) instead of returning
 //! an error, as a failed test should.
 
+mod kvd;
 mod reads;
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
+pub use kvd::Kvd;
 pub use reads::ReadTally;
 
 /// A loopback address with a port that was free a moment ago.

@@ -7,7 +7,6 @@
 //! node, started again, rejoins (empty: a memory-only node comes back as a new member) and
 //! serves nothing stale.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +16,7 @@ use mooncake_kv_replication::cluster::{ClusterClient, ClusterConfig};
 
 use mooncake_kv_replication::membership::{EtcdConfig, MembershipConfig, StaticConfig};
 use mooncake_kv_replication::{Client, ClientConfig};
-use mooncake_kv_test_support::{ReadTally, free_port, wait_until};
+use mooncake_kv_test_support::{Kvd, ReadTally, free_port, wait_until};
 
 const HEARTBEAT_MS: u64 = 100;
 
@@ -167,23 +166,28 @@ fn start_with(listen: SocketAddr, backend: &Backend, data_dir: Option<&std::path
             "64".into(),
         ],
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mooncake-kvd"))
-        .args(["--listen", &listen.to_string()])
-        .args(["--data-listen", "127.0.0.1:0", "--metrics-listen", "off"])
-        .args(storage)
-        .args(["--dram-mib", "128", "--no-shm", "--log", "warn"])
-        .args(["--replication-factor", "2"])
-        .args(backend.kvd_args())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start mooncake-kvd");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("piped"))
-        .read_line(&mut line)
-        .expect("the serving line");
-    assert!(line.contains("serving"), "{line}");
-    child
+    let listen = listen.to_string();
+    let fixed = [
+        "--listen",
+        &listen,
+        "--data-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "off",
+        "--dram-mib",
+        "128",
+        "--no-shm",
+        "--log",
+        "warn",
+        "--replication-factor",
+        "2",
+    ];
+    let args = fixed
+        .iter()
+        .map(std::ffi::OsString::from)
+        .chain(storage)
+        .chain(backend.kvd_args().into_iter().map(Into::into));
+    Kvd::start(env!("CARGO_BIN_EXE_mooncake-kvd"), args).into_child()
 }
 
 fn value(i: u64) -> Vec<u8> {
@@ -191,14 +195,19 @@ fn value(i: u64) -> Vec<u8> {
     (0..len).map(|j| (i as usize * 131 + j * 7) as u8).collect()
 }
 
-#[test]
-fn no_acknowledged_block_is_lost_when_a_node_is_killed() {
-    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
-    let peers = addrs
+/// The addresses as `--peers` takes them.
+fn peer_list(addrs: &[SocketAddr]) -> String {
+    addrs
         .iter()
         .map(ToString::to_string)
         .collect::<Vec<_>>()
-        .join(",");
+        .join(",")
+}
+
+#[test]
+fn no_acknowledged_block_is_lost_when_a_node_is_killed() {
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
+    let peers = peer_list(&addrs);
     kill_test(addrs.clone(), Backend::Static { addrs, peers });
 }
 
@@ -342,11 +351,7 @@ fn kill_test(addrs: Vec<SocketAddr>, backend: Backend) {
 fn a_node_back_with_its_data_serves_nothing_stale() {
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let addrs: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect();
-    let peers = addrs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
+    let peers = peer_list(&addrs);
     let backend = Backend::Static {
         addrs: addrs.clone(),
         peers,

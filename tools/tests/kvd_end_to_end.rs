@@ -3,80 +3,40 @@
 //! every flushed block, a clean SIGTERM, bad input of every kind refused while the node keeps
 //! serving, and verified reads that never return wrong bytes while the node reuses slots.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use mooncake_kv_replication::proto::ErrorCode;
 use mooncake_kv_replication::{Client, ClientConfig, ClientError, TransportChoice};
+use mooncake_kv_test_support::Kvd;
 use mooncake_kv_transfer::{RemoteSlice, TcpTransport, Transport};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-struct Kvd {
-    child: Child,
-    control: SocketAddr,
-    data: SocketAddr,
-    metrics: String,
+/// Starts a kvd on free ports with `args` and waits for its "serving" line.
+fn start_kvd(args: &[&str]) -> Kvd {
+    start_kvd_listening("127.0.0.1:0", args)
 }
 
-impl Kvd {
-    /// Starts a kvd on free ports with `args` and waits for its "serving" line.
-    fn start(args: &[&str]) -> Self {
-        Self::start_listening("127.0.0.1:0", args)
-    }
-
-    /// [`start`](Self::start), with the control plane on `listen`.
-    fn start_listening(listen: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mooncake-kvd"))
-            .args([
-                "--listen",
-                listen,
-                "--data-listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--log",
-                "warn",
-            ])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start mooncake-kvd");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped"))
-            .read_line(&mut line)
-            .expect("read the serving line");
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-                .to_owned()
-        };
-        Self {
-            control: field("control=").parse().expect("control address"),
-            data: field("data=").parse().expect("data address"),
-            metrics: field("metrics="),
-            child,
-        }
-    }
-
-    /// SIGTERM, then the exit status.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
-        self.child.wait().expect("wait")
-    }
-}
-
-impl Drop for Kvd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// [`start_kvd`], with the control plane on `listen`.
+fn start_kvd_listening(listen: &str, args: &[&str]) -> Kvd {
+    let defaults = [
+        "--listen",
+        listen,
+        "--data-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--log",
+        "warn",
+    ];
+    Kvd::start(
+        env!("CARGO_BIN_EXE_mooncake-kvd"),
+        defaults.iter().chain(args),
+    )
 }
 
 fn client(kvd: &Kvd, transport: TransportChoice) -> Client {
@@ -146,7 +106,7 @@ fn library_and_kvctl_round_trip_and_a_restart_serves_flushed_blocks() {
         "--nvme-mib",
         "128",
     ];
-    let kvd = Kvd::start(&args);
+    let kvd = start_kvd(&args);
     let mut rng = StdRng::seed_from_u64(5);
     let tcp = client(&kvd, TransportChoice::Tcp);
     let one_sided = one_sided_client(&kvd);
@@ -275,7 +235,7 @@ fn library_and_kvctl_round_trip_and_a_restart_serves_flushed_blocks() {
     stored.push((b"from-kvctl".to_vec(), v));
 
     // Metrics over HTTP.
-    let metrics = http_get(&kvd.metrics);
+    let metrics = http_get(kvd.metrics());
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     assert!(metrics.contains("mooncake_requests_total{kind=\"put\"}"));
 
@@ -283,7 +243,7 @@ fn library_and_kvctl_round_trip_and_a_restart_serves_flushed_blocks() {
     drop((tcp, one_sided, shm));
     let status = kvd.terminate();
     assert!(status.success(), "kvd exit status {status}");
-    let kvd = Kvd::start(&args);
+    let kvd = start_kvd(&args);
     let again = client(&kvd, TransportChoice::Auto);
     for (key, v) in &stored {
         assert_eq!(
@@ -320,7 +280,7 @@ fn bad_input_is_refused_and_the_node_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "open sesame\n").unwrap();
-    let kvd = Kvd::start(&[
+    let kvd = start_kvd(&[
         "--memory-only",
         "--dram-mib",
         "128",
@@ -479,7 +439,7 @@ fn values_over_the_limit_are_refused_before_they_are_read() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "open sesame").unwrap();
-    let kvd = Kvd::start(&["--memory-only", "--token-file", token.to_str().unwrap()]);
+    let kvd = start_kvd(&["--memory-only", "--token-file", token.to_str().unwrap()]);
     oversize_put_from_a_raw_socket(&kvd);
     let client = Client::connect(
         kvd.control,
@@ -500,7 +460,7 @@ fn values_over_the_limit_are_refused_before_they_are_read() {
 
 /// One counter of the node's `/metrics`.
 fn metric(kvd: &Kvd, name: &str) -> u64 {
-    let metrics = http_get(&kvd.metrics);
+    let metrics = http_get(kvd.metrics());
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
@@ -534,9 +494,9 @@ fn each_node_keeps_its_own_shared_memory_socket() {
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
-    let a = Kvd::start_listening(&format!("127.0.0.1:{free_port}"), &["--memory-only"]);
-    let b = Kvd::start(&["--memory-only"]);
-    let c = Kvd::start(&["--memory-only"]);
+    let a = start_kvd_listening(&format!("127.0.0.1:{free_port}"), &["--memory-only"]);
+    let b = start_kvd(&["--memory-only"]);
+    let c = start_kvd(&["--memory-only"]);
     for (kvd, value) in [(&a, b"from a"), (&b, b"from b"), (&c, b"from c")] {
         client(kvd, TransportChoice::Tcp).put(b"k", value).unwrap();
     }
@@ -564,11 +524,11 @@ fn each_node_keeps_its_own_shared_memory_socket() {
     );
     assert_eq!(read_over_shm(&a).as_deref(), Some(&b"from a"[..]));
     // A node killed outright leaves its pid-named socket; the next such node removes it.
-    let b_socket = std::env::temp_dir().join(format!("mooncake-kvd-pid{}.sock", b.child.id()));
+    let b_socket = std::env::temp_dir().join(format!("mooncake-kvd-pid{}.sock", b.child().id()));
     assert!(b_socket.exists(), "{}", b_socket.display());
     drop(b);
     assert!(b_socket.exists(), "SIGKILL leaves the socket behind");
-    let d = Kvd::start(&["--memory-only"]);
+    let d = start_kvd(&["--memory-only"]);
     assert!(!b_socket.exists(), "the orphaned socket is still there");
     assert_eq!(read_over_shm(&c).as_deref(), Some(&b"from c"[..]));
     for kvd in [a, c, d] {
@@ -582,7 +542,7 @@ fn each_node_keeps_its_own_shared_memory_socket() {
 /// checksum), with no lookup to tell it. The reader's own writes show at once.
 #[test]
 fn cached_descriptors_do_not_outlive_their_blocks() {
-    let kvd = Kvd::start(&["--memory-only", "--lease-ms", "100"]);
+    let kvd = start_kvd(&["--memory-only", "--lease-ms", "100"]);
     let writer = client(&kvd, TransportChoice::Tcp);
     let mut rng = StdRng::seed_from_u64(21);
     for (round, transport) in [TransportChoice::Shm, TransportChoice::Tcp]
@@ -647,7 +607,7 @@ fn cached_descriptors_do_not_outlive_their_blocks() {
 /// after it, where without the report its one lookup would leave it the coldest.
 #[test]
 fn reads_by_cached_descriptor_keep_a_block_warm() {
-    let kvd = Kvd::start(&[
+    let kvd = start_kvd(&[
         "--memory-only",
         "--dram-mib",
         "4",
@@ -707,7 +667,7 @@ fn verified_reads_never_return_wrong_bytes_while_slots_are_reused() {
 fn race(extra: &[&str], value_size: &str, keys: &str) -> u64 {
     let mut args = vec!["--memory-only", "--dram-mib", "16"];
     args.extend_from_slice(extra);
-    let kvd = Kvd::start(&args);
+    let kvd = start_kvd(&args);
     let seconds = std::env::var("RACE_SECONDS").unwrap_or_else(|_| "4".to_owned());
     let bench = |transport: &str, read_percent: &str, seed: &str| {
         let (transport, one_sided, batch) = match transport {

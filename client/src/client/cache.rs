@@ -19,28 +19,28 @@ use crate::proto::{Descriptor, MAX_CACHED_KEYS};
 /// verification (the block's header names its key) and looks up.
 #[derive(Default)]
 pub(super) struct DescriptorCache {
-    pub(super) entries: hashbrown::HashTable<Cached>,
-    pub(super) hasher: hashbrown::DefaultHashBuilder,
+    entries: hashbrown::HashTable<Cached>,
+    hasher: hashbrown::DefaultHashBuilder,
     /// Bumped by every put or remove of this client: a lookup that began before one may have
     /// seen the block it replaced, so its descriptor is not kept.
-    pub(super) writes: u64,
+    writes: u64,
 }
 
 /// A cached descriptor: everything a read needs but the lease (a cached read holds none).
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(64))]
-pub(super) struct Cached {
+struct Cached {
     /// The key's hash: the entry's name in the table.
-    pub(super) slot: u64,
+    slot: u64,
     /// When the lookup that found it was asked for (coarse clock nanoseconds).
-    pub(super) asked: u64,
-    pub(super) region_id: u64,
-    pub(super) remote_key: u64,
-    pub(super) offset: u64,
-    pub(super) block_len: u64,
-    pub(super) generation: u64,
-    pub(super) payload_offset: u32,
-    pub(super) payload_len: u32,
+    asked: u64,
+    region_id: u64,
+    remote_key: u64,
+    offset: u64,
+    block_len: u64,
+    generation: u64,
+    payload_offset: u32,
+    payload_len: u32,
 }
 
 const _: () = assert!(std::mem::size_of::<Cached>() == 64);
@@ -194,5 +194,69 @@ impl Client {
         }
         self.descriptors.lock().remove(key);
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use mooncake_kv_transfer::coarse_clock_ns;
+
+    use super::DescriptorCache;
+    use crate::proto::Descriptor;
+
+    #[test]
+    fn the_descriptor_cache_keeps_only_what_no_write_may_have_changed() {
+        let d = Descriptor {
+            region_id: 1,
+            remote_key: 2,
+            offset: 0,
+            block_len: 129,
+            payload_offset: 128,
+            payload_len: 1,
+            generation: 1,
+            lease_ms: 0,
+            lease_id: 0,
+        };
+        let ttl = Duration::from_secs(60);
+        let limit = 8;
+        let mut cache = DescriptorCache::default();
+        // A lookup that began before a write of this client is not kept.
+        let before = cache.writes;
+        cache.forget([b"other".as_slice()]);
+        cache.insert(b"k", &d, coarse_clock_ns(), before, limit, ttl);
+        assert_eq!(cache.get(b"k", ttl), None);
+        // One that began after is, without its lease.
+        let leased = Descriptor {
+            lease_id: 7,
+            lease_ms: 100,
+            ..d
+        };
+        cache.insert(b"k", &leased, coarse_clock_ns(), cache.writes, limit, ttl);
+        assert_eq!(cache.get(b"k", ttl), Some(d));
+        // A write of the key drops it.
+        cache.forget([b"k".as_slice()]);
+        assert_eq!(cache.get(b"k", ttl), None);
+        // It ages out.
+        let long_ago = coarse_clock_ns().saturating_sub(61_000_000_000);
+        cache.insert(b"k", &d, long_ago, cache.writes, limit, ttl);
+        assert_eq!(cache.get(b"k", ttl), None);
+        assert!(cache.entries.is_empty());
+        // Never more than the limit.
+        for i in 0..100u32 {
+            cache.insert(
+                &i.to_le_bytes(),
+                &d,
+                coarse_clock_ns(),
+                cache.writes,
+                limit,
+                ttl,
+            );
+            assert!(cache.entries.len() <= limit);
+        }
+        assert_eq!(cache.get(&99u32.to_le_bytes(), ttl), Some(d));
+        cache.forget_all();
+        assert!(cache.entries.is_empty());
     }
 }

@@ -5,8 +5,6 @@
 
 mod cache;
 mod reads;
-#[cfg(test)]
-mod tests;
 
 use cache::DescriptorCache;
 

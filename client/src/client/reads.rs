@@ -10,6 +10,20 @@ use mooncake_kv_transfer::{ReadOp, RemoteSlice};
 use super::{Client, ClientError, Inline, Result, io, unexpected};
 use crate::proto::{Descriptor, FrameError, Outcome, Request, Response};
 
+/// Where a read puts the value it finds.
+enum Sink<'a> {
+    /// Into a new `Vec`.
+    New,
+    /// Into the start of the caller's buffer.
+    Into(&'a mut [u8]),
+}
+
+/// What a read found: the value in a new `Vec`, or its length in the caller's buffer.
+enum Got {
+    Value(Vec<u8>),
+    Len(usize),
+}
+
 /// Bytes received at a time when checksumming a payload as it arrives: small enough to be
 /// checksummed while still in cache.
 const RECEIVE_CHUNK: usize = 128 << 10;
@@ -113,37 +127,10 @@ impl Client {
     ///
     /// As [`get_into`](Self::get_into).
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        if let Some(d) = self.cached(key) {
-            let mut value = vec![0u8; d.payload_len as usize];
-            if self.read_cached(key, &d, &mut value).is_some() {
-                return Ok(Some(value));
-            }
-        }
-        for _ in 0..self.config.max_attempts {
-            if self.inline() {
-                match self.read_inline(key, None)? {
-                    Inline::Miss => return Ok(None),
-                    Inline::Owned(value) => return Ok(Some(value)),
-                    Inline::Read(_) | Inline::Mismatch => {
-                        self.count_stale_read();
-                        continue;
-                    }
-                }
-            }
-            let started = self.lookup_started();
-            let Some(d) = self.lookup(key)? else {
-                return Ok(None);
-            };
-            check_descriptor(&d)?;
-            let mut value = vec![0u8; d.payload_len as usize];
-            if self.read_verified(key, &d, &mut value)? {
-                self.remember(key, &d, started);
-                return Ok(Some(value));
-            }
-        }
-        Err(ClientError::Stale {
-            attempts: self.config.max_attempts,
-        })
+        Ok(self.read_value(key, Sink::New)?.map(|got| match got {
+            Got::Value(value) => value,
+            Got::Len(_) => unreachable!("a new value is returned as a value"),
+        }))
     }
 
     /// Reads the value of `key` straight into `dst` (one-sided, then verified); returns its
@@ -154,17 +141,41 @@ impl Client {
     /// [`ClientError::BufferTooSmall`]; [`ClientError::Stale`] if the block changed under
     /// every attempt; [`ClientError::Transfer`] if the read was refused; connection errors.
     pub fn get_into(&self, key: &[u8], dst: &mut [u8]) -> Result<Option<usize>> {
+        Ok(self.read_value(key, Sink::Into(dst))?.map(|got| match got {
+            Got::Len(len) => len,
+            Got::Value(_) => unreachable!("a value read into a buffer is returned as its length"),
+        }))
+    }
+
+    /// The read both [`get`](Self::get) and [`get_into`](Self::get_into) make: by cached
+    /// descriptor if there is one, else inline or by lookup and one-sided read, again while
+    /// the block changes under it (up to `max_attempts`).
+    fn read_value(&self, key: &[u8], mut sink: Sink<'_>) -> Result<Option<Got>> {
         if let Some(d) = self.cached(key) {
-            if let Some(len) = self.read_cached(key, &d, dst) {
-                return Ok(Some(len));
+            let got = match &mut sink {
+                Sink::New => {
+                    let mut value = vec![0u8; d.payload_len as usize];
+                    self.read_cached(key, &d, &mut value)
+                        .map(|_| Got::Value(value))
+                }
+                Sink::Into(dst) => self.read_cached(key, &d, dst).map(Got::Len),
+            };
+            if got.is_some() {
+                return Ok(got);
             }
         }
         for _ in 0..self.config.max_attempts {
             if self.inline() {
-                match self.read_inline(key, Some(dst))? {
+                let dst = match &mut sink {
+                    Sink::New => None,
+                    Sink::Into(dst) => Some(&mut **dst),
+                };
+                let into = dst.is_some();
+                match self.read_inline(key, dst)? {
                     Inline::Miss => return Ok(None),
-                    Inline::Read(len) => return Ok(Some(len)),
-                    Inline::Owned(_) | Inline::Mismatch => {
+                    Inline::Owned(value) if !into => return Ok(Some(Got::Value(value))),
+                    Inline::Read(len) if into => return Ok(Some(Got::Len(len))),
+                    Inline::Owned(_) | Inline::Read(_) | Inline::Mismatch => {
                         self.count_stale_read();
                         continue;
                     }
@@ -176,15 +187,26 @@ impl Client {
             };
             check_descriptor(&d)?;
             let len = d.payload_len as usize;
-            if dst.len() < len {
-                return Err(ClientError::BufferTooSmall {
-                    needed: len,
-                    available: dst.len(),
-                });
-            }
-            if self.read_verified(key, &d, &mut dst[..len])? {
+            let got = match &mut sink {
+                Sink::New => {
+                    let mut value = vec![0u8; len];
+                    self.read_verified(key, &d, &mut value)?
+                        .then_some(Got::Value(value))
+                }
+                Sink::Into(dst) => {
+                    if dst.len() < len {
+                        return Err(ClientError::BufferTooSmall {
+                            needed: len,
+                            available: dst.len(),
+                        });
+                    }
+                    self.read_verified(key, &d, &mut dst[..len])?
+                        .then_some(Got::Len(len))
+                }
+            };
+            if got.is_some() {
                 self.remember(key, &d, started);
-                return Ok(Some(len));
+                return Ok(got);
             }
         }
         Err(ClientError::Stale {
@@ -404,11 +426,7 @@ impl Client {
 
 /// The two one-sided reads of a block: header, key and padding into `head`, the payload
 /// into `payload`.
-pub(super) fn block_reads<'a>(
-    d: &Descriptor,
-    head: &'a mut [u8],
-    payload: &'a mut [u8],
-) -> [ReadOp<'a>; 2] {
+fn block_reads<'a>(d: &Descriptor, head: &'a mut [u8], payload: &'a mut [u8]) -> [ReadOp<'a>; 2] {
     let at = |offset| RemoteSlice {
         region_id: d.region_id,
         offset,
@@ -427,7 +445,7 @@ pub(super) fn block_reads<'a>(
 }
 
 /// A descriptor is the node's word, but its sizes still bound what this client allocates.
-pub(super) fn check_descriptor(d: &Descriptor) -> Result<()> {
+fn check_descriptor(d: &Descriptor) -> Result<()> {
     let plausible = (HEADER_BYTES..=MAX_PAYLOAD_OFFSET + HEADER_BYTES)
         .contains(&(d.payload_offset as usize))
         && d.payload_len as usize <= mooncake_kv_format::MAX_VALUE_BYTES
@@ -441,13 +459,13 @@ pub(super) fn check_descriptor(d: &Descriptor) -> Result<()> {
 
 /// Whether `head` (header, key, padding) and a payload whose CRC32 is `payload_crc` are the
 /// block `d` describes, under `key`, whole.
-pub(super) fn verify_with_crc(key: &[u8], d: &Descriptor, head: &[u8], payload_crc: u32) -> bool {
+fn verify_with_crc(key: &[u8], d: &Descriptor, head: &[u8], payload_crc: u32) -> bool {
     verify_head(key, d, head).is_some_and(|header| payload_crc == header.payload_crc32)
 }
 
 /// The header of `head` (header, key, padding) when it is whole and is the block `d`
 /// describes, under `key` ([`format::verify_head`]: the format's one verification).
-pub(super) fn verify_head(key: &[u8], d: &Descriptor, head: &[u8]) -> Option<format::Header> {
+fn verify_head(key: &[u8], d: &Descriptor, head: &[u8]) -> Option<format::Header> {
     let expected = format::Expected {
         key,
         generation: d.generation,
@@ -459,4 +477,77 @@ pub(super) fn verify_head(key: &[u8], d: &Descriptor, head: &[u8]) -> Option<for
     (head.len() == d.payload_offset as usize)
         .then(|| format::verify_head(head, &expected).ok())
         .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{check_descriptor, verify_with_crc};
+    use crate::proto::Descriptor;
+    use mooncake_kv_format as format;
+
+    fn verify(key: &[u8], d: &Descriptor, head: &[u8], payload: &[u8]) -> bool {
+        verify_with_crc(key, d, head, crc32fast::hash(payload))
+    }
+
+    fn block(key: &[u8], payload: &[u8], generation: u64) -> (Descriptor, Vec<u8>) {
+        let len = format::encoded_len(key.len(), payload.len(), 64);
+        let mut bytes = vec![0u8; len];
+        format::encode_into(&mut bytes, key, payload, generation, 64).unwrap();
+        let header = format::decode_header(&bytes).unwrap();
+        let d = Descriptor {
+            region_id: 1,
+            remote_key: 2,
+            offset: 0,
+            block_len: len as u64,
+            payload_offset: header.payload_offset,
+            payload_len: header.payload_len,
+            generation,
+            lease_ms: 0,
+            lease_id: 0,
+        };
+        (d, bytes)
+    }
+
+    #[test]
+    fn verification_accepts_the_block_and_nothing_else() {
+        let (d, bytes) = block(b"key", &[5u8; 3000], 9);
+        let split = d.payload_offset as usize;
+        let (head, payload) = bytes.split_at(split);
+        assert!(verify(b"key", &d, head, payload));
+        // Another key, another generation, a torn payload, a torn header.
+        assert!(!verify(b"kez", &d, head, payload));
+        assert!(!verify(
+            b"key",
+            &Descriptor {
+                generation: 10,
+                ..d
+            },
+            head,
+            payload
+        ));
+        let mut torn = payload.to_vec();
+        torn[1234] ^= 1;
+        assert!(!verify(b"key", &d, head, &torn));
+        let mut bad_head = head.to_vec();
+        bad_head[70] ^= 1;
+        assert!(!verify(b"key", &d, &bad_head, payload));
+        // A reused slot: another block of the same length at the same place.
+        let (_, other) = block(b"key", &[6u8; 3000], 11);
+        let (other_head, other_payload) = other.split_at(split);
+        assert!(!verify(b"key", &d, other_head, other_payload));
+        assert!(!verify(b"key", &d, head, other_payload));
+    }
+
+    #[test]
+    fn implausible_descriptors_are_refused_before_allocating() {
+        let (d, _) = block(b"k", b"v", 1);
+        assert!(check_descriptor(&d).is_ok());
+        let huge = Descriptor {
+            payload_len: u32::MAX,
+            block_len: u64::from(d.payload_offset) + u64::from(u32::MAX),
+            ..d
+        };
+        assert!(check_descriptor(&huge).is_err());
+        assert!(check_descriptor(&Descriptor { block_len: 5, ..d }).is_err());
+    }
 }

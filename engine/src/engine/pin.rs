@@ -107,10 +107,7 @@ impl Inner {
                 let shard = self.index.shard(hash).read();
                 let Some(slot) = shard.find(hash, key) else {
                     drop(shard);
-                    self.counters
-                        .tier(Level::Dram)
-                        .misses
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters.tier(Level::Dram).miss();
                     return Ok(None);
                 };
                 // Under the shard's read lock, so a mover (which checks pins under the write

@@ -3,7 +3,6 @@
 //! that is only in HBM a DRAM copy.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use mooncake_kv_tiers::Tier;
 
@@ -63,7 +62,7 @@ impl Inner {
         self.account(Level::Dram, slot, true);
         self.residency(Level::Dram).insert(slot);
         if locations.hbm.is_none() {
-            self.counters.promotions.fetch_add(1, Ordering::Relaxed);
+            self.counters.promotion();
         }
         true
     }
@@ -111,7 +110,7 @@ impl Inner {
         locations.hbm = Some(copy);
         self.account(Level::Hbm, slot, true);
         self.residency(Level::Hbm).insert(slot);
-        self.counters.promotions.fetch_add(1, Ordering::Relaxed);
+        self.counters.promotion();
     }
 
     /// Gives a block that is only in HBM a DRAM copy (making room there), so it can be pinned,

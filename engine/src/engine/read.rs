@@ -3,7 +3,6 @@
 //! a caller's buffer, or device memory); a block found corrupt is dropped, never served.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use mooncake_kv_tiers::{DeviceRange, Tier, ToDevice};
 
@@ -41,15 +40,9 @@ impl Inner {
     /// Looks a key up for a read, counting the use.
     pub(super) fn lookup(&self, key: &[u8]) -> Option<Arc<Slot>> {
         let Some(slot) = self.index.get(key) else {
-            self.counters
-                .tier(Level::Dram)
-                .misses
-                .fetch_add(1, Ordering::Relaxed);
+            self.counters.tier(Level::Dram).miss();
             if self.store.is_some() {
-                self.counters
-                    .tier(Level::Nvme)
-                    .misses
-                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.tier(Level::Nvme).miss();
             }
             return None;
         };
@@ -91,10 +84,7 @@ impl Inner {
             return Ok(SlotRead::Retired);
         };
         let store = self.store.as_ref().expect("an NVMe copy implies a store");
-        self.counters
-            .tier(Level::Dram)
-            .misses
-            .fetch_add(1, Ordering::Relaxed);
+        self.counters.tier(Level::Dram).miss();
         let buf = self.checked(slot, store.read_block(nvme))?;
         let payload = self.checked(slot, verify_nvme(slot, &nvme.entry, &buf))?;
         self.hit(Level::Nvme, slot);
@@ -107,10 +97,7 @@ impl Inner {
     }
 
     pub(super) fn hit(&self, level: Level, slot: &Slot) {
-        self.counters
-            .tier(level)
-            .hits
-            .fetch_add(1, Ordering::Relaxed);
+        self.counters.tier(level).hit();
         self.touch(level, slot);
     }
 
@@ -273,10 +260,7 @@ impl Inner {
         target: &mut [u8],
     ) -> Result<usize> {
         let store = self.store.as_ref().expect("an NVMe copy implies a store");
-        self.counters
-            .tier(Level::Dram)
-            .misses
-            .fetch_add(1, Ordering::Relaxed);
+        self.counters.tier(Level::Dram).miss();
         let entry = nvme.entry;
         let payload_len = entry.payload_len as usize;
         let mut head = mooncake_kv_tiers::AlignedBuf::zeroed(entry.payload_offset as usize);
@@ -314,7 +298,7 @@ impl Inner {
         let corrupt = !matches!(error, Error::Tier(mooncake_kv_tiers::Error::Io { .. }));
         if corrupt {
             tracing::error!(%error, generation = slot.generation, key = ?String::from_utf8_lossy(&slot.key), "corrupt block; dropping it");
-            self.counters.corrupt_blocks.fetch_add(1, Ordering::Relaxed);
+            self.counters.corrupt_block();
             let removed =
                 self.index
                     .shard(slot.hash)

@@ -275,7 +275,7 @@ impl Inner {
     fn demote_hbm(&self, victim: &Arc<Slot>, has_future: bool) -> u64 {
         let Some(copy) = victim.hbm() else { return 0 };
         if has_future && self.copy_down(victim) {
-            self.counters.demotions.fetch_add(1, Ordering::Relaxed);
+            self.counters.demotions(1);
         }
         drop(copy);
         self.drop_copy(Level::Hbm, victim)
@@ -301,9 +301,7 @@ impl Inner {
             .into_iter()
             .filter(Result::is_err)
             .count();
-        self.counters
-            .demotions
-            .fetch_add(count - failures as u64, Ordering::Relaxed);
+        self.counters.demotions(count - failures as u64);
     }
 
     /// Drops a victim's copy on `level` (HBM or DRAM): the block stays where it has another
@@ -372,10 +370,7 @@ impl Inner {
         mut shard: RwLockWriteGuard<'_, ShardMap>,
     ) {
         self.account(level, victim, false);
-        self.counters
-            .tier(level)
-            .evictions
-            .fetch_add(1, Ordering::Relaxed);
+        self.counters.tier(level).eviction();
         if !locations.any() {
             drop(locations);
             shard.remove_if(victim.hash, &victim.key, |_| true);

@@ -31,7 +31,7 @@ impl Inner {
                 slots.push(slot);
             },
             |key, error| {
-                self.counters.corrupt_blocks.fetch_add(1, Ordering::Relaxed);
+                self.counters.corrupt_block();
                 tracing::error!(%error, key = ?String::from_utf8_lossy(key), "dropping a bad map entry");
             },
         )?;

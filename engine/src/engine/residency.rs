@@ -157,15 +157,12 @@ impl Inner {
 
     /// Counts a block arriving on (`true`) or leaving (`false`) a tier.
     pub(super) fn account(&self, level: Level, slot: &Slot, arriving: bool) {
-        let c = self.counters.tier(level);
+        let counts = self.counters.tier(level);
+        let payload_bytes = u64::from(slot.payload_len);
         if arriving {
-            c.blocks.fetch_add(1, Ordering::Relaxed);
-            c.payload_bytes
-                .fetch_add(slot.payload_len.into(), Ordering::Relaxed);
+            counts.arrived(payload_bytes);
         } else {
-            c.blocks.fetch_sub(1, Ordering::Relaxed);
-            c.payload_bytes
-                .fetch_sub(slot.payload_len.into(), Ordering::Relaxed);
+            counts.left(payload_bytes);
         }
     }
 

@@ -11,27 +11,76 @@ use crate::slot::{LEVELS, Level};
 
 #[derive(Debug, Default)]
 pub(super) struct TierCounters {
-    pub(super) blocks: AtomicU64,
-    pub(super) payload_bytes: AtomicU64,
-    pub(super) hits: AtomicU64,
-    pub(super) misses: AtomicU64,
-    pub(super) evictions: AtomicU64,
+    blocks: AtomicU64,
+    payload_bytes: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
 }
 
 #[derive(Debug, Default)]
 pub(super) struct Counters {
     tiers: [TierCounters; LEVELS],
-    pub(super) puts: AtomicU64,
-    pub(super) removes: AtomicU64,
-    pub(super) demotions: AtomicU64,
-    pub(super) promotions: AtomicU64,
-    pub(super) corrupt_blocks: AtomicU64,
+    puts: AtomicU64,
+    removes: AtomicU64,
+    demotions: AtomicU64,
+    promotions: AtomicU64,
+    corrupt_blocks: AtomicU64,
 }
 
+/// Each counter goes up by one event (or `n`), relaxed: they are figures, ordering nothing.
 impl Counters {
     /// The counters of `level`.
     pub(super) fn tier(&self, level: Level) -> &TierCounters {
         &self.tiers[level.index()]
+    }
+
+    pub(super) fn put(&self) {
+        self.puts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn remove(&self) {
+        self.removes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn demotions(&self, n: u64) {
+        self.demotions.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(super) fn promotion(&self) {
+        self.promotions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn corrupt_block(&self) {
+        self.corrupt_blocks.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl TierCounters {
+    pub(super) fn hit(&self) {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn miss(&self) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn eviction(&self) {
+        self.evictions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A block with `payload_bytes` arrived on the tier.
+    pub(super) fn arrived(&self, payload_bytes: u64) {
+        self.blocks.fetch_add(1, Ordering::Relaxed);
+        self.payload_bytes
+            .fetch_add(payload_bytes, Ordering::Relaxed);
+    }
+
+    /// A block with `payload_bytes` left the tier.
+    pub(super) fn left(&self, payload_bytes: u64) {
+        self.blocks.fetch_sub(1, Ordering::Relaxed);
+        self.payload_bytes
+            .fetch_sub(payload_bytes, Ordering::Relaxed);
     }
 }
 

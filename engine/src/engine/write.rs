@@ -139,7 +139,7 @@ impl Inner {
             lineage,
         ));
         self.publish(&slot);
-        self.counters.puts.fetch_add(1, Ordering::Relaxed);
+        self.counters.put();
         slot
     }
 
@@ -364,7 +364,7 @@ impl Inner {
         let Some(slot) = removed else { return false };
         self.forget_residency(&slot);
         self.retire(slot);
-        self.counters.removes.fetch_add(1, Ordering::Relaxed);
+        self.counters.remove();
         true
     }
 }

@@ -207,10 +207,7 @@ impl Target for OneEngine<'_> {
         items: &[(&[u8], &[u8])],
         end: ChainEnd,
     ) -> anyhow::Result<()> {
-        for result in self.0.put_chain_with(parent, items, end) {
-            result.context("a replay put failed")?;
-        }
-        Ok(())
+        all_stored(self.0.put_chain_with(parent, items, end))
     }
 
     fn end_chain(&mut self, keys: &[&[u8]]) -> anyhow::Result<()> {
@@ -221,6 +218,17 @@ impl Target for OneEngine<'_> {
     fn tier_counts(&self) -> (u64, u64, u64) {
         tier_counts(self.0)
     }
+}
+
+/// `Ok` if every block of a chain put was stored, else the first failure.
+fn all_stored<T, E>(results: Vec<Result<T, E>>) -> anyhow::Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    for result in results {
+        result.context("a replay put failed")?;
+    }
+    Ok(())
 }
 
 /// An engine's DRAM hits, NVMe hits and DRAM evictions, each tier found by its kind.
@@ -261,10 +269,7 @@ impl Target for Cluster<'_> {
         items: &[(&[u8], &[u8])],
         end: ChainEnd,
     ) -> anyhow::Result<()> {
-        for result in self.0.put_chain(parent, items, end) {
-            result.context("a replay put failed")?;
-        }
-        Ok(())
+        all_stored(self.0.put_chain(parent, items, end))
     }
 
     fn end_chain(&mut self, keys: &[&[u8]]) -> anyhow::Result<()> {

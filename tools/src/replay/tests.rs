@@ -230,12 +230,12 @@ fn end_hints_keep_the_conversations_that_go_on() {
     );
 }
 
-#[test]
-fn the_engine_replay_tracks_the_simulated_policy_under_eviction() {
-    // Chains that share heads, with room for a fifth of the blocks.
+/// `requests` requests of 2 to 7 blocks from 150 conversations that share their heads, drawn
+/// from `seed`.
+fn shared_heads(seed: u64, requests: usize) -> Trace {
     let mut chains = Vec::new();
-    let mut state = 7u64;
-    for _ in 0..3000 {
+    let mut state = seed;
+    for _ in 0..requests {
         state = mix(state);
         let conversation = state % 150;
         let len = 2 + (state >> 20) % 6;
@@ -246,7 +246,13 @@ fn the_engine_replay_tracks_the_simulated_policy_under_eviction() {
         );
     }
     let refs: Vec<&[u64]> = chains.iter().map(Vec::as_slice).collect();
-    let t = trace(&refs);
+    trace(&refs)
+}
+
+#[test]
+fn the_engine_replay_tracks_the_simulated_policy_under_eviction() {
+    // Chains that share heads, with room for a fifth of the blocks.
+    let t = shared_heads(7, 3000);
     let capacity = t.unique_blocks() / 5;
     for kind in EvictionPolicyKind::ALL {
         let setup = EngineReplay {
@@ -271,20 +277,7 @@ fn the_engine_replay_tracks_the_simulated_policy_under_eviction() {
 #[test]
 fn the_cluster_replay_tracks_its_simulation() {
     // As above, on three real nodes holding each block twice, through a cluster client.
-    let mut chains = Vec::new();
-    let mut state = 11u64;
-    for _ in 0..1500 {
-        state = mix(state);
-        let conversation = state % 150;
-        let len = 2 + (state >> 20) % 6;
-        chains.push(
-            (0..len)
-                .map(|j| conversation * 100 + j)
-                .collect::<Vec<u64>>(),
-        );
-    }
-    let refs: Vec<&[u64]> = chains.iter().map(Vec::as_slice).collect();
-    let t = trace(&refs);
+    let t = shared_heads(11, 1500);
     let capacity = t.unique_blocks() / 5;
     let shape: ClusterShape = "3x2".parse().unwrap();
     let ended = t.ended_chains(1.0);

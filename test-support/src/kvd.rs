@@ -1,0 +1,103 @@
+//! A `mooncake-kvd` process for a test: started with its arguments, its addresses read off the
+//! line it prints once it serves, killed when dropped.
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+
+/// A running `mooncake-kvd`. Dropping it kills the process (SIGKILL) and waits for it.
+#[derive(Debug)]
+pub struct Kvd {
+    /// Always `Some` until [`into_child`](Self::into_child) or drop.
+    child: Option<Child>,
+    /// Its control plane.
+    pub control: SocketAddr,
+    /// Its tcp data plane.
+    pub data: SocketAddr,
+    /// Its metrics URL, unless started with `--metrics-listen off`.
+    metrics: Option<String>,
+}
+
+impl Kvd {
+    /// Starts the kvd at `binary` (a test has it as `env!("CARGO_BIN_EXE_mooncake-kvd")`) with
+    /// `args`, its listen addresses among them, and waits for its "serving" line.
+    ///
+    /// # Panics
+    ///
+    /// If it cannot be started, or exits or prints anything else first.
+    pub fn start<I, S>(binary: &str, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut child = Command::new(binary)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start mooncake-kvd");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("read the serving line");
+        assert!(line.contains("serving"), "not the serving line: {line:?}");
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .map(str::to_owned)
+        };
+        let address = |name: &str| -> SocketAddr {
+            field(name)
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                .parse()
+                .unwrap_or_else(|_| panic!("{name} in {line:?} is not an address"))
+        };
+        Self {
+            control: address("control="),
+            data: address("data="),
+            metrics: field("metrics=").filter(|url| url != "off"),
+            child: Some(child),
+        }
+    }
+
+    /// Its metrics URL.
+    ///
+    /// # Panics
+    ///
+    /// If it serves no metrics.
+    pub fn metrics(&self) -> &str {
+        self.metrics.as_deref().expect("a kvd serving metrics")
+    }
+
+    /// The process.
+    pub fn child(&self) -> &Child {
+        self.child.as_ref().expect("until drop")
+    }
+
+    /// The process, now the caller's to stop.
+    pub fn into_child(mut self) -> Child {
+        self.child.take().expect("until drop")
+    }
+
+    /// SIGTERM, then its exit status.
+    ///
+    /// # Panics
+    ///
+    /// If the signal cannot be sent or the process waited for.
+    pub fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("until drop");
+        let pid = rustix::process::Pid::from_child(&child);
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        child.wait().expect("wait")
+    }
+}
+
+impl Drop for Kvd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
