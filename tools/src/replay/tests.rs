@@ -1,3 +1,6 @@
+//! The replay's tests: trace parsing and its limits, the simulated policies against MIN, and
+//! the engine and cluster replays against their simulations.
+
 use mooncake_kv_engine::eviction::EvictionPolicyKind;
 use mooncake_kv_replication::placement::{self, Member};
 
