@@ -48,6 +48,39 @@ pub(super) struct ReclaimState {
     stop: AtomicBool,
 }
 
+/// Victims being dealt with, counted while this lives, so that the count comes down even if
+/// dealing with them panics.
+struct InFlight<'a>(&'a AtomicUsize, usize);
+
+impl<'a> InFlight<'a> {
+    fn count(victims_in_flight: &'a AtomicUsize, n: usize) -> Self {
+        victims_in_flight.fetch_add(n, Ordering::AcqRel);
+        Self(victims_in_flight, n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::AcqRel);
+    }
+}
+
+/// A level's "one thread reclaims it" flag, held while this lives (a panic lets it go too).
+struct Reclaiming<'a>(&'a AtomicBool);
+
+impl<'a> Reclaiming<'a> {
+    /// The flag, unless another thread holds it.
+    fn claim(flag: &'a AtomicBool) -> Option<Self> {
+        (!flag.swap(true, Ordering::Acquire)).then_some(Self(flag))
+    }
+}
+
+impl Drop for Reclaiming<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// The background reclaimer: one thread, started with a data directory, that demotes DRAM's
 /// coldest blocks to NVMe when DRAM passes its high watermark (or a promotion wants room) and
 /// evicts from NVMe when it passes its own. Stopping it joins the thread; a panic in it poisons
@@ -256,15 +289,14 @@ impl Inner {
             Level::Dram => {
                 // Counted before the residency lock is released would be tighter, but a waiter
                 // that misses these only reports NoSpace a little early, which is allowed.
-                let in_flight = &self.reclaim.victims_in_flight;
-                in_flight.fetch_add(victims.len(), Ordering::AcqRel);
+                // Counted before the residency lock is released would be tighter, but a waiter
+                // that misses these only reports NoSpace a little early, which is allowed.
+                let _in_flight = InFlight::count(&self.reclaim.victims_in_flight, victims.len());
                 self.demote_dram(victims);
-                let freed = victims
+                Ok(victims
                     .iter()
                     .map(|(victim, _)| self.drop_copy(Level::Dram, victim))
-                    .sum();
-                in_flight.fetch_sub(victims.len(), Ordering::AcqRel);
-                Ok(freed)
+                    .sum())
             }
             Level::Nvme => self.evict_nvme(victims),
         }
@@ -389,17 +421,15 @@ impl Inner {
         if !force && tier.used_bytes() <= high {
             return;
         }
-        let reclaiming = &self.reclaim.reclaiming[level.index()];
-        if reclaiming.swap(true, Ordering::Acquire) {
+        let Some(_reclaiming) = Reclaiming::claim(&self.reclaim.reclaiming[level.index()]) else {
             return;
-        }
+        };
         let used = tier.used_bytes();
         if used > low {
             if let Err(error) = self.free(level, used - low) {
                 tracing::warn!(%error, tier = %level.kind(), "making room failed");
             }
         }
-        reclaiming.store(false, Ordering::Release);
     }
 
     /// The high and low watermarks of `level`, in bytes.
