@@ -6,7 +6,7 @@ use std::sync::Arc;
 use mooncake_kv_tiers::Tier;
 
 use super::Inner;
-use super::verify::verify_block;
+use super::verify::read_hbm_verified;
 use crate::format::{self, Error as FormatError};
 use crate::slot::{DramCopy, Level, NvmeCopy, Slot};
 use crate::store::{BlockWrite, NVME_PAYLOAD_ALIGN};
@@ -19,8 +19,11 @@ const FLUSH_BATCH: usize = 1024;
 enum Source {
     /// Its DRAM copy, in place.
     Dram(Arc<DramCopy>),
-    /// Its payload, read out of HBM and verified.
-    Host(Vec<u8>),
+    /// Its whole block, read out of HBM and verified; the payload starts at `payload_offset`.
+    Host {
+        block: Vec<u8>,
+        payload_offset: usize,
+    },
 }
 
 impl Inner {
@@ -40,14 +43,11 @@ impl Inner {
                 (Some(_), _, _) | (None, None, None) => continue,
                 (None, Some(dram), _) => Source::Dram(dram),
                 (None, None, Some(hbm)) => {
-                    let mut block = vec![0u8; hbm.block_len as usize];
-                    let read = hbm
-                        .tier
-                        .read_at(hbm.extent(), 0, &mut block)
-                        .map_err(Error::from)
-                        .and_then(|()| verify_block(slot, &block).map(<[u8]>::to_vec));
-                    match self.checked(slot, read) {
-                        Ok(payload) => Source::Host(payload),
+                    match self.checked(slot, read_hbm_verified(slot, &hbm)) {
+                        Ok(block) => Source::Host {
+                            block,
+                            payload_offset: hbm.payload_offset as usize,
+                        },
                         Err(error) => {
                             results[i] = Err(error);
                             continue;
@@ -78,7 +78,10 @@ impl Inner {
                             let start = dram.payload_offset as usize;
                             &dram.bytes()[start..start + slot.payload_len as usize]
                         }
-                        Source::Host(payload) => &payload[..],
+                        Source::Host {
+                            block,
+                            payload_offset,
+                        } => &block[*payload_offset..],
                     };
                     BlockWrite {
                         extent,

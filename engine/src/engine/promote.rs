@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use mooncake_kv_tiers::Tier;
 
-use super::verify::verify_block;
+use super::verify::read_hbm_verified;
 use super::{DRAM_PAYLOAD_ALIGN, Inner};
 use crate::format;
 use crate::slot::{DramCopy, HbmCopy, Level, Slot, dram_extent_len};
@@ -126,15 +126,10 @@ impl Inner {
             };
             copy
         };
-        let mut block = vec![0u8; copy.block_len as usize];
-        if let Err(error) = copy.tier.read_at(copy.extent(), 0, &mut block) {
-            tracing::warn!(%error, "reading a block out of HBM failed");
-            return false;
-        }
-        match verify_block(slot, &block) {
-            Ok(payload) => self.promote(slot, payload, true),
+        match read_hbm_verified(slot, &copy) {
+            Ok(block) => self.promote(slot, &block[copy.payload_offset as usize..], true),
             Err(error) => {
-                tracing::error!(%error, "corrupt block in HBM");
+                tracing::error!(%error, "a block read out of HBM failed or did not verify");
                 false
             }
         }

@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
-use mooncake_kv_tiers::{DeviceRange, Tier, ToDevice};
+use mooncake_kv_tiers::{DeviceRange, ToDevice};
 
 use super::Inner;
 use super::verify::{
-    check_crc, check_head, check_payload, verify_block, verify_dram, verify_nvme, verify_nvme_head,
+    check_crc, check_head, check_payload, read_hbm_verified, verify_dram, verify_nvme,
+    verify_nvme_head,
 };
 use crate::slot::{DramCopy, HbmCopy, Level, NvmeCopy, Slot};
 use crate::store::NVME_PAYLOAD_ALIGN;
@@ -67,16 +68,9 @@ impl Inner {
             return Ok(SlotRead::Read(()));
         }
         if let Some(hbm) = &locations.hbm {
-            let mut block = vec![0u8; hbm.block_len as usize];
-            self.checked(
-                slot,
-                hbm.tier
-                    .read_at(hbm.extent(), 0, &mut block)
-                    .map_err(Error::from),
-            )?;
-            let payload = self.checked(slot, verify_block(slot, &block))?;
+            let block = self.checked(slot, read_hbm_verified(slot, hbm))?;
             self.hit(Level::Hbm, slot);
-            sink(payload);
+            sink(&block[hbm.payload_offset as usize..]);
             return Ok(SlotRead::Read(()));
         }
         let Some(nvme) = &locations.nvme else {

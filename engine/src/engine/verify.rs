@@ -6,7 +6,9 @@
 use crate::Result;
 use crate::format::{self, Expected};
 use crate::meta::MapEntry;
-use crate::slot::Slot;
+use mooncake_kv_tiers::Tier;
+
+use crate::slot::{HbmCopy, Slot};
 
 /// What the index says of `slot`'s block; `payload_offset` where the copy records it.
 fn expected(slot: &Slot, payload_offset: Option<u32>) -> Expected<'_> {
@@ -45,10 +47,13 @@ pub(super) fn check_head(slot: &Slot, head: &[u8], payload_offset: u32) -> Resul
     Ok(())
 }
 
-/// Verifies a whole block (from HBM) against its slot, every checksum included, and returns
-/// the payload.
-pub(super) fn verify_block<'a>(slot: &Slot, bytes: &'a [u8]) -> Result<&'a [u8]> {
-    Ok(format::verify(bytes, &expected(slot, None))?)
+/// Reads `copy`'s whole block out of HBM into host memory and verifies it against its slot,
+/// every checksum included. Its payload is `block[copy.payload_offset..]`.
+pub(super) fn read_hbm_verified(slot: &Slot, copy: &HbmCopy) -> Result<Vec<u8>> {
+    let mut block = vec![0u8; copy.block_len as usize];
+    copy.tier.read_at(copy.extent(), 0, &mut block)?;
+    format::verify(&block, &expected(slot, Some(copy.payload_offset)))?;
+    Ok(block)
 }
 
 /// Verifies a whole block read from NVMe against its slot and map entry and returns the
