@@ -442,15 +442,7 @@ impl ClusterClient {
     /// [`ClusterError::NoLiveMember`]; [`ClusterError::AllReplicasFailed`] when every member
     /// asked failed.
     pub fn prefix_match(&self, keys: &[&[u8]]) -> Result<usize, ClusterError> {
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        let mut held = vec![false; keys.len()];
-        for (share, flags) in self.ask_shares(keys, |client, share| client.exists(share))? {
-            for (at, flag) in share.into_iter().zip(flags) {
-                held[at] |= flag;
-            }
-        }
+        let held = self.exists(keys)?;
         Ok(held.iter().take_while(|&&h| h).count())
     }
 
@@ -518,6 +510,100 @@ impl ClusterClient {
     /// [`ClusterError::AllReplicasFailed`] only when every member asked failed; a miss on one
     /// and a hit on another is a hit.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ClusterError> {
+        self.first_hit(key, |client| client.get(key))
+    }
+
+    /// [`get`](Self::get) into `dst`, asking the replicas in the same order; returns the
+    /// value's length. A buffer smaller than the value fails with
+    /// [`ClientError::BufferTooSmall`] (inside [`ClusterError::AllReplicasFailed`]) on every
+    /// replica that holds it.
+    ///
+    /// # Errors
+    ///
+    /// As [`get`](Self::get).
+    pub fn get_into(&self, key: &[u8], dst: &mut [u8]) -> Result<Option<usize>, ClusterError> {
+        self.first_hit(key, |client| client.get_into(key, dst))
+    }
+
+    /// Which of `keys` some live member holds (a replica, or a copy written under an older
+    /// membership among the key's replicas), each in its position.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::NoLiveMember`]; [`ClusterError::AllReplicasFailed`] when every member
+    /// asked failed.
+    pub fn exists(&self, keys: &[&[u8]]) -> Result<Vec<bool>, ClusterError> {
+        self.any_share(keys, |client, share| client.exists(share))
+    }
+
+    /// Removes `keys` from every replica; says which any replica held.
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::NoLiveMember`]; [`ClusterError::AllReplicasFailed`] when every member
+    /// asked failed.
+    pub fn remove(&self, keys: &[&[u8]]) -> Result<Vec<bool>, ClusterError> {
+        self.any_share(keys, |client, share| client.remove(share))
+    }
+
+    /// Removes every block of every live member; returns how many (each replica counted).
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::NoLiveMember`]; [`ClusterError::AllReplicasFailed`] when every member
+    /// failed.
+    pub fn remove_all(&self) -> Result<u64, ClusterError> {
+        let members: Vec<(u64, SocketAddr)> = self
+            .membership
+            .view()
+            .into_iter()
+            .filter_map(|peer| match (peer.liveness, peer.id) {
+                (Liveness::Live, Some(id)) => Some((id, peer.addr)),
+                _ => None,
+            })
+            .collect();
+        if members.is_empty() {
+            return Err(ClusterError::NoLiveMember);
+        }
+        let mut removed = 0;
+        let mut failures = Vec::new();
+        for (id, addr, result) in self.each_member(&members, |_, client| client.remove_all()) {
+            match result {
+                Ok(n) => removed += n,
+                Err(error) => failures.push(self.failed(id, addr, error)),
+            }
+        }
+        if failures.len() == members.len() {
+            return Err(ClusterError::AllReplicasFailed(failures));
+        }
+        Ok(removed)
+    }
+
+    /// One flag per key from every member holding a share of `keys`, a key's flag set when
+    /// any of its replicas answered true.
+    fn any_share(
+        &self,
+        keys: &[&[u8]],
+        call: impl Fn(&Client, &[&[u8]]) -> Result<Vec<bool>, ClientError> + Sync,
+    ) -> Result<Vec<bool>, ClusterError> {
+        let mut held = vec![false; keys.len()];
+        if keys.is_empty() {
+            return Ok(held);
+        }
+        for (share, flags) in self.ask_shares(keys, call)? {
+            for (at, flag) in share.into_iter().zip(flags) {
+                held[at] |= flag;
+            }
+        }
+        Ok(held)
+    }
+
+    /// Asks the members for `key` in read order (see [`get`](Self::get)) until one has it.
+    fn first_hit<T>(
+        &self,
+        key: &[u8],
+        mut read: impl FnMut(&Client) -> Result<Option<T>, ClientError>,
+    ) -> Result<Option<T>, ClusterError> {
         let replicas = self.replicas(key);
         let ranked: Vec<(u64, bool, usize)> = replicas
             .iter()
@@ -541,7 +627,7 @@ impl ClusterClient {
         let asked = order.len();
         for (id, addr) in order {
             let _in_flight = self.start_request(id);
-            match self.client(id, addr).and_then(|c| c.get(key)) {
+            match self.client(id, addr).and_then(|c| read(&c)) {
                 Ok(Some(value)) => return Ok(Some(value)),
                 Ok(None) => {}
                 Err(error) => failures.push(self.failed(id, addr, error)),

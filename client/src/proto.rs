@@ -15,7 +15,7 @@ use bincode::{BorrowDecode, Decode, Encode};
 use mooncake_kv_format::le;
 
 /// Request kinds, in the order of [`NodeStats::requests`] and of the node's metrics.
-pub const REQUEST_KINDS: [&str; 10] = [
+pub const REQUEST_KINDS: [&str; 11] = [
     "put",
     "lookup",
     "exists",
@@ -26,6 +26,7 @@ pub const REQUEST_KINDS: [&str; 10] = [
     "reserve",
     "commit",
     "end_chain",
+    "remove_all",
 ];
 
 /// Keys of cached reads a client reports with one lookup at most; reads beyond are counted,
@@ -35,7 +36,7 @@ pub const MAX_CACHED_KEYS: usize = 1024;
 /// Bytes of a frame header.
 pub const FRAME_HEADER_BYTES: usize = 32;
 /// Version of the protocol.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// Largest body: a largest value plus room for its key and the encoding.
 pub const MAX_BODY_BYTES: usize = mooncake_kv_format::MAX_VALUE_BYTES + (1 << 20);
 const MAGIC: [u8; 4] = *b"MKCP";
@@ -341,6 +342,9 @@ pub enum Request<'a> {
         /// The chain.
         keys: Vec<&'a [u8]>,
     },
+    /// Remove every block the node holds (an administrator's reset: what Mooncake's
+    /// `remove_all` does). Answered with `Count`, the blocks removed.
+    RemoveAll,
 }
 
 /// Why a node refused a request or one item of it.
@@ -459,7 +463,7 @@ pub struct NodeStats {
     /// Each tier, fastest first: HBM when present, DRAM, then NVMe when present.
     pub tiers: Vec<TierFigures>,
     /// Requests served, by kind: put, lookup, exists, prefix_match, remove, stats, health,
-    /// reserve, commit, end_chain (as [`REQUEST_KINDS`]).
+    /// reserve, commit, end_chain, remove_all (as [`REQUEST_KINDS`]).
     pub requests: Vec<u64>,
     /// Requests or items refused.
     pub errors: u64,
@@ -498,7 +502,7 @@ pub enum Response {
     Lookup(Vec<Outcome<Option<Descriptor>>>),
     /// To `Exists` and `Remove`; to `Abort` and `EndChain`, one flag.
     Flags(Vec<bool>),
-    /// To `PrefixMatch`.
+    /// To `PrefixMatch` and `RemoveAll`.
     Count(u64),
     /// To `Stats`.
     Stats(NodeStats),

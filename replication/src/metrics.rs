@@ -10,7 +10,7 @@ use mooncake_kv_engine::EngineStats;
 type TierFigure = fn(&mooncake_kv_engine::TierStats) -> u64;
 
 /// Request kinds, in the order of [`crate::proto::NodeStats::requests`].
-pub(crate) const KINDS: [&str; 10] = crate::proto::REQUEST_KINDS;
+pub(crate) const KINDS: [&str; 11] = crate::proto::REQUEST_KINDS;
 
 /// Upper bounds of the latency buckets, in microseconds.
 const BOUNDS_US: [u64; 15] = [

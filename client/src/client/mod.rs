@@ -638,6 +638,20 @@ impl Client {
         }
     }
 
+    /// Removes every block the node holds (an administrator's reset); returns how many.
+    ///
+    /// # Errors
+    ///
+    /// A connection error, or [`ClientError::Refused`].
+    pub fn remove_all(&self) -> Result<u64> {
+        let response = self.call(&Request::RemoveAll);
+        self.descriptors.lock().forget_all();
+        match response? {
+            Response::Count(removed) => Ok(removed),
+            _ => Err(unexpected("remove_all")),
+        }
+    }
+
     /// The node's figures.
     ///
     /// # Errors
