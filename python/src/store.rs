@@ -1,0 +1,710 @@
+//! The Pythonic API: `Store` (every operation) and the three ways to make one, `Client` (one
+//! node), `Cluster` (many, with replicas) and `EmbeddedStore` (the engine in this process).
+//!
+//! Every call that touches the network or copies a block runs with the interpreter detached
+//! (other Python threads run meanwhile); a store is safe to share between threads. Buffers
+//! are used where they are (the buffer protocol): a put reads the caller's bytes, a
+//! `get_into` writes the value straight into the caller's buffer.
+
+#![expect(unsafe_code, reason = "buffers that Python objects export")]
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mooncake_kv_client::cluster::{ClusterClient, ClusterConfig};
+use mooncake_kv_client::membership::{MembershipConfig, StaticConfig};
+use mooncake_kv_client::{ChainEnd, Client, ClientConfig, TransportChoice};
+use mooncake_kv_format::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use parking_lot::RwLock;
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString};
+
+use crate::backend::Backend;
+use crate::buffer::{Registry, Span, View, disjoint};
+use crate::errors::{StoreError, TooLargeError};
+
+/// A key from Python: `str` (its UTF-8 bytes) or `bytes`, 1 to 1,024 bytes.
+pub(crate) fn key_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    let key = if let Ok(text) = obj.cast::<PyString>() {
+        text.to_cow()?.into_owned().into_bytes()
+    } else if let Ok(bytes) = obj.cast::<PyBytes>() {
+        bytes.as_bytes().to_vec()
+    } else {
+        return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "a key is str or bytes, not {}",
+            obj.get_type().name()?
+        )));
+    };
+    check_key(&key)?;
+    Ok(key)
+}
+
+/// The store's limits on a key, as an exception.
+pub(crate) fn check_key(key: &[u8]) -> PyResult<()> {
+    if key.is_empty() {
+        return Err(StoreError::invalid("a key cannot be empty").into());
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(TooLargeError::new_err(format!(
+            "a key of {} bytes is over the limit of {MAX_KEY_BYTES}",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The store's limit on a value, as an exception.
+pub(crate) fn check_value_len(len: usize) -> PyResult<()> {
+    if len > MAX_VALUE_BYTES {
+        return Err(TooLargeError::new_err(format!(
+            "a value of {len} bytes is over the limit of {MAX_VALUE_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn keys_of(objs: &[Bound<'_, PyAny>]) -> PyResult<Vec<Vec<u8>>> {
+    objs.iter().map(key_of).collect()
+}
+
+pub(crate) fn as_slices(keys: &[Vec<u8>]) -> Vec<&[u8]> {
+    keys.iter().map(Vec::as_slice).collect()
+}
+
+fn same_length(what: &str, a: usize, b: usize) -> PyResult<()> {
+    if a != b {
+        return Err(StoreError::invalid(format!("{a} keys but {b} {what}")).into());
+    }
+    Ok(())
+}
+
+/// The first error of a batch, raised; else the results.
+fn first_error<T>(results: Vec<crate::errors::Result<T>>) -> PyResult<Vec<T>> {
+    results
+        .into_iter()
+        .map(|r| r.map_err(PyErr::from))
+        .collect()
+}
+
+/// A store: the operations every kind shares. Made by `Client`, `Cluster` or
+/// `EmbeddedStore`.
+#[pyclass(subclass, frozen, module = "mooncake_kv._native")]
+pub(crate) struct Store {
+    backend: RwLock<Option<Arc<Backend>>>,
+    /// Where it is, for `repr` and `get_hostname`.
+    pub(crate) label: String,
+    /// Ranges registered for the pointer API (Mooncake's `register_buffer`).
+    pub(crate) registry: Registry,
+}
+
+impl Store {
+    pub(crate) fn new(backend: Backend, label: String) -> Self {
+        Self {
+            backend: RwLock::new(Some(Arc::new(backend))),
+            label,
+            registry: Registry::default(),
+        }
+    }
+
+    /// The backend, unless the store was closed.
+    pub(crate) fn backend(&self) -> Result<Arc<Backend>, StoreError> {
+        self.backend.read().clone().ok_or_else(StoreError::closed)
+    }
+
+    /// Puts values that `views` export, one per key, with the interpreter detached.
+    fn put_views(
+        &self,
+        py: Python<'_>,
+        keys: &[Vec<u8>],
+        views: &[View],
+    ) -> PyResult<Vec<crate::errors::Result<()>>> {
+        let backend = self.backend()?;
+        let spans: Vec<Span> = views.iter().map(View::span).collect();
+        for span in &spans {
+            check_value_len(span.len)?;
+        }
+        Ok(py.detach(|| {
+            let items: Vec<(&[u8], &[u8])> = keys
+                .iter()
+                .zip(&spans)
+                // SAFETY: each view (alive until this closure has returned) keeps its
+                // object's bytes where they are and unresized; they are only read here.
+                .map(|(key, span)| (key.as_slice(), unsafe { span.bytes() }))
+                .collect();
+            backend.put_batch(&items)
+        }))
+    }
+
+    /// Reads values into the buffers `views` export, one per key, with the interpreter
+    /// detached.
+    fn get_into_views(
+        &self,
+        py: Python<'_>,
+        keys: &[Vec<u8>],
+        views: &[View],
+    ) -> PyResult<Vec<crate::errors::Result<Option<usize>>>> {
+        let backend = self.backend()?;
+        let spans: Vec<Span> = views.iter().map(View::span).collect();
+        if !disjoint(&spans) {
+            return Err(StoreError::invalid("two of the buffers overlap").into());
+        }
+        Ok(py.detach(|| {
+            let mut items: Vec<(&[u8], &mut [u8])> = keys
+                .iter()
+                .zip(&spans)
+                // SAFETY: each view (alive until this closure has returned) keeps a writable
+                // buffer where it is; the spans are disjoint (checked above), so each
+                // mutable slice is the only one of its bytes.
+                .map(|(key, span)| (key.as_slice(), unsafe { span.bytes_mut() }))
+                .collect();
+            backend.get_into_batch(&mut items)
+        }))
+    }
+}
+
+#[pymethods]
+impl Store {
+    /// Stores `value` (any bytes-like object, read where it is) under `key` (str or bytes),
+    /// replacing what was there.
+    fn put(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        value: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let keys = vec![key_of(key)?];
+        let views = vec![View::read(value)?];
+        first_error(self.put_views(py, &keys, &views)?).map(drop)
+    }
+
+    /// Stores each value under its key in one request. Raises the first item's error, if
+    /// any (the others are stored).
+    fn put_batch(
+        &self,
+        py: Python<'_>,
+        keys: Vec<Bound<'_, PyAny>>,
+        values: Vec<Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        same_length("values", keys.len(), values.len())?;
+        let keys = keys_of(&keys)?;
+        let views = values
+            .iter()
+            .map(View::read)
+            .collect::<PyResult<Vec<_>>>()?;
+        first_error(self.put_views(py, &keys, &views)?).map(drop)
+    }
+
+    /// Stores the blocks of one prefix chain in order, the first following `parent` (the key
+    /// of the block before them, if any); `partial` says the last block is not full. The
+    /// links are hints for eviction (a chain's tail goes before its head).
+    #[pyo3(signature = (keys, values, parent=None, partial=false))]
+    fn put_chain(
+        &self,
+        py: Python<'_>,
+        keys: Vec<Bound<'_, PyAny>>,
+        values: Vec<Bound<'_, PyAny>>,
+        parent: Option<&Bound<'_, PyAny>>,
+        partial: bool,
+    ) -> PyResult<()> {
+        same_length("values", keys.len(), values.len())?;
+        let keys = keys_of(&keys)?;
+        let parent = parent.map(key_of).transpose()?;
+        let views = values
+            .iter()
+            .map(View::read)
+            .collect::<PyResult<Vec<_>>>()?;
+        let spans: Vec<Span> = views.iter().map(View::span).collect();
+        for span in &spans {
+            check_value_len(span.len)?;
+        }
+        let backend = self.backend()?;
+        let end = if partial {
+            ChainEnd::Partial
+        } else {
+            ChainEnd::Full
+        };
+        let results = py.detach(|| {
+            let items: Vec<(&[u8], &[u8])> = keys
+                .iter()
+                .zip(&spans)
+                // SAFETY: as in `put_views`: the views outlive this closure.
+                .map(|(key, span)| (key.as_slice(), unsafe { span.bytes() }))
+                .collect();
+            backend.put_chain(parent.as_deref(), &items, end)
+        });
+        drop(views);
+        first_error(results).map(drop)
+    }
+
+    /// The value of `key` as `bytes`, or `None` for a miss.
+    fn get<'py>(
+        &self,
+        py: Python<'py>,
+        key: &Bound<'py, PyAny>,
+    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let key = key_of(key)?;
+        let backend = self.backend()?;
+        let value = py.detach(|| backend.get(&key))?;
+        Ok(value.map(|v| PyBytes::new(py, &v)))
+    }
+
+    /// The values of `keys` (`None` for each miss).
+    fn get_batch<'py>(
+        &self,
+        py: Python<'py>,
+        keys: Vec<Bound<'py, PyAny>>,
+    ) -> PyResult<Vec<Option<Bound<'py, PyBytes>>>> {
+        let keys = keys_of(&keys)?;
+        let backend = self.backend()?;
+        let values = py.detach(|| {
+            keys.iter()
+                .map(|key| backend.get(key))
+                .collect::<Result<Vec<_>, StoreError>>()
+        })?;
+        Ok(values
+            .into_iter()
+            .map(|v| v.map(|v| PyBytes::new(py, &v)))
+            .collect())
+    }
+
+    /// Reads the value of `key` straight into `buffer` (any writable, contiguous bytes-like
+    /// object: bytearray, memoryview, numpy array, mmap) and returns its length, or `None`
+    /// for a miss. A buffer smaller than the value raises `BufferTooSmallError` (nothing is
+    /// truncated); bytes past the value's length are left alone.
+    fn get_into(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        buffer: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<usize>> {
+        let keys = vec![key_of(key)?];
+        let views = vec![View::write(buffer)?];
+        let mut results = first_error(self.get_into_views(py, &keys, &views)?)?;
+        Ok(results.pop().flatten())
+    }
+
+    /// `get_into` for many keys, each into its own buffer, in one call. Raises the first
+    /// item's error, if any.
+    fn get_into_batch(
+        &self,
+        py: Python<'_>,
+        keys: Vec<Bound<'_, PyAny>>,
+        buffers: Vec<Bound<'_, PyAny>>,
+    ) -> PyResult<Vec<Option<usize>>> {
+        same_length("buffers", keys.len(), buffers.len())?;
+        let keys = keys_of(&keys)?;
+        let views = buffers
+            .iter()
+            .map(View::write)
+            .collect::<PyResult<Vec<_>>>()?;
+        first_error(self.get_into_views(py, &keys, &views)?)
+    }
+
+    /// Whether `key` has a block.
+    fn exists(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let key = key_of(key)?;
+        let backend = self.backend()?;
+        let flags = py.detach(|| backend.exists(&[key.as_slice()]))?;
+        Ok(flags.first().copied().unwrap_or(false))
+    }
+
+    /// Which of `keys` have blocks.
+    fn exists_batch(&self, py: Python<'_>, keys: Vec<Bound<'_, PyAny>>) -> PyResult<Vec<bool>> {
+        let keys = keys_of(&keys)?;
+        let backend = self.backend()?;
+        Ok(py.detach(|| backend.exists(&as_slices(&keys)))?)
+    }
+
+    /// How many leading keys of the chain `keys` (head first) have blocks: the longest
+    /// cached prefix, in one call.
+    fn prefix_match(&self, py: Python<'_>, keys: Vec<Bound<'_, PyAny>>) -> PyResult<usize> {
+        let keys = keys_of(&keys)?;
+        let backend = self.backend()?;
+        Ok(py.detach(|| backend.prefix_match(&as_slices(&keys)))?)
+    }
+
+    /// Says that the chain `keys` (head first) is over: nothing will extend it or read it
+    /// again, so eviction may let it go first. Whether any block of it was held.
+    fn end_chain(&self, py: Python<'_>, keys: Vec<Bound<'_, PyAny>>) -> PyResult<bool> {
+        let keys = keys_of(&keys)?;
+        let backend = self.backend()?;
+        Ok(py.detach(|| backend.end_chain(&as_slices(&keys)))?)
+    }
+
+    /// Removes the block of `key`; whether there was one.
+    fn remove(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let key = key_of(key)?;
+        let backend = self.backend()?;
+        let flags = py.detach(|| backend.remove(&[key.as_slice()]))?;
+        Ok(flags.first().copied().unwrap_or(false))
+    }
+
+    /// Removes the blocks of `keys`; which there were.
+    fn remove_batch(&self, py: Python<'_>, keys: Vec<Bound<'_, PyAny>>) -> PyResult<Vec<bool>> {
+        let keys = keys_of(&keys)?;
+        let backend = self.backend()?;
+        Ok(py.detach(|| backend.remove(&as_slices(&keys)))?)
+    }
+
+    /// Removes every block (an administrator's reset); how many.
+    fn remove_all(&self, py: Python<'_>) -> PyResult<u64> {
+        let backend = self.backend()?;
+        Ok(py.detach(|| backend.remove_all())?)
+    }
+
+    /// Figures: `backend`, `transport`, `tiers` (each with `name`, `blocks`, `used_bytes`,
+    /// `capacity_bytes`, `hits`, `evictions`) and the backend's counters.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let backend = self.backend()?;
+        let figures = py.detach(|| backend.stats())?;
+        let dict = PyDict::new(py);
+        dict.set_item("backend", backend.kind())?;
+        dict.set_item("transport", backend.transport())?;
+        let tiers = PyList::empty(py);
+        for tier in figures.tiers {
+            let t = PyDict::new(py);
+            t.set_item("name", tier.name)?;
+            t.set_item("blocks", tier.blocks)?;
+            t.set_item("used_bytes", tier.used_bytes)?;
+            t.set_item("capacity_bytes", tier.capacity_bytes)?;
+            t.set_item("hits", tier.hits)?;
+            t.set_item("evictions", tier.evictions)?;
+            tiers.append(t)?;
+        }
+        dict.set_item("tiers", tiers)?;
+        for (name, value) in figures.counters {
+            dict.set_item(name, value)?;
+        }
+        Ok(dict)
+    }
+
+    /// Closes the store: later calls raise `ClosedError`; calls in flight finish. An
+    /// embedded store with a data directory first writes every block to it. Safe to call
+    /// more than once.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let Some(backend) = self.backend.write().take() else {
+            return Ok(());
+        };
+        py.detach(|| {
+            let flushed = backend.flush_before_close();
+            drop(backend);
+            flushed
+        })?;
+        Ok(())
+    }
+
+    /// Whether `close` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.backend.read().is_none()
+    }
+
+    /// `node`, `cluster` or `embedded`.
+    #[getter]
+    fn kind(&self) -> PyResult<&'static str> {
+        Ok(self.backend()?.kind())
+    }
+
+    /// The data path reads take: `shm` or `tcp` (a node), `mixed` (a cluster), `local`
+    /// (embedded).
+    #[getter]
+    fn transport(&self) -> PyResult<&'static str> {
+        Ok(self.backend()?.transport())
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<()> {
+        self.close(py)
+    }
+
+    fn __repr__(&self) -> String {
+        match self.backend.read().as_deref() {
+            Some(backend) => format!("<mooncake_kv {} store {}>", backend.kind(), self.label),
+            None => format!("<mooncake_kv store {} (closed)>", self.label),
+        }
+    }
+
+    /// The values of `keys` as `bytearray`s (`None` for each miss).
+    fn _get_bytearrays<'py>(
+        &self,
+        py: Python<'py>,
+        keys: Vec<Bound<'py, PyAny>>,
+    ) -> PyResult<Vec<Option<Bound<'py, PyByteArray>>>> {
+        let keys = keys_of(&keys)?;
+        let backend = self.backend()?;
+        let values = py.detach(|| {
+            keys.iter()
+                .map(|key| backend.get(key))
+                .collect::<Result<Vec<_>, StoreError>>()
+        })?;
+        Ok(values
+            .into_iter()
+            .map(|v| v.map(|v| PyByteArray::new(py, &v)))
+            .collect())
+    }
+}
+
+fn transport_of(name: &str) -> PyResult<TransportChoice> {
+    match name {
+        "auto" => Ok(TransportChoice::Auto),
+        "shm" => Ok(TransportChoice::Shm),
+        "tcp" => Ok(TransportChoice::Tcp),
+        other => Err(StoreError::invalid(format!(
+            "transport {other:?}: one of \"auto\", \"shm\", \"tcp\""
+        ))
+        .into()),
+    }
+}
+
+fn seconds(what: &str, value: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            StoreError::invalid(format!("{what} of {value} s: a positive number")).into()
+        })
+}
+
+fn token_of(token: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u8>>> {
+    token
+        .map(|t| {
+            if let Ok(text) = t.cast::<PyString>() {
+                Ok(text.to_cow()?.into_owned().into_bytes())
+            } else if let Ok(bytes) = t.cast::<PyBytes>() {
+                Ok(bytes.as_bytes().to_vec())
+            } else {
+                Err(pyo3::exceptions::PyTypeError::new_err(
+                    "a token is str or bytes",
+                ))
+            }
+        })
+        .transpose()
+}
+
+/// How to reach nodes, from the keyword arguments `Client` and `Cluster` share.
+pub(crate) fn client_config(
+    token: Option<&Bound<'_, PyAny>>,
+    transport: &str,
+    timeout: f64,
+    connections: usize,
+) -> PyResult<ClientConfig> {
+    if connections == 0 || connections > 1024 {
+        return Err(
+            StoreError::invalid(format!("connections = {connections}: from 1 to 1024")).into(),
+        );
+    }
+    Ok(ClientConfig {
+        token: token_of(token)?,
+        timeout: seconds("timeout", timeout)?,
+        connections,
+        transport: transport_of(transport)?,
+        ..ClientConfig::default()
+    })
+}
+
+/// Connects to one node, with the interpreter detached.
+pub(crate) fn connect_node(py: Python<'_>, address: &str, config: ClientConfig) -> PyResult<Store> {
+    let client = py
+        .detach(|| Client::connect(address, config))
+        .map_err(StoreError::from)?;
+    Ok(Store::new(Backend::Node(client), address.to_owned()))
+}
+
+/// Starts a cluster client over static peers or etcd endpoints.
+pub(crate) fn connect_cluster(
+    py: Python<'_>,
+    peers: &[String],
+    etcd: Option<(Vec<String>, String)>,
+    replicas: usize,
+    write_quorum: Option<usize>,
+    client: ClientConfig,
+) -> PyResult<Store> {
+    let membership: MembershipConfig = match (peers.is_empty(), etcd) {
+        (false, None) => {
+            let peers = peers
+                .iter()
+                .map(|p| {
+                    p.to_socket_addrs()
+                        .ok()
+                        .and_then(|mut a| a.next())
+                        .ok_or_else(|| StoreError::invalid(format!("peer address {p:?}")))
+                })
+                .collect::<Result<Vec<SocketAddr>, StoreError>>()?;
+            StaticConfig {
+                peers,
+                token: client.token.clone(),
+                ..StaticConfig::default()
+            }
+            .into()
+        }
+        (true, Some((endpoints, prefix))) => etcd_membership(endpoints, prefix)?,
+        _ => {
+            return Err(StoreError::invalid("give either peers or etcd endpoints").into());
+        }
+    };
+    let label = if peers.is_empty() {
+        "etcd".to_owned()
+    } else {
+        peers.join(",")
+    };
+    let config = ClusterConfig {
+        membership,
+        replication_factor: replicas,
+        write_quorum: write_quorum.unwrap_or(replicas),
+        client,
+    };
+    let cluster = py
+        .detach(|| ClusterClient::new(config))
+        .map_err(StoreError::from)?;
+    Ok(Store::new(Backend::Cluster(cluster), label))
+}
+
+#[cfg(feature = "etcd")]
+fn etcd_membership(endpoints: Vec<String>, prefix: String) -> PyResult<MembershipConfig> {
+    Ok(mooncake_kv_client::membership::EtcdConfig {
+        endpoints,
+        prefix,
+        ..Default::default()
+    }
+    .into())
+}
+
+#[cfg(not(feature = "etcd"))]
+fn etcd_membership(_endpoints: Vec<String>, _prefix: String) -> PyResult<MembershipConfig> {
+    Err(StoreError::invalid("this build has no etcd support (the `etcd` feature)").into())
+}
+
+/// The engine in this process.
+#[cfg(feature = "embedded")]
+pub(crate) fn open_embedded(
+    py: Python<'_>,
+    dram_bytes: u64,
+    data_dir: Option<std::path::PathBuf>,
+    nvme_bytes: Option<u64>,
+) -> PyResult<Store> {
+    let mut config = mooncake_kv_engine::EngineConfig {
+        dram_capacity_bytes: dram_bytes,
+        data_dir: data_dir.clone(),
+        ..Default::default()
+    };
+    if let Some(nvme) = nvme_bytes {
+        config.nvme_capacity_bytes = nvme;
+    }
+    let engine = py
+        .detach(|| mooncake_kv_engine::Engine::open(config))
+        .map_err(StoreError::from)?;
+    let label = match data_dir {
+        Some(dir) => format!("in process, {}", dir.display()),
+        None => "in process".to_owned(),
+    };
+    Ok(Store::new(Backend::Embedded(engine), label))
+}
+
+#[cfg(not(feature = "embedded"))]
+pub(crate) fn open_embedded(
+    _py: Python<'_>,
+    _dram_bytes: u64,
+    _data_dir: Option<std::path::PathBuf>,
+    _nvme_bytes: Option<u64>,
+) -> PyResult<Store> {
+    Err(StoreError::invalid(
+        "this build has no embedded store (the `embedded` feature): connect to a mooncake-kvd",
+    )
+    .into())
+}
+
+/// A store on one `mooncake-kvd` node.
+///
+/// `Client(address, token=None, transport="auto", timeout=5.0, connections=4)`:
+/// `address` is the node's control address (`host:port`); `transport` is how reads travel:
+/// `"auto"` (shared memory when the node is on this host, else tcp), `"shm"` or `"tcp"`.
+#[pyclass(extends = Store, frozen, name = "Client", module = "mooncake_kv._native")]
+pub(crate) struct NodeClient;
+
+#[pymethods]
+impl NodeClient {
+    #[new]
+    #[pyo3(signature = (address, *, token=None, transport="auto", timeout=5.0, connections=4))]
+    fn new(
+        py: Python<'_>,
+        address: &str,
+        token: Option<&Bound<'_, PyAny>>,
+        transport: &str,
+        timeout: f64,
+        connections: usize,
+    ) -> PyResult<PyClassInitializer<Self>> {
+        let config = client_config(token, transport, timeout, connections)?;
+        Ok(PyClassInitializer::from(connect_node(py, address, config)?).add_subclass(Self))
+    }
+}
+
+/// A store over a cluster of nodes, each block on `replicas` of them.
+///
+/// `Cluster(peers=None, *, etcd=None, etcd_prefix="/mooncake/members/", replicas=2,
+/// write_quorum=None, token=None, transport="auto", timeout=5.0, connections=4)`: the
+/// members are the static `peers` (`host:port` each) or those registered in etcd at
+/// `etcd` (endpoint URLs). A put is acknowledged once `write_quorum` (default: all)
+/// replicas hold it; reads fail over.
+#[pyclass(extends = Store, frozen, module = "mooncake_kv._native")]
+pub(crate) struct Cluster;
+
+#[pymethods]
+impl Cluster {
+    #[new]
+    #[pyo3(signature = (peers=None, *, etcd=None, etcd_prefix="/mooncake/members/", replicas=2,
+        write_quorum=None, token=None, transport="auto", timeout=5.0, connections=4))]
+    #[expect(clippy::too_many_arguments, reason = "Python keyword arguments")]
+    fn new(
+        py: Python<'_>,
+        peers: Option<Vec<String>>,
+        etcd: Option<Vec<String>>,
+        etcd_prefix: &str,
+        replicas: usize,
+        write_quorum: Option<usize>,
+        token: Option<&Bound<'_, PyAny>>,
+        transport: &str,
+        timeout: f64,
+        connections: usize,
+    ) -> PyResult<PyClassInitializer<Self>> {
+        let config = client_config(token, transport, timeout, connections)?;
+        let etcd = etcd.map(|endpoints| (endpoints, etcd_prefix.to_owned()));
+        let store = connect_cluster(
+            py,
+            &peers.unwrap_or_default(),
+            etcd,
+            replicas,
+            write_quorum,
+            config,
+        )?;
+        Ok(PyClassInitializer::from(store).add_subclass(Self))
+    }
+}
+
+/// The store's engine in this process: no server at all.
+///
+/// `EmbeddedStore(dram_bytes=1 << 30, *, data_dir=None, nvme_bytes=None)`: `dram_bytes`
+/// of memory (a multiple of 4 KiB, at least 1 MiB); with `data_dir`, blocks are demoted to a
+/// preallocated NVMe file of `nvme_bytes` (default 4 GiB) there and persist across
+/// restarts.
+#[pyclass(extends = Store, frozen, module = "mooncake_kv._native")]
+pub(crate) struct EmbeddedStore;
+
+#[pymethods]
+impl EmbeddedStore {
+    #[new]
+    #[pyo3(signature = (dram_bytes=1 << 30, *, data_dir=None, nvme_bytes=None))]
+    fn new(
+        py: Python<'_>,
+        dram_bytes: u64,
+        data_dir: Option<std::path::PathBuf>,
+        nvme_bytes: Option<u64>,
+    ) -> PyResult<PyClassInitializer<Self>> {
+        let store = open_embedded(py, dram_bytes, data_dir, nvme_bytes)?;
+        Ok(PyClassInitializer::from(store).add_subclass(Self))
+    }
+}
