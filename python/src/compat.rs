@@ -8,26 +8,16 @@ use std::borrow::Cow;
 
 use mooncake_kv_format::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString};
 
 use crate::backend::Backend;
 use crate::buffer::{Span, View, disjoint};
 use crate::errors::{Kind, StoreError, code};
-use crate::store::Store;
+use crate::store::{Store, bytes_of};
 
 /// A key from Mooncake's API: `str` or `bytes` (any other type raises `TypeError`, as
 /// Mooncake's binding does); one the store cannot take is that key's `INVALID_PARAMS`.
 fn key_code(obj: &Bound<'_, PyAny>) -> PyResult<Result<Vec<u8>, i64>> {
-    let key = if let Ok(text) = obj.cast::<PyString>() {
-        text.to_cow()?.into_owned().into_bytes()
-    } else if let Ok(bytes) = obj.cast::<PyBytes>() {
-        bytes.as_bytes().to_vec()
-    } else {
-        return Err(pyo3::exceptions::PyTypeError::new_err(format!(
-            "a key is str or bytes, not {}",
-            obj.get_type().name()?
-        )));
-    };
+    let key = bytes_of(obj, "a key")?;
     if key.is_empty() || key.len() > MAX_KEY_BYTES {
         return Ok(Err(code::INVALID_PARAMS));
     }
@@ -265,6 +255,37 @@ pub(crate) fn _unregister(py: Python<'_>, store: &Bound<'_, Store>, ptr: usize) 
     }
 }
 
+/// Runs `op` on the keys and their pieces (raw addresses) with the interpreter detached and
+/// the registrations held: what `_put_from` and `_get_into` share.
+fn with_pointers(
+    py: Python<'_>,
+    store: &Bound<'_, Store>,
+    keys: &[Bound<'_, PyAny>],
+    ptrs: Vec<Vec<usize>>,
+    sizes: Vec<Vec<usize>>,
+    op: impl FnOnce(
+        &Backend,
+        &[Result<Vec<u8>, i64>],
+        &[Result<Vec<Span>, i64>],
+        &dyn Fn(Span) -> bool,
+    ) -> Vec<i64>
+    + Send,
+) -> PyResult<Vec<i64>> {
+    check_lengths(keys.len(), ptrs.len(), sizes.len())?;
+    let keys = keys_codes(keys)?;
+    let pieces = pieces(ptrs, sizes);
+    let store = store.get();
+    let backend = match backend(store) {
+        Ok(b) => b,
+        Err(c) => return Ok(vec![c; keys.len()]),
+    };
+    Ok(py.detach(|| {
+        store
+            .registry
+            .with(|inside| op(&backend, &keys, &pieces, inside))
+    }))
+}
+
 /// `batch_put_from[_multi_buffers]`: one value per key from registered memory.
 #[pyfunction]
 pub(crate) fn _put_from(
@@ -275,19 +296,14 @@ pub(crate) fn _put_from(
     sizes: Vec<Vec<usize>>,
     if_absent: bool,
 ) -> PyResult<Vec<i64>> {
-    check_lengths(keys.len(), ptrs.len(), sizes.len())?;
-    let keys = keys_codes(&keys)?;
-    let pieces = pieces(ptrs, sizes);
-    let store = store.get();
-    let backend = match backend(store) {
-        Ok(b) => b,
-        Err(c) => return Ok(vec![c; keys.len()]),
-    };
-    Ok(py.detach(|| {
-        store
-            .registry
-            .with(|inside| put_pieces(&backend, &keys, &pieces, if_absent, inside))
-    }))
+    with_pointers(
+        py,
+        store,
+        &keys,
+        ptrs,
+        sizes,
+        |backend, keys, pieces, inside| put_pieces(backend, keys, pieces, if_absent, inside),
+    )
 }
 
 /// `batch_get_into[_multi_buffers]`: one value per key into registered memory.
@@ -299,19 +315,7 @@ pub(crate) fn _get_into(
     ptrs: Vec<Vec<usize>>,
     sizes: Vec<Vec<usize>>,
 ) -> PyResult<Vec<i64>> {
-    check_lengths(keys.len(), ptrs.len(), sizes.len())?;
-    let keys = keys_codes(&keys)?;
-    let pieces = pieces(ptrs, sizes);
-    let store = store.get();
-    let backend = match backend(store) {
-        Ok(b) => b,
-        Err(c) => return Ok(vec![c; keys.len()]),
-    };
-    Ok(py.detach(|| {
-        store
-            .registry
-            .with(|inside| get_pieces(&backend, &keys, &pieces, inside))
-    }))
+    with_pointers(py, store, &keys, ptrs, sizes, get_pieces)
 }
 
 /// `put` and `put_parts`: one value per key, the concatenation of its buffers (any

@@ -24,18 +24,23 @@ use crate::backend::Backend;
 use crate::buffer::{Registry, Span, View, disjoint};
 use crate::errors::{StoreError, TooLargeError};
 
+/// The bytes of `obj`, a `str` (its UTF-8) or `bytes`; `TypeError` naming `what` otherwise.
+pub(crate) fn bytes_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u8>> {
+    if let Ok(text) = obj.cast::<PyString>() {
+        Ok(text.to_cow()?.into_owned().into_bytes())
+    } else if let Ok(bytes) = obj.cast::<PyBytes>() {
+        Ok(bytes.as_bytes().to_vec())
+    } else {
+        Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "{what} is str or bytes, not {}",
+            obj.get_type().name()?
+        )))
+    }
+}
+
 /// A key from Python: `str` (its UTF-8 bytes) or `bytes`, 1 to 1,024 bytes.
 pub(crate) fn key_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
-    let key = if let Ok(text) = obj.cast::<PyString>() {
-        text.to_cow()?.into_owned().into_bytes()
-    } else if let Ok(bytes) = obj.cast::<PyBytes>() {
-        bytes.as_bytes().to_vec()
-    } else {
-        return Err(pyo3::exceptions::PyTypeError::new_err(format!(
-            "a key is str or bytes, not {}",
-            obj.get_type().name()?
-        )));
-    };
+    let key = bytes_of(obj, "a key")?;
     check_key(&key)?;
     Ok(key)
 }
@@ -134,6 +139,29 @@ impl Store {
                 .collect();
             backend.put_batch(&items)
         }))
+    }
+
+    /// `op` on the backend and `keys`, with the interpreter detached.
+    fn on_keys<T: Send>(
+        &self,
+        py: Python<'_>,
+        keys: &[Bound<'_, PyAny>],
+        op: impl FnOnce(&Backend, &[&[u8]]) -> Result<T, StoreError> + Send,
+    ) -> PyResult<T> {
+        let keys = keys_of(keys)?;
+        let backend = self.backend()?;
+        Ok(py.detach(|| op(&backend, &as_slices(&keys)))?)
+    }
+
+    /// The values of `keys` (`None` for a miss), with the interpreter detached.
+    fn values(&self, py: Python<'_>, keys: &[Bound<'_, PyAny>]) -> PyResult<Vec<Option<Vec<u8>>>> {
+        let keys = keys_of(keys)?;
+        let backend = self.backend()?;
+        Ok(py.detach(|| {
+            keys.iter()
+                .map(|key| backend.get(key))
+                .collect::<Result<Vec<_>, StoreError>>()
+        })?)
     }
 
     /// Reads values into the buffers `views` export, one per key, with the interpreter
@@ -255,13 +283,7 @@ impl Store {
         py: Python<'py>,
         keys: Vec<Bound<'py, PyAny>>,
     ) -> PyResult<Vec<Option<Bound<'py, PyBytes>>>> {
-        let keys = keys_of(&keys)?;
-        let backend = self.backend()?;
-        let values = py.detach(|| {
-            keys.iter()
-                .map(|key| backend.get(key))
-                .collect::<Result<Vec<_>, StoreError>>()
-        })?;
+        let values = self.values(py, &keys)?;
         Ok(values
             .into_iter()
             .map(|v| v.map(|v| PyBytes::new(py, &v)))
@@ -302,49 +324,37 @@ impl Store {
     }
 
     /// Whether `key` has a block.
-    fn exists(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<bool> {
-        let key = key_of(key)?;
-        let backend = self.backend()?;
-        let flags = py.detach(|| backend.exists(&[key.as_slice()]))?;
+    fn exists(&self, py: Python<'_>, key: Bound<'_, PyAny>) -> PyResult<bool> {
+        let flags = self.on_keys(py, &[key], |b, keys| b.exists(keys))?;
         Ok(flags.first().copied().unwrap_or(false))
     }
 
     /// Which of `keys` have blocks.
     fn exists_batch(&self, py: Python<'_>, keys: Vec<Bound<'_, PyAny>>) -> PyResult<Vec<bool>> {
-        let keys = keys_of(&keys)?;
-        let backend = self.backend()?;
-        Ok(py.detach(|| backend.exists(&as_slices(&keys)))?)
+        self.on_keys(py, &keys, |b, keys| b.exists(keys))
     }
 
     /// How many leading keys of the chain `keys` (head first) have blocks: the longest
     /// cached prefix, in one call.
     fn prefix_match(&self, py: Python<'_>, keys: Vec<Bound<'_, PyAny>>) -> PyResult<usize> {
-        let keys = keys_of(&keys)?;
-        let backend = self.backend()?;
-        Ok(py.detach(|| backend.prefix_match(&as_slices(&keys)))?)
+        self.on_keys(py, &keys, |b, keys| b.prefix_match(keys))
     }
 
     /// Says that the chain `keys` (head first) is over: nothing will extend it or read it
     /// again, so eviction may let it go first. Whether any block of it was held.
     fn end_chain(&self, py: Python<'_>, keys: Vec<Bound<'_, PyAny>>) -> PyResult<bool> {
-        let keys = keys_of(&keys)?;
-        let backend = self.backend()?;
-        Ok(py.detach(|| backend.end_chain(&as_slices(&keys)))?)
+        self.on_keys(py, &keys, |b, keys| b.end_chain(keys))
     }
 
     /// Removes the block of `key`; whether there was one.
-    fn remove(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<bool> {
-        let key = key_of(key)?;
-        let backend = self.backend()?;
-        let flags = py.detach(|| backend.remove(&[key.as_slice()]))?;
+    fn remove(&self, py: Python<'_>, key: Bound<'_, PyAny>) -> PyResult<bool> {
+        let flags = self.on_keys(py, &[key], |b, keys| b.remove(keys))?;
         Ok(flags.first().copied().unwrap_or(false))
     }
 
     /// Removes the blocks of `keys`; which there were.
     fn remove_batch(&self, py: Python<'_>, keys: Vec<Bound<'_, PyAny>>) -> PyResult<Vec<bool>> {
-        let keys = keys_of(&keys)?;
-        let backend = self.backend()?;
-        Ok(py.detach(|| backend.remove(&as_slices(&keys)))?)
+        self.on_keys(py, &keys, |b, keys| b.remove(keys))
     }
 
     /// Removes every block (an administrator's reset); how many.
@@ -435,13 +445,7 @@ impl Store {
         py: Python<'py>,
         keys: Vec<Bound<'py, PyAny>>,
     ) -> PyResult<Vec<Option<Bound<'py, PyByteArray>>>> {
-        let keys = keys_of(&keys)?;
-        let backend = self.backend()?;
-        let values = py.detach(|| {
-            keys.iter()
-                .map(|key| backend.get(key))
-                .collect::<Result<Vec<_>, StoreError>>()
-        })?;
+        let values = self.values(py, &keys)?;
         Ok(values
             .into_iter()
             .map(|v| v.map(|v| PyByteArray::new(py, &v)))
@@ -471,19 +475,7 @@ fn seconds(what: &str, value: f64) -> PyResult<Duration> {
 }
 
 fn token_of(token: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u8>>> {
-    token
-        .map(|t| {
-            if let Ok(text) = t.cast::<PyString>() {
-                Ok(text.to_cow()?.into_owned().into_bytes())
-            } else if let Ok(bytes) = t.cast::<PyBytes>() {
-                Ok(bytes.as_bytes().to_vec())
-            } else {
-                Err(pyo3::exceptions::PyTypeError::new_err(
-                    "a token is str or bytes",
-                ))
-            }
-        })
-        .transpose()
+    token.map(|t| bytes_of(t, "a token")).transpose()
 }
 
 /// How to reach nodes, from the keyword arguments `Client` and `Cluster` share.
