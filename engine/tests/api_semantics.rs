@@ -136,6 +136,10 @@ fn batch_forms_match_single_calls() -> Result<(), Error> {
         Err(Error::Format(FormatError::EmptyKey))
     ));
     assert!(results[1].is_ok());
+    // Everything held (the 7 left and "ok") goes at once.
+    assert_eq!(engine.remove_all(), 8);
+    assert_eq!(engine.stats().tiers[0].blocks, 0);
+    assert_eq!(engine.remove_all(), 0);
     Ok(())
 }
 

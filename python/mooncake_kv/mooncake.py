@@ -220,9 +220,6 @@ class MooncakeDistributedStore:
         ``mooncake-kvd`` at ``server_address`` (shared memory when on this host)."""
         return self._connect({"master_server_addr": server_address})
 
-    def _native(self) -> Optional[_native.Store]:
-        return self._store
-
     # -- writing --------------------------------------------------------------------------
 
     def put(self, key: str, value: Any, config: Optional[ReplicateConfig] = None) -> int:

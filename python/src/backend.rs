@@ -193,15 +193,7 @@ impl Backend {
             Self::Node(client) => client.remove_all().map_err(Into::into),
             Self::Cluster(cluster) => cluster.remove_all().map_err(Into::into),
             #[cfg(feature = "embedded")]
-            Self::Embedded(engine) => {
-                let keys = engine.keys();
-                let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-                Ok(engine
-                    .remove_batch(&keys)
-                    .into_iter()
-                    .filter(|&r| r)
-                    .count() as u64)
-            }
+            Self::Embedded(engine) => Ok(engine.remove_all()),
         }
     }
 

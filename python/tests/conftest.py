@@ -12,7 +12,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from typing import Iterator, List, Optional
+from typing import Iterator, List
 
 import pytest
 
@@ -125,7 +125,3 @@ _unique = [0]
 def unique(name: str) -> str:
     _unique[0] += 1
     return f"{name}-{os.getpid()}-{_unique[0]}"
-
-
-def maybe(value: Optional[bytes]) -> Optional[bytes]:
-    return None if value is None else bytes(value)

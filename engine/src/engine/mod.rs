@@ -587,6 +587,13 @@ impl Engine {
         keys.iter().map(|key| self.remove(key)).collect()
     }
 
+    /// [`remove`](Self::remove)s every block the engine holds (an administrator's reset);
+    /// returns how many. Blocks put meanwhile may stay.
+    pub fn remove_all(&self) -> u64 {
+        let keys = self.keys();
+        keys.iter().filter(|key| self.remove(key)).count() as u64
+    }
+
     /// Makes every block the engine holds durable: writes each block that is only in DRAM to
     /// NVMe (it stays in DRAM too), commits the map, and commits pending removals. Returns the
     /// number of blocks written.

@@ -378,16 +378,7 @@ fn handle(shared: &Shared, request: Request<'_>) -> (Response, Vec<PinnedBlock>)
             },
         ),
         Request::EndChain { keys } => (9, Response::Flags(vec![engine.end_chain(&keys)])),
-        Request::RemoveAll => {
-            let keys = engine.keys();
-            let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-            let removed = engine
-                .remove_batch(&keys)
-                .into_iter()
-                .filter(|&r| r)
-                .count();
-            (10, Response::Count(removed as u64))
-        }
+        Request::RemoveAll => (10, Response::Count(engine.remove_all())),
     };
     metrics.record(kind, started.elapsed());
     (response, inline_blocks)

@@ -192,13 +192,7 @@ impl Target for OneEngine<'_> {
     }
 
     fn get(&mut self, key: &[u8], buf: &mut Vec<u8>) -> anyhow::Result<bool> {
-        Ok(match self.0.get_into(key, buf)? {
-            Some(len) => {
-                buf.truncate(len);
-                true
-            }
-            None => false,
-        })
+        Ok(read_into(self.0.get_into(key, buf)?, buf))
     }
 
     fn put_chain(
@@ -217,6 +211,17 @@ impl Target for OneEngine<'_> {
 
     fn tier_counts(&self) -> (u64, u64, u64) {
         tier_counts(self.0)
+    }
+}
+
+/// Whether a `get_into` found its block, `buf` cut to the value's length if it did.
+fn read_into(found: Option<usize>, buf: &mut Vec<u8>) -> bool {
+    match found {
+        Some(len) => {
+            buf.truncate(len);
+            true
+        }
+        None => false,
     }
 }
 
@@ -254,13 +259,7 @@ impl Target for Cluster<'_> {
     }
 
     fn get(&mut self, key: &[u8], buf: &mut Vec<u8>) -> anyhow::Result<bool> {
-        Ok(match self.0.get(key)? {
-            Some(value) => {
-                *buf = value;
-                true
-            }
-            None => false,
-        })
+        Ok(read_into(self.0.get_into(key, buf)?, buf))
     }
 
     fn put_chain(
