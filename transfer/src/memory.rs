@@ -126,9 +126,75 @@ pub(crate) fn copy_out(memory: &dyn MemorySource, offset: usize, dst: &mut [u8])
     // borrowed (the `MemorySource` contract). `dst` is a distinct, exclusively borrowed
     // buffer, so the ranges do not overlap. The source may be written concurrently by its
     // owner; the copy then holds torn bytes, which the caller's verification rejects.
-    unsafe {
-        std::ptr::copy_nonoverlapping(memory.as_ptr().add(offset), dst.as_mut_ptr(), dst.len())
+    unsafe { copy_raw(memory.as_ptr().add(offset), dst) }
+}
+
+/// Copies of at least this many bytes use streaming (non-temporal) stores where the CPU has
+/// them. A read that large lands in memory its caller will not read back at once (a model's
+/// KV arena, a staging buffer on its way to a device), and streaming stores skip loading each
+/// destination line before overwriting it: a normal copy into memory that is not in cache
+/// moves three bytes for every byte copied, a streaming one two. On the 2-core development VM,
+/// 57 one-MiB copies into a 256 MiB destination ran at 6.7 GB/s with `memcpy` and 8.4 to
+/// 10 GB/s streamed. Below the threshold a normal copy leaves the bytes in cache for a check
+/// that follows (the payload CRC reads each piece right after copying it).
+const STREAM_MIN_BYTES: usize = 256 << 10;
+
+/// Copies `dst.len()` bytes from `src` into `dst`, streaming when the copy is large.
+///
+/// # Safety
+///
+/// `src` must be valid for reads of `dst.len()` bytes, and not overlap `dst`.
+unsafe fn copy_raw(src: *const u8, dst: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if dst.len() >= STREAM_MIN_BYTES {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { stream_copy(src, dst) };
+        return;
     }
+    // SAFETY: the caller's contract: `src` readable for `dst.len()` bytes, no overlap.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) }
+}
+
+/// [`copy_raw`] with SSE2 streaming stores (part of every x86_64 CPU): a normal copy up to the
+/// first 16-byte-aligned destination address, 64 bytes per step in between, a normal copy of
+/// the tail, and a store fence so that the streamed bytes are ordered before anything this
+/// thread writes next (another thread, or a device, may consume them).
+///
+/// # Safety
+///
+/// As [`copy_raw`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn stream_copy(src: *const u8, dst: &mut [u8]) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+    let len = dst.len();
+    let out = dst.as_mut_ptr();
+    let head = out.align_offset(16).min(len);
+    // SAFETY: `head <= len`: inside both ranges (the caller's contract), which do not overlap.
+    unsafe { std::ptr::copy_nonoverlapping(src, out, head) };
+    let mut at = head;
+    while at + 64 <= len {
+        // SAFETY: `at + 64 <= len`, so the four 16-byte loads read inside `src`'s `len`
+        // readable bytes (unaligned loads: `src` has any alignment) and the four streaming
+        // stores write inside `dst`; `out + at` is 16-byte aligned (`head` aligned it, and
+        // `at` advances by 64), as `_mm_stream_si128` requires.
+        unsafe {
+            let from = src.add(at).cast::<__m128i>();
+            let to = out.add(at).cast::<__m128i>();
+            let a = _mm_loadu_si128(from);
+            let b = _mm_loadu_si128(from.add(1));
+            let c = _mm_loadu_si128(from.add(2));
+            let d = _mm_loadu_si128(from.add(3));
+            _mm_stream_si128(to, a);
+            _mm_stream_si128(to.add(1), b);
+            _mm_stream_si128(to.add(2), c);
+            _mm_stream_si128(to.add(3), d);
+        }
+        at += 64;
+    }
+    // SAFETY: the tail, `at..len`, is inside both ranges.
+    unsafe { std::ptr::copy_nonoverlapping(src.add(at), out.add(at), len - at) };
+    // SAFETY: a fence has no memory operands; SSE, which it needs, is part of x86_64.
+    unsafe { _mm_sfence() };
 }
 
 /// Asks the CPU to start loading the cache lines of `memory[offset..offset + len]` (at most
@@ -290,5 +356,49 @@ unsafe impl MemorySource for RemoteMapping {
     }
     fn len(&self) -> usize {
         self.map.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every byte arrives, at every alignment of the destination and the source, on both
+    /// sides of the streaming threshold and with tails that are not a multiple of 64.
+    #[test]
+    fn copies_are_exact_at_every_size_and_alignment() {
+        let source: Vec<u8> = (0..STREAM_MIN_BYTES * 2 + 300)
+            .map(|i| (i * 7 + i / 251) as u8)
+            .collect();
+        let mut target = vec![0u8; source.len() + 64];
+        for len in [
+            0,
+            1,
+            63,
+            4096,
+            STREAM_MIN_BYTES - 1,
+            STREAM_MIN_BYTES,
+            STREAM_MIN_BYTES * 2 + 77,
+        ] {
+            for (from, to) in [(0, 0), (3, 0), (0, 5), (17, 9), (1, 15)] {
+                target.fill(0xEE);
+                let src = &source[from..from + len];
+                // SAFETY: `src` is a live slice of `len` bytes, distinct from `target`.
+                unsafe { copy_raw(src.as_ptr(), &mut target[to..to + len]) };
+                assert_eq!(
+                    &target[to..to + len],
+                    src,
+                    "len {len}, from {from}, to {to}"
+                );
+                assert!(
+                    target[..to].iter().all(|&b| b == 0xEE),
+                    "wrote before the range"
+                );
+                assert!(
+                    target[to + len..].iter().all(|&b| b == 0xEE),
+                    "wrote past the range"
+                );
+            }
+        }
     }
 }
