@@ -10,6 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +34,35 @@ pub const DATA_FILE: &str = "blocks.data";
 /// The RocksDB directory inside a data directory.
 pub const META_DIR: &str = "meta";
 
+/// Creates the data directory, owner only (0700): the blocks are readable by whoever can read
+/// it, token or not. An existing directory open to others is closed to them, with a warning.
+fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let error = |action| {
+        move |source| Error::DataDir {
+            path: dir.to_owned(),
+            action,
+            source,
+        }
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(error("create the data directory"))?;
+    let mode = std::fs::metadata(dir)
+        .map_err(error("stat the data directory"))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))
+            .map_err(error("restrict the data directory to its owner"))?;
+        tracing::warn!(path = %dir.display(), mode = format!("{:o}", mode & 0o777),
+            "the data directory was open to other users; it is now owner-only (0700)");
+    }
+    Ok(())
+}
+
 /// Takes the directory's lock, or says who holds it.
 pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK_FILE);
@@ -41,6 +71,7 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(&path)
         .map_err(|source| Error::DataDir {
             path: path.clone(),
@@ -120,15 +151,11 @@ impl Store {
         wrap: impl FnOnce(MetaStore) -> Box<dyn MetadataStore>,
     ) -> Result<Self> {
         let dir = &config.dir;
-        std::fs::create_dir_all(dir).map_err(|source| Error::DataDir {
-            path: dir.clone(),
-            action: "create the data directory",
-            source,
-        })?;
+        create_private_dir(dir)?;
         let lock = lock_dir(dir)?;
         let meta_path = dir.join(META_DIR);
         let data_path = dir.join(DATA_FILE);
-        match MetaStore::peek(&meta_path)? {
+        let creating = match MetaStore::peek(&meta_path)? {
             Some(node) => {
                 if node.format_version != DATA_DIR_VERSION {
                     return Err(Error::IncompatibleDataDir {
@@ -160,6 +187,7 @@ impl Store {
                         ),
                     });
                 }
+                false
             }
             None => {
                 if data_path.exists() {
@@ -168,15 +196,35 @@ impl Store {
                         reason: format!("{DATA_FILE} exists but there is no metadata"),
                     });
                 }
+                true
             }
-        }
+        };
+        // A creation that fails (no space, a file too large) takes its data file with it, or
+        // every later start would find a data file with no metadata and refuse.
+        let cleanup = |error: Error| {
+            if creating
+                && let Err(e) = std::fs::remove_file(&data_path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %data_path.display(), error = %e,
+                    "cannot remove the data file of a failed creation");
+            }
+            error
+        };
         let tier = NvmeTier::open(NvmeConfig {
             capacity_bytes: config.nvme_capacity_bytes,
             io_depth: config.io_depth,
             io_backend: config.io_backend,
-            ..NvmeConfig::new(data_path)
-        })?;
-        let (meta, node) = MetaStore::open(&meta_path, config.nvme_capacity_bytes)?;
+            ..NvmeConfig::new(data_path.clone())
+        })
+        .map_err(|e| cleanup(e.into()))?;
+        let (meta, node) = match MetaStore::open(&meta_path, config.nvme_capacity_bytes) {
+            Ok(opened) => opened,
+            Err(error) => {
+                drop(tier);
+                return Err(cleanup(error));
+            }
+        };
         Ok(Self {
             tier: Arc::new(tier),
             meta: wrap(meta),

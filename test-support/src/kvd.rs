@@ -4,6 +4,7 @@
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 
 /// A running `mooncake-kvd`. Dropping it kills the process (SIGKILL) and waits for it.
@@ -31,7 +32,21 @@ impl Kvd {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Self::start_in(binary, Path::new("."), args)
+    }
+
+    /// [`start`](Self::start), with `dir` as the process's working directory.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start).
+    pub fn start_in<I, S>(binary: &str, dir: &Path, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let mut child = Command::new(binary)
+            .current_dir(dir)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -85,10 +100,19 @@ impl Kvd {
     /// # Panics
     ///
     /// If the signal cannot be sent or the process waited for.
-    pub fn terminate(mut self) -> ExitStatus {
+    pub fn terminate(self) -> ExitStatus {
+        self.signal(rustix::process::Signal::TERM)
+    }
+
+    /// `signal`, then its exit status.
+    ///
+    /// # Panics
+    ///
+    /// If the signal cannot be sent or the process waited for.
+    pub fn signal(mut self, signal: rustix::process::Signal) -> ExitStatus {
         let mut child = self.child.take().expect("until drop");
         let pid = rustix::process::Pid::from_child(&child);
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        rustix::process::kill_process(pid, signal).expect("send the signal");
         child.wait().expect("wait")
     }
 }

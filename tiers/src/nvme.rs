@@ -126,11 +126,15 @@ impl NvmeTier {
             .write(true)
             .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
         if !is_device {
-            options.create(true);
+            // Owner only: the blocks are readable by whoever can read the file, token or not.
+            options.create(true).mode(0o600);
         }
         let file = options
             .open(&config.path)
             .map_err(io_error("open the NVMe data file"))?;
+        if !is_device {
+            restrict_to_owner(&file, &config.path)?;
+        }
         if is_device {
             let len = device_len(&file).map_err(io_error("size the NVMe device"))?;
             if len < config.capacity_bytes {
@@ -394,6 +398,24 @@ fn device_len(file: &File) -> io::Result<u64> {
 /// Sizes a regular file to `capacity_bytes` with its blocks allocated, so writes never fail
 /// for want of space and never extend the file (which would need a metadata sync each time),
 /// then makes the size durable.
+/// Makes an existing data file (one created before files were 0600) owner-only, with a
+/// warning.
+fn restrict_to_owner(file: &File, path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = file
+        .metadata()
+        .map_err(io_error("stat the NVMe data file"))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(mode & 0o600))
+            .map_err(io_error("restrict the NVMe data file to its owner"))?;
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777),
+            "the data file was open to other users; it is now owner-only (0600)");
+    }
+    Ok(())
+}
+
 fn preallocate(file: &File, path: &Path, capacity_bytes: u64) -> Result<()> {
     let len = file
         .metadata()

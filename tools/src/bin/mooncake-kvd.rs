@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -24,8 +25,8 @@ use serde::Deserialize;
 /// data plane 127.0.0.1:7701, metrics http://127.0.0.1:7702/metrics, a data directory
 /// `./mooncake-data`, 256 MiB of DRAM and 1 GiB of NVMe file. Flags override the config file.
 ///
-/// SIGTERM or SIGINT: stop accepting, finish the requests in flight, flush every block to the
-/// data directory, close it, exit 0.
+/// SIGTERM, SIGINT or SIGHUP: stop accepting, finish the requests in flight, flush every block
+/// to the data directory, close it, exit 0.
 #[derive(Parser, Debug)]
 #[command(name = "mooncake-kvd", version, about, long_about)]
 struct Cli {
@@ -203,12 +204,19 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
         None => FileConfig::default(),
     };
     let memory_only = cli.memory_only || file.memory_only.unwrap_or(false);
-    let data_dir = (!memory_only).then(|| {
-        cli.data_dir
-            .clone()
-            .or(file.data_dir)
-            .unwrap_or_else(|| PathBuf::from("mooncake-data"))
-    });
+    // Absolute, so that the shared-memory socket's path in Hello means the same thing to a
+    // client started in another directory.
+    let data_dir = (!memory_only)
+        .then(|| {
+            let dir = cli
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("mooncake-data"));
+            std::path::absolute(&dir)
+                .with_context(|| format!("cannot resolve the data directory {}", dir.display()))
+        })
+        .transpose()?;
     let mib = |flag: Option<u64>, file: Option<u64>, default: u64, what: &str| {
         let v = flag.or(file).unwrap_or(default);
         v.checked_mul(1 << 20)
@@ -381,12 +389,22 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
     let settings = settings(cli)?;
+    check_dram_fits(settings.node.engine.dram_capacity_bytes)?;
     if let Some(dir) = &settings.node.engine.data_dir {
-        std::fs::create_dir_all(dir)
+        // Owner only: the blocks are readable by whoever can read the directory, token or not.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
             .with_context(|| format!("cannot create data directory {}", dir.display()))?;
     }
     let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+    // SIGHUP too: a node whose terminal or session goes away stops as cleanly as on SIGTERM.
+    for signal in [
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ] {
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("cannot install a signal handler")?;
     }
@@ -435,6 +453,37 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .context("flush at shutdown failed")?;
     eprintln!("mooncake-kvd: stopped cleanly ({flushed} blocks flushed)");
     Ok(())
+}
+
+/// Refuses a DRAM tier larger than the machine's physical memory (`MemTotal` in
+/// `/proc/meminfo`): its memory is reserved lazily, so such a node would start and then be
+/// killed by the kernel once it filled. Where the figure cannot be read, nothing is checked.
+fn check_dram_fits(dram_bytes: u64) -> anyhow::Result<()> {
+    let Some(total) = physical_memory_bytes() else {
+        return Ok(());
+    };
+    if dram_bytes > total {
+        bail!(
+            "dram_mib = {} is more than this machine's physical memory ({} MiB)",
+            dram_bytes >> 20,
+            total >> 20
+        );
+    }
+    Ok(())
+}
+
+/// `MemTotal` from `/proc/meminfo`, in bytes.
+fn physical_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line
+        .trim_start_matches("MemTotal:")
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 /// Answers `GET /metrics` (Prometheus text) and `GET /health`; anything else is a 404.

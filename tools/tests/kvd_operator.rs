@@ -1,0 +1,148 @@
+//! What a careful operator expects of a node's directory, signals and sizes: a relative data
+//! directory still offers shared memory to clients started elsewhere, the directory and data
+//! file are owner-only, SIGHUP flushes like SIGTERM, a failed creation can be retried, and a
+//! DRAM tier larger than the machine is refused at start.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use mooncake_kv_replication::{Client, ClientConfig, TransportChoice};
+use mooncake_kv_test_support::Kvd;
+
+const KVD: &str = env!("CARGO_BIN_EXE_mooncake-kvd");
+const PORTS: [&str; 6] = [
+    "--listen",
+    "127.0.0.1:0",
+    "--data-listen",
+    "127.0.0.1:0",
+    "--metrics-listen",
+    "off",
+];
+
+fn start_in(dir: &std::path::Path, args: &[&str]) -> Kvd {
+    Kvd::start_in(KVD, dir, PORTS.iter().chain(args))
+}
+
+fn client(kvd: &Kvd, transport: TransportChoice) -> Client {
+    let config = ClientConfig {
+        transport,
+        ..ClientConfig::default()
+    };
+    Client::connect(kvd.control, config).expect("connect")
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Started with `--data-dir data` in one directory, the node is read over shared memory by a
+/// client whose working directory is another (this test's); its files are owner-only.
+#[test]
+fn a_relative_data_dir_serves_shared_memory_elsewhere_and_is_owner_only() {
+    let work = tempfile::tempdir().unwrap();
+    assert_ne!(std::env::current_dir().unwrap(), work.path());
+    let kvd = start_in(work.path(), &["--data-dir", "data", "--nvme-mib", "16"]);
+    client(&kvd, TransportChoice::Tcp)
+        .put(b"k", b"over shm")
+        .unwrap();
+    let reader = client(&kvd, TransportChoice::Shm);
+    assert_eq!(reader.transport_name(), "shm");
+    assert_eq!(reader.get(b"k").unwrap().as_deref(), Some(&b"over shm"[..]));
+    let auto = client(&kvd, TransportChoice::Auto);
+    assert_eq!(
+        auto.transport_name(),
+        "shm",
+        "the default read fell back to tcp"
+    );
+
+    let data = work.path().join("data");
+    assert_eq!(mode(&data), 0o700, "the data directory");
+    assert_eq!(mode(&data.join("blocks.data")), 0o600, "the data file");
+    assert!(kvd.terminate().success());
+}
+
+/// An existing directory and data file open to others (as older builds left them) are made
+/// owner-only at start.
+#[test]
+fn an_open_data_dir_is_closed_to_others_at_start() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("data");
+    let dir_arg = dir.to_str().unwrap();
+    let kvd = start_in(work.path(), &["--data-dir", dir_arg, "--nvme-mib", "16"]);
+    assert!(kvd.terminate().success());
+    let open = |path: &std::path::Path, m| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    open(&dir, 0o755);
+    open(&dir.join("blocks.data"), 0o644);
+    let kvd = start_in(work.path(), &["--data-dir", dir_arg, "--nvme-mib", "16"]);
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("blocks.data")), 0o600);
+    assert!(kvd.terminate().success());
+}
+
+/// SIGHUP stops the node as SIGTERM does: exit 0 and every block flushed, so a restart on
+/// the same directory serves them.
+#[test]
+fn sighup_flushes_and_exits_cleanly() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("data");
+    let args = ["--data-dir", dir.to_str().unwrap(), "--nvme-mib", "16"];
+    let kvd = start_in(work.path(), &args);
+    let writer = client(&kvd, TransportChoice::Tcp);
+    let values: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 1000 + usize::from(i)]).collect();
+    for (i, value) in values.iter().enumerate() {
+        writer.put(format!("hup-{i}").as_bytes(), value).unwrap();
+    }
+    drop(writer);
+    let status = kvd.signal(rustix::process::Signal::HUP);
+    assert!(status.success(), "SIGHUP: {status}");
+
+    let kvd = start_in(work.path(), &args);
+    let reader = client(&kvd, TransportChoice::Tcp);
+    for (i, value) in values.iter().enumerate() {
+        let got = reader.get(format!("hup-{i}").as_bytes()).unwrap();
+        assert_eq!(
+            got.as_ref(),
+            Some(value),
+            "block {i} after SIGHUP and a restart"
+        );
+    }
+    assert!(kvd.terminate().success());
+}
+
+/// A creation that fails (here a data file larger than any file system allows) leaves no
+/// data file behind, so the next start, with a size that fits, succeeds.
+#[test]
+fn a_failed_creation_can_be_retried() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("data");
+    let dir_arg = dir.to_str().unwrap();
+    let failed = Command::new(KVD)
+        .args(PORTS)
+        .args(["--data-dir", dir_arg, "--nvme-mib", "1099511627776"])
+        .output()
+        .unwrap();
+    assert_eq!(failed.status.code(), Some(2), "{failed:?}");
+    assert!(
+        !dir.join("blocks.data").exists(),
+        "the failed creation left its data file"
+    );
+    let kvd = start_in(work.path(), &["--data-dir", dir_arg, "--nvme-mib", "16"]);
+    client(&kvd, TransportChoice::Tcp).put(b"k", b"v").unwrap();
+    assert!(kvd.terminate().success());
+}
+
+/// A DRAM tier larger than the machine's memory is refused at start with the figures, not
+/// accepted and left for the kernel to kill the node once it fills.
+#[test]
+fn dram_beyond_physical_memory_is_refused() {
+    let out = Command::new(KVD)
+        .args(PORTS)
+        .args(["--memory-only", "--dram-mib", "1099511627776"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("physical memory"), "{stderr}");
+}
