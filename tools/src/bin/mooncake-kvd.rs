@@ -536,9 +536,18 @@ mod tests {
         assert_eq!(s.node.listen, "127.0.0.1:7700");
         assert_eq!(s.node.data_listen, "127.0.0.1:7701");
         assert_eq!(s.metrics_listen.as_deref(), Some("127.0.0.1:7702"));
+        // Absolute: the shared-memory socket's path, inside it, goes to clients anywhere.
         assert_eq!(
-            s.node.engine.data_dir.as_deref(),
-            Some(std::path::Path::new("mooncake-data"))
+            s.node.engine.data_dir,
+            Some(std::env::current_dir().unwrap().join("mooncake-data"))
+        );
+        assert_eq!(
+            s.node.shm_path,
+            Some(
+                std::env::current_dir()
+                    .unwrap()
+                    .join("mooncake-data/kvd.sock")
+            )
         );
         assert_eq!(s.node.engine.dram_capacity_bytes, 256 << 20);
         assert_eq!(
