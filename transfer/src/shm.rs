@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -188,7 +188,8 @@ fn serve(stream: UnixStream, registry: &Registry) -> Result<()> {
         memfd_offset: 0,
     }
     .encode();
-    send_with_fd(&stream, &hello, Some(registry.control.memfd()))?;
+    let control = read_only(registry.control.memfd())?;
+    send_with_fd(&stream, &hello, Some(control.as_fd()))?;
     loop {
         let mut frame = [0u8; MAP_REQUEST_BYTES];
         match (&stream).read_exact(&mut frame) {
@@ -210,7 +211,8 @@ fn serve(stream: UnixStream, registry: &Registry) -> Result<()> {
                         len: region.handle.len,
                         memfd_offset: offset,
                     };
-                    send_with_fd(&stream, &response.encode(), Some(fd))?;
+                    let fd = read_only(fd)?;
+                    send_with_fd(&stream, &response.encode(), Some(fd.as_fd()))?;
                 }
                 None => send_with_fd(&stream, &refusal(Status::NotShareable), None)?,
             },
@@ -220,6 +222,22 @@ fn serve(stream: UnixStream, registry: &Registry) -> Result<()> {
             Err(_) => send_with_fd(&stream, &refusal(Status::UnknownRegion), None)?,
         }
     }
+}
+
+/// A new read-only descriptor of the memfd behind `fd` (opened again through `/proc`): what a
+/// reader is handed, so that it can map the memory for reading and not for writing (the
+/// kernel refuses a shared writable mapping of a descriptor opened read-only), nor write or
+/// resize it.
+fn read_only(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
+    rustix::fs::open(
+        format!("/proc/self/fd/{}", fd.as_raw_fd()),
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| Error::Io {
+        action: "open a read-only descriptor of shared memory",
+        source: e.into(),
+    })
 }
 
 fn refusal(status: Status) -> [u8; MAP_RESPONSE_BYTES] {
@@ -503,5 +521,73 @@ impl Transport for ShmTransport {
         copy_out(memory, at, head);
         self.still_current(&src)?;
         Ok(check(head))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemfdRegion;
+
+    /// Maps `fd` shared and writable, as a hostile reader would try to.
+    #[expect(
+        unsafe_code,
+        reason = "the test tries the mapping the kernel must refuse"
+    )]
+    fn map_writable(fd: OwnedFd, len: usize) -> std::io::Result<memmap2::MmapMut> {
+        // SAFETY: a mapping of a memfd this test owns a descriptor of; if the kernel granted
+        // it, the test fails without writing through it.
+        unsafe {
+            memmap2::MmapOptions::new()
+                .len(len)
+                .map_mut(&File::from(fd))
+        }
+    }
+
+    fn access_mode(fd: &OwnedFd) -> rustix::fs::OFlags {
+        rustix::fs::fcntl_getfl(fd).unwrap() & rustix::fs::OFlags::RWMODE
+    }
+
+    /// A reader is handed read-only descriptors: the control table's with Hello and a
+    /// region's with a map answer; neither maps writable, and a region's still maps for
+    /// reading and shows the owner's bytes.
+    #[test]
+    fn readers_get_descriptors_that_do_not_map_writable() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Arc::new(Registry::new().unwrap());
+        let region = MemfdRegion::new(1 << 16).unwrap();
+        region.write(100, b"owner's bytes");
+        let handle = registry.register(Arc::new(region)).unwrap();
+        let server = ShmServer::bind(dir.path().join("s.sock"), Arc::clone(&registry)).unwrap();
+
+        let stream = UnixStream::connect(server.path()).unwrap();
+        let (_, control) = recv_with_fd::<MAP_RESPONSE_BYTES>(&stream).unwrap();
+        let control = control.expect("the control table's descriptor");
+        assert_eq!(access_mode(&control), rustix::fs::OFlags::RDONLY);
+        let error = map_writable(control, MAX_REGIONS * 8).expect_err("a writable control table");
+        assert_eq!(
+            error.raw_os_error(),
+            Some(rustix::io::Errno::ACCESS.raw_os_error())
+        );
+
+        let request = MapRequest {
+            region_id: handle.region_id,
+            remote_key: handle.remote_key,
+        };
+        (&stream).write_all(&request.encode()).unwrap();
+        let (answer, fd) = recv_with_fd::<MAP_RESPONSE_BYTES>(&stream).unwrap();
+        assert_eq!(MapResponse::decode(&answer).unwrap().status, Status::Ok);
+        let fd = fd.expect("the region's descriptor");
+        assert_eq!(access_mode(&fd), rustix::fs::OFlags::RDONLY);
+        let file = File::from(fd.try_clone().unwrap());
+        let mapping = RemoteMapping::map(&file, 0, handle.len).unwrap();
+        let mut read = [0u8; 13];
+        copy_out(&mapping, 100, &mut read);
+        assert_eq!(&read, b"owner's bytes");
+        let error = map_writable(fd, 1 << 16).expect_err("a writable region");
+        assert_eq!(
+            error.raw_os_error(),
+            Some(rustix::io::Errno::ACCESS.raw_os_error())
+        );
     }
 }
