@@ -96,6 +96,24 @@ pub enum Error {
         #[source]
         source: rocksdb::Error,
     },
+    /// The metadata store's files are damaged (a checksum failed while it opened). The engine
+    /// does not open on it: RocksDB would otherwise drop what followed the damage, silently.
+    /// `kvctl salvage` rebuilds the block map from the data file.
+    #[error(
+        "the metadata in {} is damaged ({source}); nothing was changed. The blocks are still in \
+         {}: rebuild the block map from them with `kvctl salvage {}` (the damaged metadata is \
+         kept beside it)",
+        path.join(crate::store::META_DIR).display(),
+        path.join(crate::store::DATA_FILE).display(),
+        path.display()
+    )]
+    DamagedMetadata {
+        /// The data directory.
+        path: std::path::PathBuf,
+        /// RocksDB's report.
+        #[source]
+        source: rocksdb::Error,
+    },
     /// A metadata record is malformed.
     #[error("corrupt metadata: {reason}")]
     CorruptMetadata {

@@ -131,6 +131,12 @@ fn options(create: bool) -> Options {
     // Metadata is small; a modest memtable and no compression keep opening fast.
     options.set_write_buffer_size(16 << 20);
     options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    // The block map lives in the log until a flush. RocksDB's default recovery stops replaying
+    // at the first damaged record and opens without the rest, silently; this mode accepts
+    // only a torn last record (a write cut short by a crash: nothing acknowledged was in it,
+    // since every map write is synced before its answer) and reports any other damage.
+    options.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
+    options.set_paranoid_checks(true);
     options
 }
 

@@ -95,7 +95,8 @@ impl DataDir {
             });
         }
         let lock = lock_dir(dir)?;
-        let (meta, node) = MetaStore::open_read_only(&meta_path)?;
+        let (meta, node) =
+            MetaStore::open_read_only(&meta_path).map_err(|e| crate::store::damaged(dir, e))?;
         if node.format_version != DATA_DIR_VERSION {
             return Err(Error::IncompatibleDataDir {
                 path: dir.to_owned(),
@@ -307,4 +308,160 @@ impl DataDir {
             orphans,
         })
     }
+}
+
+/// What [`salvage`] found and wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SalvageReport {
+    /// Bytes of the data file scanned.
+    pub scanned_bytes: u64,
+    /// Intact blocks found (every CRC checked).
+    pub intact_blocks: u64,
+    /// Of those, older generations of a key whose newer block was also found: not kept.
+    pub superseded_blocks: u64,
+    /// Blocks in the new map: one per key, its newest intact generation.
+    pub kept_blocks: u64,
+    /// Places that began like a block (its magic number) but failed a check: skipped.
+    pub damaged_blocks: u64,
+    /// Where the old metadata was moved, if there was any.
+    pub old_metadata: Option<PathBuf>,
+}
+
+/// Bytes the scan reads at a time.
+const SALVAGE_CHUNK_BYTES: usize = 8 << 20;
+
+/// Rebuilds a stopped node's block map from its data file, for when the metadata is damaged
+/// or lost: every block describes itself (key, generation, CRCs of header, key and payload),
+/// so a scan of the file at every 4 KiB boundary finds every intact block; each key gets its
+/// newest intact generation. The old metadata directory is moved aside (`meta.damaged-SECS`),
+/// never deleted, and a new one is written (a new node id; the data file's size as capacity).
+///
+/// What it cannot know: which blocks were removed. A removed block whose bytes are still
+/// intact in the data file comes back (and a put that was never acknowledged, if its bytes
+/// reached the file). Nothing it keeps is a wrong byte: every kept block passed its CRCs.
+///
+/// # Errors
+///
+/// [`Error::DirectoryInUse`] if a node holds the directory; [`Error::DataDir`] if the data
+/// file cannot be read or the metadata moved; [`Error::IncompatibleDataDir`] if the data file
+/// is missing or not a whole number of 4 KiB units; [`Error::Metadata`] for the new metadata.
+pub fn salvage(dir: &Path, mut progress: impl FnMut(u64, u64)) -> Result<SalvageReport> {
+    let _lock = lock_dir(dir)?;
+    let data_path = dir.join(DATA_FILE);
+    let io = |action| {
+        let path = data_path.clone();
+        move |source| Error::DataDir {
+            path,
+            action,
+            source,
+        }
+    };
+    let data = File::open(&data_path).map_err(io("open the data file"))?;
+    let len = data.metadata().map_err(io("stat the data file"))?.len();
+    if len == 0 || len % NVME_UNIT_BYTES != 0 {
+        return Err(Error::IncompatibleDataDir {
+            path: dir.to_owned(),
+            reason: format!(
+                "{DATA_FILE} holds {len} bytes, not a whole number of {NVME_UNIT_BYTES}-byte units"
+            ),
+        });
+    }
+    let mut report = SalvageReport {
+        scanned_bytes: len,
+        intact_blocks: 0,
+        superseded_blocks: 0,
+        kept_blocks: 0,
+        damaged_blocks: 0,
+        old_metadata: None,
+    };
+    let mut newest: std::collections::HashMap<Vec<u8>, MapEntry> = std::collections::HashMap::new();
+    let mut chunk = vec![0u8; SALVAGE_CHUNK_BYTES];
+    let (mut chunk_start, mut chunk_len) = (0u64, 0usize);
+    let mut offset = 0u64;
+    while offset + format::HEADER_BYTES as u64 <= len {
+        if offset < chunk_start
+            || offset + format::HEADER_BYTES as u64 > chunk_start + chunk_len as u64
+        {
+            chunk_start = offset;
+            // Bounded by the chunk's size and by what is left of the file.
+            chunk_len = SALVAGE_CHUNK_BYTES.min((len - offset) as usize);
+            data.read_exact_at(&mut chunk[..chunk_len], chunk_start)
+                .map_err(io("read the data file"))?;
+            progress(offset, len);
+        }
+        let at = (offset - chunk_start) as usize;
+        let mut step = NVME_UNIT_BYTES;
+        if chunk[at..at + 4] == format::MAGIC {
+            match format::decode_header(&chunk[at..at + format::HEADER_BYTES]) {
+                Ok(header) if header.block_len() as u64 <= len - offset => {
+                    let block_len = header.block_len();
+                    let spilled;
+                    let bytes = if at + block_len <= chunk_len {
+                        &chunk[at..at + block_len]
+                    } else {
+                        // Bounded: a checked header's block is at most a key, padding and
+                        // MAX_VALUE_BYTES, and it ends inside the file (checked above).
+                        let mut owned = vec![0u8; block_len];
+                        data.read_exact_at(&mut owned, offset)
+                            .map_err(io("read the data file"))?;
+                        spilled = owned;
+                        &spilled[..]
+                    };
+                    match format::decode(bytes) {
+                        Ok(block) => {
+                            report.intact_blocks += 1;
+                            let extent = (block_len as u64).next_multiple_of(NVME_UNIT_BYTES);
+                            let entry = MapEntry {
+                                extent_offset_bytes: offset,
+                                extent_len_bytes: extent,
+                                generation: header.generation,
+                                payload_len: header.payload_len,
+                                payload_offset: header.payload_offset,
+                                payload_crc32: header.payload_crc32,
+                            };
+                            match newest.entry(block.key.to_vec()) {
+                                std::collections::hash_map::Entry::Vacant(slot) => {
+                                    slot.insert(entry);
+                                }
+                                std::collections::hash_map::Entry::Occupied(mut slot) => {
+                                    report.superseded_blocks += 1;
+                                    if entry.generation > slot.get().generation {
+                                        slot.insert(entry);
+                                    }
+                                }
+                            }
+                            // An intact block is whole: no other block starts inside it.
+                            step = extent;
+                        }
+                        Err(_) => report.damaged_blocks += 1,
+                    }
+                }
+                _ => report.damaged_blocks += 1,
+            }
+        }
+        offset += step;
+    }
+    progress(len, len);
+
+    let meta_path = dir.join(META_DIR);
+    if meta_path.exists() {
+        let seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let aside = dir.join(format!("{META_DIR}.damaged-{seconds}"));
+        std::fs::rename(&meta_path, &aside).map_err(|source| Error::DataDir {
+            path: meta_path.clone(),
+            action: "move the old metadata aside",
+            source,
+        })?;
+        report.old_metadata = Some(aside);
+    }
+    let (meta, _node) = MetaStore::open(&meta_path, len)?;
+    let entries: Vec<(Vec<u8>, MapEntry)> = newest.into_iter().collect();
+    for batch in entries.chunks(1024) {
+        let puts: Vec<(&[u8], MapEntry)> = batch.iter().map(|(k, e)| (&k[..], *e)).collect();
+        meta.commit(&puts, &[])?;
+    }
+    report.kept_blocks = entries.len() as u64;
+    Ok(report)
 }

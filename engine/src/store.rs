@@ -34,6 +34,20 @@ pub const DATA_FILE: &str = "blocks.data";
 /// The RocksDB directory inside a data directory.
 pub const META_DIR: &str = "meta";
 
+/// A metadata error that is damage to its files, as [`Error::DamagedMetadata`] with the way
+/// out; any other error as it is.
+pub(crate) fn damaged(dir: &Path, error: Error) -> Error {
+    match error {
+        Error::Metadata { source, .. } if source.kind() == rocksdb::ErrorKind::Corruption => {
+            Error::DamagedMetadata {
+                path: dir.to_owned(),
+                source,
+            }
+        }
+        other => other,
+    }
+}
+
 /// Creates the data directory, owner only (0700): the blocks are readable by whoever can read
 /// it, token or not. An existing directory open to others is closed to them, with a warning.
 fn create_private_dir(dir: &Path) -> Result<()> {
@@ -155,7 +169,7 @@ impl Store {
         let lock = lock_dir(dir)?;
         let meta_path = dir.join(META_DIR);
         let data_path = dir.join(DATA_FILE);
-        let creating = match MetaStore::peek(&meta_path)? {
+        let creating = match MetaStore::peek(&meta_path).map_err(|e| damaged(dir, e))? {
             Some(node) => {
                 if node.format_version != DATA_DIR_VERSION {
                     return Err(Error::IncompatibleDataDir {
@@ -222,7 +236,7 @@ impl Store {
             Ok(opened) => opened,
             Err(error) => {
                 drop(tier);
-                return Err(cleanup(error));
+                return Err(cleanup(damaged(dir, error)));
             }
         };
         Ok(Self {

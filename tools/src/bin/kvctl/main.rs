@@ -155,6 +155,15 @@ enum Command {
         /// The node's data directory.
         dir: PathBuf,
     },
+    /// Rebuild a stopped node's block map from its data file, when the metadata is damaged
+    /// (the node then refuses to start and names this command) or lost. Every block in the
+    /// data file carries its key, generation and CRCs: each key gets its newest block that
+    /// passes every check. The old metadata is moved aside (meta.damaged-SECS), not deleted.
+    /// A block removed before the damage comes back if its bytes are still intact.
+    Salvage {
+        /// The node's data directory.
+        dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -488,6 +497,53 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     "extent           {} + {}",
                     entry.extent_offset_bytes, entry.extent_len_bytes
                 );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Salvage { dir } => {
+            let bar = if cli.json || !std::io::stderr().is_terminal() {
+                ProgressBar::hidden()
+            } else {
+                ProgressBar::new(0).with_style(
+                    ProgressStyle::with_template("scanning {bar:40} {bytes}/{total_bytes} ({eta})")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                )
+            };
+            let report = mooncake_kv_engine::offline::salvage(dir, |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })
+            .with_context(|| format!("cannot salvage {}", dir.display()))?;
+            bar.finish_and_clear();
+            let old = report
+                .old_metadata
+                .as_ref()
+                .map(|p| p.display().to_string());
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({
+                        "scanned_bytes": report.scanned_bytes,
+                        "intact_blocks": report.intact_blocks,
+                        "superseded_blocks": report.superseded_blocks,
+                        "kept_blocks": report.kept_blocks,
+                        "damaged_blocks": report.damaged_blocks,
+                        "old_metadata": old,
+                    })
+                );
+            } else {
+                println!(
+                    "scanned {}: {} intact blocks ({} older generations of a kept key), {} \
+                     damaged and skipped",
+                    bytes(report.scanned_bytes),
+                    report.intact_blocks,
+                    report.superseded_blocks,
+                    report.damaged_blocks
+                );
+                println!("block map rebuilt: {} blocks", report.kept_blocks);
+                if let Some(old) = old {
+                    println!("the old metadata is in {old}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
