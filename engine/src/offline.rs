@@ -225,8 +225,10 @@ impl DataDir {
     ///
     /// # Errors
     ///
-    /// [`Error::Metadata`] if the map cannot be scanned.
+    /// [`Error::IncompatibleDataDir`] where the engine would refuse to open the directory
+    /// ([`DataDir::check_open`]); [`Error::Metadata`] if the map cannot be scanned.
     pub fn verify_all(&self, mut progress: impl FnMut(u64, u64)) -> Result<Vec<BadBlock>> {
+        self.check_open()?;
         let listed = self.list()?;
         let total = listed.len() as u64;
         let mut bad = Vec::new();
@@ -246,6 +248,17 @@ impl DataDir {
             progress(done as u64 + 1, total);
         }
         Ok(bad)
+    }
+
+    /// What the engine checks at open beyond the format version (which [`DataDir::open`]
+    /// checks): that the data file is exactly as large as the metadata recorded. `kvctl verify`
+    /// fails where the node would refuse to start.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::IncompatibleDataDir`], saying what differs.
+    pub fn check_open(&self) -> Result<()> {
+        crate::store::check_data_len(&self.dir, &self.node, Some(self.data_len_bytes))
     }
 
     /// Counts blocks, bytes, free space and orphans.

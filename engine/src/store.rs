@@ -34,6 +34,23 @@ pub const DATA_FILE: &str = "blocks.data";
 /// The RocksDB directory inside a data directory.
 pub const META_DIR: &str = "meta";
 
+/// The data file must be exactly as large as the metadata recorded at creation: a file grown
+/// or cut short (a copy gone wrong, a truncation) is not the directory the map describes.
+/// The engine's open and `kvctl verify` both apply this.
+pub(crate) fn check_data_len(dir: &Path, node: &NodeInfo, data_len: Option<u64>) -> Result<()> {
+    if data_len == Some(node.nvme_capacity_bytes) {
+        return Ok(());
+    }
+    Err(Error::IncompatibleDataDir {
+        path: dir.to_owned(),
+        reason: format!(
+            "the metadata expects a data file of {} bytes, found {}",
+            node.nvme_capacity_bytes,
+            data_len.map_or("none".to_owned(), |l| format!("{l} bytes"))
+        ),
+    })
+}
+
 /// A metadata error that is damage to its files, as [`Error::DamagedMetadata`] with the way
 /// out; any other error as it is.
 pub(crate) fn damaged(dir: &Path, error: Error) -> Error {
@@ -181,16 +198,7 @@ impl Store {
                     });
                 }
                 let data_len = std::fs::metadata(&data_path).map(|m| m.len()).ok();
-                if data_len != Some(node.nvme_capacity_bytes) {
-                    return Err(Error::IncompatibleDataDir {
-                        path: dir.clone(),
-                        reason: format!(
-                            "the metadata expects a data file of {} bytes, found {}",
-                            node.nvme_capacity_bytes,
-                            data_len.map_or("none".to_owned(), |l| format!("{l} bytes"))
-                        ),
-                    });
-                }
+                check_data_len(dir, &node, data_len)?;
                 if node.nvme_capacity_bytes != config.nvme_capacity_bytes {
                     return Err(Error::IncompatibleDataDir {
                         path: dir.clone(),

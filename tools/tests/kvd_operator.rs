@@ -265,3 +265,47 @@ fn run_to_exit(command: &mut Command) -> std::process::Output {
     watchdog.join().unwrap();
     out
 }
+
+/// `kvctl verify` fails where the node refuses to start: a data file grown by 1 MiB, or cut
+/// to half with every block in the first half.
+#[test]
+fn verify_fails_on_a_data_file_the_node_refuses() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("data");
+    let args = ["--data-dir", dir.to_str().unwrap(), "--nvme-mib", "16"];
+    let kvd = start_in(work.path(), &args);
+    let writer = client(&kvd, TransportChoice::Tcp);
+    for i in 0..10u8 {
+        let answers = writer
+            .put_batch(&[(&[b'k', i][..], &[i; 5000][..])], true)
+            .unwrap();
+        assert!(answers[0].is_ok());
+    }
+    drop(writer);
+    assert!(kvd.terminate().success());
+    let data = dir.join("blocks.data");
+    let verify = || {
+        Command::new(env!("CARGO_BIN_EXE_kvctl"))
+            .args(["verify", dir.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    assert!(verify().status.success(), "the intact directory");
+    let file = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+    for len in [(16 << 20) + (1 << 20), 8 << 20] {
+        file.set_len(len).unwrap();
+        let out = verify();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{len} bytes: {said}");
+        assert!(
+            said.contains("expects a data file of 16777216 bytes"),
+            "{said}"
+        );
+        let node = run_to_exit(Command::new(KVD).args(PORTS).args(args));
+        assert_eq!(
+            node.status.code(),
+            Some(2),
+            "the node started on {len} bytes"
+        );
+    }
+}

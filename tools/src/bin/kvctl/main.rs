@@ -149,8 +149,9 @@ enum Command {
         /// The key: text, or 0x followed by hex digits for arbitrary bytes.
         key: String,
     },
-    /// Read every block and check every CRC and its map entry. Names each corrupt block and
-    /// exits with status 1 if there is any.
+    /// Read every block and check every CRC and its map entry, after what the node checks at
+    /// start (the data file's size against the metadata's). Names each corrupt block, or what
+    /// the node would refuse, and exits with status 1 if there is any.
     Verify {
         /// The node's data directory.
         dir: PathBuf,
@@ -549,6 +550,16 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Verify { dir } => {
             let data_dir = open(dir)?;
+            // Where the node would refuse to start, verify fails too (exit 1, not 2: the
+            // directory was read, and it is not one a node serves).
+            if let Err(error) = data_dir.check_open() {
+                if cli.json {
+                    println!("{}", json!({ "refused": error.to_string() }));
+                } else {
+                    println!("REFUSED {error}");
+                }
+                return Ok(ExitCode::from(1));
+            }
             let bar = if cli.json || !std::io::stderr().is_terminal() {
                 ProgressBar::hidden()
             } else {
