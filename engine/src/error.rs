@@ -114,6 +114,15 @@ pub enum Error {
         #[source]
         source: rocksdb::Error,
     },
+    /// A block could not be written to the NVMe tier during a flush.
+    #[error("cannot flush block {key}: {source}")]
+    Flush {
+        /// The block's key: text when it is printable, else `0x` and hex.
+        key: String,
+        /// Why.
+        #[source]
+        source: Box<Error>,
+    },
     /// A metadata record is malformed.
     #[error("corrupt metadata: {reason}")]
     CorruptMetadata {
@@ -148,5 +157,37 @@ impl From<mooncake_kv_format::Error> for Error {
             },
             other => Self::Format(other),
         }
+    }
+}
+
+/// A key for a message: as text when it is printable UTF-8 of reasonable length, else `0x` and
+/// hex (the spelling `kvctl` accepts back), shortened past 64 bytes.
+pub(crate) fn shown_key(key: &[u8]) -> String {
+    const SHOWN: usize = 64;
+    let cut = &key[..key.len().min(SHOWN)];
+    let more = if key.len() > SHOWN { "..." } else { "" };
+    match std::str::from_utf8(cut) {
+        Ok(text) if text.chars().all(|c| !c.is_control()) => format!("{text:?}{more}"),
+        _ => {
+            let hex: String = cut.iter().map(|b| format!("{b:02x}")).collect();
+            format!("0x{hex}{more}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_shown_as_text_or_hex() {
+        assert_eq!(shown_key(b"prefix/abc"), "\"prefix/abc\"");
+        assert_eq!(shown_key(&[0, 1, 0xff]), "0x0001ff");
+        assert_eq!(shown_key(&[b'a'; 70]), format!("{:?}...", "a".repeat(64)));
+        let flush = Error::Flush {
+            key: shown_key(b"k1"),
+            source: Box::new(Error::Poisoned),
+        };
+        assert!(flush.to_string().starts_with("cannot flush block \"k1\": "));
     }
 }

@@ -167,8 +167,12 @@ impl Inner {
         }));
         let mut written = 0;
         for chunk in pending.chunks(FLUSH_BATCH) {
-            for result in self.persist(chunk.to_vec()) {
-                result?;
+            for (slot, result) in chunk.iter().zip(self.persist(chunk.to_vec())) {
+                // The operator's first question: which block.
+                result.map_err(|source| Error::Flush {
+                    key: crate::error::shown_key(&slot.key),
+                    source: Box::new(source),
+                })?;
                 written += 1;
             }
         }

@@ -135,3 +135,20 @@ fn a_reclaimer_panic_is_reported_not_lost() {
     // Closing joins the thread that panicked without panicking itself.
     drop(engine);
 }
+
+/// A flush that cannot write a block names the block (the first thing an operator asks).
+#[test]
+fn a_failed_flush_names_the_block() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (engine, faults) = open_faulty(dir.path(), 16 << 20);
+    engine.put(b"cached-block-7", b"only in DRAM").expect("put");
+    faults.fail_commits.store(true, Ordering::Release);
+    let failed = engine.flush();
+    match failed {
+        Err(Error::Flush { key, source }) => {
+            assert_eq!(key, "\"cached-block-7\"");
+            assert!(matches!(*source, Error::DataDir { .. }), "{source:?}");
+        }
+        other => panic!("a flush that failed to commit: {other:?}"),
+    }
+}
