@@ -173,7 +173,18 @@ fn library_and_kvctl_round_trip_and_a_restart_serves_flushed_blocks() {
             .zip(bufs.iter_mut())
             .map(|(k, b)| (*k, b.as_mut_slice()))
             .collect();
+        let lookups = || metric(&kvd, "mooncake_requests_total{kind=\"lookup\"}");
+        let lookups_before = lookups();
         let results = reader.get_into_batch(&mut items);
+        if std::ptr::eq(reader, &tcp) {
+            // Inline over tcp: one lookup whose answer brings every block, a round trip for
+            // the batch rather than one per item.
+            assert_eq!(
+                lookups() - lookups_before,
+                1,
+                "lookups for one inline batch"
+            );
+        }
         for (i, (_, v)) in stored.iter().take(7).enumerate() {
             assert_eq!(results[i].as_ref().unwrap(), &Some(v.len()));
             assert_eq!(&bufs[i], v, "batch item {i}");

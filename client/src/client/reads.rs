@@ -28,6 +28,57 @@ enum Got {
 /// checksummed while still in cache.
 const RECEIVE_CHUNK: usize = 128 << 10;
 
+/// Receives one inline block that follows a lookup's answer on `reader`: its head into a
+/// small buffer, its payload straight into `dst` (or a new buffer when `dst` is `None`),
+/// checksummed piece by piece as it arrives, then verified. Leaves the stream in step in
+/// every case but a descriptor that does not check (a protocol error: the caller drops the
+/// connection).
+fn receive_inline(
+    reader: &mut impl Read,
+    key: &[u8],
+    d: &Descriptor,
+    mut dst: Option<&mut [u8]>,
+) -> Result<Inline> {
+    check_descriptor(d)?;
+    let len = d.payload_len as usize;
+    let mut head = vec![0u8; d.payload_offset as usize];
+    reader
+        .read_exact(&mut head)
+        .map_err(io("read a block header"))?;
+    let mut owned = Vec::new();
+    let payload: &mut [u8] = match dst.as_deref_mut() {
+        Some(buf) if buf.len() >= len => &mut buf[..len],
+        Some(buf) => {
+            // Keep the stream in step, then say why.
+            std::io::copy(&mut reader.take(len as u64), &mut std::io::sink())
+                .map_err(io("skip a block"))?;
+            return Err(ClientError::BufferTooSmall {
+                needed: len,
+                available: buf.len(),
+            });
+        }
+        None => {
+            owned = vec![0u8; len];
+            &mut owned
+        }
+    };
+    let mut crc = crc32fast::Hasher::new();
+    for piece in payload.chunks_mut(RECEIVE_CHUNK) {
+        reader
+            .read_exact(piece)
+            .map_err(io("read a block payload"))?;
+        crc.update(piece);
+    }
+    if !verify_with_crc(key, d, &head, crc.finalize()) {
+        return Ok(Inline::Mismatch);
+    }
+    Ok(if dst.is_some() {
+        Inline::Read(len)
+    } else {
+        Inline::Owned(owned)
+    })
+}
+
 impl Client {
     /// Whether reads take the inline path (see [`ClientConfig::inline_tcp_reads`]).
     pub(super) fn inline(&self) -> bool {
@@ -57,47 +108,68 @@ impl Client {
                 (Some(Outcome::Err(e)), true) => return Err(ClientError::Refused(e)),
                 _ => return Err(unexpected("lookup")),
             };
-            check_descriptor(&d)?;
-            let len = d.payload_len as usize;
-            let mut head = vec![0u8; d.payload_offset as usize];
-            let reader = &mut control.reader;
-            reader
-                .read_exact(&mut head)
-                .map_err(io("read a block header"))?;
-            let mut owned = Vec::new();
-            let payload: &mut [u8] = match dst.as_deref_mut() {
-                Some(buf) if buf.len() >= len => &mut buf[..len],
-                Some(buf) => {
-                    // Keep the stream in step, then say why.
-                    std::io::copy(&mut reader.take(len as u64), &mut std::io::sink())
-                        .map_err(io("skip a block"))?;
-                    return Err(ClientError::BufferTooSmall {
-                        needed: len,
-                        available: buf.len(),
-                    });
-                }
-                None => {
-                    owned = vec![0u8; len];
-                    &mut owned
-                }
-            };
-            // Checksummed piece by piece as it arrives, while each piece is in cache.
-            let mut crc = crc32fast::Hasher::new();
-            for piece in payload.chunks_mut(RECEIVE_CHUNK) {
-                reader
-                    .read_exact(piece)
-                    .map_err(io("read a block payload"))?;
-                crc.update(piece);
-            }
-            if !verify_with_crc(key, &d, &head, crc.finalize()) {
-                return Ok(Inline::Mismatch);
-            }
-            Ok(if dst.is_some() {
-                Inline::Read(len)
-            } else {
-                Inline::Owned(owned)
-            })
+            receive_inline(&mut control.reader, key, &d, dst.as_deref_mut())
         })
+    }
+
+    /// [`get_into_batch`](Self::get_into_batch) over tcp with inline reads: one lookup of
+    /// every key, answered by the node with every block it found right after the answer
+    /// (one stream, no round trip per block, so the node sends while this side receives).
+    /// Keys with a fresh descriptor are not special here: the inline path keeps none.
+    fn get_into_batch_inline(
+        &self,
+        items: &mut [(&[u8], &mut [u8])],
+    ) -> Vec<Result<Option<usize>>> {
+        let release = std::mem::take(&mut *self.done_leases.lock());
+        let cached_keys = self.take_cached_keys();
+        let keys: Vec<&[u8]> = items.iter().map(|(key, _)| *key).collect();
+        let request = Request::Lookup {
+            keys: keys.clone(),
+            release,
+            stale_reads: self.take_unreported_stale(),
+            cached_reads: self.take_unreported_cached(),
+            cached_keys: cached_keys.iter().map(Vec::as_slice).collect(),
+            inline: true,
+        };
+        let mut results: Vec<Option<Result<Option<usize>>>> = keys.iter().map(|_| None).collect();
+        let received = self.call_then(&request, &[], |control, response| {
+            let Response::Lookup(outcomes) = response else {
+                return Err(unexpected("lookup"));
+            };
+            if outcomes.len() != items.len() {
+                return Err(unexpected("lookup"));
+            }
+            for ((outcome, (key, dst)), result) in
+                outcomes.into_iter().zip(items.iter_mut()).zip(&mut results)
+            {
+                *result = match outcome {
+                    Outcome::Ok(None) => Some(Ok(None)),
+                    Outcome::Err(e) => Some(Err(ClientError::Refused(e))),
+                    Outcome::Ok(Some(d)) => {
+                        match receive_inline(&mut control.reader, key, &d, Some(&mut **dst)) {
+                            Ok(Inline::Read(len)) => Some(Ok(Some(len))),
+                            // Read again on its own below.
+                            Ok(_) => {
+                                self.count_stale_read();
+                                None
+                            }
+                            Err(error @ ClientError::BufferTooSmall { .. }) => Some(Err(error)),
+                            // The stream is out of step: nothing after this can be read.
+                            Err(error) => return Err(error),
+                        }
+                    }
+                };
+            }
+            Ok(())
+        });
+        // What the batch did not settle (a block that did not verify, or all of them if the
+        // exchange failed) is read on its own, and says why on its own.
+        let _ = received;
+        items
+            .iter_mut()
+            .zip(results)
+            .map(|((key, dst), result)| result.unwrap_or_else(|| self.get_into(key, dst)))
+            .collect()
     }
 
     pub(super) fn lookup(&self, key: &[u8]) -> Result<Option<Descriptor>> {
@@ -288,15 +360,18 @@ impl Client {
     }
 
     /// [`get_into`](Self::get_into) for many keys: one lookup for all of them, then all the
-    /// one-sided reads in one batch. A block that fails verification is read again on its
-    /// own. One result per item, in order. (Over tcp with inline reads, the items are read one
-    /// after another.)
+    /// one-sided reads in one batch (over tcp with inline reads: one lookup whose answer
+    /// brings every block, in order). A block that fails verification is read again on its
+    /// own. One result per item, in order.
     pub fn get_into_batch(&self, items: &mut [(&[u8], &mut [u8])]) -> Vec<Result<Option<usize>>> {
-        if self.inline() || items.len() <= 1 {
+        if items.len() <= 1 {
             return items
                 .iter_mut()
                 .map(|(key, dst)| self.get_into(key, dst))
                 .collect();
+        }
+        if self.inline() {
+            return self.get_into_batch_inline(items);
         }
         // Keys with fresh descriptors are read first, with no lookup.
         let keys: Vec<&[u8]> = items.iter().map(|(key, _)| *key).collect();
