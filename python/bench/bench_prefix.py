@@ -29,10 +29,9 @@ import json
 import math
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -49,14 +48,6 @@ PATHS = ["embedded", "shm", "tcp"]
 
 def median(values: List[float]) -> float:
     return statistics.median(values)
-
-
-def fill_arena(loop: PrefixCachingLM, cache, tokens: int) -> None:
-    """Copy a recompute's KV into a loop's arena (what the floor starts from)."""
-    with torch.no_grad():
-        for index, layer in enumerate(cache.layers):
-            loop.arena[:tokens, index, 0] = layer.keys[0, :, :tokens].transpose(0, 1)
-            loop.arena[:tokens, index, 1] = layer.values[0, :, :tokens].transpose(0, 1)
 
 
 def prompt_ttft(args, model, spec: ModelSpec, stores: Dict[str, mooncake_kv.Store],
@@ -90,7 +81,7 @@ def prompt_ttft(args, model, spec: ModelSpec, stores: Dict[str, mooncake_kv.Stor
             logits, cache = floor.prefill_after(tokens, 0)
             recompute.append(time.perf_counter() - started)
         reference_kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
-        fill_arena(floor, cache, length)
+        floor.copy_to_arena(cache, 0, length)  # what the floor starts from
         del cache
         keys = floor.block_keys(tokens)
         buffers = [floor.block_buffer(i, length) for i in range(len(keys))]

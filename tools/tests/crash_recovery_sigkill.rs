@@ -36,34 +36,8 @@ fn acknowledged_blocks_survive_sigkill() -> anyhow::Result<()> {
     for cycle in 0..cycles {
         let prefix = format!("c{cycle}");
         let batch: usize = rng.random_range(1..16);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mooncake-crash-writer"))
-            .arg(dir.path())
-            .arg(&prefix)
-            .arg(batch.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        // Read acknowledgements on a thread, so the kill lands at a time of our choosing.
-        let stdout = child.stdout.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        // Wait until the writer has the directory open, then let it run for a random while.
-        let opened = rx.recv_timeout(Duration::from_secs(30))?;
-        assert_eq!(opened, "OPEN", "cycle {cycle}: the writer failed to start");
-        std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
-        child.kill()?; // SIGKILL
-        child.wait()?;
-        reader.join().expect("reader thread");
-        let acked: Vec<u64> = rx
-            .try_iter()
-            .filter_map(|line| line.strip_prefix("ACK ").and_then(|n| n.parse().ok()))
-            .collect();
+        let wait = Duration::from_millis(rng.random_range(0..300));
+        let acked = run_writer_then_kill(dir.path(), &prefix, batch, wait)?;
         let last_acked = acked.last().copied();
 
         // Offline: every map entry points at its own intact block.
@@ -79,31 +53,14 @@ fn acknowledged_blocks_survive_sigkill() -> anyhow::Result<()> {
         }
 
         // Online: every acknowledged block is served, byte for byte; so is anything else found.
-        let engine = Engine::open(EngineConfig {
-            dram_capacity_bytes: 4 << 20,
-            data_dir: Some(dir.path().to_owned()),
-            nvme_capacity_bytes: 1 << 30,
-            ..EngineConfig::default()
-        })?;
-        let upper = last_acked.map_or(0, |b| b + 2); // one batch past the last ack may be there
-        for b in 0..upper {
-            for i in 0..batch {
-                let key = format!("{prefix}-{b}-{i}");
-                match engine.get(key.as_bytes())? {
-                    Some(value) => {
-                        assert!(
-                            value == crash_value(key.as_bytes()),
-                            "cycle {cycle}: wrong bytes for {key}"
-                        );
-                        total_checked += 1;
-                    }
-                    None => assert!(
-                        last_acked.is_none_or(|last| b > last),
-                        "cycle {cycle}: acknowledged block {key} lost (last ack {last_acked:?})"
-                    ),
-                }
-            }
-        }
+        let engine = Engine::open(reopen(dir.path()))?;
+        total_checked += check_served(
+            &engine,
+            &prefix,
+            batch,
+            last_acked,
+            &format!("cycle {cycle}"),
+        )?;
         assert_eq!(engine.stats().corrupt_blocks, 0, "cycle {cycle}");
         total_acked += acked.len() * batch;
         drop(engine);
@@ -135,31 +92,10 @@ fn damaged_metadata_after_sigkill_is_refused_then_salvaged() -> anyhow::Result<(
     for cycle in 0..cycles {
         let dir = tempfile::tempdir()?;
         let batch: usize = rng.random_range(1..8);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mooncake-crash-writer"))
-            .arg(dir.path())
-            .arg("d")
-            .arg(batch.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = child.stdout.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        assert_eq!(rx.recv_timeout(Duration::from_secs(30))?, "OPEN");
-        std::thread::sleep(Duration::from_millis(rng.random_range(100..400)));
-        child.kill()?;
-        child.wait()?;
-        reader.join().expect("reader thread");
-        let last_acked: Option<u64> = rx
-            .try_iter()
-            .filter_map(|line| line.strip_prefix("ACK ").and_then(|n| n.parse().ok()))
-            .last();
+        let wait = Duration::from_millis(rng.random_range(100..400));
+        let last_acked = run_writer_then_kill(dir.path(), "d", batch, wait)?
+            .last()
+            .copied();
 
         let log = std::fs::read_dir(dir.path().join("meta"))?
             .map(|e| e.map(|e| e.path()))
@@ -176,13 +112,7 @@ fn damaged_metadata_after_sigkill_is_refused_then_salvaged() -> anyhow::Result<(
         bytes[at] ^= 1 << rng.random_range(0..8);
         std::fs::write(&log, &bytes)?;
 
-        let config = || EngineConfig {
-            dram_capacity_bytes: 4 << 20,
-            data_dir: Some(dir.path().to_owned()),
-            nvme_capacity_bytes: 1 << 30,
-            ..EngineConfig::default()
-        };
-        let engine = match Engine::open(config()) {
+        let engine = match Engine::open(reopen(dir.path())) {
             Ok(engine) => {
                 opened += 1;
                 engine
@@ -190,29 +120,12 @@ fn damaged_metadata_after_sigkill_is_refused_then_salvaged() -> anyhow::Result<(
             Err(Error::DamagedMetadata { .. }) => {
                 refused += 1;
                 mooncake_kv_engine::offline::salvage(dir.path(), |_, _| {})?;
-                Engine::open(config())?
+                Engine::open(reopen(dir.path()))?
             }
             Err(other) => panic!("cycle {cycle}: damage at {at} of {log:?}: {other}"),
         };
-        let upper = last_acked.map_or(0, |b| b + 2);
-        for b in 0..upper {
-            for i in 0..batch {
-                let key = format!("d-{b}-{i}");
-                match engine.get(key.as_bytes())? {
-                    Some(value) => {
-                        assert!(
-                            value == crash_value(key.as_bytes()),
-                            "cycle {cycle}: wrong bytes for {key}"
-                        );
-                        recovered += 1;
-                    }
-                    None => assert!(
-                        last_acked.is_none_or(|last| b > last),
-                        "cycle {cycle}: acknowledged block {key} lost (damage at byte {at})"
-                    ),
-                }
-            }
-        }
+        let context = format!("cycle {cycle}, damage at byte {at}");
+        recovered += check_served(&engine, "d", batch, last_acked, &context)?;
     }
     println!(
         "{cycles} cycles: {refused} refused and salvaged, {opened} opened despite the damage, \
@@ -223,4 +136,83 @@ fn damaged_metadata_after_sigkill_is_refused_then_salvaged() -> anyhow::Result<(
         "no damage was ever detected: the test proved nothing"
     );
     Ok(())
+}
+
+/// Runs the crash writer on `dir` (keys `PREFIX-BATCH-I`, `batch` per batch), SIGKILLs it
+/// `after` it has opened the directory, and returns the batches it acknowledged.
+fn run_writer_then_kill(
+    dir: &std::path::Path,
+    prefix: &str,
+    batch: usize,
+    after: Duration,
+) -> anyhow::Result<Vec<u64>> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mooncake-crash-writer"))
+        .arg(dir)
+        .arg(prefix)
+        .arg(batch.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    // Read acknowledgements on a thread, so the kill lands at a time of our choosing.
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Wait until the writer has the directory open, then let it run for a while.
+    let opened = rx.recv_timeout(Duration::from_secs(30))?;
+    assert_eq!(opened, "OPEN", "the writer failed to start");
+    std::thread::sleep(after);
+    child.kill()?; // SIGKILL
+    child.wait()?;
+    reader.join().expect("reader thread");
+    Ok(rx
+        .try_iter()
+        .filter_map(|line| line.strip_prefix("ACK ").and_then(|n| n.parse().ok()))
+        .collect())
+}
+
+/// The engine config the crash writer uses, for reopening its directory.
+fn reopen(dir: &std::path::Path) -> EngineConfig {
+    EngineConfig {
+        dram_capacity_bytes: 4 << 20,
+        data_dir: Some(dir.to_owned()),
+        nvme_capacity_bytes: 1 << 30,
+        ..EngineConfig::default()
+    }
+}
+
+/// Every acknowledged block (batches up to `last_acked`) is served, byte for byte; so is any
+/// other block found (one batch past the last ack may be there). Returns the blocks read.
+fn check_served(
+    engine: &Engine,
+    prefix: &str,
+    batch: usize,
+    last_acked: Option<u64>,
+    context: &str,
+) -> anyhow::Result<usize> {
+    let mut served = 0;
+    for b in 0..last_acked.map_or(0, |b| b + 2) {
+        for i in 0..batch {
+            let key = format!("{prefix}-{b}-{i}");
+            match engine.get(key.as_bytes())? {
+                Some(value) => {
+                    assert!(
+                        value == crash_value(key.as_bytes()),
+                        "{context}: wrong bytes for {key}"
+                    );
+                    served += 1;
+                }
+                None => assert!(
+                    last_acked.is_none_or(|last| b > last),
+                    "{context}: acknowledged block {key} lost (last ack {last_acked:?})"
+                ),
+            }
+        }
+    }
+    Ok(served)
 }

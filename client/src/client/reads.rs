@@ -122,17 +122,19 @@ impl Client {
     ) -> Vec<Result<Option<usize>>> {
         let release = std::mem::take(&mut *self.done_leases.lock());
         let cached_keys = self.take_cached_keys();
-        let keys: Vec<&[u8]> = items.iter().map(|(key, _)| *key).collect();
         let request = Request::Lookup {
-            keys: keys.clone(),
+            keys: items.iter().map(|(key, _)| *key).collect(),
             release,
             stale_reads: self.take_unreported_stale(),
             cached_reads: self.take_unreported_cached(),
             cached_keys: cached_keys.iter().map(Vec::as_slice).collect(),
             inline: true,
         };
-        let mut results: Vec<Option<Result<Option<usize>>>> = keys.iter().map(|_| None).collect();
-        let received = self.call_then(&request, &[], |control, response| {
+        let mut results: Vec<Option<Result<Option<usize>>>> = items.iter().map(|_| None).collect();
+        // What the batch did not settle (a block that did not verify, or all that follow a
+        // failed exchange) is read on its own below, and says why on its own: the batch's
+        // own error adds nothing.
+        let _ = self.call_then(&request, &[], |control, response| {
             let Response::Lookup(outcomes) = response else {
                 return Err(unexpected("lookup"));
             };
@@ -162,9 +164,6 @@ impl Client {
             }
             Ok(())
         });
-        // What the batch did not settle (a block that did not verify, or all of them if the
-        // exchange failed) is read on its own, and says why on its own.
-        let _ = received;
         items
             .iter_mut()
             .zip(results)

@@ -169,10 +169,7 @@ class PrefixCachingLM:
         # bfloat16 included, which numpy has no type for).
         self._bytes = memoryview(self.arena.view(-1).view(torch.uint8).numpy())
         self.key_prefix = f"{namespace}/{str(dtype).removeprefix('torch.')}/b{block_tokens}/"
-        parameters = inspect.signature(model.forward).parameters
-        # transformers 5.24 renamed `past_key_values` to `cache` (the old name still works,
-        # with a warning).
-        self._cache_kw = "cache" if "cache" in parameters else "past_key_values"
+        self._cache_kw = _cache_keyword(model)
 
     def block_keys(self, token_ids: Sequence[int]) -> List[str]:
         """The store key of each block of the prompt, a partial last block included."""
@@ -238,6 +235,14 @@ class PrefixCachingLM:
                              **{self._cache_kw: cache})
         return out.logits[0, -1], cache
 
+    def copy_to_arena(self, cache: DynamicCache, start: int, end: int) -> None:
+        """Copy tokens ``start..end`` of a cache's KV into the arena, in its token-major layout
+        (the one copy a put needs: the cache holds each layer head-major)."""
+        with torch.no_grad():
+            for layer_index, layer in enumerate(cache.layers):
+                self.arena[start:end, layer_index, 0] = layer.keys[0, :, start:end].transpose(0, 1)
+                self.arena[start:end, layer_index, 1] = layer.values[0, :, start:end].transpose(0, 1)
+
     def generate(self, token_ids: Sequence[int], max_new_tokens: int = 32) -> "tuple[List[int], Prefill]":
         """Greedy decoding after :meth:`prefill`: the new tokens, and the prefill's record."""
         prefill = self.prefill(token_ids)
@@ -276,11 +281,7 @@ class PrefixCachingLM:
              result: Prefill) -> None:
         """Store blocks ``first..`` (the store's chain resumes after ``keys[first - 1]``)."""
         assert self.store is not None
-        start = first * self.block_tokens
-        with torch.no_grad():
-            for layer_index, layer in enumerate(cache.layers):
-                self.arena[start : len(tokens), layer_index, 0] = layer.keys[0, :, start:].transpose(0, 1)
-                self.arena[start : len(tokens), layer_index, 1] = layer.values[0, :, start:].transpose(0, 1)
+        self.copy_to_arena(cache, first * self.block_tokens, len(tokens))
         buffers = [self.block_buffer(i, len(tokens)) for i in range(first, len(keys))]
         try:
             self.store.put_chain(keys[first:], buffers, parent=keys[first - 1] if first else None,
@@ -288,6 +289,12 @@ class PrefixCachingLM:
             result.stored_blocks = len(buffers)
         except MooncakeKVError as error:  # a cache that cannot take a block still served
             result.put_error = f"{type(error).__name__}: {error}"
+
+
+def _cache_keyword(model: LlamaForCausalLM) -> str:
+    """The forward's name for the cache: transformers 5.24 renamed ``past_key_values`` to
+    ``cache`` (the old name still works, with a warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def greedy_decode(model: LlamaForCausalLM, logits: torch.Tensor, cache: DynamicCache,
@@ -308,7 +315,7 @@ def reference_generate(model: LlamaForCausalLM, token_ids: Sequence[int],
     prompt, then greedy decoding. Returns the first token's logits, the greedy tokens and
     the prompt's KV (per layer, keys and values of shape ``(1, kv_heads, tokens, head_dim)``).
     """
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kw = _cache_keyword(model)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         out = model(input_ids=torch.tensor([list(token_ids)]), use_cache=True,
