@@ -1,10 +1,11 @@
-//! The connections a server has open: bounded in number, and closed when the server drops.
+//! The connections a server has open: bounded in number, closed when quiet for long, and
+//! closed when the server drops.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -12,27 +13,80 @@ use parking_lot::Mutex;
 
 use crate::{Error, Result};
 
-/// Most connections one server serves at once; each has a thread. Beyond it, new
-/// connections are closed at once (the reader sees a reset and may retry).
+/// Most connections one server serves at once; each has a thread. Beyond it, the tcp
+/// servers close the connection that has been quiet longest to make room (its reader
+/// reconnects when it next reads); the shared-memory server closes the new one.
 pub(crate) const MAX_CONNECTIONS: usize = 1024;
+
+/// How long a tcp server keeps a connection that sends nothing.
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// When a connection last received a request, on the coarse clock.
+#[derive(Debug, Default)]
+pub(crate) struct Activity(AtomicU64);
+
+impl Activity {
+    fn now() -> Self {
+        Self(AtomicU64::new(crate::coarse_clock_ns()))
+    }
+
+    /// Notes a request.
+    pub(crate) fn touch(&self) {
+        self.0.store(crate::coarse_clock_ns(), Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+struct Open {
+    socket: OwnedFd,
+    activity: Arc<Activity>,
+}
 
 /// A duplicate of each open connection's socket, by id.
 #[derive(Debug, Default)]
 pub(crate) struct OpenConnections {
-    inner: Mutex<(u64, HashMap<u64, OwnedFd>)>,
+    inner: Mutex<(u64, HashMap<u64, Open>)>,
+}
+
+/// What to do with a new connection when the server is at its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AtLimit {
+    /// Close it.
+    Refuse,
+    /// Close the connection that has been quiet longest instead.
+    CloseQuietest,
 }
 
 impl OpenConnections {
-    /// Records a connection; `None` when the server is at its limit.
-    pub(crate) fn admit(&self, socket: OwnedFd) -> Option<u64> {
+    /// Records a connection, with what it last did; `None` when the server is at its limit
+    /// and refuses new ones.
+    pub(crate) fn admit(&self, socket: OwnedFd, at_limit: AtLimit) -> Option<(u64, Arc<Activity>)> {
         let mut inner = self.inner.lock();
         if inner.1.len() >= MAX_CONNECTIONS {
-            return None;
+            if at_limit == AtLimit::Refuse {
+                return None;
+            }
+            let quietest = inner
+                .1
+                .iter()
+                .min_by_key(|(_, open)| open.activity.0.load(Ordering::Relaxed))
+                .map(|(&id, _)| id);
+            if let Some(open) = quietest.and_then(|id| inner.1.remove(&id)) {
+                // Its thread sees the end of the stream and finishes.
+                let _ = rustix::net::shutdown(&open.socket, rustix::net::Shutdown::Both);
+            }
         }
         inner.0 += 1;
         let id = inner.0;
-        inner.1.insert(id, socket);
-        Some(id)
+        let activity = Arc::new(Activity::now());
+        inner.1.insert(
+            id,
+            Open {
+                socket,
+                activity: Arc::clone(&activity),
+            },
+        );
+        Some((id, activity))
     }
 
     /// Forgets a connection whose thread has finished.
@@ -42,8 +96,8 @@ impl OpenConnections {
 
     /// Shuts every open connection down, waking the threads blocked reading them.
     pub(crate) fn shutdown_all(&self) {
-        for (_, socket) in self.inner.lock().1.drain() {
-            let _ = rustix::net::shutdown(&socket, rustix::net::Shutdown::Both);
+        for (_, open) in self.inner.lock().1.drain() {
+            let _ = rustix::net::shutdown(&open.socket, rustix::net::Shutdown::Both);
         }
     }
 }
@@ -63,7 +117,10 @@ pub(crate) fn read_frame_or_end(
 }
 
 /// A TCP listener with a thread that accepts connections and serves each on a thread of its
-/// own. Dropping it stops accepting, shuts every open connection down and joins the acceptor.
+/// own: a connection quiet for [`IDLE_TIMEOUT`] ends (its reads time out), and at
+/// [`MAX_CONNECTIONS`] the quietest makes room for a new one, so quiet connections never lock
+/// readers out. Dropping it stops accepting, shuts every open connection down and joins the
+/// acceptor.
 pub(crate) struct Acceptor {
     local_addr: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -72,11 +129,11 @@ pub(crate) struct Acceptor {
 }
 
 impl Acceptor {
-    /// Accepts on `listener`; `serve` runs once per connection (`what` names the threads and
-    /// the log lines).
+    /// Accepts on `listener`; `serve` runs once per connection, and touches its [`Activity`]
+    /// at each request (`what` names the threads and the log lines).
     pub(crate) fn spawn<F>(listener: TcpListener, what: &'static str, serve: F) -> Result<Self>
     where
-        F: Fn(TcpStream) -> Result<()> + Send + Sync + 'static,
+        F: Fn(TcpStream, &Activity) -> Result<()> + Send + Sync + 'static,
     {
         let local_addr = listener
             .local_addr()
@@ -124,33 +181,43 @@ fn accept_loop<F>(
     connections: &Arc<OpenConnections>,
     serve: &Arc<F>,
 ) where
-    F: Fn(TcpStream) -> Result<()> + Send + Sync + 'static,
+    F: Fn(TcpStream, &Activity) -> Result<()> + Send + Sync + 'static,
 {
     for stream in listener.incoming() {
         if stop.load(Ordering::Acquire) {
             break;
         }
-        let Ok(stream) = stream else { continue };
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(error) => {
+                // Out of descriptors or memory: let some connections end first.
+                tracing::debug!(what, %error, "cannot accept a connection");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let Some(id) = stream
+        let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
+        let _ = stream.set_write_timeout(Some(IDLE_TIMEOUT));
+        let Some((id, activity)) = stream
             .try_clone()
             .ok()
-            .and_then(|clone| connections.admit(OwnedFd::from(clone)))
+            .and_then(|clone| connections.admit(OwnedFd::from(clone), AtLimit::CloseQuietest))
         else {
-            tracing::warn!(what, "too many connections; refusing one");
             continue;
         };
-        let (serve, connections) = (Arc::clone(serve), Arc::clone(connections));
+        let (serve, conns) = (Arc::clone(serve), Arc::clone(connections));
         let spawned = std::thread::Builder::new()
             .name(format!("mooncake-{what}-serve"))
             .spawn(move || {
-                if let Err(error) = serve(stream) {
+                if let Err(error) = serve(stream, &activity) {
                     tracing::debug!(what, %error, "connection closed");
                 }
-                connections.close(id);
+                conns.close(id);
             });
         if let Err(error) = spawned {
             tracing::warn!(what, %error, "cannot start a thread for a connection; dropping it");
+            connections.close(id);
         }
     }
 }

@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 
-use crate::conns::OpenConnections;
+use crate::conns::{AtLimit, OpenConnections};
 use crate::memory::{ControlTable, MemorySource, RemoteMapping, copy_out, prefetch};
 use crate::registry::{MAX_REGIONS, Registry, split};
 use crate::wire::{
@@ -61,6 +62,11 @@ impl ShmServer {
         let path = path.as_ref().to_owned();
         let listener =
             UnixListener::bind(&path).map_err(Error::io("bind the shared-memory socket"))?;
+        // Only the owner's user may connect (connecting needs write permission), whatever
+        // the umask: this socket hands out the region's memory with no token asked, and its
+        // connections are not closed when quiet (readers watch them to see the owner die).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(Error::io("restrict the shared-memory socket to its owner"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(OpenConnections::default());
         let acceptor = {
@@ -76,8 +82,8 @@ impl ShmServer {
                         let admitted = stream
                             .try_clone()
                             .ok()
-                            .and_then(|c| connections.admit(OwnedFd::from(c)));
-                        let Some(id) = admitted else {
+                            .and_then(|c| connections.admit(OwnedFd::from(c), AtLimit::Refuse));
+                        let Some((id, _)) = admitted else {
                             tracing::warn!("too many shared-memory connections; refusing one");
                             continue;
                         };

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::conns::{Acceptor, read_frame_or_end};
+use crate::conns::{Acceptor, Activity, read_frame_or_end};
 use crate::memory::send_from;
 use crate::registry::Registry;
 use crate::wire::{FrameError, REQUEST_BYTES, RESPONSE_BYTES, ReadRequest, ReadResponse, Status};
@@ -43,7 +43,9 @@ impl TcpServer {
     /// [`Error::Io`] if the address cannot be bound.
     pub fn bind(addr: impl ToSocketAddrs, registry: Arc<Registry>) -> Result<Self> {
         let listener = TcpListener::bind(addr).map_err(Error::io("bind the tcp data plane"))?;
-        let acceptor = Acceptor::spawn(listener, "tcp", move |stream| serve(stream, &registry))?;
+        let acceptor = Acceptor::spawn(listener, "tcp", move |stream, activity| {
+            serve(stream, &registry, activity)
+        })?;
         Ok(Self { acceptor })
     }
 
@@ -54,7 +56,7 @@ impl TcpServer {
 }
 
 /// Serves one connection until it closes or sends a frame that does not decode.
-fn serve(stream: TcpStream, registry: &Registry) -> Result<()> {
+fn serve(stream: TcpStream, registry: &Registry, activity: &Activity) -> Result<()> {
     let mut reader = std::io::BufReader::with_capacity(
         64 * REQUEST_BYTES,
         stream.try_clone().map_err(Error::io("clone a socket"))?,
@@ -65,6 +67,7 @@ fn serve(stream: TcpStream, registry: &Registry) -> Result<()> {
         if !read_frame_or_end(&mut reader, &mut frame, "read a request")? {
             return Ok(());
         }
+        activity.touch();
         // A frame that does not decode means the stream is out of step: close it.
         let request = ReadRequest::decode(&frame)?;
         let checked = registry.check(
@@ -167,42 +170,37 @@ impl TcpTransport {
     }
 
     /// Runs `ops` on connection `index`, pipelined. A transport error poisons the connection
-    /// (it is dropped and reopened next time) and fails the reads not yet answered.
+    /// (it is dropped and reopened next time) and fails the reads not yet answered. A kept
+    /// connection that fails before its first answer is opened again once and the reads
+    /// retried: the owner closes connections that stay quiet (or makes room with them), and
+    /// a read has no effect to repeat.
     fn run_on(&self, index: usize, ops: &mut [ReadOp<'_>]) -> Vec<Result<()>> {
         let mut slot = self.connections[index].lock();
-        let connection = match slot.take() {
-            Some(c) => c,
-            None => match self.connect() {
-                Ok(c) => c,
-                Err(error) => {
-                    let mut error = Some(error);
-                    return ops
-                        .iter()
-                        .map(|_| {
-                            Err(error.take().unwrap_or_else(|| Error::Io {
-                                action: "connect to the owner",
-                                source: std::io::ErrorKind::NotConnected.into(),
-                            }))
-                        })
-                        .collect();
+        let mut kept = slot.take();
+        loop {
+            let reused = kept.is_some();
+            let connection = match kept.take() {
+                Some(c) => c,
+                None => match self.connect() {
+                    Ok(c) => c,
+                    Err(error) => return fail_all(ops.len(), error, "connect to the owner"),
+                },
+            };
+            let mut results: Vec<Result<()>> = Vec::with_capacity(ops.len());
+            match self.pipeline(&connection, ops, &mut results) {
+                Ok(()) => *slot = Some(connection),
+                Err(Error::Io { .. }) if reused && results.is_empty() => {
+                    let _ = connection.stream.shutdown(Shutdown::Both);
+                    continue;
                 }
-            },
-        };
-        let mut results: Vec<Result<()>> = Vec::with_capacity(ops.len());
-        match self.pipeline(&connection, ops, &mut results) {
-            Ok(()) => *slot = Some(connection),
-            Err(error) => {
-                let _ = connection.stream.shutdown(Shutdown::Both);
-                let mut error = Some(error);
-                while results.len() < ops.len() {
-                    results.push(Err(error.take().unwrap_or_else(|| Error::Io {
-                        action: "read from the owner",
-                        source: std::io::ErrorKind::ConnectionAborted.into(),
-                    })));
+                Err(error) => {
+                    let _ = connection.stream.shutdown(Shutdown::Both);
+                    let rest = fail_all(ops.len() - results.len(), error, "read from the owner");
+                    results.extend(rest);
                 }
             }
+            return results;
         }
-        results
     }
 
     fn pipeline(
@@ -291,6 +289,19 @@ impl TcpTransport {
         }
         Ok(())
     }
+}
+
+/// `n` failures: `error` for the first, a plain one naming `action` for the others.
+fn fail_all(n: usize, error: Error, action: &'static str) -> Vec<Result<()>> {
+    let mut error = Some(error);
+    (0..n)
+        .map(|_| {
+            Err(error.take().unwrap_or_else(|| Error::Io {
+                action,
+                source: std::io::ErrorKind::ConnectionAborted.into(),
+            }))
+        })
+        .collect()
 }
 
 impl Transport for TcpTransport {

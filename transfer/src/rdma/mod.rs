@@ -441,8 +441,9 @@ impl RdmaServer {
         registry.add_revoker(Arc::downgrade(&revoker));
         let listener =
             TcpListener::bind(addr).map_err(Error::io("bind the RDMA control listener"))?;
-        let acceptor =
-            Acceptor::spawn(listener, "rdma", move |stream| owner_serve(stream, &grants))?;
+        let acceptor = Acceptor::spawn(listener, "rdma", move |stream, _| {
+            owner_serve(stream, &grants)
+        })?;
         Ok(Self { acceptor, device })
     }
 
