@@ -36,9 +36,12 @@ pub const MAX_CACHED_KEYS: usize = 1024;
 /// Bytes of a frame header.
 pub const FRAME_HEADER_BYTES: usize = 32;
 /// Version of the protocol.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 /// Largest body: a largest value plus room for its key and the encoding.
 pub const MAX_BODY_BYTES: usize = mooncake_kv_format::MAX_VALUE_BYTES + (1 << 20);
+/// Largest body a node reads before a connection has authenticated: a `Hello` with a token
+/// of up to 4,000 bytes fits.
+pub const MAX_HELLO_BODY_BYTES: usize = 4096;
 const MAGIC: [u8; 4] = *b"MKCP";
 
 /// Why bytes are not a valid frame.
@@ -60,9 +63,15 @@ pub enum FrameError {
     /// The body's CRC does not match.
     #[error("frame body checksum mismatch")]
     BodyChecksum,
-    /// The body is longer than [`MAX_BODY_BYTES`].
-    #[error("frame body of {0} bytes exceeds the limit of {MAX_BODY_BYTES}")]
-    TooLarge(u64),
+    /// The body is longer than the reader takes: [`MAX_BODY_BYTES`], or
+    /// [`MAX_HELLO_BODY_BYTES`] before a connection has authenticated.
+    #[error("frame body of {len} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// The length the header claims.
+        len: u64,
+        /// The most the reader takes here.
+        limit: u64,
+    },
     /// The body does not decode as the message expected.
     #[error("malformed message: {0}")]
     Malformed(String),
@@ -115,7 +124,10 @@ impl FrameHeader {
         }
         let body_len = le::u32_at(b, 16);
         if body_len as usize > MAX_BODY_BYTES {
-            return Err(FrameError::TooLarge(body_len.into()));
+            return Err(FrameError::TooLarge {
+                len: body_len.into(),
+                limit: MAX_BODY_BYTES as u64,
+            });
         }
         Ok(Self {
             request_id: le::u64_at(b, 8),
@@ -215,6 +227,21 @@ pub fn read_frame(
     input: &mut impl Read,
     body: &mut Vec<u8>,
 ) -> Result<Option<FrameHeader>, ReadFrameError> {
+    read_frame_within(input, body, MAX_BODY_BYTES)
+}
+
+/// As [`read_frame`], refusing a body longer than `limit` bytes as soon as the header says
+/// so ([`FrameError::TooLarge`]): a node reads a connection's frames before `Hello` within
+/// [`MAX_HELLO_BODY_BYTES`], so a peer that has not authenticated cannot make it hold more.
+///
+/// # Errors
+///
+/// As [`read_frame`].
+pub fn read_frame_within(
+    input: &mut impl Read,
+    body: &mut Vec<u8>,
+    limit: usize,
+) -> Result<Option<FrameHeader>, ReadFrameError> {
     let mut raw = [0u8; FRAME_HEADER_BYTES];
     let mut filled = 0;
     while filled < raw.len() {
@@ -227,6 +254,13 @@ pub fn read_frame(
         }
     }
     let header = FrameHeader::decode(&raw)?;
+    if header.body_len as usize > limit {
+        return Err(FrameError::TooLarge {
+            len: header.body_len.into(),
+            limit: limit as u64,
+        }
+        .into());
+    }
     // Grow the buffer with the bytes that arrive, not with what the header claims: a peer
     // announcing 64 MiB and sending nothing costs nothing.
     body.clear();
@@ -362,6 +396,8 @@ pub enum ErrorCode {
     ShuttingDown,
     /// Anything else; the message says what.
     Internal,
+    /// The node serves as many connections as it takes; another may succeed later.
+    Busy,
 }
 
 /// A refusal: a code for programs, a message for people.
@@ -469,10 +505,28 @@ pub struct NodeStats {
     pub errors: u64,
     /// Leases held now.
     pub leases: u64,
-    /// Open control connections.
+    /// Open control connections that have authenticated.
     pub connections: u64,
+    /// How the node admitted connections.
+    pub admission: AdmissionFigures,
     /// Repair's figures, when the node takes part in repair.
     pub repair: Option<RepairFigures>,
+}
+
+/// How a node admits control connections: each must authenticate (`Hello`, with the token
+/// when the node has one) within a deadline, and those that have not yet have a budget of
+/// their own, so they never take the place of authenticated ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Encode, Decode)]
+pub struct AdmissionFigures {
+    /// Connections open now that have not authenticated yet.
+    pub unauthenticated: u64,
+    /// Connections closed because their budget was full, since the node started: the oldest
+    /// of those that had not authenticated, to make room for a new one, or a `Hello` past the
+    /// limit of authenticated connections (answered `Busy`).
+    pub refused: u64,
+    /// Connections closed for not authenticating within the deadline, since the node
+    /// started.
+    pub hello_timeouts: u64,
 }
 
 /// A node's repair figures (see the `repair` module).
@@ -591,6 +645,28 @@ mod tests {
     }
 
     #[test]
+    fn a_body_over_the_callers_limit_is_refused_from_its_header() {
+        let body = vec![7; MAX_HELLO_BODY_BYTES + 1];
+        let mut out = Vec::new();
+        write_frame(&mut out, 1, &body).unwrap();
+        let mut read_body = Vec::new();
+        let result = read_frame_within(&mut out.as_slice(), &mut read_body, MAX_HELLO_BODY_BYTES);
+        assert!(
+            matches!(
+                result,
+                Err(ReadFrameError::Frame(FrameError::TooLarge { len, limit }))
+                    if len == body.len() as u64 && limit == MAX_HELLO_BODY_BYTES as u64
+            ),
+            "{result:?}"
+        );
+        assert!(read_body.is_empty(), "nothing of the body was read");
+        let header = read_frame(&mut out.as_slice(), &mut read_body)
+            .unwrap()
+            .unwrap();
+        assert_eq!(header.body_len as usize, body.len());
+    }
+
+    #[test]
     fn frames_round_trip_and_every_header_bit_flip_is_caught() {
         let mut out = Vec::new();
         let body = encode_body(&Request::Stats);
@@ -630,7 +706,7 @@ mod tests {
         };
         assert!(matches!(
             FrameHeader::decode(&header.encode()),
-            Err(FrameError::TooLarge(_))
+            Err(FrameError::TooLarge { .. })
         ));
     }
 

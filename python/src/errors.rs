@@ -165,7 +165,7 @@ fn refusal_kind(code: ErrorCode) -> Kind {
         ErrorCode::Unauthorized => Kind::Unauthorized,
         ErrorCode::TooLarge => Kind::TooLarge,
         ErrorCode::NoSpace => Kind::NoSpace,
-        ErrorCode::ShuttingDown => Kind::Unavailable,
+        ErrorCode::ShuttingDown | ErrorCode::Busy => Kind::Unavailable,
         ErrorCode::Internal => Kind::Internal,
     }
 }

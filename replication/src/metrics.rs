@@ -37,6 +37,17 @@ impl Histogram {
     }
 }
 
+/// How the control plane's connections are held now.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ConnectionThreads {
+    /// Connections that have not authenticated.
+    pub(crate) unauthenticated: u64,
+    /// Connections held by the poller.
+    pub(crate) parked: u64,
+    /// Worker threads alive.
+    pub(crate) workers: u64,
+}
+
 /// Everything the node counts. Relaxed atomics: each figure is exact, a set of them read
 /// together is only roughly simultaneous.
 #[derive(Debug, Default)]
@@ -52,7 +63,12 @@ pub(crate) struct Metrics {
     pub(crate) unauthorized: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_described: AtomicU64,
+    /// Authenticated control connections open now.
     pub(crate) connections: AtomicU64,
+    /// Connections closed because their budget was full (see `AdmissionFigures::refused`).
+    pub(crate) refused_connections: AtomicU64,
+    /// Connections closed for not authenticating in time.
+    pub(crate) hello_timeouts: AtomicU64,
 }
 
 impl Metrics {
@@ -73,6 +89,7 @@ impl Metrics {
         &self,
         engine: &EngineStats,
         leases: u64,
+        threads: &ConnectionThreads,
         repair: Option<&crate::repair::RepairStats>,
     ) -> String {
         let mut out = String::with_capacity(8192);
@@ -170,8 +187,38 @@ impl Metrics {
         gauge(
             &mut out,
             "mooncake_connections",
-            "Open control connections.",
+            "Open control connections that have authenticated.",
             load(&self.connections),
+        );
+        gauge(
+            &mut out,
+            "mooncake_unauthenticated_connections",
+            "Open control connections that have not authenticated yet.",
+            threads.unauthenticated,
+        );
+        gauge(
+            &mut out,
+            "mooncake_parked_connections",
+            "Open control connections with no request in flight, held by the poller (no thread).",
+            threads.parked,
+        );
+        gauge(
+            &mut out,
+            "mooncake_worker_threads",
+            "Threads serving control connections (they grow with the connections active at once, not with those open).",
+            threads.workers,
+        );
+        counter(
+            &mut out,
+            "mooncake_refused_connections_total",
+            "Control connections closed because their budget was full: the oldest that had not authenticated, to make room for a new one, or a Hello past the limit of authenticated connections.",
+            load(&self.refused_connections),
+        );
+        counter(
+            &mut out,
+            "mooncake_hello_timeouts_total",
+            "Control connections closed for not authenticating within the deadline.",
+            load(&self.hello_timeouts),
         );
         gauge(&mut out, "mooncake_leases", "Leases held now.", leases);
         let _ = writeln!(

@@ -38,3 +38,25 @@ pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Raises this process's open-file soft limit to at least `wanted` (as far as the hard limit
+/// allows), for tests that hold thousands of sockets. Returns the limit now in force.
+pub fn raise_open_file_limit(wanted: u64) -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let Rlimit { current, maximum } = getrlimit(Resource::Nofile);
+    let soft = current.unwrap_or(u64::MAX);
+    if soft >= wanted {
+        return soft;
+    }
+    let target = wanted.min(maximum.unwrap_or(u64::MAX));
+    match setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(target),
+            maximum,
+        },
+    ) {
+        Ok(()) => target,
+        Err(_) => soft,
+    }
+}

@@ -2,49 +2,186 @@
 //! answering each request (lookups and their leases, puts received straight into DRAM,
 //! stats).
 
+use super::workers::{Job, dispatch, park};
 use super::*;
 
 pub(super) fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    let mut warned = RateLimit::default();
     for stream in listener.incoming() {
         if shared.stopping.load(Ordering::Acquire) {
             break;
         }
-        let Ok(stream) = stream else { continue };
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(error) => {
+                // Out of descriptors (EMFILE, ENFILE) or memory: say so, and give the
+                // connections being served a moment to end before accepting again.
+                if warned.due() {
+                    tracing::warn!(%error, "cannot accept a control connection");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
+        // Bounds a read or write in the middle of a request; between requests the poller
+        // closes a connection quiet for as long.
+        let _ = stream.set_read_timeout(Some(shared.idle_timeout));
+        let _ = stream.set_write_timeout(Some(shared.idle_timeout));
         let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
         {
             let mut connections = shared.connections.lock();
-            if connections.len() >= shared.max_connections {
-                tracing::warn!("too many control connections; refusing one");
-                continue;
+            if connections.unauthenticated >= shared.max_unauthenticated
+                && connections.close_oldest_unauthenticated()
+            {
+                // The oldest one that has not authenticated gives way: a flood of sockets
+                // that never say Hello cannot keep a client that does from being served.
+                shared
+                    .metrics
+                    .refused_connections
+                    .fetch_add(1, Ordering::Relaxed);
+                if warned.due() {
+                    tracing::warn!(
+                        limit = shared.max_unauthenticated,
+                        "as many connections as allowed have not authenticated; closing the \
+                         oldest of them to make room for new ones (each is counted in \
+                         mooncake_refused_connections_total)"
+                    );
+                }
             }
-            let Ok(clone) = stream.try_clone() else {
-                continue;
-            };
-            connections.insert(id, clone);
+            connections.open.insert(
+                id,
+                Connection {
+                    fd: stream.as_raw_fd(),
+                    authenticated: false,
+                    hello_deadline: Some(Instant::now() + shared.hello_timeout),
+                },
+            );
+            connections.unauthenticated += 1;
         }
-        shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
-        let shared = Arc::clone(shared);
-        let spawned = std::thread::Builder::new()
-            .name("mooncake-node-serve".into())
-            .spawn(move || {
-                if let Err(error) = serve(stream, &shared) {
-                    tracing::debug!(%error, "control connection closed");
-                }
-                shared.metrics.connections.fetch_sub(1, Ordering::Relaxed);
-                let mut connections = shared.connections.lock();
-                connections.remove(&id);
-                if connections.is_empty() {
-                    shared.idle.notify_all();
-                }
-            });
-        if let Err(error) = spawned {
-            tracing::warn!(%error, "cannot start a thread for a connection");
+        // A worker reads its Hello (or parks it, if it has sent nothing yet).
+        dispatch(
+            shared,
+            Job {
+                stream,
+                id,
+                authenticated: false,
+            },
+        );
+    }
+}
+
+/// Serves `job` until it goes quiet (then parks it with the poller) or ends.
+pub(super) fn run(shared: &Arc<Shared>, mut job: Job) {
+    match serve(&job.stream, shared, job.id, &mut job.authenticated) {
+        Ok(Next::Park) => {
+            if let Err(job) = park(shared, job) {
+                shared.forget(job.id);
+            }
+        }
+        Ok(Next::Close) => shared.forget(job.id),
+        Err(error) => {
+            tracing::debug!(%error, "control connection closed");
+            shared.forget(job.id);
         }
     }
 }
 
+/// What to do with a connection a worker is done with for now.
+enum Next {
+    /// Nothing more is coming now: give it to the poller.
+    Park,
+    /// It ended, or was refused.
+    Close,
+}
+
+/// Whether `stream` has bytes to read (or its end) within `wait`.
+fn readable_within(stream: &TcpStream, wait: Duration) -> bool {
+    let mut fds = [rustix::event::PollFd::new(
+        stream,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec::try_from(wait).unwrap_or(rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    });
+    loop {
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(n) => return n > 0,
+            Err(rustix::io::Errno::INTR) => {}
+            // Let the read report it.
+            Err(_) => return true,
+        }
+    }
+}
+
+/// At most one warning per interval for an event that can repeat thousands of times a second.
+#[derive(Default)]
+struct RateLimit(Option<Instant>);
+
+impl RateLimit {
+    const INTERVAL: Duration = Duration::from_secs(10);
+
+    fn due(&mut self) -> bool {
+        let now = Instant::now();
+        let due = self
+            .0
+            .is_none_or(|last| now.duration_since(last) >= Self::INTERVAL);
+        if due {
+            self.0 = Some(now);
+        }
+        due
+    }
+}
+
+impl Shared {
+    /// Lets connection `id` through `Hello`; `Err` with the number served when the
+    /// authenticated ones are at their limit (or the connection was just closed to make
+    /// room).
+    fn authenticate(&self, id: u64) -> Result<(), usize> {
+        let mut connections = self.connections.lock();
+        let Some(connection) = connections.open.get(&id) else {
+            return Err(connections.authenticated());
+        };
+        if connection.authenticated {
+            return Ok(());
+        }
+        let served = connections.authenticated();
+        if served >= self.max_connections {
+            return Err(served);
+        }
+        if let Some(connection) = connections.open.get_mut(&id) {
+            connection.authenticated = true;
+            connection.hello_deadline = None;
+        }
+        connections.unauthenticated -= 1;
+        self.metrics.connections.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Forgets connection `id`, whose thread has ended (or never started).
+    pub(super) fn forget(&self, id: u64) {
+        let mut connections = self.connections.lock();
+        match connections.open.remove(&id) {
+            Some(c) if c.authenticated => {
+                self.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+            }
+            Some(_) => connections.unauthenticated -= 1,
+            None => {}
+        }
+        if connections.open.is_empty() {
+            self.idle.notify_all();
+        }
+    }
+
+    /// The connections open now that have not authenticated.
+    pub(super) fn unauthenticated(&self) -> u64 {
+        self.connections.lock().unauthenticated as u64
+    }
+}
+
 pub(super) fn sweep_leases(shared: &Shared) {
+    let mut sweeps = 0u32;
     while !shared.stopping.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(20));
         let now = Instant::now();
@@ -54,25 +191,59 @@ pub(super) fn sweep_leases(shared: &Shared) {
             .reservations
             .lock()
             .retain(|_, (deadline, _)| *deadline > now);
+        // Every 100 ms: a connection that has not authenticated in time is closed, however
+        // it trickles its bytes (a read timeout alone restarts with each byte).
+        sweeps = sweeps.wrapping_add(1);
+        if sweeps % 5 == 0 {
+            let closed = shared.connections.lock().close_late(now);
+            if closed > 0 {
+                shared
+                    .metrics
+                    .hello_timeouts
+                    .fetch_add(closed, Ordering::Relaxed);
+                tracing::debug!(
+                    closed,
+                    "closed connections that did not authenticate in time"
+                );
+            }
+        }
     }
 }
 
-/// Serves one connection until it closes, sends a frame that fails its checks, or fails
+/// Serves one connection's requests while they come (each soon after the last answer: see
+/// [`super::workers::Workers::linger`]), until it goes quiet, closes, sends a frame that fails its checks, or fails
 /// authentication.
-fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
-    // Socket options: they hold for the reader's clone too.
-    stream.set_read_timeout(Some(shared.idle_timeout))?;
-    stream.set_write_timeout(Some(shared.idle_timeout))?;
+fn serve(
+    stream: &TcpStream,
+    shared: &Shared,
+    id: u64,
+    authenticated: &mut bool,
+) -> std::io::Result<Next> {
     // Small read-ahead: put values that follow a frame are read straight into the space
-    // reserved for them; at most this much of one is copied out of the buffer.
-    let mut reader = BufReader::with_capacity(4096, stream.try_clone()?);
-    let mut writer = BufWriter::with_capacity(64 << 10, &stream);
+    // reserved for them; at most this much of one is copied out of the buffer. Both buffers
+    // live while a worker serves the connection, not while it is parked.
+    let mut reader = BufReader::with_capacity(4096, stream);
+    let mut writer = BufWriter::with_capacity(16 << 10, stream);
     let mut body = Vec::new();
-    let mut authenticated = false;
     loop {
-        let header = match read_frame(&mut reader, &mut body) {
+        // Read-ahead is empty between requests (a client waits for each answer), unless it
+        // sent several at once.
+        if reader.buffer().is_empty() {
+            let (wait, _turn) = shared.workers.linger();
+            if !readable_within(stream, wait) {
+                return Ok(Next::Park);
+            }
+        }
+        let authenticated_now = *authenticated;
+        // Before Hello, nothing larger than a Hello is read.
+        let limit = if authenticated_now {
+            MAX_BODY_BYTES
+        } else {
+            MAX_HELLO_BODY_BYTES
+        };
+        let header = match read_frame_within(&mut reader, &mut body, limit) {
             Ok(Some(header)) => header,
-            Ok(None) => return Ok(()),
+            Ok(None) => return Ok(Next::Close),
             Err(ReadFrameError::Io(e)) => return Err(e),
             Err(ReadFrameError::Frame(error)) => {
                 // The stream is out of step: say why, then close.
@@ -80,9 +251,15 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                     .metrics
                     .rejected_frames
                     .fetch_add(1, Ordering::Relaxed);
-                let reply = refuse(ErrorCode::BadRequest, format!("bad frame: {error}"));
+                let before = if authenticated_now {
+                    ""
+                } else {
+                    " before Hello"
+                };
+                let reply = refuse(ErrorCode::BadRequest, format!("bad frame{before}: {error}"));
                 write_frame(&mut writer, 0, &encode_body(&reply))?;
-                return writer.flush();
+                writer.flush()?;
+                return Ok(Next::Close);
             }
         };
         let (response, close) = match decode_request(&body) {
@@ -91,18 +268,33 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 (refuse(ErrorCode::BadRequest, error.to_string()), false)
             }
             Ok(Request::Hello { token }) => {
-                if token_ok(shared.token.as_deref(), token) {
-                    authenticated = true;
-                    (Response::Hello(shared.hello.clone()), false)
-                } else {
+                if !token_ok(shared.token.as_deref(), token) {
                     shared.metrics.unauthorized.fetch_add(1, Ordering::Relaxed);
                     (
                         refuse(ErrorCode::Unauthorized, "missing or wrong token".to_owned()),
                         true,
                     )
+                } else if let Err(served) = shared.authenticate(id) {
+                    shared
+                        .metrics
+                        .refused_connections
+                        .fetch_add(1, Ordering::Relaxed);
+                    (
+                        refuse(
+                            ErrorCode::Busy,
+                            format!(
+                                "the node serves {served} connections, its limit; try again \
+                                 later"
+                            ),
+                        ),
+                        true,
+                    )
+                } else {
+                    *authenticated = true;
+                    (Response::Hello(shared.hello.clone()), false)
                 }
             }
-            Ok(_) if !authenticated => (
+            Ok(_) if !authenticated_now => (
                 refuse(
                     ErrorCode::Unauthorized,
                     "send Hello (with the token, if the node has one) first".to_owned(),
@@ -128,7 +320,7 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                     writer.flush()?;
                 } else {
                     writer.flush()?;
-                    write_with_blocks(&stream, header.request_id, &body, &inline)?;
+                    write_with_blocks(stream, header.request_id, &body, &inline)?;
                 }
                 continue;
             }
@@ -136,7 +328,7 @@ fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         write_frame(&mut writer, header.request_id, &encode_body(&response))?;
         writer.flush()?;
         if close {
-            return Ok(());
+            return Ok(Next::Close);
         }
     }
 }
@@ -510,6 +702,11 @@ fn node_stats(shared: &Shared) -> NodeStats {
         errors: shared.metrics.errors.load(Ordering::Relaxed),
         leases: shared.leases.lock().len() as u64,
         connections: shared.metrics.connections.load(Ordering::Relaxed),
+        admission: AdmissionFigures {
+            unauthenticated: shared.unauthenticated(),
+            refused: shared.metrics.refused_connections.load(Ordering::Relaxed),
+            hello_timeouts: shared.metrics.hello_timeouts.load(Ordering::Relaxed),
+        },
         repair: shared.repair_stats.lock().as_ref().map(|r| r.figures()),
     }
 }

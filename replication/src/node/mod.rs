@@ -3,12 +3,15 @@
 //! and, for clients on the same host, its shared-memory socket.
 
 mod control;
+mod workers;
 
 use control::{accept_loop, sweep_leases};
+use workers::{Workers, poll_parked};
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufReader, BufWriter, IoSlice, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,9 +27,10 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::metrics::Metrics;
 use crate::proto::{
-    ChainLinks, Descriptor, ErrorCode, ErrorReply, HelloReply, MAX_CACHED_KEYS, NodeStats, Outcome,
-    ReadFrameError, Request, ReservedReply, Response, TierFigures, decode_request, encode_body,
-    frame_header, read_frame, write_frame,
+    AdmissionFigures, ChainLinks, Descriptor, ErrorCode, ErrorReply, HelloReply, MAX_BODY_BYTES,
+    MAX_CACHED_KEYS, MAX_HELLO_BODY_BYTES, NodeStats, Outcome, ReadFrameError, Request,
+    ReservedReply, Response, TierFigures, decode_request, encode_body, frame_header,
+    read_frame_within, write_frame,
 };
 use crate::region::DramRegion;
 use crate::repair::{Repair, RepairConfig, RepairStats};
@@ -46,8 +50,17 @@ pub struct NodeConfig {
     pub lease: Duration,
     /// Most leases held at once; beyond, lookups answer without a lease. Default 65,536.
     pub max_leases: usize,
-    /// Most control connections at once. Default 1,024.
+    /// Most authenticated control connections at once; a `Hello` beyond is refused with
+    /// `Busy`. Default 1,024.
     pub max_connections: usize,
+    /// Most control connections at once that have not authenticated yet; beyond, the oldest
+    /// of them is closed to make room for the new one. They never take the place of
+    /// authenticated ones, and a flood of them delays a client that says Hello by no more
+    /// than its own round trip. Default 256.
+    pub max_unauthenticated: usize,
+    /// How long a new connection has to authenticate (`Hello`, with the token when there is
+    /// one) before it is closed, however it trickles its bytes. Default 5 s.
+    pub hello_timeout: Duration,
     /// How long a two-phase put's reservation waits for its commit. Default 10 s.
     pub reservation_timeout: Duration,
     /// Most reservations held at once. Default 4,096.
@@ -71,6 +84,8 @@ impl Default for NodeConfig {
             lease: Duration::from_secs(2),
             max_leases: 1 << 16,
             max_connections: 1024,
+            max_unauthenticated: 256,
+            hello_timeout: Duration::from_secs(5),
             reservation_timeout: Duration::from_secs(10),
             max_reservations: 4096,
             idle_timeout: Duration::from_secs(300),
@@ -157,6 +172,84 @@ impl Leases {
     }
 }
 
+/// A control connection being served.
+struct Connection {
+    /// The socket's descriptor, to stop it from another thread. Not a clone: a connection
+    /// takes one descriptor, not two. It stays valid while the entry exists, because
+    /// whoever closes the socket (drops the [`workers::Job`] that owns it) forgets the entry
+    /// first, under the same lock that every use of `fd` holds.
+    fd: RawFd,
+    authenticated: bool,
+    /// When it must have authenticated; `None` once it has, or once it was closed for not
+    /// having done so.
+    hello_deadline: Option<Instant>,
+}
+
+/// The open control connections.
+#[derive(Default)]
+struct Connections {
+    open: HashMap<u64, Connection>,
+    /// How many of `open` have not authenticated.
+    unauthenticated: usize,
+}
+
+impl Connection {
+    #[expect(
+        unsafe_code,
+        reason = "a descriptor owned by a Job, borrowed by number"
+    )]
+    fn shutdown(&self, how: rustix::net::Shutdown) {
+        // SAFETY: `fd` is the socket of a live `Job`: this entry is in `Connections`, which
+        // is locked by the caller (`&self` is only reachable through the lock), and every
+        // path that drops a Job (`Shared::forget`, the poller's closes, which also forget)
+        // removes its entry under that lock first. So the number is not yet closed, nor
+        // reused by another file.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
+        let _ = rustix::net::shutdown(fd, how);
+    }
+}
+
+impl Connections {
+    /// Connections that have authenticated.
+    fn authenticated(&self) -> usize {
+        self.open.len() - self.unauthenticated
+    }
+
+    /// Closes the connection that has waited longest to authenticate (and forgets it: its
+    /// thread sees the close and ends); `false` if none waits.
+    fn close_oldest_unauthenticated(&mut self) -> bool {
+        let oldest = self
+            .open
+            .iter()
+            .filter(|(_, c)| !c.authenticated)
+            .min_by_key(|&(&id, _)| id)
+            .map(|(&id, _)| id);
+        let Some(connection) = oldest.and_then(|id| self.open.remove(&id)) else {
+            return false;
+        };
+        connection.shutdown(rustix::net::Shutdown::Both);
+        self.unauthenticated -= 1;
+        true
+    }
+
+    /// Shuts down the connections whose time to authenticate is over; returns how many.
+    fn close_late(&mut self, now: Instant) -> u64 {
+        let mut closed = 0;
+        for connection in self.open.values_mut() {
+            if connection
+                .hello_deadline
+                .is_some_and(|deadline| deadline <= now)
+            {
+                connection.shutdown(rustix::net::Shutdown::Both);
+                // Counted once; the serving thread removes it when it sees the close.
+                connection.hello_deadline = None;
+                closed += 1;
+            }
+        }
+        closed
+    }
+}
+
 struct Shared {
     engine: Engine,
     hello: HelloReply,
@@ -165,6 +258,8 @@ struct Shared {
     lease: Duration,
     max_leases: usize,
     max_connections: usize,
+    max_unauthenticated: usize,
+    hello_timeout: Duration,
     leases: Mutex<Leases>,
     /// Two-phase puts waiting for their commit, with their deadline.
     reservations: Mutex<HashMap<u64, (Instant, Reservation)>>,
@@ -180,19 +275,29 @@ struct Shared {
     /// nothing hidden.
     hidden_below: AtomicU64,
     stopping: AtomicBool,
-    /// A clone of each open connection, to stop reading them at shutdown.
-    connections: Mutex<HashMap<u64, TcpStream>>,
+    /// Each open connection, to close late ones and stop reading them all at shutdown.
+    connections: Mutex<Connections>,
     next_connection: AtomicU64,
-    /// Signalled when the last connection thread ends.
+    /// Signalled when the last connection ends.
     idle: Condvar,
+    /// The threads that serve connections, and the poller that holds the quiet ones.
+    workers: Workers,
 }
 
 impl Shared {
     fn metrics_text(&self) -> String {
         let leases = self.leases.lock().len() as u64;
         let repair = self.repair_stats.lock().clone();
-        self.metrics
-            .render(&self.engine.stats(), leases, repair.as_deref())
+        self.metrics.render(
+            &self.engine.stats(),
+            leases,
+            &crate::metrics::ConnectionThreads {
+                unauthenticated: self.unauthenticated(),
+                parked: self.workers.parked() as u64,
+                workers: self.workers.threads() as u64,
+            },
+            repair.as_deref(),
+        )
     }
 }
 
@@ -213,6 +318,7 @@ pub struct Node {
     control_addr: SocketAddr,
     data_addr: SocketAddr,
     acceptor: Option<JoinHandle<()>>,
+    poller: Option<JoinHandle<()>>,
     sweeper: Option<JoinHandle<()>>,
     registry: Arc<Registry>,
     tcp: Option<TcpServer>,
@@ -329,6 +435,8 @@ impl Node {
             lease: config.lease,
             max_leases: config.max_leases,
             max_connections: config.max_connections,
+            max_unauthenticated: config.max_unauthenticated.max(1),
+            hello_timeout: config.hello_timeout,
             leases: Mutex::new(Leases::default()),
             reservations: Mutex::new(HashMap::new()),
             next_reservation: AtomicU64::new(0),
@@ -339,9 +447,11 @@ impl Node {
             repair_stats: Mutex::new(None),
             hidden_below: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
-            connections: Mutex::new(HashMap::new()),
+            connections: Mutex::new(Connections::default()),
             next_connection: AtomicU64::new(0),
             idle: Condvar::new(),
+            workers: Workers::new(config.max_connections + config.max_unauthenticated)
+                .map_err(io("create the control plane's poller"))?,
         });
         let acceptor = {
             let shared = Arc::clone(&shared);
@@ -349,6 +459,13 @@ impl Node {
                 .name("mooncake-node-accept".into())
                 .spawn(move || accept_loop(&listener, &shared))
                 .map_err(io("start the control acceptor"))?
+        };
+        let poller = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("mooncake-node-poll".into())
+                .spawn(move || poll_parked(&shared))
+                .map_err(io("start the control plane's poller"))?
         };
         let sweeper = {
             let shared = Arc::clone(&shared);
@@ -363,6 +480,7 @@ impl Node {
             control_addr,
             data_addr,
             acceptor: Some(acceptor),
+            poller: Some(poller),
             sweeper: Some(sweeper),
             registry,
             tcp: Some(tcp),
@@ -468,13 +586,17 @@ impl Node {
         if let Some(handle) = self.acceptor.take() {
             let _ = handle.join();
         }
-        // Stop reading requests; a thread in the middle of one still writes its response.
-        for stream in self.shared.connections.lock().values() {
-            let _ = stream.shutdown(Shutdown::Read);
+        // The poller closes the parked connections as it ends.
+        if let Some(handle) = self.poller.take() {
+            let _ = handle.join();
+        }
+        // Stop reading requests; a worker in the middle of one still writes its response.
+        for connection in self.shared.connections.lock().open.values() {
+            connection.shutdown(rustix::net::Shutdown::Read);
         }
         let deadline = Instant::now() + grace;
         let mut connections = self.shared.connections.lock();
-        while !connections.is_empty() {
+        while !connections.open.is_empty() {
             if self
                 .shared
                 .idle
@@ -482,16 +604,24 @@ impl Node {
                 .timed_out()
             {
                 tracing::warn!(
-                    open = connections.len(),
+                    open = connections.open.len(),
                     "connections still open after the grace period; closing them"
                 );
-                for stream in connections.values() {
-                    let _ = stream.shutdown(Shutdown::Both);
+                for connection in connections.open.values() {
+                    connection.shutdown(rustix::net::Shutdown::Both);
                 }
                 break;
             }
         }
         drop(connections);
+        // Workers hold the node's state: they end before the engine can be closed.
+        if !self
+            .shared
+            .workers
+            .wait_ended(deadline + Duration::from_secs(1))
+        {
+            tracing::warn!("worker threads still running after the grace period");
+        }
         if let Some(handle) = self.sweeper.take() {
             let _ = handle.join();
         }
