@@ -2,6 +2,7 @@
 //! reported, and the self-describing values the crash test writes.
 
 pub mod bench;
+pub mod http;
 pub mod replay;
 
 /// Shows a key as text when it is printable UTF-8, else as `0x` and hex.

@@ -2,8 +2,8 @@
 //! directory) to clients over a TCP control plane, a tcp data plane for one-sided reads, and a
 //! shared-memory socket for clients on the same host; Prometheus metrics over HTTP.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
+use std::net::TcpListener;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +17,7 @@ use mooncake_kv_engine::{EngineConfig, EvictionPolicyKind};
 use mooncake_kv_replication::membership::{EtcdConfig, StaticConfig};
 use mooncake_kv_replication::repair::RepairConfig;
 use mooncake_kv_replication::{Node, NodeConfig, NodeMetrics};
+use mooncake_kv_tools::http::Answer;
 use serde::Deserialize;
 
 /// Run a mooncake KVCache node.
@@ -77,6 +78,12 @@ struct Cli {
     /// of processes that are gone.
     #[arg(long)]
     no_shm: bool,
+    /// Most authenticated control connections at once (default 1,024). Connections that have
+    /// not authenticated have a budget of their own (256) and 5 s to say Hello, so they
+    /// never take these places. At start the node raises its open-file limit as far as the
+    /// hard limit allows and says in the log if that is below what the limits need.
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// How long a lookup pins a block, in milliseconds.
     #[arg(long)]
     lease_ms: Option<u64>,
@@ -132,6 +139,7 @@ struct FileConfig {
     shm: Option<bool>,
     lease_ms: Option<u64>,
     max_leases: Option<usize>,
+    max_connections: Option<usize>,
     peers: Option<Vec<String>>,
     etcd: Option<Vec<String>>,
     etcd_prefix: Option<String>,
@@ -230,6 +238,15 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
             let token = text.trim_end_matches(['\n', '\r']).as_bytes().to_vec();
             if token.is_empty() {
                 bail!("token file {} is empty", path.display());
+            }
+            // A node reads at most MAX_HELLO_BODY_BYTES from a connection before it has
+            // authenticated; a Hello with a longer token would never be read.
+            if token.len() > MAX_TOKEN_BYTES {
+                bail!(
+                    "token file {} holds {} bytes; a token has at most {MAX_TOKEN_BYTES}",
+                    path.display(),
+                    token.len()
+                );
             }
             Some(token)
         }
@@ -355,6 +372,11 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
             token,
             lease: Duration::from_millis(lease_ms),
             max_leases: cli.max_leases.or(file.max_leases).unwrap_or(1 << 16),
+            max_connections: match cli.max_connections.or(file.max_connections) {
+                Some(0) => bail!("max_connections must be at least 1"),
+                Some(n) => n,
+                None => NodeConfig::default().max_connections,
+            },
             engine: EngineConfig {
                 dram_capacity_bytes: mib(cli.dram_mib, file.dram_mib, 256, "dram_mib")?,
                 nvme_capacity_bytes: mib(cli.nvme_mib, file.nvme_mib, 1024, "nvme_mib")?,
@@ -419,6 +441,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             );
         }
     }
+    raise_open_file_limit(&settings.node);
     let node = Node::start(settings.node).context("cannot start the node")?;
     if let Some(repair) = settings.repair {
         node.start_repair(repair).context("cannot start repair")?;
@@ -429,9 +452,17 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot bind the metrics listener on {addr}"))?;
             let local = listener.local_addr()?;
             let metrics = node.metrics();
+            let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("mooncake-metrics".into())
-                .spawn(move || serve_metrics(&listener, &metrics))?;
+                .spawn(move || {
+                    let served = mooncake_kv_tools::http::serve(&listener, &stop, |path| {
+                        metrics_answer(&metrics, path)
+                    });
+                    if let Err(error) = served {
+                        tracing::error!(%error, "the metrics endpoint stopped");
+                    }
+                })?;
             Some(local)
         }
         None => None,
@@ -453,6 +484,54 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .context("flush at shutdown failed")?;
     eprintln!("mooncake-kvd: stopped cleanly ({flushed} blocks flushed)");
     Ok(())
+}
+
+/// Longest token: a `Hello` carrying it fits in what a node reads before authentication.
+const MAX_TOKEN_BYTES: usize = 4000;
+
+/// Raises the open-file soft limit to the hard limit (a common default soft limit, 1,024,
+/// holds about 300 connections), and says in the log when even that is below what the
+/// connection limits need: beyond it, new connections fail to be accepted.
+fn raise_open_file_limit(node: &NodeConfig) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    // Each control connection takes two descriptors (the socket and the clone that stops it);
+    // so does each connection of the tcp data plane and of the shared-memory socket
+    // (at most 1,024 each); the engine and RocksDB take some more.
+    let needed = 2 * (node.max_connections + node.max_unauthenticated + 2 * 1024) as u64 + 256;
+    let Rlimit { current, maximum } = getrlimit(Resource::Nofile);
+    let Some(soft) = current else {
+        return; // unlimited
+    };
+    let target = maximum.unwrap_or(u64::MAX).min(1 << 20);
+    let limit = if soft < target {
+        match setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(target),
+                maximum,
+            },
+        ) {
+            Ok(()) => {
+                tracing::info!(from = soft, to = target, "raised the open-file limit");
+                target
+            }
+            Err(error) => {
+                tracing::warn!(%error, soft, "cannot raise the open-file limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    if limit < needed {
+        tracing::warn!(
+            limit,
+            needed,
+            "the open-file limit is below what the connection limits need; connections \
+             beyond it will not be accepted (raise the hard limit, e.g. LimitNOFILE= or \
+             ulimit -Hn)"
+        );
+    }
 }
 
 /// Refuses a DRAM tier larger than the machine's physical memory (`MemTotal` in
@@ -486,40 +565,26 @@ fn physical_memory_bytes() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-/// Answers `GET /metrics` (Prometheus text) and `GET /health`; anything else is a 404.
-fn serve_metrics(listener: &TcpListener, metrics: &NodeMetrics) {
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        if let Err(error) = answer_http(stream, metrics) {
-            tracing::debug!(%error, "metrics request failed");
-        }
-    }
-}
-
-fn answer_http(stream: TcpStream, metrics: &NodeMetrics) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut line = String::new();
-    // Bounded: a request line longer than 8 KiB is not one we answer.
-    BufReader::new(Read::take(&stream, 8192)).read_line(&mut line)?;
-    let path = line.split_whitespace().nth(1).unwrap_or("");
-    let (status, content_type, body) = match (line.starts_with("GET "), path) {
-        (true, "/metrics") => match metrics.render() {
-            Some(text) => ("200 OK", "text/plain; version=0.0.4", text),
-            None => (
-                "503 Service Unavailable",
-                "text/plain",
-                "stopping\n".to_owned(),
-            ),
-        },
-        (true, "/health") => ("200 OK", "text/plain", "ok\n".to_owned()),
-        _ => ("404 Not Found", "text/plain", "try /metrics\n".to_owned()),
+/// The metrics endpoint's answers: `/metrics` (Prometheus text) and `/health`; anything
+/// else is a 404.
+fn metrics_answer(metrics: &NodeMetrics, path: &str) -> Answer {
+    let text = |status, body: &str| Answer {
+        status,
+        content_type: "text/plain",
+        body: body.to_owned(),
     };
-    let mut out = &stream;
-    write!(
-        out,
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
+    match path {
+        "/metrics" => match metrics.render() {
+            Some(body) => Answer {
+                status: "200 OK",
+                content_type: "text/plain; version=0.0.4",
+                body,
+            },
+            None => text("503 Service Unavailable", "stopping\n"),
+        },
+        "/health" => text("200 OK", "ok\n"),
+        _ => text("404 Not Found", "try /metrics\n"),
+    }
 }
 
 #[cfg(test)]

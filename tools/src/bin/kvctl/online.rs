@@ -34,6 +34,9 @@ pub(super) fn stat(cli: &Cli) -> anyhow::Result<ExitCode> {
                 "errors": stats.errors,
                 "leases": stats.leases,
                 "connections": stats.connections,
+                "unauthenticated": stats.admission.unauthenticated,
+                "refused_connections": stats.admission.refused,
+                "hello_timeouts": stats.admission.hello_timeouts,
             })
         );
     } else {
@@ -61,7 +64,12 @@ pub(super) fn stat(cli: &Cli) -> anyhow::Result<ExitCode> {
         println!("{:<16} {}", "requests", requests.join(" "));
         println!("{:<16} {}", "errors", stats.errors);
         println!("{:<16} {}", "leases", stats.leases);
-        println!("{:<16} {}", "connections", stats.connections);
+        let a = &stats.admission;
+        println!(
+            "{:<16} {} authenticated, {} not yet; {} closed as a budget was full, {} closed for not \
+             authenticating in time",
+            "connections", stats.connections, a.unauthenticated, a.refused, a.hello_timeouts
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,154 @@
+//! A kvd holding thousands of connections, as a node of a cluster serving many GPU workers
+//! does: idle connections cost a socket, not a thread, and a client's reads go on beside
+//! them.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use mooncake_kv_replication::proto::{
+    Request, Response, decode_response, encode_body, read_frame, write_frame,
+};
+use mooncake_kv_replication::{Client, ClientConfig, TransportChoice};
+use mooncake_kv_test_support::{Kvd, raise_open_file_limit, wait_until};
+
+const TOKEN: &[u8] = b"many workers";
+
+/// A figure from `/proc/PID/status` (`Threads`, or `VmRSS` in KiB).
+fn status(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// A gauge or counter from the node's metrics endpoint.
+fn metric(kvd: &Kvd, name: &str) -> u64 {
+    let addr = kvd.metrics().trim_start_matches("http://");
+    let addr = addr.split('/').next().unwrap();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    BufReader::new(s)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics"))
+}
+
+/// A connection that has said Hello with the token, then goes quiet.
+fn authenticated(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write_frame(&mut s, 1, &encode_body(&Request::Hello { token: TOKEN })).unwrap();
+    let mut body = Vec::new();
+    read_frame(&mut s, &mut body).unwrap().expect("an answer");
+    assert!(matches!(
+        decode_response(&body).unwrap(),
+        Response::Hello(_)
+    ));
+    s
+}
+
+/// Median time of `n` gets of `key`.
+fn median_get(client: &Client, key: &[u8], n: usize) -> Duration {
+    let mut took: Vec<Duration> = (0..n)
+        .map(|_| {
+            let started = Instant::now();
+            assert!(client.get(key).unwrap().is_some());
+            started.elapsed()
+        })
+        .collect();
+    took.sort();
+    took[n / 2]
+}
+
+#[test]
+fn ten_thousand_idle_connections_take_no_thread_each() {
+    // Ours: one descriptor per connection; the node's: one per connection, plus its own.
+    let limit = raise_open_file_limit(10_600);
+    let n = 10_000.min(limit.saturating_sub(400) as usize);
+    if n < 10_000 {
+        eprintln!("the open-file limit is {limit}: holding {n} connections, not 10,000");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let kvd = Kvd::start(
+        env!("CARGO_BIN_EXE_mooncake-kvd"),
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--data-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--memory-only",
+            "--no-shm",
+            "--max-connections",
+            "12000",
+            "--log",
+            "warn",
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    let pid = kvd.child().id();
+    let client = Client::connect(
+        kvd.control,
+        ClientConfig {
+            token: Some(TOKEN.to_vec()),
+            transport: TransportChoice::Tcp,
+            connections: 1,
+            ..ClientConfig::default()
+        },
+    )
+    .unwrap();
+    let value = vec![7u8; 64 << 10];
+    client.put(b"hot", &value).unwrap();
+    let alone = median_get(&client, b"hot", 500);
+    let (threads_before, rss_before) = (status(pid, "Threads"), status(pid, "VmRSS"));
+
+    let started = Instant::now();
+    let idle: Vec<TcpStream> = (0..n).map(|_| authenticated(kvd.control)).collect();
+    let opened = started.elapsed();
+    wait_until(
+        "the idle connections to be parked",
+        Duration::from_secs(30),
+        || metric(&kvd, "mooncake_parked_connections") >= n as u64,
+    );
+    let peak = metric(&kvd, "mooncake_worker_threads");
+    // Workers that served the Hellos end once there is nothing to do.
+    wait_until(
+        "the surplus workers to end",
+        Duration::from_secs(30),
+        || metric(&kvd, "mooncake_worker_threads") <= 2,
+    );
+    let beside = median_get(&client, b"hot", 500);
+    let (threads, rss) = (status(pid, "Threads"), status(pid, "VmRSS"));
+    eprintln!(
+        "{n} idle connections (opened and authenticated in {opened:.2?}): node threads \
+         {threads_before} -> {threads} (at most {peak} workers while they were opened), RSS {} -> {} MiB; median 64 KiB get {alone:.2?} alone, \
+         {beside:.2?} beside them",
+        rss_before >> 10,
+        rss >> 10
+    );
+    assert!(
+        threads <= threads_before + 8,
+        "threads grew with the connections: {threads_before} -> {threads}"
+    );
+    assert!(
+        rss.saturating_sub(rss_before) <= 64 << 10,
+        "RSS grew by {} MiB",
+        (rss - rss_before) >> 10
+    );
+    assert_eq!(
+        metric(&kvd, "mooncake_connections"),
+        n as u64 + 1,
+        "every one is held"
+    );
+    drop(idle);
+    drop(client);
+    assert!(kvd.terminate().success());
+}
