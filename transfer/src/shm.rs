@@ -38,6 +38,9 @@ use crate::{Error, MAX_READ_BYTES, ReadOp, RemoteSlice, Result, Transport};
 /// joins its threads and removes the socket file.
 pub struct ShmServer {
     path: PathBuf,
+    /// The listening socket, to wake the acceptor at drop even when the socket file is gone
+    /// (a connection to the path would then fail and leave it waiting for good).
+    listener: OwnedFd,
     stop: Arc<AtomicBool>,
     connections: Arc<OpenConnections>,
     acceptor: Option<JoinHandle<()>>,
@@ -69,6 +72,11 @@ impl ShmServer {
             .map_err(Error::io("restrict the shared-memory socket to its owner"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(OpenConnections::default());
+        let waker = OwnedFd::from(
+            listener
+                .try_clone()
+                .map_err(Error::io("clone the shared-memory socket"))?,
+        );
         let acceptor = {
             let (stop, connections) = (Arc::clone(&stop), Arc::clone(&connections));
             std::thread::Builder::new()
@@ -78,7 +86,11 @@ impl ShmServer {
                         if stop.load(Ordering::Acquire) {
                             break;
                         }
-                        let Ok(stream) = stream else { continue };
+                        let Ok(stream) = stream else {
+                            // Out of descriptors, say: let some connections end first.
+                            std::thread::sleep(std::time::Duration::from_millis(10));
+                            continue;
+                        };
                         let admitted = stream
                             .try_clone()
                             .ok()
@@ -103,6 +115,7 @@ impl ShmServer {
         };
         Ok(Self {
             path,
+            listener: waker,
             stop,
             connections,
             acceptor: Some(acceptor),
@@ -118,6 +131,8 @@ impl ShmServer {
 impl Drop for ShmServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        // Shutting a listening socket down ends the accept it waits in (Linux).
+        let _ = rustix::net::shutdown(&self.listener, rustix::net::Shutdown::Both);
         let _ = UnixStream::connect(&self.path);
         self.connections.shutdown_all();
         if let Some(handle) = self.acceptor.take() {
