@@ -15,7 +15,7 @@ use bincode::{BorrowDecode, Decode, Encode};
 use mooncake_kv_format::le;
 
 /// Request kinds, in the order of [`NodeStats::requests`] and of the node's metrics.
-pub const REQUEST_KINDS: [&str; 11] = [
+pub const REQUEST_KINDS: [&str; 12] = [
     "put",
     "lookup",
     "exists",
@@ -27,6 +27,7 @@ pub const REQUEST_KINDS: [&str; 11] = [
     "commit",
     "end_chain",
     "remove_all",
+    "report_corrupt",
 ];
 
 /// Keys of cached reads a client reports with one lookup at most; reads beyond are counted,
@@ -365,6 +366,10 @@ pub enum Request<'a> {
     Remove {
         /// The keys.
         keys: Vec<&'a [u8]>,
+        /// Answer once the removals are committed to the node's data directory (a crash no
+        /// longer brings the blocks back); without, they are committed with the node's next
+        /// commit (a flush, a write-through put, a demotion, a clean stop).
+        durable: bool,
     },
     /// Counters and tier usage.
     Stats,
@@ -379,6 +384,15 @@ pub enum Request<'a> {
     /// Remove every block the node holds (an administrator's reset: what Mooncake's
     /// `remove_all` does). Answered with `Count`, the blocks removed.
     RemoveAll,
+    /// The block of `key` and `generation` failed a client's verification the same way on
+    /// two reads in a row: the node checks the block itself and, if it is damaged, drops it.
+    /// Answered with one flag, whether it dropped it.
+    ReportCorrupt {
+        /// The block's key.
+        key: &'a [u8],
+        /// Its generation, as the lookup described it.
+        generation: u64,
+    },
 }
 
 /// Why a node refused a request or one item of it.
@@ -499,7 +513,7 @@ pub struct NodeStats {
     /// Each tier, fastest first: HBM when present, DRAM, then NVMe when present.
     pub tiers: Vec<TierFigures>,
     /// Requests served, by kind: put, lookup, exists, prefix_match, remove, stats, health,
-    /// reserve, commit, end_chain, remove_all (as [`REQUEST_KINDS`]).
+    /// reserve, commit, end_chain, remove_all, report_corrupt (as [`REQUEST_KINDS`]).
     pub requests: Vec<u64>,
     /// Requests or items refused.
     pub errors: u64,

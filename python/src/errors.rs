@@ -180,8 +180,10 @@ fn client_kind(error: &ClientError) -> Kind {
     match error {
         ClientError::Refused(reply) => refusal_kind(reply.code),
         ClientError::BufferTooSmall { .. } => Kind::BufferTooSmall,
-        ClientError::Stale { .. } => Kind::Corrupt,
-        ClientError::Io { .. } | ClientError::Transfer(_) => Kind::Unavailable,
+        ClientError::Stale { .. } | ClientError::Corrupt { .. } => Kind::Corrupt,
+        ClientError::Io { .. } | ClientError::Transfer(_) | ClientError::NoSharedMemory(_) => {
+            Kind::Unavailable
+        }
         _ => Kind::Internal,
     }
 }

@@ -10,7 +10,7 @@ use mooncake_kv_engine::EngineStats;
 type TierFigure = fn(&mooncake_kv_engine::TierStats) -> u64;
 
 /// Request kinds, in the order of [`crate::proto::NodeStats::requests`].
-pub(crate) const KINDS: [&str; 11] = crate::proto::REQUEST_KINDS;
+pub(crate) const KINDS: [&str; 12] = crate::proto::REQUEST_KINDS;
 
 /// Upper bounds of the latency buckets, in microseconds.
 const BOUNDS_US: [u64; 15] = [
@@ -69,6 +69,8 @@ pub(crate) struct Metrics {
     pub(crate) refused_connections: AtomicU64,
     /// Connections closed for not authenticating in time.
     pub(crate) hello_timeouts: AtomicU64,
+    /// Blocks a client reported damaged that the node found damaged too, and dropped.
+    pub(crate) corrupt_reported: AtomicU64,
 }
 
 impl Metrics {
@@ -213,6 +215,12 @@ impl Metrics {
             "mooncake_refused_connections_total",
             "Control connections closed because their budget was full: the oldest that had not authenticated, to make room for a new one, or a Hello past the limit of authenticated connections.",
             load(&self.refused_connections),
+        );
+        counter(
+            &mut out,
+            "mooncake_corrupt_blocks_reported_total",
+            "Blocks a client found damaged (the same failure on two reads in a row) that the node found damaged too, and dropped.",
+            load(&self.corrupt_reported),
         );
         counter(
             &mut out,

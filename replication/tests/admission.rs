@@ -89,6 +89,11 @@ fn connections_that_have_not_authenticated_never_take_an_authenticated_place() {
     // the other clients found a place free (the first had authenticated).
     assert_eq!(stats.admission.unauthenticated, 7, "{:?}", stats.admission);
     assert_eq!(stats.admission.refused, 33, "{:?}", stats.admission);
+    let metrics = node.metrics_text();
+    assert!(
+        metrics.contains("mooncake_unauthenticated_connections 7"),
+        "{metrics}"
+    );
     // A fifth authenticated connection is past the limit: refused as busy, not hung.
     match client(&node, TransportChoice::Tcp) {
         Err(ClientError::Refused(reply)) => {
@@ -96,11 +101,6 @@ fn connections_that_have_not_authenticated_never_take_an_authenticated_place() {
         }
         other => panic!("expected Busy, got {other:?}"),
     }
-    let metrics = node.metrics_text();
-    assert!(
-        metrics.contains("mooncake_unauthenticated_connections 7"),
-        "{metrics}"
-    );
     drop(idle);
     drop(clients);
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use mooncake_kv_engine::EngineConfig;
-use mooncake_kv_replication::proto::ErrorCode;
+use mooncake_kv_replication::proto::{ErrorCode, ErrorReply};
 use mooncake_kv_replication::{Client, ClientConfig, ClientError, Node, NodeConfig};
 
 fn node() -> Node {
@@ -125,4 +125,85 @@ fn stalled_connections_are_closed_after_the_idle_timeout() {
     // The idle client's own connection was closed too; its next request reconnects.
     client.put(b"after", b"idle").unwrap();
     assert_eq!(client.get(b"after").unwrap().as_deref(), Some(&b"idle"[..]));
+}
+
+fn single_connection_client(node: &Node) -> Client {
+    Client::connect(
+        node.control_addr(),
+        ClientConfig {
+            connections: 1,
+            ..ClientConfig::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Reserves 1 MiB blocks on `client` until refused; the reservations and the refusal.
+fn reserve_until_refused(
+    client: &Client,
+    prefix: &str,
+) -> (
+    Vec<mooncake_kv_replication::proto::ReservedReply>,
+    ErrorReply,
+) {
+    let mut held = Vec::new();
+    loop {
+        match client.reserve(format!("{prefix}-{}", held.len()).as_bytes(), 1 << 20) {
+            Ok(reserved) => held.push(reserved),
+            Err(ClientError::Refused(reply)) => return (held, reply),
+            Err(other) => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(held.len() < 64, "never refused");
+    }
+}
+
+#[test]
+fn one_connection_cannot_hold_the_tier_in_reservations() {
+    let node = Node::start(NodeConfig {
+        listen: "127.0.0.1:0".into(),
+        data_listen: "127.0.0.1:0".into(),
+        reservation_timeout: Duration::from_secs(60),
+        engine: EngineConfig {
+            dram_capacity_bytes: 32 << 20,
+            ..EngineConfig::default()
+        },
+        ..NodeConfig::default()
+    })
+    .unwrap();
+    // A quarter of the tier: 8 MiB, so at most 7 reservations of 1 MiB and a header each.
+    let hog = single_connection_client(&node);
+    let (held, refusal) = reserve_until_refused(&hog, "hog");
+    assert_eq!(refusal.code, ErrorCode::NoSpace);
+    assert!(refusal.message.contains("budget"), "{}", refusal.message);
+    assert!((6..=8).contains(&held.len()), "{} held", held.len());
+    // Another client still puts.
+    let other = single_connection_client(&node);
+    other.put(b"other", &vec![1u8; 1 << 20]).unwrap();
+    // Enough connections together fill the tier; a put that finds no space then says what
+    // the reservations hold.
+    let mut hogs = vec![hog];
+    for i in 0..8 {
+        let hog = single_connection_client(&node);
+        let (_, refusal) = reserve_until_refused(&hog, &format!("hog{i}"));
+        hogs.push(hog);
+        if !refusal.message.contains("budget") {
+            break;
+        }
+    }
+    match other.put(b"no room", &vec![2u8; 2 << 20]) {
+        Err(ClientError::Refused(reply)) => {
+            assert_eq!(reply.code, ErrorCode::NoSpace);
+            assert!(
+                reply.message.contains("open reservations hold"),
+                "{}",
+                reply.message
+            );
+        }
+        other => panic!("expected NoSpace, got {other:?}"),
+    }
+    // Aborting gives the space back at once.
+    for reserved in &held {
+        hogs[0].abort(reserved).unwrap();
+    }
+    other.put(b"room again", &vec![3u8; 2 << 20]).unwrap();
 }

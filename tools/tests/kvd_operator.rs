@@ -2,12 +2,14 @@
 //! directory still offers shared memory to clients started elsewhere, the directory and data
 //! file are owner-only, SIGHUP flushes like SIGTERM, a failed creation can be retried, a
 //! DRAM tier larger than the machine is refused at start, and a damaged metadata log is
-//! refused (not silently rolled back) and salvaged from the data file.
+//! refused (not silently rolled back) and salvaged from the data file, and a removal by
+//! `kvctl del` survives a crash; a block damaged in the node's memory is reported corrupt and
+//! dropped.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use mooncake_kv_replication::{Client, ClientConfig, TransportChoice};
+use mooncake_kv_replication::{Client, ClientConfig, ClientError, TransportChoice};
 use mooncake_kv_test_support::Kvd;
 
 const KVD: &str = env!("CARGO_BIN_EXE_mooncake-kvd");
@@ -308,4 +310,152 @@ fn verify_fails_on_a_data_file_the_node_refuses() {
             "the node started on {len} bytes"
         );
     }
+}
+
+/// `kvctl del` answers once the removal is on disk: a node killed right after it does not
+/// bring the block back (before, the removal waited for the node's next commit).
+#[test]
+fn a_removal_by_kvctl_del_survives_a_crash() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("data");
+    let args = ["--data-dir", dir.to_str().unwrap(), "--nvme-mib", "16"];
+    let kvd = start_in(work.path(), &args);
+    let writer = client(&kvd, TransportChoice::Tcp);
+    let keys: Vec<String> = (0..4).map(|i| format!("del-{i}")).collect();
+    let items: Vec<(&[u8], &[u8])> = keys
+        .iter()
+        .map(|k| (k.as_bytes(), b"durable value".as_slice()))
+        .collect();
+    for outcome in writer.put_batch(&items, true).unwrap() {
+        outcome.unwrap();
+    }
+    drop(writer);
+    let out = run_to_exit(Command::new(env!("CARGO_BIN_EXE_kvctl")).args([
+        "--addr",
+        &kvd.control.to_string(),
+        "del",
+        "del-0",
+        "del-1",
+    ]));
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("removed"),
+        "{out:?}"
+    );
+    let status = kvd.signal(rustix::process::Signal::KILL);
+    assert!(!status.success(), "killed: {status}");
+
+    let kvd = start_in(work.path(), &args);
+    let reader = client(&kvd, TransportChoice::Tcp);
+    for (i, key) in keys.iter().enumerate() {
+        let present = reader.get(key.as_bytes()).unwrap().is_some();
+        assert_eq!(present, i >= 2, "{key} after a crash");
+    }
+    drop(reader);
+    assert!(kvd.terminate().success());
+}
+
+/// Flips one byte of the node's DRAM tier right after the first occurrence of `marker`, as
+/// failing memory would, by writing to the process's memory through `/proc/PID/mem` (the
+/// test started the node, so it may).
+fn flip_in_node_memory(pid: u32, marker: &[u8], past_marker: usize) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let (start, end) = maps
+        .lines()
+        .find(|l| l.contains("memfd:mooncake-dram"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|range| range.split_once('-'))
+        .map(|(a, b)| {
+            (
+                u64::from_str_radix(a, 16).unwrap(),
+                u64::from_str_radix(b, 16).unwrap(),
+            )
+        })
+        .expect("the DRAM tier's mapping");
+    let mut mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .unwrap();
+    // The first block sits near the start of the tier.
+    let mut window = vec![0u8; (end - start).min(4 << 20) as usize];
+    mem.seek(SeekFrom::Start(start)).unwrap();
+    mem.read_exact(&mut window).unwrap();
+    let at = window
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .expect("the marker in the node's memory") as u64;
+    let target = start + at + (marker.len() + past_marker) as u64;
+    let mut byte = [0u8; 1];
+    mem.seek(SeekFrom::Start(target)).unwrap();
+    mem.read_exact(&mut byte).unwrap();
+    byte[0] ^= 0x10;
+    mem.seek(SeekFrom::Start(target)).unwrap();
+    mem.write_all(&byte).unwrap();
+}
+
+/// Sends `ReportCorrupt` for `key` on a connection of its own; whether the node dropped it.
+fn report_corrupt(kvd: &Kvd, key: &[u8], generation: u64) -> bool {
+    use mooncake_kv_replication::proto::{
+        Request, Response, decode_response, encode_body, read_frame, write_frame,
+    };
+    let mut s = std::net::TcpStream::connect(kvd.control).unwrap();
+    let mut body = Vec::new();
+    for (id, request) in [
+        (1, Request::Hello { token: b"" }),
+        (2, Request::ReportCorrupt { key, generation }),
+    ] {
+        write_frame(&mut s, id, &encode_body(&request)).unwrap();
+        read_frame(&mut s, &mut body).unwrap().expect("an answer");
+    }
+    match decode_response(&body).unwrap() {
+        Response::Flags(flags) => flags == [true],
+        other => panic!("expected Flags, got {other:?}"),
+    }
+}
+
+/// A block damaged in the node's memory fails a tcp read's check the same way each time:
+/// the read says the block is damaged (not "still changing"), the node checks it too and
+/// drops it, and the next read is a miss rather than the same failure again.
+#[test]
+fn a_block_damaged_in_memory_is_reported_corrupt_and_dropped() {
+    let work = tempfile::tempdir().unwrap();
+    let kvd = start_in(work.path(), &["--memory-only", "--no-shm"]);
+    let client = client(&kvd, TransportChoice::Tcp);
+    let marker = b"a block that bad memory will damage:";
+    let mut value = marker.to_vec();
+    value.extend((0..65_536u32).map(|i| (i % 251) as u8));
+    client.put(b"damaged", &value).unwrap();
+    let intact = client.put(b"intact", &value[marker.len()..]).unwrap();
+    assert_eq!(client.get(b"damaged").unwrap().as_deref(), Some(&value[..]));
+
+    flip_in_node_memory(kvd.child().id(), marker, 1000);
+    match client.get(b"damaged") {
+        Err(ClientError::Corrupt {
+            key,
+            generation,
+            dropped,
+        }) => {
+            assert_eq!(key, "damaged");
+            assert!(generation > 0);
+            assert!(
+                dropped,
+                "the node confirmed the damage and dropped the block"
+            );
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(client.get(b"damaged").unwrap(), None, "dropped");
+    assert_eq!(
+        client.get(b"intact").unwrap().as_deref(),
+        Some(&value[marker.len()..])
+    );
+    // A client's word alone drops nothing: an intact block reported damaged stays.
+    assert!(!report_corrupt(&kvd, b"intact", intact), "not dropped");
+    assert!(client.get(b"intact").unwrap().is_some());
+    let stats = client.stats().unwrap();
+    assert_eq!(stats.requests[11], 2, "two reports");
+    drop(client);
+    assert!(kvd.terminate().success());
 }

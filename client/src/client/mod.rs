@@ -10,7 +10,6 @@ use cache::DescriptorCache;
 
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -129,6 +128,25 @@ pub enum ClientError {
         /// Bytes of the buffer.
         available: usize,
     },
+    /// The block failed verification the same way on two reads in a row (the same block,
+    /// not one that changed between them): its bytes at the node are damaged. The node was
+    /// told, and drops it if its own check agrees.
+    #[error(
+        "block {key} (generation {generation}) fails verification on every read: it is \
+         damaged at the node{}",
+        if *.dropped { ", which dropped it" } else { "" }
+    )]
+    Corrupt {
+        /// The key, as text when printable, else hex.
+        key: String,
+        /// The block's generation.
+        generation: u64,
+        /// Whether the node confirmed and dropped it.
+        dropped: bool,
+    },
+    /// [`TransportChoice::Shm`] was asked for and this client cannot read the node's memory.
+    #[error("shared memory is unavailable: {0}")]
+    NoSharedMemory(String),
 }
 
 type Result<T, E = ClientError> = std::result::Result<T, E>;
@@ -153,6 +171,16 @@ impl ClientError {
             &Self::BufferTooSmall { needed, available } => {
                 Self::BufferTooSmall { needed, available }
             }
+            Self::NoSharedMemory(reason) => Self::NoSharedMemory(reason.clone()),
+            Self::Corrupt {
+                key,
+                generation,
+                dropped,
+            } => Self::Corrupt {
+                key: key.clone(),
+                generation: *generation,
+                dropped: *dropped,
+            },
         }
     }
 }
@@ -161,14 +189,19 @@ fn io(action: &'static str) -> impl FnOnce(std::io::Error) -> ClientError {
     move |source| ClientError::Io { action, source }
 }
 
+/// Which block a descriptor names: its offset in the region and its generation. A block that
+/// changed between two reads has another (a new put has a new generation; a block moved
+/// has another offset).
+type BlockId = (u64, u64);
+
 /// What an inline read found.
 enum Inline {
     Miss,
     /// The payload's length, in the caller's buffer.
     Read(usize),
     Owned(Vec<u8>),
-    /// The bytes did not verify.
-    Mismatch,
+    /// The bytes of the block at this offset, of this generation, did not verify.
+    Mismatch(BlockId),
 }
 
 /// Read-ahead on a control connection: enough for a frame header, a typical answer and a
@@ -192,6 +225,8 @@ pub struct Client {
     next_request: AtomicU64,
     transport: Box<dyn Transport>,
     transport_name: &'static str,
+    /// Why reads do not go over shared memory, when they do not.
+    shm_unavailable: Option<String>,
     retries: AtomicU64,
     /// Stale reads not yet reported to the node (sent with the next lookup).
     unreported_stale: AtomicU64,
@@ -245,41 +280,32 @@ impl Client {
         if data_addr.ip().is_unspecified() {
             data_addr.set_ip(addr.ip());
         }
-        let shm_path = hello
-            .shm_path
-            .as_deref()
-            .filter(|_| addr.ip().is_loopback())
-            .filter(|p| Path::new(p).exists());
         let connections = config.connections.max(1);
-        let (transport, transport_name): (Box<dyn Transport>, &'static str) =
-            match (config.transport, shm_path) {
-                (TransportChoice::Shm, None) => {
-                    return Err(ClientError::Transfer(mooncake_kv_transfer::Error::Io {
-                        action: "use shared memory (the node offers none to this host)",
-                        source: std::io::ErrorKind::Unsupported.into(),
-                    }));
+        let tcp = || TcpTransport::new(data_addr, connections, config.timeout);
+        // Shared memory when the node offers it and this client can use it; else why not.
+        let shm = match (hello.shm_path.as_deref(), addr.ip().is_loopback()) {
+            (None, _) => Err("the node offers no shared-memory socket".to_owned()),
+            (Some(_), false) => Err(format!(
+                "the node is not on this host (its address {addr} is not loopback)"
+            )),
+            (Some(path), true) => ShmTransport::connect(path)
+                .map_err(|error| format!("cannot use its socket {path}: {error}")),
+        };
+        let (transport, transport_name, shm_unavailable): (Box<dyn Transport>, _, _) =
+            match (config.transport, shm) {
+                (TransportChoice::Tcp, _) => (Box::new(tcp()?), "tcp", None),
+                (_, Ok(shm)) => (Box::new(shm), "shm", None),
+                (TransportChoice::Shm, Err(reason)) => {
+                    return Err(ClientError::NoSharedMemory(reason));
                 }
-                (TransportChoice::Shm | TransportChoice::Auto, Some(path)) => {
-                    match ShmTransport::connect(path) {
-                        Ok(t) => (Box::new(t), "shm"),
-                        Err(error) if config.transport == TransportChoice::Auto => {
-                            tracing::info!(%error, "shared memory unavailable; using tcp");
-                            (
-                                Box::new(TcpTransport::new(
-                                    data_addr,
-                                    connections,
-                                    config.timeout,
-                                )?),
-                                "tcp",
-                            )
-                        }
-                        Err(error) => return Err(error.into()),
+                (TransportChoice::Auto, Err(reason)) => {
+                    // A node elsewhere is the usual case; one on this host whose socket
+                    // cannot be used is worth a line in the log.
+                    if hello.shm_path.is_some() && addr.ip().is_loopback() {
+                        tracing::warn!(%reason, "reading over tcp: shared memory is unavailable");
                     }
+                    (Box::new(tcp()?), "tcp", Some(reason))
                 }
-                _ => (
-                    Box::new(TcpTransport::new(data_addr, connections, config.timeout)?),
-                    "tcp",
-                ),
             };
         let pool: Vec<_> = (0..connections).map(|_| Mutex::new(None)).collect();
         *pool[0].lock() = Some(control);
@@ -292,6 +318,7 @@ impl Client {
             next_request: AtomicU64::new(1),
             transport,
             transport_name,
+            shm_unavailable,
             retries: AtomicU64::new(0),
             unreported_stale: AtomicU64::new(0),
             done_leases: Mutex::new(Vec::new()),
@@ -306,6 +333,13 @@ impl Client {
     /// The data path in use: `"shm"` or `"tcp"`.
     pub fn transport_name(&self) -> &'static str {
         self.transport_name
+    }
+
+    /// Why reads do not go over shared memory, when they go over tcp though
+    /// [`TransportChoice::Auto`] would have taken it: the node offers none, is on another
+    /// host, or its socket could not be used (gone, or not this user's to connect to).
+    pub fn shm_unavailable(&self) -> Option<&str> {
+        self.shm_unavailable.as_deref()
     }
 
     /// What the node said when this client connected.
@@ -622,14 +656,33 @@ impl Client {
         }
     }
 
-    /// Removes blocks; says which existed.
+    /// Removes blocks; says which existed. On a node with a data directory the removals
+    /// become durable with its next commit (a flush, a write-through put, a demotion, a clean
+    /// stop): a crash before that brings the blocks back. [`remove_durable`](Self::remove_durable)
+    /// waits for them to be committed.
     ///
     /// # Errors
     ///
     /// Connection errors and refusals.
     pub fn remove(&self, keys: &[&[u8]]) -> Result<Vec<bool>> {
+        self.remove_with(keys, false)
+    }
+
+    /// [`remove`](Self::remove), answered once the removals are committed to the node's data
+    /// directory, so that no crash brings the blocks back (on a node without one, the same
+    /// as `remove`).
+    ///
+    /// # Errors
+    ///
+    /// Connection errors and refusals (the commit's failure among them).
+    pub fn remove_durable(&self, keys: &[&[u8]]) -> Result<Vec<bool>> {
+        self.remove_with(keys, true)
+    }
+
+    fn remove_with(&self, keys: &[&[u8]], durable: bool) -> Result<Vec<bool>> {
         let response = self.call(&Request::Remove {
             keys: keys.to_vec(),
+            durable,
         });
         self.forget(keys.iter().copied());
         match response? {

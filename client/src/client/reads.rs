@@ -7,7 +7,7 @@ use std::io::Read;
 use mooncake_kv_format::{self as format, HEADER_BYTES, MAX_PAYLOAD_OFFSET};
 use mooncake_kv_transfer::{ReadOp, RemoteSlice};
 
-use super::{Client, ClientError, Inline, Result, io, unexpected};
+use super::{BlockId, Client, ClientError, Inline, Result, io, unexpected};
 use crate::proto::{Descriptor, FrameError, Outcome, Request, Response};
 
 /// Where a read puts the value it finds.
@@ -27,6 +27,17 @@ enum Got {
 /// Bytes received at a time when checksumming a payload as it arrives: small enough to be
 /// checksummed while still in cache.
 const RECEIVE_CHUNK: usize = 128 << 10;
+
+/// A key as text when it is printable UTF-8, else as `0x` and hex.
+fn shown_key(key: &[u8]) -> String {
+    match std::str::from_utf8(key) {
+        Ok(text) if !text.is_empty() && !text.chars().any(char::is_control) => text.to_owned(),
+        _ => format!(
+            "0x{}",
+            key.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ),
+    }
+}
 
 /// Receives one inline block that follows a lookup's answer on `reader`: its head into a
 /// small buffer, its payload straight into `dst` (or a new buffer when `dst` is `None`),
@@ -70,7 +81,7 @@ fn receive_inline(
         crc.update(piece);
     }
     if !verify_with_crc(key, d, &head, crc.finalize()) {
-        return Ok(Inline::Mismatch);
+        return Ok(Inline::Mismatch((d.offset, d.generation)));
     }
     Ok(if dst.is_some() {
         Inline::Read(len)
@@ -235,6 +246,9 @@ impl Client {
                 return Ok(got);
             }
         }
+        // The block that failed verification last: failing again the same way means its
+        // bytes are damaged, not changing.
+        let mut failed: Option<BlockId> = None;
         for _ in 0..self.config.max_attempts {
             if self.inline() {
                 let dst = match &mut sink {
@@ -246,7 +260,12 @@ impl Client {
                     Inline::Miss => return Ok(None),
                     Inline::Owned(value) if !into => return Ok(Some(Got::Value(value))),
                     Inline::Read(len) if into => return Ok(Some(Got::Len(len))),
-                    Inline::Owned(_) | Inline::Read(_) | Inline::Mismatch => {
+                    Inline::Mismatch(block) => {
+                        self.count_stale_read();
+                        self.failed_again(key, &mut failed, block)?;
+                        continue;
+                    }
+                    Inline::Owned(_) | Inline::Read(_) => {
                         self.count_stale_read();
                         continue;
                     }
@@ -279,9 +298,30 @@ impl Client {
                 self.remember(key, &d, started);
                 return Ok(got);
             }
+            self.failed_again(key, &mut failed, (d.offset, d.generation))?;
         }
         Err(ClientError::Stale {
             attempts: self.config.max_attempts,
+        })
+    }
+
+    /// Notes that `block` failed verification; if it is the block that failed last, it is
+    /// damaged: tells the node and returns [`ClientError::Corrupt`].
+    fn failed_again(&self, key: &[u8], failed: &mut Option<BlockId>, block: BlockId) -> Result<()> {
+        if failed.replace(block) != Some(block) {
+            return Ok(());
+        }
+        let (_, generation) = block;
+        let dropped = match self.call(&Request::ReportCorrupt { key, generation }) {
+            Ok(Response::Flags(flags)) => flags.first().copied().unwrap_or(false),
+            // The report is a courtesy to the node; what the caller learns is the damage.
+            _ => false,
+        };
+        self.forget(std::iter::once(key));
+        Err(ClientError::Corrupt {
+            key: shown_key(key),
+            generation,
+            dropped,
         })
     }
 

@@ -557,8 +557,8 @@ impl Engine {
     /// Removes the block of `key`; returns whether there was one. A reader that already holds
     /// the block (a pin, a copy in progress) finishes with the old bytes; the space is freed
     /// when it lets go. On NVMe, the map entry is deleted at the next commit (a flush, a
-    /// write-through put, a demotion, closing the engine): a crash before that brings the
-    /// block back.
+    /// write-through put, a demotion, [`commit_removals`](Self::commit_removals), closing the
+    /// engine): a crash before that brings the block back.
     pub fn remove(&self, key: &[u8]) -> bool {
         self.inner.remove_if(key, None)
     }
@@ -580,6 +580,21 @@ impl Engine {
     /// with a smaller one was read back from the data directory at open.
     pub fn first_new_generation(&self) -> u64 {
         self.inner.first_new_generation.load(Ordering::Relaxed)
+    }
+
+    /// Makes the removals so far durable: commits them to the data directory's map, so that
+    /// a crash no longer brings their blocks back. Nothing to do without a data directory.
+    ///
+    /// # Errors
+    ///
+    /// Metadata errors (after which the engine is poisoned), or an engine poisoned before.
+    pub fn commit_removals(&self) -> Result<()> {
+        let Some(store) = &self.inner.store else {
+            return Ok(());
+        };
+        store.check_poisoned()?;
+        let _meta = store.meta_lock.lock();
+        store.commit(&[], &[])
     }
 
     /// [`remove`](Self::remove) for many keys, in order.

@@ -2,6 +2,8 @@
 //! answering each request (lookups and their leases, puts received straight into DRAM,
 //! stats).
 
+use std::fmt::Write as _;
+
 use super::workers::{Job, dispatch, park};
 use super::*;
 
@@ -190,7 +192,7 @@ pub(super) fn sweep_leases(shared: &Shared) {
         shared
             .reservations
             .lock()
-            .retain(|_, (deadline, _)| *deadline > now);
+            .retain(|_, reserved| reserved.deadline > now);
         // Every 100 ms: a connection that has not authenticated in time is closed, however
         // it trickles its bytes (a read timeout alone restarts with each byte).
         sweeps = sweeps.wrapping_add(1);
@@ -313,7 +315,7 @@ fn serve(
                 }
             }
             Ok(request) => {
-                let (response, inline) = handle(shared, request);
+                let (response, inline) = handle(shared, request, id);
                 let body = encode_body(&response);
                 if inline.is_empty() {
                     write_frame(&mut writer, header.request_id, &body)?;
@@ -418,12 +420,12 @@ fn put_from_stream(
                 };
                 match committed {
                     Ok(generation) => Outcome::Ok(generation),
-                    Err(error) => Outcome::Err(engine_refusal(&error)),
+                    Err(error) => Outcome::Err(shared.refusal(&error)),
                 }
             }
             Err(error) => {
                 std::io::copy(&mut reader.take(len.into()), &mut std::io::sink())?;
-                Outcome::Err(engine_refusal(&error))
+                Outcome::Err(shared.refusal(&error))
             }
         };
         if matches!(outcome, Outcome::Err(_)) {
@@ -471,7 +473,7 @@ fn engine_refusal(error: &mooncake_kv_engine::Error) -> ErrorReply {
 }
 
 /// Serves one request; returns the response and the blocks to send after it (inline lookups).
-fn handle(shared: &Shared, request: Request<'_>) -> (Response, Vec<PinnedBlock>) {
+fn handle(shared: &Shared, request: Request<'_>, connection: u64) -> (Response, Vec<PinnedBlock>) {
     let started = Instant::now();
     let engine = &shared.engine;
     let metrics = &shared.metrics;
@@ -496,7 +498,7 @@ fn handle(shared: &Shared, request: Request<'_>) -> (Response, Vec<PinnedBlock>)
                 message: "a put is served with its values".to_owned(),
             }),
         ),
-        Request::Reserve { key, len } => (7, reserve(shared, key, len)),
+        Request::Reserve { key, len } => (7, reserve(shared, key, len, connection)),
         Request::Commit {
             reservation,
             payload,
@@ -561,7 +563,27 @@ fn handle(shared: &Shared, request: Request<'_>) -> (Response, Vec<PinnedBlock>)
             };
             (3, Response::Count(count as u64))
         }
-        Request::Remove { keys } => (4, Response::Flags(engine.remove_batch(&keys))),
+        Request::Remove { keys, durable } => {
+            let removed = engine.remove_batch(&keys);
+            let committed = if durable {
+                engine.commit_removals()
+            } else {
+                Ok(())
+            };
+            match committed {
+                Ok(()) => (4, Response::Flags(removed)),
+                Err(error) => {
+                    count_errors(1);
+                    let mut reply = engine_refusal(&error);
+                    reply.message = format!(
+                        "removed, but the removals could not be made durable (a crash may bring \
+                         the blocks back): {}",
+                        reply.message
+                    );
+                    (4, Response::Error(reply))
+                }
+            }
+        }
         Request::Stats => (5, Response::Stats(node_stats(shared))),
         Request::Health => (
             6,
@@ -571,9 +593,41 @@ fn handle(shared: &Shared, request: Request<'_>) -> (Response, Vec<PinnedBlock>)
         ),
         Request::EndChain { keys } => (9, Response::Flags(vec![engine.end_chain(&keys)])),
         Request::RemoveAll => (10, Response::Count(engine.remove_all())),
+        Request::ReportCorrupt { key, generation } => (
+            11,
+            Response::Flags(vec![drop_if_damaged(shared, key, generation)]),
+        ),
     };
     metrics.record(kind, started.elapsed());
     (response, inline_blocks)
+}
+
+/// A client found the block of `key` and `generation` damaged: checks it here (a client's
+/// word alone drops nothing) and drops it if it fails. Returns whether it did.
+fn drop_if_damaged(shared: &Shared, key: &[u8], generation: u64) -> bool {
+    let damage = match shared.engine.pin(key) {
+        Ok(Some(pinned)) if pinned.generation() == generation => {
+            mooncake_kv_engine::format::decode(pinned.block_bytes()).err()
+        }
+        _ => None,
+    };
+    let Some(damage) = damage else {
+        return false;
+    };
+    let dropped = shared.engine.remove_generation(key, generation);
+    if dropped {
+        shared
+            .metrics
+            .corrupt_reported
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            key = %String::from_utf8_lossy(key),
+            generation,
+            %damage,
+            "a client found a block damaged in memory, and so did the node; dropped it"
+        );
+    }
+    dropped
 }
 
 /// Pins the block of `key` and describes it; with `inline`, hands the pin over to be sent
@@ -615,20 +669,46 @@ fn lookup(
     Outcome::Ok(Some(descriptor))
 }
 
-fn reserve(shared: &Shared, key: &[u8], len: u32) -> Response {
+fn reserve(shared: &Shared, key: &[u8], len: u32, connection: u64) -> Response {
     let mut reservations = shared.reservations.lock();
+    let refused = |message: String| {
+        shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
+        refuse(ErrorCode::NoSpace, message)
+    };
     if reservations.len() >= shared.max_reservations {
+        return refused(format!(
+            "{} reservations are open already, the node's limit",
+            reservations.len()
+        ));
+    }
+    if len as usize > mooncake_kv_engine::MAX_VALUE_BYTES {
         shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
         return refuse(
-            ErrorCode::NoSpace,
-            format!("{} reservations are open already", reservations.len()),
+            ErrorCode::TooLarge,
+            format!(
+                "value of {len} bytes exceeds the limit of {}",
+                mooncake_kv_engine::MAX_VALUE_BYTES
+            ),
         );
+    }
+    let (held, held_bytes) = reservations
+        .values()
+        .filter(|r| r.connection == connection)
+        .fold((0u64, 0u64), |(n, bytes), r| {
+            (n + 1, bytes + r.reservation.payload_len() as u64)
+        });
+    let budget = shared.reserved_bytes_per_connection;
+    if held_bytes + u64::from(len) > budget {
+        return refused(format!(
+            "this connection holds {held} reservations of {held_bytes} bytes; {len} more would \
+             pass its budget of {budget} bytes: commit or abort some first"
+        ));
     }
     let reservation = match shared.engine.reserve(key, len as usize) {
         Ok(r) => r,
         Err(error) => {
             shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
-            return Response::Error(engine_refusal(&error));
+            return Response::Error(refusal_with(&error, &reservations));
         }
     };
     let id = shared.next_reservation.fetch_add(1, Ordering::Relaxed) + 1;
@@ -641,14 +721,50 @@ fn reserve(shared: &Shared, key: &[u8], len: u32) -> Response {
     };
     reservations.insert(
         id,
-        (Instant::now() + shared.reservation_timeout, reservation),
+        Reserved {
+            deadline: Instant::now() + shared.reservation_timeout,
+            reservation,
+            connection,
+        },
     );
     Response::Reserved(reply)
 }
 
+/// [`engine_refusal`], saying for a lack of space how much open reservations hold: space
+/// that comes back when they are committed, aborted or expire.
+fn refusal_with(
+    error: &mooncake_kv_engine::Error,
+    reservations: &HashMap<u64, Reserved>,
+) -> ErrorReply {
+    let mut reply = engine_refusal(error);
+    if reply.code == ErrorCode::NoSpace && !reservations.is_empty() {
+        let bytes: u64 = reservations
+            .values()
+            .map(|r| r.reservation.payload_len() as u64)
+            .sum();
+        let _ = write!(
+            reply.message,
+            " ({} open reservations hold {bytes} bytes until they are committed, aborted or \
+             expire)",
+            reservations.len()
+        );
+    }
+    reply
+}
+
+impl Shared {
+    /// [`engine_refusal`] for a put or a commit, with what reservations hold.
+    fn refusal(&self, error: &mooncake_kv_engine::Error) -> ErrorReply {
+        refusal_with(error, &self.reservations.lock())
+    }
+}
+
 fn commit(shared: &Shared, id: u64, payload: Option<&[u8]>, durable: bool) -> Outcome<u64> {
     let refusal = |code, message: String| Outcome::Err(ErrorReply { code, message });
-    let Some((_, mut reservation)) = shared.reservations.lock().remove(&id) else {
+    let Some(Reserved {
+        mut reservation, ..
+    }) = shared.reservations.lock().remove(&id)
+    else {
         return refusal(
             ErrorCode::BadRequest,
             format!("no reservation {id} (never made, committed, aborted, or expired)"),
@@ -679,7 +795,7 @@ fn commit(shared: &Shared, id: u64, payload: Option<&[u8]>, durable: bool) -> Ou
     };
     match shared.engine.commit(reservation, durability) {
         Ok(generation) => Outcome::Ok(generation),
-        Err(error) => Outcome::Err(engine_refusal(&error)),
+        Err(error) => Outcome::Err(shared.refusal(&error)),
     }
 }
 

@@ -65,6 +65,10 @@ pub struct NodeConfig {
     pub reservation_timeout: Duration,
     /// Most reservations held at once. Default 4,096.
     pub max_reservations: usize,
+    /// Most bytes the reservations made on one connection may hold at once; `None`: a
+    /// quarter of the DRAM tier. So one client cannot hold the whole tier in reservations
+    /// and make every other put fail for the reservation timeout, again and again.
+    pub max_reserved_bytes_per_connection: Option<u64>,
     /// A connection that sends nothing (or stops in the middle of a request) for this long,
     /// or does not take a response for this long, is closed: a stalled client never holds a
     /// connection thread or a reservation for good. Clients reconnect on their next request.
@@ -88,6 +92,7 @@ impl Default for NodeConfig {
             hello_timeout: Duration::from_secs(5),
             reservation_timeout: Duration::from_secs(10),
             max_reservations: 4096,
+            max_reserved_bytes_per_connection: None,
             idle_timeout: Duration::from_secs(300),
             engine: EngineConfig::default(),
         }
@@ -250,6 +255,14 @@ impl Connections {
     }
 }
 
+/// A two-phase put waiting for its commit.
+struct Reserved {
+    deadline: Instant,
+    reservation: Reservation,
+    /// The connection that made it.
+    connection: u64,
+}
+
 struct Shared {
     engine: Engine,
     hello: HelloReply,
@@ -262,7 +275,9 @@ struct Shared {
     hello_timeout: Duration,
     leases: Mutex<Leases>,
     /// Two-phase puts waiting for their commit, with their deadline.
-    reservations: Mutex<HashMap<u64, (Instant, Reservation)>>,
+    reservations: Mutex<HashMap<u64, Reserved>>,
+    /// See [`NodeConfig::max_reserved_bytes_per_connection`].
+    reserved_bytes_per_connection: u64,
     next_reservation: AtomicU64,
     reservation_timeout: Duration,
     max_reservations: usize,
@@ -442,6 +457,9 @@ impl Node {
             next_reservation: AtomicU64::new(0),
             reservation_timeout: config.reservation_timeout,
             max_reservations: config.max_reservations,
+            reserved_bytes_per_connection: config
+                .max_reserved_bytes_per_connection
+                .unwrap_or(config.engine.dram_capacity_bytes / 4),
             idle_timeout: config.idle_timeout.max(Duration::from_millis(10)),
             metrics: Metrics::default(),
             repair_stats: Mutex::new(None),

@@ -107,7 +107,8 @@ enum Command {
         #[arg(long)]
         durable: bool,
     },
-    /// Remove blocks.
+    /// Remove blocks. Answered once the removals are committed to the node's data directory
+    /// (on a node that has one), so that no crash or restart brings the blocks back.
     Del {
         /// The keys.
         #[arg(required = true)]
@@ -360,7 +361,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             let client = connect(cli)?;
             let keys = keys(texts)?;
             let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-            let removed = client.remove(&refs)?;
+            let removed = client.remove_durable(&refs)?;
             online::print_flags(cli, texts, &removed, "removed", "absent");
             Ok(ExitCode::SUCCESS)
         }

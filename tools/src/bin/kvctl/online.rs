@@ -29,6 +29,7 @@ pub(super) fn stat(cli: &Cli) -> anyhow::Result<ExitCode> {
                 "serving": serving,
                 "node_id": hex(&client.hello().node_id),
                 "transport": client.transport_name(),
+                "shm_unavailable": client.shm_unavailable(),
                 "tiers": per_tier,
                 "requests": stats.requests,
                 "errors": stats.errors,
@@ -43,7 +44,14 @@ pub(super) fn stat(cli: &Cli) -> anyhow::Result<ExitCode> {
         println!("{:<16} {}", "node", cli.addr);
         println!("{:<16} {}", "serving", serving);
         println!("{:<16} {}", "node id", hex(&client.hello().node_id));
-        println!("{:<16} {}", "reads via", client.transport_name());
+        match client.shm_unavailable() {
+            Some(why) => println!(
+                "{:<16} {} (shared memory unavailable: {why})",
+                "reads via",
+                client.transport_name()
+            ),
+            _ => println!("{:<16} {}", "reads via", client.transport_name()),
+        }
         for t in &stats.tiers {
             println!(
                 "{:<16} {} blocks, {} of {}, {} hits, {} evictions",
@@ -340,6 +348,7 @@ pub(super) fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             json!({
                 "addr": cli.addr,
                 "transport": client.transport_name(),
+                "shm_unavailable": client.shm_unavailable(),
                 "value_bytes": options.value_bytes,
                 "batch": options.batch,
                 "concurrency": options.concurrency,
