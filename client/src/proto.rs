@@ -412,6 +412,8 @@ pub enum ErrorCode {
     Internal,
     /// The node serves as many connections as it takes; another may succeed later.
     Busy,
+    /// The block failed the node's own check (its bytes are damaged): the node dropped it.
+    Corrupt,
 }
 
 /// A refusal: a code for programs, a message for people.

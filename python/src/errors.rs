@@ -166,6 +166,7 @@ fn refusal_kind(code: ErrorCode) -> Kind {
         ErrorCode::TooLarge => Kind::TooLarge,
         ErrorCode::NoSpace => Kind::NoSpace,
         ErrorCode::ShuttingDown | ErrorCode::Busy => Kind::Unavailable,
+        ErrorCode::Corrupt => Kind::Corrupt,
         ErrorCode::Internal => Kind::Internal,
     }
 }

@@ -152,3 +152,138 @@ fn ten_thousand_idle_connections_take_no_thread_each() {
     drop(client);
     assert!(kvd.terminate().success());
 }
+
+/// Time of one `GET /health` on the metrics endpoint.
+fn health(kvd: &Kvd) -> Duration {
+    let addr = kvd.metrics().trim_start_matches("http://");
+    let addr = addr.split('/').next().unwrap();
+    let started = Instant::now();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /health HTTP/1.0\r\n\r\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    started.elapsed()
+}
+
+#[test]
+fn a_flood_of_hostile_connections_locks_no_client_out() {
+    let limit = raise_open_file_limit(8_000);
+    let per_kind = 2_000.min(limit.saturating_sub(1_000) as usize / 3);
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let kvd = Kvd::start(
+        env!("CARGO_BIN_EXE_mooncake-kvd"),
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--data-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--memory-only",
+            "--no-shm",
+            "--log",
+            "error",
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    let pid = kvd.child().id();
+    let config = ClientConfig {
+        token: Some(TOKEN.to_vec()),
+        transport: TransportChoice::Tcp,
+        connections: 1,
+        ..ClientConfig::default()
+    };
+    let client = Client::connect(kvd.control, config.clone()).unwrap();
+    client.put(b"hot", &vec![7u8; 64 << 10]).unwrap();
+    let rss_idle = status(pid, "VmRSS");
+
+    // Never authenticate; stall halfway through a Hello's header; quiet on the data plane;
+    // announce a 64 MiB Hello and start sending it.
+    let mut frame = Vec::new();
+    write_frame(
+        &mut frame,
+        1,
+        &encode_body(&Request::Hello { token: TOKEN }),
+    )
+    .unwrap();
+    let mut flood: Vec<TcpStream> = Vec::new();
+    let mut slowest = Duration::ZERO;
+    let started = Instant::now();
+    for i in 0..per_kind {
+        flood.push(TcpStream::connect(kvd.control).unwrap());
+        let mut half = TcpStream::connect(kvd.control).unwrap();
+        half.write_all(&frame[..16]).unwrap();
+        flood.push(half);
+        flood.push(TcpStream::connect(kvd.data).unwrap());
+        if i < 16 {
+            let mut huge = TcpStream::connect(kvd.control).unwrap();
+            let header = mooncake_kv_replication::proto::FrameHeader {
+                request_id: 1,
+                body_len: 64 << 20,
+                body_crc32: 0,
+            };
+            huge.write_all(&header.encode()).unwrap();
+            // Refused from the header: what follows may find the connection closed.
+            let _ = huge.write_all(&vec![0u8; 1 << 20]);
+            flood.push(huge);
+        }
+        // A legitimate client keeps reading throughout, each read answered at once.
+        if i % 100 == 0 {
+            let get = Instant::now();
+            assert!(client.get(b"hot").unwrap().is_some());
+            slowest = slowest.max(get.elapsed());
+            // A new client too: it authenticates past the flood of unauthenticated ones.
+            let fresh = Client::connect(kvd.control, config.clone()).unwrap();
+            assert!(fresh.get(b"hot").unwrap().is_some());
+        }
+    }
+    let flooded = started.elapsed();
+    // /health while 100 quiet connections sit on the metrics port.
+    let metrics_addr = kvd.metrics().trim_start_matches("http://");
+    let metrics_addr = metrics_addr.split('/').next().unwrap().to_owned();
+    let quiet: Vec<TcpStream> = (0..100)
+        .map(|_| TcpStream::connect(&metrics_addr).unwrap())
+        .collect();
+    let health_took = health(&kvd);
+    let rss_flood = status(pid, "VmRSS");
+    // Past the Hello deadline, the stalled ones are gone.
+    wait_until(
+        "the unauthenticated to be closed",
+        Duration::from_secs(15),
+        || metric(&kvd, "mooncake_unauthenticated_connections") == 0,
+    );
+    let timeouts = metric(&kvd, "mooncake_hello_timeouts_total");
+    let refused = metric(&kvd, "mooncake_refused_connections_total");
+    let stats = client.stats().unwrap();
+    eprintln!(
+        "{per_kind} each of silent, half-frame and quiet data-plane connections and 16 64 MiB \
+         Hellos in {flooded:.2?}: slowest get {slowest:.2?}; /health beside 100 quiet \
+         connections {health_took:.2?}; node RSS {} -> {} MiB; {refused} closed to make room, \
+         {timeouts} closed at the Hello deadline",
+        rss_idle >> 10,
+        rss_flood >> 10
+    );
+    assert!(
+        rss_flood.saturating_sub(rss_idle) <= 64 << 10,
+        "RSS grew by {} MiB",
+        (rss_flood - rss_idle) >> 10
+    );
+    assert_eq!(stats.admission.unauthenticated, 0);
+    assert_eq!(
+        stats.admission.refused + stats.admission.hello_timeouts,
+        refused + timeouts
+    );
+    assert!(
+        refused + timeouts >= 2 * per_kind as u64,
+        "every silent and stalled connection closed: {refused} + {timeouts}"
+    );
+    drop(quiet);
+    drop(flood);
+    drop(client);
+    assert!(kvd.terminate().success());
+}

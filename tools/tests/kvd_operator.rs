@@ -432,13 +432,10 @@ fn a_block_damaged_in_memory_is_reported_corrupt_and_dropped() {
 
     flip_in_node_memory(kvd.child().id(), marker, 1000);
     match client.get(b"damaged") {
-        Err(ClientError::Corrupt {
-            key,
-            generation,
-            dropped,
-        }) => {
+        // Caught by the client's check twice, or by the node's own (in a build that checks
+        // payloads on every DRAM read): either way the block is dropped.
+        Err(ClientError::Corrupt { key, dropped, .. }) => {
             assert_eq!(key, "damaged");
-            assert!(generation > 0);
             assert!(
                 dropped,
                 "the node confirmed the damage and dropped the block"
@@ -454,8 +451,6 @@ fn a_block_damaged_in_memory_is_reported_corrupt_and_dropped() {
     // A client's word alone drops nothing: an intact block reported damaged stays.
     assert!(!report_corrupt(&kvd, b"intact", intact), "not dropped");
     assert!(client.get(b"intact").unwrap().is_some());
-    let stats = client.stats().unwrap();
-    assert_eq!(stats.requests[11], 2, "two reports");
     drop(client);
     assert!(kvd.terminate().success());
 }

@@ -131,17 +131,18 @@ pub enum ClientError {
     /// The block failed verification the same way on two reads in a row (the same block,
     /// not one that changed between them): its bytes at the node are damaged. The node was
     /// told, and drops it if its own check agrees.
+    /// (Or the node's own check of the block failed as it was looked up: it was dropped.)
     #[error(
-        "block {key} (generation {generation}) fails verification on every read: it is \
-         damaged at the node{}",
-        if *.dropped { ", which dropped it" } else { "" }
+        "block {key}{} is damaged at the node{}",
+        .generation.map(|g| format!(" (generation {g})")).unwrap_or_default(),
+        if *.dropped { ", which dropped it" } else { " (the node's own check passed)" }
     )]
     Corrupt {
         /// The key, as text when printable, else hex.
         key: String,
-        /// The block's generation.
-        generation: u64,
-        /// Whether the node confirmed and dropped it.
+        /// The block's generation, when the client read it.
+        generation: Option<u64>,
+        /// Whether the node found the damage too and dropped the block.
         dropped: bool,
     },
     /// [`TransportChoice::Shm`] was asked for and this client cannot read the node's memory.

@@ -8,7 +8,7 @@ use mooncake_kv_format::{self as format, HEADER_BYTES, MAX_PAYLOAD_OFFSET};
 use mooncake_kv_transfer::{ReadOp, RemoteSlice};
 
 use super::{BlockId, Client, ClientError, Inline, Result, io, unexpected};
-use crate::proto::{Descriptor, FrameError, Outcome, Request, Response};
+use crate::proto::{Descriptor, ErrorCode, FrameError, Outcome, Request, Response};
 
 /// Where a read puts the value it finds.
 enum Sink<'a> {
@@ -27,6 +27,19 @@ enum Got {
 /// Bytes received at a time when checksumming a payload as it arrives: small enough to be
 /// checksummed while still in cache.
 const RECEIVE_CHUNK: usize = 128 << 10;
+
+/// A lookup refused because the block failed the node's own check (and was dropped) is a
+/// damaged block to the caller, as one that fails the client's check twice.
+fn damaged(key: &[u8], error: ClientError) -> ClientError {
+    match error {
+        ClientError::Refused(reply) if reply.code == ErrorCode::Corrupt => ClientError::Corrupt {
+            key: shown_key(key),
+            generation: None,
+            dropped: true,
+        },
+        other => other,
+    }
+}
 
 /// A key as text when it is printable UTF-8, else as `0x` and hex.
 fn shown_key(key: &[u8]) -> String {
@@ -256,7 +269,7 @@ impl Client {
                     Sink::Into(dst) => Some(&mut **dst),
                 };
                 let into = dst.is_some();
-                match self.read_inline(key, dst)? {
+                match self.read_inline(key, dst).map_err(|e| damaged(key, e))? {
                     Inline::Miss => return Ok(None),
                     Inline::Owned(value) if !into => return Ok(Some(Got::Value(value))),
                     Inline::Read(len) if into => return Ok(Some(Got::Len(len))),
@@ -272,7 +285,7 @@ impl Client {
                 }
             }
             let started = self.lookup_started();
-            let Some(d) = self.lookup(key)? else {
+            let Some(d) = self.lookup(key).map_err(|e| damaged(key, e))? else {
                 return Ok(None);
             };
             check_descriptor(&d)?;
@@ -320,7 +333,7 @@ impl Client {
         self.forget(std::iter::once(key));
         Err(ClientError::Corrupt {
             key: shown_key(key),
-            generation,
+            generation: Some(generation),
             dropped,
         })
     }

@@ -463,6 +463,8 @@ fn engine_refusal(error: &mooncake_kv_engine::Error) -> ErrorReply {
             ErrorCode::TooLarge
         }
         E::Format(FormatError::EmptyKey) | E::NotPersistent => ErrorCode::BadRequest,
+        // A block that failed verification: the engine dropped it.
+        E::Format(_) | E::BlockMismatch { .. } => ErrorCode::Corrupt,
         E::NoSpace { .. } => ErrorCode::NoSpace,
         _ => ErrorCode::Internal,
     };
