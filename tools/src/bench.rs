@@ -429,7 +429,7 @@ fn measure(client: &Client, o: &BenchOptions, progress: &(dyn Fn(u64) + Sync)) -
     report
 }
 
-fn quantiles(ns: &mut [u64]) -> Quantiles {
+pub(crate) fn quantiles(ns: &mut [u64]) -> Quantiles {
     if ns.is_empty() {
         return Quantiles::default();
     }

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod http;
+pub mod loadgen;
 pub mod replay;
 
 /// Shows a key as text when it is printable UTF-8, else as `0x` and hex.

@@ -287,3 +287,58 @@ fn a_flood_of_hostile_connections_locks_no_client_out() {
     drop(client);
     assert!(kvd.terminate().success());
 }
+
+#[test]
+fn the_event_loop_load_generator_drives_many_connections_and_checks_every_value() {
+    use mooncake_kv_tools::bench::{self, BenchOptions, KeyOrder};
+    let kvd = Kvd::start(
+        env!("CARGO_BIN_EXE_mooncake-kvd"),
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--data-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--memory-only",
+            "--no-shm",
+            "--log",
+            "warn",
+        ],
+    );
+    let client = Client::connect(kvd.control, ClientConfig::default()).unwrap();
+    let options = BenchOptions {
+        value_bytes: 4096,
+        batch: 1,
+        concurrency: 2,
+        read_percent: 100,
+        keys: 50,
+        duration: Duration::from_millis(800),
+        count: None,
+        prefill: true,
+        key_prefix: "loadgen/".to_owned(),
+        seed: 7,
+        order: KeyOrder::Random,
+        warm_up: Duration::from_millis(200),
+    };
+    bench::prefill(&client, &options, &|_| {}).unwrap();
+    let report = mooncake_kv_tools::loadgen::run(kvd.control, b"", &options, 300).unwrap();
+    assert!(report.reads > 300, "{report:?}");
+    assert_eq!(
+        (report.wrong_values, report.errors, report.misses),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    assert!(report.read_latency.p50_us > 0.0);
+
+    // A value that is not its key's is caught: key 3 holds key 4's value.
+    let mut foreign = vec![0u8; options.value_bytes];
+    bench::fill_value(4, options.seed, &mut foreign);
+    client
+        .put(&bench::bench_key(&options.key_prefix, 3), &foreign)
+        .unwrap();
+    let report = mooncake_kv_tools::loadgen::run(kvd.control, b"", &options, 40).unwrap();
+    assert!(report.wrong_values > 0, "{report:?}");
+    drop(client);
+    assert!(kvd.terminate().success());
+}

@@ -331,6 +331,11 @@ impl Client {
         })
     }
 
+    /// The node's control address, as connected to.
+    pub fn control_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// The data path in use: `"shm"` or `"tcp"`.
     pub fn transport_name(&self) -> &'static str {
         self.transport_name

@@ -241,6 +241,13 @@ struct BenchArgs {
     /// Client threads.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
     concurrency: u64,
+    /// Drive this many connections from the --concurrency threads (each an event loop that
+    /// keeps one get in flight on every one of its connections), so that one process loads
+    /// a node with thousands of connections without being what is measured. Gets only,
+    /// inline over tcp (--read-percent 100, --batch 1); latency is timed from when each
+    /// request was ready.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    connections: Option<u64>,
     /// Percentage of operations that are reads.
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(0..=100))]
     read_percent: u8,

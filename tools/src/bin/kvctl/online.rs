@@ -306,7 +306,18 @@ pub(super) fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             "bench",
         ),
     };
-    let report = if options.count.is_some() {
+    let report = if let Some(connections) = args.connections {
+        anyhow::ensure!(
+            options.read_percent == 100 && options.batch == 1 && options.count.is_none(),
+            "--connections drives gets only, one key each, for a duration: give \
+             --read-percent 100 and neither --batch nor --count"
+        );
+        let addr = client.control_addr();
+        let token = token(cli)?.unwrap_or_default();
+        bar.finish_and_clear();
+        mooncake_kv_tools::loadgen::run(addr, &token, &options, usize::try_from(connections)?)
+            .context("cannot drive the connections")?
+    } else if options.count.is_some() {
         bench::run(&client, &options, &|n| bar.inc(n))
     } else {
         let ticker = {
@@ -341,17 +352,23 @@ pub(super) fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     // One reader thread's bytes per second of time spent in reads, next to one memcpy
     // thread's.
     let per_thread = report.read_mib_per_busy_second;
+    let transport = if args.connections.is_some() {
+        "tcp (inline, event loop)"
+    } else {
+        client.transport_name()
+    };
     let q = |x: &bench::Quantiles| json!({ "p50_us": x.p50_us, "p99_us": x.p99_us, "p999_us": x.p999_us });
     if cli.json {
         println!(
             "{}",
             json!({
                 "addr": cli.addr,
-                "transport": client.transport_name(),
+                "transport": transport,
                 "shm_unavailable": client.shm_unavailable(),
                 "value_bytes": options.value_bytes,
                 "batch": options.batch,
                 "concurrency": options.concurrency,
+                "connections": args.connections,
                 "read_percent": options.read_percent,
                 "seconds": report.elapsed.as_secs_f64(),
                 "reads": report.reads,
@@ -381,7 +398,7 @@ pub(super) fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             "{} ops in {:.2} s over {}: {:.0} ops/s, {:.1} MiB/s",
             report.reads + report.writes,
             report.elapsed.as_secs_f64(),
-            client.transport_name(),
+            transport,
             report.ops_per_second(),
             report.mib_per_second()
         );
