@@ -288,17 +288,18 @@ impl Rng {
     }
 }
 
+/// What one load thread counted.
 #[derive(Default)]
-struct Tally {
-    reads: u64,
-    misses: u64,
-    writes: u64,
-    bytes: u64,
-    wrong: u64,
-    errors: u64,
-    first_error: Option<String>,
-    read_ns: Vec<u64>,
-    write_ns: Vec<u64>,
+pub(crate) struct Tally {
+    pub(crate) reads: u64,
+    pub(crate) misses: u64,
+    pub(crate) writes: u64,
+    pub(crate) bytes: u64,
+    pub(crate) wrong: u64,
+    pub(crate) errors: u64,
+    pub(crate) first_error: Option<String>,
+    pub(crate) read_ns: Vec<u64>,
+    pub(crate) write_ns: Vec<u64>,
 }
 
 impl Tally {
@@ -316,11 +317,47 @@ impl Tally {
     }
 
     fn error(&mut self, error: &ClientError) {
-        self.errors += 1;
-        if self.first_error.is_none() {
-            self.first_error = Some(error.to_string());
-        }
+        self.failed(error.to_string());
     }
+
+    /// Counts a failed operation, keeping the first one's words.
+    pub(crate) fn failed(&mut self, what: String) {
+        self.errors += 1;
+        self.first_error.get_or_insert(what);
+    }
+}
+
+/// The threads' tallies summed into a report of a measured part of `elapsed`.
+pub(crate) fn summarize(
+    tallies: impl IntoIterator<Item = Tally>,
+    elapsed: Duration,
+    value_bytes: usize,
+) -> BenchReport {
+    let mut report = BenchReport {
+        elapsed,
+        ..BenchReport::default()
+    };
+    let (mut read_ns, mut write_ns) = (Vec::new(), Vec::new());
+    for t in tallies {
+        report.reads += t.reads;
+        report.misses += t.misses;
+        report.writes += t.writes;
+        report.bytes += t.bytes;
+        report.wrong_values += t.wrong;
+        report.errors += t.errors;
+        if report.first_error.is_none() {
+            report.first_error = t.first_error;
+        }
+        read_ns.extend(t.read_ns);
+        write_ns.extend(t.write_ns);
+    }
+    let busy_ns: u64 = read_ns.iter().sum();
+    let read_bytes = (report.reads - report.misses) as f64 * value_bytes as f64;
+    report.read_mib_per_busy_second =
+        read_bytes / (busy_ns as f64 / 1e9).max(1e-9) / f64::from(1 << 20);
+    report.read_latency = quantiles(&mut read_ns);
+    report.write_latency = quantiles(&mut write_ns);
+    report
 }
 
 /// Puts every key once (in batches), so that reads hit.
@@ -399,37 +436,13 @@ fn measure(client: &Client, o: &BenchOptions, progress: &(dyn Fn(u64) + Sync)) -
             .map(|h| h.join().unwrap_or_default())
             .collect()
     });
-    let elapsed = started.elapsed();
-    let mut report = BenchReport {
-        elapsed,
-        verification_retries: client.verification_retries() - retries_before,
-        cached_reads: client.cached_reads() - cached_before,
-        ..BenchReport::default()
-    };
-    let (mut read_ns, mut write_ns) = (Vec::new(), Vec::new());
-    for t in tallies {
-        report.reads += t.reads;
-        report.misses += t.misses;
-        report.writes += t.writes;
-        report.bytes += t.bytes;
-        report.wrong_values += t.wrong;
-        report.errors += t.errors;
-        if report.first_error.is_none() {
-            report.first_error = t.first_error;
-        }
-        read_ns.extend(t.read_ns);
-        write_ns.extend(t.write_ns);
-    }
-    let busy_ns: u64 = read_ns.iter().sum();
-    let read_bytes = (report.reads - report.misses) as f64 * o.value_bytes as f64;
-    report.read_mib_per_busy_second =
-        read_bytes / (busy_ns as f64 / 1e9).max(1e-9) / f64::from(1 << 20);
-    report.read_latency = quantiles(&mut read_ns);
-    report.write_latency = quantiles(&mut write_ns);
+    let mut report = summarize(tallies, started.elapsed(), o.value_bytes);
+    report.verification_retries = client.verification_retries() - retries_before;
+    report.cached_reads = client.cached_reads() - cached_before;
     report
 }
 
-pub(crate) fn quantiles(ns: &mut [u64]) -> Quantiles {
+fn quantiles(ns: &mut [u64]) -> Quantiles {
     if ns.is_empty() {
         return Quantiles::default();
     }

@@ -16,7 +16,7 @@ use mooncake_kv_replication::proto::{
 };
 use rustix::event::epoll;
 
-use crate::bench::{BenchOptions, BenchReport, bench_key, check_value};
+use crate::bench::{BenchOptions, BenchReport, Tally, bench_key, check_value, summarize};
 
 /// Where a connection is in receiving its current answer.
 enum Stage {
@@ -36,24 +36,6 @@ struct Conn {
     stage: Stage,
     index: u64,
     sent_at: Instant,
-}
-
-#[derive(Default)]
-struct Tally {
-    reads: u64,
-    misses: u64,
-    bytes: u64,
-    wrong: u64,
-    errors: u64,
-    first_error: Option<String>,
-    read_ns: Vec<u64>,
-}
-
-impl Tally {
-    fn error(&mut self, what: String) {
-        self.errors += 1;
-        self.first_error.get_or_insert(what);
-    }
 }
 
 /// Opens `connections` connections to the node at `addr` (saying Hello with `token`) and
@@ -78,7 +60,7 @@ pub fn run(
     let started = Instant::now();
     let measure_from = started + o.warm_up;
     let until = measure_from + o.duration;
-    let tallies: Vec<std::io::Result<Tally>> = std::thread::scope(|scope| {
+    let tallies: std::io::Result<Vec<Tally>> = std::thread::scope(|scope| {
         let handles: Vec<_> = shares
             .into_iter()
             .enumerate()
@@ -92,28 +74,7 @@ pub fn run(
             })
             .collect()
     });
-    let mut report = BenchReport {
-        elapsed: o.duration,
-        ..BenchReport::default()
-    };
-    let mut read_ns = Vec::new();
-    for tally in tallies {
-        let t = tally?;
-        report.reads += t.reads;
-        report.misses += t.misses;
-        report.bytes += t.bytes;
-        report.wrong_values += t.wrong;
-        report.errors += t.errors;
-        if report.first_error.is_none() {
-            report.first_error = t.first_error;
-        }
-        read_ns.extend(t.read_ns);
-    }
-    let busy_ns: u64 = read_ns.iter().sum();
-    report.read_mib_per_busy_second =
-        report.bytes as f64 / (busy_ns as f64 / 1e9).max(1e-9) / f64::from(1 << 20);
-    report.read_latency = crate::bench::quantiles(&mut read_ns);
-    Ok(report)
+    Ok(summarize(tallies?, o.duration, o.value_bytes))
 }
 
 /// A connection that has said Hello.
@@ -209,9 +170,7 @@ fn drive(
     }
     tally.wrong += warm.wrong;
     tally.errors += warm.errors;
-    if tally.first_error.is_none() {
-        tally.first_error = warm.first_error;
-    }
+    tally.first_error = tally.first_error.or(warm.first_error);
     Ok(tally)
 }
 
@@ -277,7 +236,7 @@ fn receive(conn: &mut Conn, tally: &mut Tally) -> std::io::Result<Option<Instant
                 let outcome = match decode_response(&conn.buf) {
                     Ok(Response::Lookup(mut outcomes)) if outcomes.len() == 1 => outcomes.pop(),
                     Ok(Response::Error(reply)) => {
-                        tally.error(reply.message);
+                        tally.failed(reply.message);
                         None
                     }
                     _ => return Err(std::io::Error::other("unexpected answer to a lookup")),
@@ -292,7 +251,7 @@ fn receive(conn: &mut Conn, tally: &mut Tally) -> std::io::Result<Option<Instant
                         continue;
                     }
                     Some(Outcome::Ok(None)) => tally.misses += 1,
-                    Some(Outcome::Err(reply)) => tally.error(reply.message),
+                    Some(Outcome::Err(reply)) => tally.failed(reply.message),
                     None => {}
                 }
                 return Ok(Some(Instant::now()));
@@ -308,7 +267,7 @@ fn receive(conn: &mut Conn, tally: &mut Tally) -> std::io::Result<Option<Instant
                     }
                     Err(error) => {
                         tally.wrong += 1;
-                        tally.error(format!("a block that does not verify: {error}"));
+                        tally.failed(format!("a block that does not verify: {error}"));
                     }
                 }
                 return Ok(Some(done));

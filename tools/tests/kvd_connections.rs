@@ -14,6 +14,21 @@ use mooncake_kv_test_support::{Kvd, raise_open_file_limit, wait_until};
 
 const TOKEN: &[u8] = b"many workers";
 
+/// A memory-only kvd on free ports, with `args` besides.
+fn start(args: &[&str]) -> Kvd {
+    let base = [
+        "--listen",
+        "127.0.0.1:0",
+        "--data-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--memory-only",
+        "--no-shm",
+    ];
+    Kvd::start(env!("CARGO_BIN_EXE_mooncake-kvd"), base.iter().chain(args))
+}
+
 /// A figure from `/proc/PID/status` (`Threads`, or `VmRSS` in KiB).
 fn status(pid: u32, field: &str) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -75,25 +90,14 @@ fn ten_thousand_idle_connections_take_no_thread_each() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, TOKEN).unwrap();
-    let kvd = Kvd::start(
-        env!("CARGO_BIN_EXE_mooncake-kvd"),
-        [
-            "--listen",
-            "127.0.0.1:0",
-            "--data-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--memory-only",
-            "--no-shm",
-            "--max-connections",
-            "12000",
-            "--log",
-            "warn",
-            "--token-file",
-            token.to_str().unwrap(),
-        ],
-    );
+    let kvd = start(&[
+        "--max-connections",
+        "12000",
+        "--log",
+        "warn",
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
     let pid = kvd.child().id();
     let client = Client::connect(
         kvd.control,
@@ -174,23 +178,7 @@ fn a_flood_of_hostile_connections_locks_no_client_out() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, TOKEN).unwrap();
-    let kvd = Kvd::start(
-        env!("CARGO_BIN_EXE_mooncake-kvd"),
-        [
-            "--listen",
-            "127.0.0.1:0",
-            "--data-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--memory-only",
-            "--no-shm",
-            "--log",
-            "error",
-            "--token-file",
-            token.to_str().unwrap(),
-        ],
-    );
+    let kvd = start(&["--log", "error", "--token-file", token.to_str().unwrap()]);
     let pid = kvd.child().id();
     let config = ClientConfig {
         token: Some(TOKEN.to_vec()),
@@ -291,21 +279,7 @@ fn a_flood_of_hostile_connections_locks_no_client_out() {
 #[test]
 fn the_event_loop_load_generator_drives_many_connections_and_checks_every_value() {
     use mooncake_kv_tools::bench::{self, BenchOptions, KeyOrder};
-    let kvd = Kvd::start(
-        env!("CARGO_BIN_EXE_mooncake-kvd"),
-        [
-            "--listen",
-            "127.0.0.1:0",
-            "--data-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--memory-only",
-            "--no-shm",
-            "--log",
-            "warn",
-        ],
-    );
+    let kvd = start(&["--log", "warn"]);
     let client = Client::connect(kvd.control, ClientConfig::default()).unwrap();
     let options = BenchOptions {
         value_bytes: 4096,
