@@ -27,6 +27,7 @@ use std::path::Path;
 use anyhow::{Context, bail, ensure};
 use serde::{Deserialize, Serialize};
 
+pub mod generate;
 mod real;
 mod simulate;
 #[cfg(test)]

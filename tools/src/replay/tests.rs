@@ -336,3 +336,73 @@ fn rejects_malformed_traces_with_the_line_number() {
     assert_eq!(t.requests[0].hash_ids, vec![3, 4]);
     assert_eq!(t.ceiling().tokens, 700);
 }
+
+mod generated {
+    use crate::replay::generate::{Regime, TOKENS_PER_BLOCK, generate};
+
+    const REGIMES: [Regime; 5] = [
+        Regime::SystemPrompts,
+        Regime::Conversations,
+        Regime::Documents,
+        Regime::Agents,
+        Regime::Mix,
+    ];
+
+    #[test]
+    fn a_seed_gives_one_trace_in_arrival_order_with_lengths_that_match_the_blocks() {
+        for regime in REGIMES {
+            let trace = generate(regime, 2_000, 9);
+            assert_eq!(trace, generate(regime, 2_000, 9), "{regime:?}");
+            assert_ne!(trace, generate(regime, 2_000, 10), "{regime:?}");
+            assert!(trace.windows(2).all(|w| w[0].timestamp <= w[1].timestamp));
+            for r in &trace {
+                let blocks = r.input_length.div_ceil(TOKENS_PER_BLOCK);
+                assert_eq!(blocks, r.hash_ids.len() as u64, "{regime:?}: {r:?}");
+            }
+        }
+    }
+
+    /// How many requests begin with a chain another request sent before.
+    fn reused_prefixes(trace: &[crate::replay::generate::GeneratedRequest]) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        trace.iter().filter(|r| !seen.insert(r.hash_ids[0])).count()
+    }
+
+    #[test]
+    fn each_regime_has_its_shape() {
+        // Conversations and agents re-send their whole chain, grown: every step of a chain
+        // begins with the previous step's blocks.
+        for regime in [Regime::Conversations, Regime::Agents] {
+            let trace = generate(regime, 3_000, 1);
+            let mut last: std::collections::HashMap<u64, &Vec<u64>> = Default::default();
+            let mut grown = 0;
+            for r in &trace {
+                if let Some(previous) = last.insert(r.hash_ids[0], &r.hash_ids) {
+                    assert!(r.hash_ids.starts_with(previous), "{regime:?}");
+                    assert!(r.hash_ids.len() > previous.len(), "{regime:?}");
+                    grown += 1;
+                }
+            }
+            assert!(grown > 1_000, "{regime:?}: {grown}");
+        }
+        // Documents: about half the requests are one-off documents, never seen again.
+        let trace = generate(Regime::Documents, 4_000, 1);
+        let one_off = trace.iter().filter(|r| r.hash_ids.len() >= 16).count();
+        assert!((1_600..2_400).contains(&one_off), "{one_off}");
+        assert!(
+            reused_prefixes(&trace) >= 1_000,
+            "{}",
+            reused_prefixes(&trace)
+        );
+        // System prompts: the most popular prompt heads far more requests than the least.
+        let trace = generate(Regime::SystemPrompts, 10_000, 1);
+        let mut heads: std::collections::HashMap<u64, usize> = Default::default();
+        for r in &trace {
+            *heads.entry(r.hash_ids[0]).or_default() += 1;
+        }
+        let most = heads.values().max().copied().unwrap_or(0);
+        let least = heads.values().min().copied().unwrap_or(0);
+        assert!(heads.len() > 400, "{}", heads.len());
+        assert!(most > 20 * least, "{most} vs {least}");
+    }
+}

@@ -129,6 +129,24 @@ enum Command {
     /// LRU told which blocks will be used again, computed offline on the same trace. No node
     /// is involved.
     Replay(ReplayArgs),
+    /// Write a seeded trace of one workload regime (JSON lines, the format `kvctl replay`
+    /// reads): a few popular system prompts, multi-turn conversations, one-off documents
+    /// beside a hot set, agent loops, or a mix. See `tools/src/replay/generate.rs` for each
+    /// regime's parameters and why.
+    GenTrace {
+        /// The regime.
+        #[arg(long, value_enum)]
+        regime: mooncake_kv_tools::replay::generate::Regime,
+        /// Requests to write.
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        requests: u64,
+        /// Seed: the same seed writes the same trace.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output file; stdout if absent.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
     /// Summary of a stopped node's data directory: node id, format version, blocks, bytes,
     /// free space, and orphans (blocks written but never committed, reclaimed on open).
     Inspect {
@@ -394,6 +412,27 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             None => online::bench(cli, args),
         },
         Command::Replay(args) => replay_cmd::run(cli, args),
+        Command::GenTrace {
+            regime,
+            requests,
+            seed,
+            output,
+        } => {
+            use mooncake_kv_tools::replay::generate::{generate, write_trace};
+            let trace = generate(*regime, usize::try_from(*requests)?, *seed);
+            match output {
+                Some(path) => {
+                    let file = std::fs::File::create(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?;
+                    let mut out = std::io::BufWriter::new(file);
+                    write_trace(&mut out, &trace)
+                        .and_then(|()| out.flush())
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                }
+                None => write_trace(&mut std::io::stdout().lock(), &trace)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Inspect { dir } => {
             let summary = open(dir)?.summary()?;
             if cli.json {
