@@ -281,34 +281,59 @@ fn source(regime: Regime, rng: &mut Rng, ids: &mut u64) -> Vec<Box<dyn Source>> 
     }
 }
 
-/// `requests` requests of `regime`, in arrival order, the same for the same `seed`.
-pub fn generate(regime: Regime, requests: usize, seed: u64) -> Vec<GeneratedRequest> {
+/// `requests` requests of `regime`, in arrival order, the same for the same `seed`. Made
+/// one at a time: a long trace is written as it is made, not held.
+pub fn generate(regime: Regime, requests: usize, seed: u64) -> Generator {
     let mut rng = Rng(seed);
     let mut ids = 0u64;
     let mut sources = source(regime, &mut rng, &mut ids);
     // Each source's next request, merged by arrival time.
-    let mut pending: Vec<(f64, Vec<u64>)> = sources
+    let pending = sources
         .iter_mut()
         .map(|s| s.next(&mut rng, &mut ids))
         .collect();
-    let mut out = Vec::with_capacity(requests);
-    while out.len() < requests {
+    Generator {
+        rng,
+        ids,
+        sources,
+        pending,
+        left: requests,
+    }
+}
+
+/// The requests of a generated trace; see [`generate`].
+pub struct Generator {
+    rng: Rng,
+    ids: u64,
+    sources: Vec<Box<dyn Source>>,
+    pending: Vec<(f64, Vec<u64>)>,
+    left: usize,
+}
+
+impl Iterator for Generator {
+    type Item = GeneratedRequest;
+
+    fn next(&mut self) -> Option<GeneratedRequest> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let pending = &self.pending;
         let i = (0..pending.len())
             .min_by(|&a, &b| pending[a].0.total_cmp(&pending[b].0))
             .unwrap_or(0);
-        let next = sources[i].next(&mut rng, &mut ids);
-        let (time, hash_ids) = std::mem::replace(&mut pending[i], next);
+        let next = self.sources[i].next(&mut self.rng, &mut self.ids);
+        let (time, hash_ids) = std::mem::replace(&mut self.pending[i], next);
         // The last block of a prompt is partly filled.
         let blocks = hash_ids.len() as u64;
-        let input_length = (blocks - 1) * TOKENS_PER_BLOCK + rng.between(1, TOKENS_PER_BLOCK);
-        out.push(GeneratedRequest {
+        let input_length = (blocks - 1) * TOKENS_PER_BLOCK + self.rng.between(1, TOKENS_PER_BLOCK);
+        Some(GeneratedRequest {
             timestamp: time as u64,
             input_length,
-            output_length: rng.between(16, 1024),
+            output_length: self.rng.between(16, 1024),
             hash_ids,
-        });
+        })
     }
-    out
 }
 
 /// Writes `requests` as JSON lines.
@@ -316,9 +341,12 @@ pub fn generate(regime: Regime, requests: usize, seed: u64) -> Vec<GeneratedRequ
 /// # Errors
 ///
 /// The writer's.
-pub fn write_trace(out: &mut impl Write, requests: &[GeneratedRequest]) -> std::io::Result<()> {
+pub fn write_trace(
+    out: &mut impl Write,
+    requests: impl IntoIterator<Item = GeneratedRequest>,
+) -> std::io::Result<()> {
     for request in requests {
-        serde_json::to_writer(&mut *out, request)?;
+        serde_json::to_writer(&mut *out, &request)?;
         out.write_all(b"\n")?;
     }
     Ok(())

@@ -338,7 +338,11 @@ fn rejects_malformed_traces_with_the_line_number() {
 }
 
 mod generated {
-    use crate::replay::generate::{Regime, TOKENS_PER_BLOCK, generate};
+    use crate::replay::generate::{GeneratedRequest, Regime, TOKENS_PER_BLOCK};
+
+    fn generate(regime: Regime, requests: usize, seed: u64) -> Vec<GeneratedRequest> {
+        crate::replay::generate::generate(regime, requests, seed).collect()
+    }
 
     const REGIMES: [Regime; 5] = [
         Regime::SystemPrompts,
@@ -363,7 +367,7 @@ mod generated {
     }
 
     /// How many requests begin with a chain another request sent before.
-    fn reused_prefixes(trace: &[crate::replay::generate::GeneratedRequest]) -> usize {
+    fn reused_prefixes(trace: &[GeneratedRequest]) -> usize {
         let mut seen = std::collections::HashSet::new();
         trace.iter().filter(|r| !seen.insert(r.hash_ids[0])).count()
     }

@@ -425,11 +425,14 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     let file = std::fs::File::create(path)
                         .with_context(|| format!("cannot create {}", path.display()))?;
                     let mut out = std::io::BufWriter::new(file);
-                    write_trace(&mut out, &trace)
+                    write_trace(&mut out, trace)
                         .and_then(|()| out.flush())
                         .with_context(|| format!("cannot write {}", path.display()))?;
                 }
-                None => write_trace(&mut std::io::stdout().lock(), &trace)?,
+                None => {
+                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                    write_trace(&mut out, trace).and_then(|()| out.flush())?;
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
