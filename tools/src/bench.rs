@@ -275,10 +275,12 @@ pub fn check_value(index: u64, value: &[u8]) -> bool {
     ok && tail == &word.to_le_bytes()[..tail.len()]
 }
 
-struct Rng(u64);
+/// splitmix64: small, seeded, and the same everywhere (the bench's key choice, the generated
+/// traces).
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         // splitmix64
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
@@ -455,8 +457,13 @@ fn quantiles(ns: &mut [u64]) -> Quantiles {
     }
 }
 
+/// Load thread `thread`'s own random sequence.
+pub(crate) fn thread_rng(o: &BenchOptions, thread: u64) -> Rng {
+    Rng(o.seed ^ (thread + 1).wrapping_mul(0xd6e8_feb8_6659_fd93))
+}
+
 /// Chooses a worker's keys in the bench's [`KeyOrder`].
-struct KeyPicker {
+pub(crate) struct KeyPicker {
     order: KeyOrder,
     keys: u64,
     next: u64,
@@ -464,7 +471,7 @@ struct KeyPicker {
 
 impl KeyPicker {
     /// Thread `thread` of `o.concurrency` starts its sequential walk at its share of the keys.
-    fn new(o: &BenchOptions, thread: u64) -> Self {
+    pub(crate) fn new(o: &BenchOptions, thread: u64) -> Self {
         let keys = o.keys.max(1);
         let share = u128::from(keys) * u128::from(thread) / o.concurrency.max(1) as u128;
         Self {
@@ -474,7 +481,7 @@ impl KeyPicker {
         }
     }
 
-    fn next(&mut self, rng: &mut Rng) -> u64 {
+    pub(crate) fn next(&mut self, rng: &mut Rng) -> u64 {
         match self.order {
             KeyOrder::Random => rng.next() % self.keys,
             KeyOrder::Sequential => {
@@ -495,7 +502,7 @@ fn worker(
     started: Instant,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Tally {
-    let mut rng = Rng(o.seed ^ (thread + 1).wrapping_mul(0xd6e8_feb8_6659_fd93));
+    let mut rng = thread_rng(o, thread);
     let mut tally = Tally::default();
     let batch = o.batch.max(1);
     let mut buf = PageAligned::new(o.value_bytes);

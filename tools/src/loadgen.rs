@@ -16,7 +16,9 @@ use mooncake_kv_replication::proto::{
 };
 use rustix::event::epoll;
 
-use crate::bench::{BenchOptions, BenchReport, Tally, bench_key, check_value, summarize};
+use crate::bench::{
+    BenchOptions, BenchReport, KeyPicker, Tally, bench_key, check_value, summarize, thread_rng,
+};
 
 /// Where a connection is in receiving its current answer.
 enum Stage {
@@ -106,14 +108,9 @@ fn drive(
     until: Instant,
 ) -> std::io::Result<Tally> {
     let poll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
-    let mut rng = o.seed ^ (thread + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let mut next_key = move || {
-        // xorshift64*: the key choice only needs to be spread and repeatable.
-        rng ^= rng >> 12;
-        rng ^= rng << 25;
-        rng ^= rng >> 27;
-        rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % o.keys.max(1)
-    };
+    // Keys as the other bench's threads take them (--order, --seed).
+    let (mut rng, mut picker) = (thread_rng(o, thread), KeyPicker::new(o, thread));
+    let mut next_key = move || picker.next(&mut rng);
     let mut conns = Vec::with_capacity(share.len());
     for (i, stream) in share.into_iter().enumerate() {
         stream.set_nonblocking(true)?;

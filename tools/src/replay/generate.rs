@@ -22,6 +22,8 @@
 
 use std::io::Write;
 
+use crate::bench::Rng;
+
 /// Tokens per block in generated traces (as in the Mooncake traces).
 pub const TOKENS_PER_BLOCK: u64 = 512;
 
@@ -53,18 +55,7 @@ pub struct GeneratedRequest {
     pub hash_ids: Vec<u64>,
 }
 
-/// splitmix64: small, seeded, and the same everywhere.
-struct Rng(u64);
-
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
     /// Uniform in `[0, 1)`.
     fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
