@@ -37,9 +37,11 @@ impl Histogram {
     }
 }
 
-/// How the control plane's connections are held now.
+/// The control plane's connections now, and how they are held.
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct ConnectionThreads {
+pub(crate) struct ConnectionFigures {
+    /// Connections that have authenticated.
+    pub(crate) authenticated: u64,
     /// Connections that have not authenticated.
     pub(crate) unauthenticated: u64,
     /// Connections held by the poller.
@@ -63,8 +65,6 @@ pub(crate) struct Metrics {
     pub(crate) unauthorized: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_described: AtomicU64,
-    /// Authenticated control connections open now.
-    pub(crate) connections: AtomicU64,
     /// Connections closed because their budget was full (see `AdmissionFigures::refused`).
     pub(crate) refused_connections: AtomicU64,
     /// Connections closed for not authenticating in time.
@@ -91,7 +91,7 @@ impl Metrics {
         &self,
         engine: &EngineStats,
         leases: u64,
-        threads: &ConnectionThreads,
+        threads: &ConnectionFigures,
         repair: Option<&crate::repair::RepairStats>,
     ) -> String {
         let mut out = String::with_capacity(8192);
@@ -190,7 +190,7 @@ impl Metrics {
             &mut out,
             "mooncake_connections",
             "Open control connections that have authenticated.",
-            load(&self.connections),
+            threads.authenticated,
         );
         gauge(
             &mut out,

@@ -157,28 +157,31 @@ impl Shared {
             connection.hello_deadline = None;
         }
         connections.unauthenticated -= 1;
-        self.metrics.connections.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
     /// Forgets connection `id`, whose thread has ended (or never started).
     pub(super) fn forget(&self, id: u64) {
         let mut connections = self.connections.lock();
-        match connections.open.remove(&id) {
-            Some(c) if c.authenticated => {
-                self.metrics.connections.fetch_sub(1, Ordering::Relaxed);
-            }
-            Some(_) => connections.unauthenticated -= 1,
-            None => {}
+        if connections
+            .open
+            .remove(&id)
+            .is_some_and(|c| !c.authenticated)
+        {
+            connections.unauthenticated -= 1;
         }
         if connections.open.is_empty() {
             self.idle.notify_all();
         }
     }
 
-    /// The connections open now that have not authenticated.
-    pub(super) fn unauthenticated(&self) -> u64 {
-        self.connections.lock().unauthenticated as u64
+    /// The connections open now: those that have authenticated, and those that have not.
+    pub(super) fn connection_counts(&self) -> (u64, u64) {
+        let connections = self.connections.lock();
+        (
+            connections.authenticated() as u64,
+            connections.unauthenticated as u64,
+        )
     }
 }
 
@@ -803,6 +806,7 @@ fn commit(shared: &Shared, id: u64, payload: Option<&[u8]>, durable: bool) -> Ou
 
 fn node_stats(shared: &Shared) -> NodeStats {
     let stats = shared.engine.stats();
+    let (authenticated, unauthenticated) = shared.connection_counts();
     NodeStats {
         tiers: stats
             .tiers
@@ -819,9 +823,9 @@ fn node_stats(shared: &Shared) -> NodeStats {
         requests: shared.metrics.requests(),
         errors: shared.metrics.errors.load(Ordering::Relaxed),
         leases: shared.leases.lock().len() as u64,
-        connections: shared.metrics.connections.load(Ordering::Relaxed),
+        connections: authenticated,
         admission: AdmissionFigures {
-            unauthenticated: shared.unauthenticated(),
+            unauthenticated,
             refused: shared.metrics.refused_connections.load(Ordering::Relaxed),
             hello_timeouts: shared.metrics.hello_timeouts.load(Ordering::Relaxed),
         },

@@ -303,11 +303,13 @@ impl Shared {
     fn metrics_text(&self) -> String {
         let leases = self.leases.lock().len() as u64;
         let repair = self.repair_stats.lock().clone();
+        let (authenticated, unauthenticated) = self.connection_counts();
         self.metrics.render(
             &self.engine.stats(),
             leases,
-            &crate::metrics::ConnectionThreads {
-                unauthenticated: self.unauthenticated(),
+            &crate::metrics::ConnectionFigures {
+                authenticated,
+                unauthenticated,
                 parked: self.workers.parked() as u64,
                 workers: self.workers.threads() as u64,
             },
