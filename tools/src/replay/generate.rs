@@ -211,10 +211,13 @@ impl Source for Growing {
             );
         let (time, blocks, left) = self.open.swap_remove(at);
         if left > 1 {
-            // The answer and the next message join the chain.
+            // The answer and the next message join the chain. The last block was partly
+            // filled; filled further it holds other tokens, so it is another block (a block's
+            // key covers its tokens): only the full blocks before it are shared.
             let mut grown = blocks.clone();
+            grown.pop();
             let step = rng.between(self.step.0, self.step.1);
-            grown.extend(fresh(ids, step));
+            grown.extend(fresh(ids, step + 1));
             let next = time + self.gap(rng);
             self.open.push((next, grown, left - 1));
         }
@@ -315,9 +318,10 @@ impl Iterator for Generator {
             .unwrap_or(0);
         let next = self.sources[i].next(&mut self.rng, &mut self.ids);
         let (time, hash_ids) = std::mem::replace(&mut self.pending[i], next);
-        // The last block of a prompt is partly filled.
+        // The last block of a prompt is partly filled (never full: see `Growing`).
         let blocks = hash_ids.len() as u64;
-        let input_length = (blocks - 1) * TOKENS_PER_BLOCK + self.rng.between(1, TOKENS_PER_BLOCK);
+        let input_length =
+            (blocks - 1) * TOKENS_PER_BLOCK + self.rng.between(1, TOKENS_PER_BLOCK - 1);
         Some(GeneratedRequest {
             timestamp: time as u64,
             input_length,
