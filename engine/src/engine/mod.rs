@@ -525,8 +525,9 @@ impl Engine {
     }
 
     /// How many leading keys of a chain have blocks: the length of the cached prefix. Stops at
-    /// the first key without one. The blocks of the matched prefix count as used, since a
-    /// scheduler asks this just before it reads them.
+    /// the first key without one. Not a use of the blocks, for eviction: the reads that follow
+    /// count one each (a reader that reads one-sidedly reports them with
+    /// [`touch`](Self::touch)), so a request's hits count once, not twice.
     pub fn prefix_match(&self, keys: &[&[u8]]) -> usize {
         self.inner.prefix_match(keys)
     }
