@@ -375,14 +375,17 @@ mod generated {
     #[test]
     fn each_regime_has_its_shape() {
         // Conversations and agents re-send their whole chain, grown: every step of a chain
-        // begins with the previous step's blocks.
+        // begins with the previous step's full blocks; its partly filled last block, filled
+        // further, is another block.
         for regime in [Regime::Conversations, Regime::Agents] {
             let trace = generate(regime, 3_000, 1);
             let mut last: std::collections::HashMap<u64, &Vec<u64>> = Default::default();
             let mut grown = 0;
             for r in &trace {
                 if let Some(previous) = last.insert(r.hash_ids[0], &r.hash_ids) {
-                    assert!(r.hash_ids.starts_with(previous), "{regime:?}");
+                    let (partial, full) = previous.split_last().expect("a chain has blocks");
+                    assert!(r.hash_ids.starts_with(full), "{regime:?}");
+                    assert!(!r.hash_ids.contains(partial), "{regime:?}");
                     assert!(r.hash_ids.len() > previous.len(), "{regime:?}");
                     grown += 1;
                 }
