@@ -82,6 +82,11 @@ fn policies(c: &mut Criterion) {
                 policy.insert(black_box(victim), hint);
             })
         });
+        eprintln!(
+            "{kind}: after the evictions, {:.1} bytes per resident block (with what it \
+             remembers of evicted keys)",
+            policy.memory_bytes() as f64 / policy.len() as f64
+        );
         // A caller ends a whole chain (`Engine::end_chain`): on a freshly filled policy, so
         // each of the 16 blocks is still linked to its parent and the walk goes the full
         // length.

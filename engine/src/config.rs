@@ -25,10 +25,11 @@ pub struct EngineConfig {
     /// Where eviction stops. Default: 85. From 0 to 99, below the high mark.
     pub low_watermark_percent: u8,
     /// Which blocks go first, in DRAM and on NVMe. Default:
-    /// [`EvictionPolicyKind::PrefixAware`] (the most prefix hits of the three on the
-    /// production conversation trace; `kvctl replay` measures any trace).
+    /// [`EvictionPolicyKind::Adaptive`] (it learns the balance of recency and frequency from
+    /// the workload instead of constants fitted on one trace; `kvctl replay` measures any
+    /// trace).
     pub eviction_policy: EvictionPolicyKind,
-    /// Whether prefix-aware eviction holds a block while a later block of its chain is
+    /// Whether adaptive and prefix-aware eviction hold a block while a later block of its chain is
     /// resident (the rule that keeps what one cache holds of a chain a prefix). Default:
     /// true. A member of a cluster holds only its share of each chain (the cluster client
     /// places each block by its own key), and there the rule keeps blocks that other members'
@@ -109,7 +110,7 @@ impl Default for EngineConfig {
             dram_populate: false,
             high_watermark_percent: 95,
             low_watermark_percent: 85,
-            eviction_policy: EvictionPolicyKind::PrefixAware,
+            eviction_policy: EvictionPolicyKind::Adaptive,
             hold_chain_parents: true,
             index_shards: 64,
             verify_payload_on_dram_read: false,

@@ -31,7 +31,7 @@
 //! - `engine/`: the [`Engine`] handle and its roles, one file each (the write path, the read
 //!   path, pins, chains, residency, reclaiming, promotion, persistence, recovery, stats,
 //!   verification); `engine/mod.rs` has the map.
-//! - [`eviction`]: the policies (prefix-aware, S3-FIFO, LRU) behind one trait.
+//! - [`eviction`]: the policies (adaptive, prefix-aware, S3-FIFO, LRU) behind one trait.
 //! - `index`: key to block, sharded. `slot`: a block and its copies on each tier.
 //! - `store` and `meta`: the data directory: the NVMe file, and the block map in RocksDB
 //!   behind a small `MetadataStore` seam.

@@ -153,8 +153,8 @@ pub enum ChainEnd {
     /// Fewer tokens than a full block (a prompt rarely ends on a block boundary). A longer
     /// prompt's block at this place holds more tokens, so has another key: only the same
     /// prompt again can use this one. On the production conversation trace 0.8% of such
-    /// blocks are used again, against 26% of full ones, and the engine's prefix-aware
-    /// eviction policy evicts them first until one is hit.
+    /// blocks are used again, against 26% of full ones, and the engine's adaptive and
+    /// prefix-aware eviction policies evict them first until one is hit.
     Partial,
 }
 

@@ -362,8 +362,9 @@ impl Engine {
     /// does not stop the others.
     ///
     /// The links are hints for eviction: with
-    /// [`EvictionPolicyKind::PrefixAware`](crate::EvictionPolicyKind::PrefixAware), a block is not evicted while a block put
-    /// after it is resident, since `prefix_match` could not reach that one without it. They
+    /// [`EvictionPolicyKind::Adaptive`](crate::EvictionPolicyKind::Adaptive) (the default) and
+    /// [`EvictionPolicyKind::PrefixAware`](crate::EvictionPolicyKind::PrefixAware), a block is
+    /// not evicted while a block put after it is resident, since `prefix_match` could not reach that one without it. They
     /// cost a pointer and a depth per block, are never persisted, and a block put again
     /// (with [`put`](Self::put) or here) takes the links of its latest put.
     pub fn put_chain(&self, parent: Option<&[u8]>, items: &[(&[u8], &[u8])]) -> Vec<Result<u64>> {
@@ -541,15 +542,15 @@ impl Engine {
 
     /// Says that the prefix chain `keys` (head first) is over: its conversation or task has
     /// ended, so no request will extend it or read it again. A hint for eviction, like the
-    /// links of [`put_chain`](Self::put_chain): in each tier, the prefix-aware policy lets the
-    /// chain's blocks go before all others, tail first, from the deepest block the tier holds
-    /// up to the first one another resident chain goes through (a head shared with other
-    /// conversations, such as a system prompt, keeps its place). LRU and S3-FIFO ignore it.
+    /// links of [`put_chain`](Self::put_chain): in each tier, the adaptive and prefix-aware
+    /// policies let the chain's blocks go before all others, tail first, from the deepest
+    /// block the tier holds up to the first one another resident chain goes through (a head
+    /// shared with other conversations, such as a system prompt, keeps its place). LRU and S3-FIFO ignore it.
     /// A block used afterwards is ranked as any other, so a wrong hint costs at most a miss.
     /// Keys without a block are skipped; returns whether any tier held a block of the chain.
     ///
     /// On the production conversation trace, a caller that says this for every conversation
-    /// it ends lifts the default policy's prefix hits from 13.7 / 21.7 / 29.6% to 21.3 / 33.8
+    /// it ends lifts the prefix-aware policy's prefix hits from 13.7 / 21.7 / 29.6% to 21.3 / 33.8
     /// / 36.2% at 2 / 5 / 10% capacity (`kvctl replay --end-hints`).
     pub fn end_chain(&self, keys: &[&[u8]]) -> bool {
         self.inner.end_chain(keys)

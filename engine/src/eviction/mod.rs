@@ -10,12 +10,17 @@
 //! a policy keeps its state in flat arrays: no allocation per access, no hashing per access
 //! (the prefix-aware policy hashes into its frequency sketch, nothing else does).
 //!
-//! Three policies:
+//! Four policies:
+//! - [`Adaptive`] (the default): ARC's split between blocks seen once and blocks seen twice,
+//!   its target moved by hits on the keys each side let go of, so it leans to recency or to
+//!   frequency as the workload asks; with the leaf rule, partial blocks and ended chains of
+//!   [`PrefixAware`].
 //! - [`Lru`]: least recently used, the baseline;
 //! - [`S3Fifo`]: S3-FIFO (Yang et al., SOSP 2023): new blocks wait in a small FIFO queue and
 //!   only those used again there move to the main queue; a ghost queue of recently evicted
 //!   key hashes sends a returning block straight to main. Scan resistant.
-//! - [`PrefixAware`]: never evicts a block while a resident child depends on it (a prefix
+//! - [`PrefixAware`] (the default before [`Adaptive`]; its constants were fitted on one
+//!   trace): never evicts a block while a resident child depends on it (a prefix
 //!   is only useful from its head, so a cached tail whose head is gone is dead weight), and
 //!   among leaves weighs recency, frequency (a count-min sketch of key hashes that outlives
 //!   residency) and depth in the chain (deeper blocks go first). A chain's partial last
@@ -25,17 +30,19 @@
 use std::fmt;
 use std::str::FromStr;
 
+mod adaptive;
 mod lists;
 mod lru;
 mod prefix;
 mod s3fifo;
 
+pub use adaptive::Adaptive;
 pub use lru::Lru;
 pub use prefix::PrefixAware;
 pub use s3fifo::S3Fifo;
 
 /// Which policy to run. Chosen in [`EngineConfig`](crate::EngineConfig); parsed from
-/// `lru`, `s3-fifo` and `prefix-aware`.
+/// `adaptive`, `lru`, `s3-fifo` and `prefix-aware`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum EvictionPolicyKind {
@@ -43,17 +50,20 @@ pub enum EvictionPolicyKind {
     Lru,
     /// S3-FIFO: a small probationary FIFO, a main FIFO with reinsertion, a ghost queue.
     S3Fifo,
-    /// Chain aware: leaves first, by recency, frequency and depth. The default: it keeps the
-    /// most prefix hits on the production trace (see the README's eviction section).
-    #[default]
+    /// Chain aware: leaves first, by recency, frequency and depth, with constants fitted on
+    /// the production trace (the default before [`EvictionPolicyKind::Adaptive`]).
     PrefixAware,
+    /// ARC's recency/frequency balance learnt online, with the chain rules of prefix-aware.
+    /// The default: see the README's eviction section for why.
+    #[default]
+    Adaptive,
 }
 
 impl EvictionPolicyKind {
     /// Every policy, in the order of their names in [`EvictionPolicyKind::NAMES`].
-    pub const ALL: [Self; 3] = [Self::Lru, Self::S3Fifo, Self::PrefixAware];
+    pub const ALL: [Self; 4] = [Self::Lru, Self::S3Fifo, Self::PrefixAware, Self::Adaptive];
     /// The names [`FromStr`] accepts.
-    pub const NAMES: [&'static str; 3] = ["lru", "s3-fifo", "prefix-aware"];
+    pub const NAMES: [&'static str; 4] = ["lru", "s3-fifo", "prefix-aware", "adaptive"];
 
     /// The policy's name, as parsed.
     pub fn name(self) -> &'static str {
@@ -61,6 +71,7 @@ impl EvictionPolicyKind {
             Self::Lru => Self::NAMES[0],
             Self::S3Fifo => Self::NAMES[1],
             Self::PrefixAware => Self::NAMES[2],
+            Self::Adaptive => Self::NAMES[3],
         }
     }
 }
@@ -73,7 +84,7 @@ impl fmt::Display for EvictionPolicyKind {
 
 /// An eviction policy name that is not one of [`EvictionPolicyKind::NAMES`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown eviction policy {0:?}: expected one of lru, s3-fifo, prefix-aware")]
+#[error("unknown eviction policy {0:?}: expected one of adaptive, lru, s3-fifo, prefix-aware")]
 pub struct UnknownPolicy(pub String);
 
 impl FromStr for EvictionPolicyKind {
@@ -104,7 +115,7 @@ pub struct EntryHint {
     pub depth: u32,
     /// The block ends its chain with fewer tokens than a full block
     /// ([`ChainEnd::Partial`](crate::ChainEnd::Partial)): only the same prompt again can use
-    /// it. Only [`PrefixAware`] acts on it; LRU stays plain LRU.
+    /// it. Only [`PrefixAware`] and [`Adaptive`] act on it; LRU stays plain LRU.
     pub partial: bool,
 }
 
@@ -118,7 +129,7 @@ pub trait EvictionPolicy: Send + fmt::Debug {
     fn remove(&mut self, id: EntryId);
     /// The caller will neither extend nor read again the chain that ends at `id` (its
     /// conversation or task is over): a hint that the chain's blocks may go before others.
-    /// The default ignores it; [`PrefixAware`] acts on it. An entry used afterwards is
+    /// The default ignores it; [`PrefixAware`] and [`Adaptive`] act on it. An entry used afterwards is
     /// treated as any other.
     fn chain_ended(&mut self, id: EntryId) {
         let _ = id;
@@ -148,9 +159,9 @@ pub fn new_policy(kind: EvictionPolicyKind) -> Box<dyn EvictionPolicy> {
     new_policy_holding(kind, true)
 }
 
-/// [`new_policy`], with prefix-aware's rule of holding a block while a later block of its
-/// chain is resident on or off (`EngineConfig::hold_chain_parents`; other policies have no
-/// such rule).
+/// [`new_policy`], with the rule of prefix-aware and adaptive of holding a block while a later
+/// block of its chain is resident on or off (`EngineConfig::hold_chain_parents`; LRU and
+/// S3-FIFO have no such rule).
 pub fn new_policy_holding(
     kind: EvictionPolicyKind,
     hold_chain_parents: bool,
@@ -160,6 +171,8 @@ pub fn new_policy_holding(
         EvictionPolicyKind::S3Fifo => Box::new(S3Fifo::default()),
         EvictionPolicyKind::PrefixAware if hold_chain_parents => Box::new(PrefixAware::default()),
         EvictionPolicyKind::PrefixAware => Box::new(PrefixAware::letting_parents_go()),
+        EvictionPolicyKind::Adaptive if hold_chain_parents => Box::new(Adaptive::default()),
+        EvictionPolicyKind::Adaptive => Box::new(Adaptive::letting_parents_go()),
     }
 }
 
@@ -267,7 +280,10 @@ mod tests {
                     for id in &asked {
                         prop_assert!(model.contains_key(id), "{kind}: asked about untracked {id}");
                     }
-                    let leaf_rule = kind == EvictionPolicyKind::PrefixAware && hold_chain_parents;
+                    let leaf_rule = matches!(
+                        kind,
+                        EvictionPolicyKind::PrefixAware | EvictionPolicyKind::Adaptive
+                    ) && hold_chain_parents;
                     match victim {
                         Some(id) => {
                             prop_assert!(
@@ -331,6 +347,21 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// The leaf rule, pins and the count, with ghosts coming back and the target moving.
+        #[test]
+        fn adaptive_evicts_leaves_only(ops in proptest::collection::vec(op(), 0..300)) {
+            check(EvictionPolicyKind::Adaptive, ops)?;
+        }
+
+        #[test]
+        fn adaptive_letting_parents_go_keeps_its_promises(
+            ops in proptest::collection::vec(op(), 0..300)
+        ) {
+            check_holding(EvictionPolicyKind::Adaptive, false, ops)?;
+        }
+    }
+
     #[test]
     fn names_round_trip() {
         for kind in EvictionPolicyKind::ALL {
@@ -340,9 +371,10 @@ mod tests {
             "S3-FIFO".parse::<EvictionPolicyKind>(),
             Ok(EvictionPolicyKind::S3Fifo)
         );
-        let err = "arc".parse::<EvictionPolicyKind>().unwrap_err();
+        let err = "lfu".parse::<EvictionPolicyKind>().unwrap_err();
         assert!(
-            err.to_string().contains("lru, s3-fifo, prefix-aware"),
+            err.to_string()
+                .contains("adaptive, lru, s3-fifo, prefix-aware"),
             "{err}"
         );
     }

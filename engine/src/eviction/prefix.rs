@@ -340,7 +340,7 @@ impl EvictionPolicy for PrefixAware {
 /// line per update), halved every `SKETCH_PERIOD_PER_ENTRY` increments per tracked entry so
 /// old popularity fades (TinyLFU's reset).
 #[derive(Debug, Default)]
-struct Sketch {
+pub(super) struct Sketch {
     /// `blocks.len()` is a power of two. Each block is 4 rows of 32 counters, two per byte.
     blocks: Vec<[u8; 64]>,
     increments: u64,
@@ -363,7 +363,7 @@ const SKETCH_MIN_BLOCKS: usize = 1024;
 
 impl Sketch {
     /// Grows the sketch (starting afresh) for `entries` tracked entries, and sets the period.
-    fn fit(&mut self, entries: usize) {
+    pub(super) fn fit(&mut self, entries: usize) {
         self.period = SKETCH_PERIOD_PER_ENTRY * entries.max(SKETCH_MIN_BLOCKS) as u64;
         let want = entries
             .div_ceil(SKETCH_ENTRIES_PER_BLOCK)
@@ -388,16 +388,25 @@ impl Sketch {
         (block, slots)
     }
 
-    fn increment(&mut self, key_hash: u32) {
+    pub(super) fn increment(&mut self, key_hash: u32) {
+        self.count(key_hash);
+    }
+
+    /// Counts one use of `key_hash` and returns its estimate, this use included (before any
+    /// halving the use triggers).
+    pub(super) fn count(&mut self, key_hash: u32) -> u8 {
         if self.blocks.is_empty() {
             self.fit(0);
         }
         let (block, slots) = self.slots(key_hash);
         let counters = &mut self.blocks[block];
+        let mut estimate = SKETCH_MAX;
         for (byte, shift) in slots {
-            if (counters[byte] >> shift) & 15 < SKETCH_MAX {
+            let counter = (counters[byte] >> shift) & 15;
+            if counter < SKETCH_MAX {
                 counters[byte] += 1 << shift;
             }
+            estimate = estimate.min((counter + 1).min(SKETCH_MAX));
         }
         self.increments += 1;
         if self.increments >= self.period {
@@ -407,9 +416,10 @@ impl Sketch {
             }
             self.increments /= 2;
         }
+        estimate
     }
 
-    fn estimate(&self, key_hash: u32) -> u8 {
+    pub(super) fn estimate(&self, key_hash: u32) -> u8 {
         if self.blocks.is_empty() {
             return 0;
         }
@@ -428,7 +438,7 @@ impl Sketch {
         (count.ilog2() as usize).min(LEVELS - 1)
     }
 
-    fn bytes(&self) -> usize {
+    pub(super) fn bytes(&self) -> usize {
         self.blocks.capacity() * 64
     }
 }

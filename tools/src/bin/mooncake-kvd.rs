@@ -63,8 +63,10 @@ struct Cli {
     /// RDMA registration, which is not built yet.
     #[arg(long)]
     hbm_mib: Option<u64>,
-    /// Which blocks leave a full tier first: prefix-aware (the default: a chain's tail before
-    /// its head, blocks used again before one-offs), s3-fifo or lru.
+    /// Which blocks leave a full tier first: adaptive (the default: a chain's tail before its
+    /// head, and a balance of recency and frequency learnt from the keys it let go of that
+    /// came back), prefix-aware (the earlier default, with constants fitted on one trace),
+    /// s3-fifo or lru.
     #[arg(long)]
     eviction_policy: Option<EvictionPolicyKind>,
     /// File holding the shared secret clients must present (trailing newline ignored).
@@ -615,10 +617,7 @@ mod tests {
             )
         );
         assert_eq!(s.node.engine.dram_capacity_bytes, 256 << 20);
-        assert_eq!(
-            s.node.engine.eviction_policy,
-            EvictionPolicyKind::PrefixAware
-        );
+        assert_eq!(s.node.engine.eviction_policy, EvictionPolicyKind::Adaptive);
         assert!(s.node.token.is_none());
         assert!(s.node.shm_path.is_some());
         assert!(
@@ -699,7 +698,7 @@ mod tests {
         std::fs::write(&file, "eviction_policy = \"arc\"\n").unwrap();
         let error = settings(&cli(&["--config", path])).unwrap_err();
         assert!(
-            format!("{error:#}").contains("lru, s3-fifo, prefix-aware"),
+            format!("{error:#}").contains("adaptive, lru, s3-fifo, prefix-aware"),
             "{error:#}"
         );
         assert!(Cli::try_parse_from(["mooncake-kvd", "--eviction-policy", "arc"]).is_err());

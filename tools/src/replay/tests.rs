@@ -90,7 +90,7 @@ fn a_cluster_with_room_for_everything_hits_every_repeat() {
     let unique = t.unique_blocks();
     for shape in ["1x1", "3x1", "3x2", "5x3", "4x4"] {
         let shape: ClusterShape = shape.parse().unwrap();
-        for kind in [EvictionPolicyKind::Lru, EvictionPolicyKind::PrefixAware] {
+        for kind in EvictionPolicyKind::ALL {
             let hits = simulate_cluster(&t, kind, unique, shape, &[]);
             assert_eq!(hits, t.ceiling(), "{kind} on {shape}");
         }

@@ -193,11 +193,11 @@ struct ReplayArgs {
     /// Capacities to try, in percent of the trace's distinct blocks.
     #[arg(long, value_delimiter = ',', default_value = "2,5,10")]
     capacity_percent: Vec<f64>,
-    /// Policies to try: lru, s3-fifo, prefix-aware.
+    /// Policies to try: lru, s3-fifo, prefix-aware, adaptive (the default policy).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "lru,s3-fifo,prefix-aware"
+        default_value = "lru,s3-fifo,prefix-aware,adaptive"
     )]
     policy: Vec<mooncake_kv_engine::EvictionPolicyKind>,
     /// Payload bytes per block in the engine (the trace's blocks scaled down to fit).
