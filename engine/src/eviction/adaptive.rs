@@ -37,7 +37,8 @@ use std::collections::VecDeque;
 
 use hashbrown::HashMap;
 
-use super::lists::{Lists, NIL};
+use super::chain::{ChainLink, Linked};
+use super::lists::Lists;
 use super::{EntryHint, EntryId, EvictionPolicy};
 
 /// Blocks seen once lately.
@@ -49,35 +50,23 @@ const FREQUENT: usize = 1;
 const FIRST_OUT: usize = 2;
 const LISTS: usize = 3;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Meta {
     /// The key hash folded to 32 bits: what the ghost lists remember.
     fingerprint: u32,
-    /// The resident parent when inserted, and its `generation` then.
-    parent: EntryId,
-    parent_generation: u32,
-    /// Bumped on every insert of this id, so a stale child cannot touch a newer entry.
-    generation: u32,
-    /// Resident entries naming this one as parent.
-    children: u32,
+    /// Its place in its chain.
+    link: ChainLink,
     /// [`RECENT`] or [`FREQUENT`]: the half of the cache the entry counts in (also while it
     /// is parked or on the first-out list).
     segment: u8,
-    /// Off the lists, waiting for its children to leave.
-    parked: bool,
 }
 
-impl Default for Meta {
-    fn default() -> Self {
-        Self {
-            fingerprint: 0,
-            parent: NIL,
-            parent_generation: 0,
-            generation: 0,
-            children: 0,
-            segment: RECENT as u8,
-            parked: false,
-        }
+impl Linked for Meta {
+    fn link(&self) -> &ChainLink {
+        &self.link
+    }
+    fn link_mut(&mut self) -> &mut ChainLink {
+        &mut self.link
     }
 }
 
@@ -206,20 +195,6 @@ impl Adaptive {
         self.target_recent
     }
 
-    fn tracks(&self, id: EntryId) -> bool {
-        self.lists.list_of(id).is_some() || self.lists.get(id).is_some_and(|m| m.parked)
-    }
-
-    /// Takes `id` off its list, or out of the parked entries.
-    fn unlist(&mut self, id: EntryId) {
-        let meta = self.lists.data_mut(id);
-        if meta.parked {
-            meta.parked = false;
-        } else {
-            self.lists.unlink(id);
-        }
-    }
-
     /// Puts `id` (unlisted) at the front of `segment`, counting it there.
     fn place(&mut self, id: EntryId, segment: usize) {
         let meta = self.lists.data_mut(id);
@@ -230,27 +205,11 @@ impl Adaptive {
         self.lists.push_front(segment, id);
     }
 
-    fn parent_of(&self, id: EntryId) -> Option<EntryId> {
-        let Meta {
-            parent,
-            parent_generation,
-            ..
-        } = *self.lists.data(id);
-        (parent != NIL && self.lists.data(parent).generation == parent_generation).then_some(parent)
-    }
-
     /// Stops tracking `id`; a parked parent left with no child goes to the end of its list.
     fn detach(&mut self, id: EntryId) {
-        self.unlist(id);
         self.segment_lens[usize::from(self.lists.data(id).segment)] -= 1;
-        let Some(parent) = self.parent_of(id) else {
-            return;
-        };
-        let p = self.lists.data_mut(parent);
-        p.children = p.children.saturating_sub(1);
-        if p.children == 0 && p.parked {
-            p.parked = false;
-            let segment = usize::from(p.segment);
+        if let Some(parent) = self.lists.detach(id) {
+            let segment = usize::from(self.lists.data(parent).segment);
             self.lists.push_back(segment, parent);
         }
     }
@@ -309,15 +268,8 @@ impl Adaptive {
 impl EvictionPolicy for Adaptive {
     fn insert(&mut self, id: EntryId, hint: EntryHint) {
         self.lists.grow_to(id);
-        assert!(!self.tracks(id), "entry {id} inserted twice");
-        let (parent, parent_generation) = match hint.parent {
-            Some(p) if p != id && self.tracks(p) => {
-                let pm = self.lists.data_mut(p);
-                pm.children += 1;
-                (p, pm.generation)
-            }
-            _ => (NIL, 0),
-        };
+        assert!(!self.lists.tracks(id), "entry {id} inserted twice");
+        let link = self.lists.new_link(id, hint.parent);
         let fingerprint = (hint.key_hash ^ (hint.key_hash >> 32)) as u32;
         let returning = self.ghosts.take(fingerprint);
         self.sketch.fit(self.len() + 1);
@@ -328,15 +280,10 @@ impl EvictionPolicy for Adaptive {
         } else {
             RECENT
         };
-        let meta = self.lists.data_mut(id);
-        *meta = Meta {
+        *self.lists.data_mut(id) = Meta {
             fingerprint,
-            parent,
-            parent_generation,
-            generation: meta.generation.wrapping_add(1),
-            children: 0,
+            link,
             segment: segment as u8,
-            parked: false,
         };
         self.segment_lens[segment] += 1;
         if let Some(Returning {
@@ -355,9 +302,9 @@ impl EvictionPolicy for Adaptive {
     }
 
     fn access(&mut self, id: EntryId) {
-        debug_assert!(self.tracks(id));
+        debug_assert!(self.lists.tracks(id));
         self.sketch.increment(self.lists.data(id).fingerprint);
-        self.unlist(id);
+        self.lists.unlist(id);
         self.place(id, FREQUENT);
     }
 
@@ -371,24 +318,11 @@ impl EvictionPolicy for Adaptive {
     }
 
     fn chain_ended(&mut self, id: EntryId) {
-        if !self.tracks(id) || self.lists.data(id).children > 0 {
-            return;
-        }
-        // The chain from `id` up to (not including) the first ancestor another resident
-        // chain goes through, or that is gone: head first onto the back, so the tail leaves
-        // first.
+        // Head first onto the back of the first-out list, so the tail leaves first.
         let mut chain = std::mem::take(&mut self.refused);
-        chain.push(id);
-        let mut at = id;
-        while let Some(parent) = self
-            .parent_of(at)
-            .filter(|&p| self.tracks(p) && self.lists.data(p).children == 1)
-        {
-            chain.push(parent);
-            at = parent;
-        }
+        self.lists.ended_chain(id, &mut chain);
         for &id in chain.iter().rev() {
-            self.unlist(id);
+            self.lists.unlist(id);
             self.lists.push_back(FIRST_OUT, id);
         }
         chain.clear();
@@ -405,9 +339,8 @@ impl EvictionPolicy for Adaptive {
             let Some(id) = self.lists.back(list) else {
                 break;
             };
-            if self.lists.data(id).children > 0 && !self.lets_parents_go {
-                self.lists.unlink(id);
-                self.lists.data_mut(id).parked = true;
+            if self.lists.data(id).link.children > 0 && !self.lets_parents_go {
+                self.lists.park(id);
             } else if evictable(id) {
                 self.victim_first_out = list == FIRST_OUT;
                 let meta = *self.lists.data(id);

@@ -31,6 +31,7 @@ use std::fmt;
 use std::str::FromStr;
 
 mod adaptive;
+mod chain;
 mod lists;
 mod lru;
 mod prefix;

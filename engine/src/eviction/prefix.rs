@@ -30,7 +30,8 @@
 //! back of the first-out list (an ended chain's tail, or the oldest unused partial block),
 //! else the lowest of the 64 list ends. Ending a chain costs one step per block it lets go.
 
-use super::lists::{Lists, NIL};
+use super::chain::{ChainLink, Linked};
+use super::lists::Lists;
 use super::{EntryHint, EntryId, EvictionPolicy};
 
 /// Frequency levels: log2 of a 4-bit count.
@@ -50,41 +51,26 @@ pub(super) const LEVEL_BOOST: u64 = 15_000;
 /// Ticks each step of depth costs: of two blocks used at once, the deeper goes first.
 pub(super) const DEPTH_PENALTY: u64 = 100;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Meta {
     /// The policy clock when the entry was last used (or inserted, or refused as a victim).
     tick: u64,
     /// The key hash folded to 32 bits: what the sketch counts.
     sketch_hash: u32,
-    /// The resident parent when inserted, and its `generation` then.
-    parent: EntryId,
-    parent_generation: u32,
-    /// Bumped on every insert of this id, so a stale child cannot touch a newer entry's count.
-    generation: u32,
-    /// Resident entries naming this one as parent.
-    children: u32,
+    /// Its place in its chain.
+    link: ChainLink,
     /// Depth class, 0..DEPTHS.
     depth: u8,
-    /// Off the lists, waiting for its children to leave.
-    parked: bool,
 }
 
-impl Default for Meta {
-    fn default() -> Self {
-        EMPTY
+impl Linked for Meta {
+    fn link(&self) -> &ChainLink {
+        &self.link
+    }
+    fn link_mut(&mut self) -> &mut ChainLink {
+        &mut self.link
     }
 }
-
-const EMPTY: Meta = Meta {
-    tick: 0,
-    sketch_hash: 0,
-    parent: NIL,
-    parent_generation: 0,
-    generation: 0,
-    children: 0,
-    depth: 0,
-    parked: false,
-};
 
 /// Leaves first, then recency, frequency and depth: a block with a resident child is never
 /// evicted (it waits, at its old priority, until its last child leaves; unless built with
@@ -134,17 +120,12 @@ impl PrefixAware {
         self.sketch.level(meta.sketch_hash) * DEPTHS + usize::from(meta.depth)
     }
 
-    /// Whether `id` is tracked (on a list, or parked).
-    fn tracks(&self, id: EntryId) -> bool {
-        self.classes.list_of(id).is_some() || self.classes.get(id).is_some_and(|m| m.parked)
-    }
-
     /// Marks `id` used now, in the class of its current frequency.
     fn bump(&mut self, id: EntryId) {
         self.clock += 1;
         let meta = self.classes.data_mut(id);
         meta.tick = self.clock;
-        meta.parked = false;
+        meta.link.parked = false;
         let class = self.class(id);
         if self.classes.list_of(id).is_some() {
             self.classes.move_to_front(class, id);
@@ -153,41 +134,11 @@ impl PrefixAware {
         }
     }
 
-    /// Takes `id` off its list, or out of the parked entries.
-    fn unlist(&mut self, id: EntryId) {
-        let meta = self.classes.data_mut(id);
-        if meta.parked {
-            meta.parked = false;
-        } else {
-            self.classes.unlink(id);
-        }
-    }
-
-    /// The entry `id` was inserted under, while that id still holds the same incarnation
-    /// (ids are reused). A removed parent keeps its generation until its id is reused, so
-    /// this may name an untracked entry.
-    fn parent_of(&self, id: EntryId) -> Option<EntryId> {
-        let Meta {
-            parent,
-            parent_generation,
-            ..
-        } = *self.classes.data(id);
-        (parent != NIL && self.classes.data(parent).generation == parent_generation)
-            .then_some(parent)
-    }
-
     /// Stops tracking `id`, and tells its parent it has one child fewer: a parked parent
     /// left with none goes back to the end of its class, to leave next.
     fn detach(&mut self, id: EntryId) {
-        self.unlist(id);
         self.len -= 1;
-        let Some(parent) = self.parent_of(id) else {
-            return;
-        };
-        let p = self.classes.data_mut(parent);
-        p.children = p.children.saturating_sub(1);
-        if p.children == 0 && p.parked {
-            p.parked = false;
+        if let Some(parent) = self.classes.detach(id) {
             let class = self.class(parent);
             self.classes.push_back(class, parent);
         }
@@ -218,33 +169,21 @@ impl PrefixAware {
     /// Resident children of `id` (for tests).
     #[cfg(test)]
     fn children(&self, id: EntryId) -> u32 {
-        self.classes.data(id).children
+        self.classes.data(id).link.children
     }
 }
 
 impl EvictionPolicy for PrefixAware {
     fn insert(&mut self, id: EntryId, hint: EntryHint) {
         self.classes.grow_to(id);
-        assert!(!self.tracks(id), "entry {id} inserted twice");
-        let (parent, parent_generation) = match hint.parent {
-            Some(p) if p != id && self.tracks(p) => {
-                let pm = self.classes.data_mut(p);
-                pm.children += 1;
-                (p, pm.generation)
-            }
-            _ => (NIL, 0),
-        };
+        assert!(!self.classes.tracks(id), "entry {id} inserted twice");
+        let link = self.classes.new_link(id, hint.parent);
         let sketch_hash = (hint.key_hash ^ (hint.key_hash >> 32)) as u32;
-        let meta = self.classes.data_mut(id);
-        *meta = Meta {
+        *self.classes.data_mut(id) = Meta {
             tick: 0,
             sketch_hash,
-            parent,
-            parent_generation,
-            generation: meta.generation.wrapping_add(1),
-            children: 0,
+            link,
             depth: hint.depth.min(DEPTHS as u32 - 1) as u8,
-            parked: false,
         };
         self.len += 1;
         self.sketch.fit(self.len);
@@ -259,7 +198,7 @@ impl EvictionPolicy for PrefixAware {
     }
 
     fn access(&mut self, id: EntryId) {
-        debug_assert!(self.tracks(id));
+        debug_assert!(self.classes.tracks(id));
         self.sketch.increment(self.classes.data(id).sketch_hash);
         self.bump(id);
     }
@@ -269,25 +208,12 @@ impl EvictionPolicy for PrefixAware {
     }
 
     fn chain_ended(&mut self, id: EntryId) {
-        if !self.tracks(id) || self.classes.data(id).children > 0 {
-            return;
-        }
-        // The chain from `id` up to (not including) the first ancestor another resident
-        // chain goes through, or that is gone: tail first.
         let mut chain = std::mem::take(&mut self.refused);
-        chain.push(id);
-        let mut at = id;
-        while let Some(parent) = self
-            .parent_of(at)
-            .filter(|&p| self.tracks(p) && self.classes.data(p).children == 1)
-        {
-            chain.push(parent);
-            at = parent;
-        }
+        self.classes.ended_chain(id, &mut chain);
         // Head first onto the back of the first-out list, so the tail leaves first and each
         // block leaves after its child.
         for &id in chain.iter().rev() {
-            self.unlist(id);
+            self.classes.unlist(id);
             self.classes.push_back(FIRST_OUT, id);
         }
         chain.clear();
@@ -302,9 +228,8 @@ impl EvictionPolicy for PrefixAware {
         let mut refused = std::mem::take(&mut self.refused);
         let mut victim = None;
         while let Some(id) = self.lowest() {
-            if self.classes.data(id).children > 0 && !self.lets_parents_go {
-                self.classes.unlink(id);
-                self.classes.data_mut(id).parked = true;
+            if self.classes.data(id).link.children > 0 && !self.lets_parents_go {
+                self.classes.park(id);
             } else if evictable(id) {
                 self.victim_first_out = self.classes.list_of(id) == Some(FIRST_OUT);
                 self.detach(id);
