@@ -168,7 +168,8 @@ pub struct Adaptive {
     target_recent: usize,
     /// Resident entries per segment (listed, parked or first out).
     segment_lens: [usize; 2],
-    /// Entries refused by the current `pop_victim` (kept to reuse the allocation).
+    /// Working space: entries refused by the current `pop_victim`, or the blocks of an ended
+    /// chain (kept to reuse the allocation).
     refused: Vec<EntryId>,
     /// The last victim came off the first-out list.
     victim_first_out: bool,
@@ -318,15 +319,7 @@ impl EvictionPolicy for Adaptive {
     }
 
     fn chain_ended(&mut self, id: EntryId) {
-        // Head first onto the back of the first-out list, so the tail leaves first.
-        let mut chain = std::mem::take(&mut self.refused);
-        self.lists.ended_chain(id, &mut chain);
-        for &id in chain.iter().rev() {
-            self.lists.unlist(id);
-            self.lists.push_back(FIRST_OUT, id);
-        }
-        chain.clear();
-        self.refused = chain;
+        self.lists.end_chain(id, FIRST_OUT, &mut self.refused);
     }
 
     fn pop_victim(&mut self, evictable: &mut dyn FnMut(EntryId) -> bool) -> Option<EntryId> {

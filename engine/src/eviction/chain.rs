@@ -107,21 +107,28 @@ impl<const N: usize, T: Copy + Default + Linked> Lists<N, T> {
         })
     }
 
-    /// Fills `chain` with the blocks of the chain that ends at `id`, tail first: `id` and its
-    /// ancestors up to (not including) the first that another resident chain goes through, or
-    /// that is gone. Nothing when `id` is untracked or has children (the chain goes on).
-    pub(super) fn ended_chain(&self, id: EntryId, chain: &mut Vec<EntryId>) {
+    /// Moves the blocks of the chain that ends at `id` to the back of `list`, so they go
+    /// first, tail first (each block after its child): `id` and its ancestors up to (not
+    /// including) the first that another resident chain goes through, or that is gone.
+    /// Nothing when `id` is untracked or has children (the chain goes on). `scratch` is
+    /// working space, left empty.
+    pub(super) fn end_chain(&mut self, id: EntryId, list: usize, scratch: &mut Vec<EntryId>) {
         if !self.tracks(id) || self.data(id).link().children > 0 {
             return;
         }
-        chain.push(id);
+        scratch.push(id);
         let mut at = id;
         while let Some(parent) = self
             .parent_of(at)
             .filter(|&p| self.tracks(p) && self.data(p).link().children == 1)
         {
-            chain.push(parent);
+            scratch.push(parent);
             at = parent;
         }
+        for &id in scratch.iter().rev() {
+            self.unlist(id);
+            self.push_back(list, id);
+        }
+        scratch.clear();
     }
 }

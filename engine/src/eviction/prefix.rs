@@ -86,7 +86,8 @@ pub struct PrefixAware {
     sketch: Sketch,
     clock: u64,
     len: usize,
-    /// Entries refused by the current `pop_victim` (kept to reuse the allocation).
+    /// Working space: entries refused by the current `pop_victim`, or the blocks of an ended
+    /// chain (kept to reuse the allocation).
     refused: Vec<EntryId>,
     /// The last victim came off the first-out list.
     victim_first_out: bool,
@@ -208,16 +209,7 @@ impl EvictionPolicy for PrefixAware {
     }
 
     fn chain_ended(&mut self, id: EntryId) {
-        let mut chain = std::mem::take(&mut self.refused);
-        self.classes.ended_chain(id, &mut chain);
-        // Head first onto the back of the first-out list, so the tail leaves first and each
-        // block leaves after its child.
-        for &id in chain.iter().rev() {
-            self.classes.unlist(id);
-            self.classes.push_back(FIRST_OUT, id);
-        }
-        chain.clear();
-        self.refused = chain;
+        self.classes.end_chain(id, FIRST_OUT, &mut self.refused);
     }
 
     fn pop_victim(&mut self, evictable: &mut dyn FnMut(EntryId) -> bool) -> Option<EntryId> {
