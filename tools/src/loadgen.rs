@@ -32,12 +32,25 @@ enum Stage {
 
 struct Conn {
     stream: TcpStream,
-    /// Bytes of the current stage received so far.
+    /// The current stage's bytes: `buf[..want]`, of which `filled` have arrived. The buffer
+    /// only grows, so a value's bytes are not zeroed again for every answer.
     buf: Vec<u8>,
+    want: usize,
     filled: usize,
     stage: Stage,
     index: u64,
     sent_at: Instant,
+}
+
+impl Conn {
+    /// The next stage is `len` bytes long.
+    fn expect(&mut self, len: usize) {
+        if self.buf.len() < len {
+            self.buf.resize(len, 0);
+        }
+        self.want = len;
+        self.filled = 0;
+    }
 }
 
 /// Opens `connections` connections to the node at `addr` (saying Hello with `token`) and
@@ -123,6 +136,7 @@ fn drive(
         let mut conn = Conn {
             stream,
             buf: vec![0u8; FRAME_HEADER_BYTES],
+            want: FRAME_HEADER_BYTES,
             filled: 0,
             stage: Stage::Header,
             index: 0,
@@ -186,8 +200,7 @@ fn send(conn: &mut Conn, o: &BenchOptions, index: u64) -> std::io::Result<()> {
     write_frame(&mut frame, index, &encode_body(&request))?;
     conn.index = index;
     conn.stage = Stage::Header;
-    conn.buf.resize(FRAME_HEADER_BYTES, 0);
-    conn.filled = 0;
+    conn.expect(FRAME_HEADER_BYTES);
     conn.sent_at = Instant::now();
     // A request of a few dozen bytes on a connection with nothing else outstanding: the
     // socket's buffer takes it at once.
@@ -208,8 +221,8 @@ fn send(conn: &mut Conn, o: &BenchOptions, index: u64) -> std::io::Result<()> {
 /// Reads what `conn` has; when its answer is complete, tallies it and returns when.
 fn receive(conn: &mut Conn, tally: &mut Tally) -> std::io::Result<Option<Instant>> {
     loop {
-        while conn.filled < conn.buf.len() {
-            match conn.stream.read(&mut conn.buf[conn.filled..]) {
+        while conn.filled < conn.want {
+            match conn.stream.read(&mut conn.buf[conn.filled..conn.want]) {
                 Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
                 Ok(n) => conn.filled += n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
@@ -226,11 +239,10 @@ fn receive(conn: &mut Conn, tally: &mut Tally) -> std::io::Result<Option<Instant
                     FrameHeader::decode(&raw).map_err(|e| std::io::Error::other(e.to_string()))?;
                 let len = header.body_len as usize;
                 conn.stage = Stage::Body;
-                conn.buf.resize(len, 0);
-                conn.filled = 0;
+                conn.expect(len);
             }
             Stage::Body => {
-                let outcome = match decode_response(&conn.buf) {
+                let outcome = match decode_response(&conn.buf[..conn.want]) {
                     Ok(Response::Lookup(mut outcomes)) if outcomes.len() == 1 => outcomes.pop(),
                     Ok(Response::Error(reply)) => {
                         tally.failed(reply.message);
@@ -241,10 +253,18 @@ fn receive(conn: &mut Conn, tally: &mut Tally) -> std::io::Result<Option<Instant
                 tally.reads += 1;
                 match outcome {
                     Some(Outcome::Ok(Some(d))) => {
+                        // The node's word: bounded before anything is allocated for it.
+                        if d.payload_offset as usize
+                            > mooncake_kv_engine::format::MAX_PAYLOAD_OFFSET
+                            || d.payload_len as usize > mooncake_kv_engine::MAX_VALUE_BYTES
+                        {
+                            return Err(std::io::Error::other(format!(
+                                "implausible descriptor {d:?}"
+                            )));
+                        }
                         let len = d.payload_offset as usize + d.payload_len as usize;
                         conn.stage = Stage::Block;
-                        conn.buf.resize(len, 0);
-                        conn.filled = 0;
+                        conn.expect(len);
                         continue;
                     }
                     Some(Outcome::Ok(None)) => tally.misses += 1,
@@ -255,7 +275,7 @@ fn receive(conn: &mut Conn, tally: &mut Tally) -> std::io::Result<Option<Instant
             }
             Stage::Block => {
                 let done = Instant::now();
-                match mooncake_kv_engine::format::decode(&conn.buf) {
+                match mooncake_kv_engine::format::decode(&conn.buf[..conn.want]) {
                     Ok(block) => {
                         tally.bytes += block.payload.len() as u64;
                         if !check_value(conn.index, block.payload) {
