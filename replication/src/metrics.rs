@@ -44,7 +44,7 @@ pub(crate) struct ConnectionFigures {
     pub(crate) authenticated: u64,
     /// Connections that have not authenticated.
     pub(crate) unauthenticated: u64,
-    /// Connections held by the poller.
+    /// Connections held by the event loops between requests.
     pub(crate) parked: u64,
     /// Worker threads alive.
     pub(crate) workers: u64,
@@ -71,6 +71,11 @@ pub(crate) struct Metrics {
     pub(crate) hello_timeouts: AtomicU64,
     /// Blocks a client reported damaged that the node found damaged too, and dropped.
     pub(crate) corrupt_reported: AtomicU64,
+    /// Requests an event loop served in its own thread.
+    pub(crate) served_in_loops: AtomicU64,
+    /// Answers an event loop began and a worker finished (the socket could not take them
+    /// whole at once).
+    pub(crate) finished_by_workers: AtomicU64,
 }
 
 impl Metrics {
@@ -201,7 +206,7 @@ impl Metrics {
         gauge(
             &mut out,
             "mooncake_parked_connections",
-            "Open control connections with no request in flight, held by the poller (no thread).",
+            "Open control connections with no request in flight, held by the event loops (no thread each).",
             threads.parked,
         );
         gauge(
@@ -221,6 +226,18 @@ impl Metrics {
             "mooncake_corrupt_blocks_reported_total",
             "Blocks a client found damaged (the same failure on two reads in a row) that the node found damaged too, and dropped.",
             load(&self.corrupt_reported),
+        );
+        counter(
+            &mut out,
+            "mooncake_requests_served_in_loops_total",
+            "Control-plane requests an event loop served in its own thread (quick ones, whole in the socket, answered without waiting); the others are served by workers.",
+            load(&self.served_in_loops),
+        );
+        counter(
+            &mut out,
+            "mooncake_answers_finished_by_workers_total",
+            "Answers an event loop began that the socket could not take whole at once, finished by a worker (the blocks stay pinned until they are sent).",
+            load(&self.finished_by_workers),
         );
         counter(
             &mut out,

@@ -68,19 +68,28 @@ pub(super) fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
                 stream,
                 id,
                 authenticated: false,
+                unsent: None,
             },
         );
     }
 }
 
-/// Serves `job` until it goes quiet (then parks it with the poller) or ends.
+/// Serves `job` until it goes quiet (then parks it with its event loop) or ends.
 pub(super) fn run(shared: &Arc<Shared>, mut job: Job) {
+    if let Some(unsent) = job.unsent.take() {
+        if let Err(error) = unsent.send(&job.stream) {
+            tracing::debug!(%error, "control connection closed");
+            shared.forget(job.id);
+            return;
+        }
+    }
     match serve(&job.stream, shared, job.id, &mut job.authenticated) {
         Ok(Next::Park) => {
             if let Err(job) = park(shared, job) {
                 shared.forget(job.id);
             }
         }
+        Ok(Next::Yield) => super::workers::dispatch(shared, job),
         Ok(Next::Close) => shared.forget(job.id),
         Err(error) => {
             tracing::debug!(%error, "control connection closed");
@@ -93,6 +102,9 @@ pub(super) fn run(shared: &Arc<Shared>, mut job: Job) {
 enum Next {
     /// Nothing more is coming now: give it to the poller.
     Park,
+    /// Its next request is there, but other connections wait for a worker: to the back of
+    /// their queue.
+    Yield,
     /// It ended, or was refused.
     Close,
 }
@@ -185,10 +197,12 @@ impl Shared {
     }
 }
 
-pub(super) fn sweep_leases(shared: &Shared) {
+pub(super) fn sweep_leases(shared: &Arc<Shared>) {
     let mut sweeps = 0u32;
+    let mut taken = 0;
     while !shared.stopping.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(20));
+        super::workers::unstick(shared, &mut taken);
         let now = Instant::now();
         shared.leases.lock().expire(now);
         // Dropping a reservation returns its space to the engine.
@@ -230,15 +244,21 @@ fn serve(
     let mut reader = BufReader::with_capacity(4096, stream);
     let mut writer = BufWriter::with_capacity(16 << 10, stream);
     let mut body = Vec::new();
+    let mut served = false;
     loop {
         // Read-ahead is empty between requests (a client waits for each answer), unless it
-        // sent several at once.
+        // sent several at once (then those are served in this turn: the read-ahead cannot
+        // wait in the queue).
         if reader.buffer().is_empty() {
             let (wait, _turn) = shared.workers.linger();
             if !readable_within(stream, wait) {
                 return Ok(Next::Park);
             }
+            if served && shared.workers.others_waiting() {
+                return Ok(Next::Yield);
+            }
         }
+        served = true;
         let authenticated_now = *authenticated;
         // Before Hello, nothing larger than a Hello is read.
         let limit = if authenticated_now {
@@ -341,18 +361,24 @@ fn serve(
 /// Writes a frame and the inline blocks that follow it, straight from the pinned DRAM copies,
 /// in as few system calls as the socket takes (usually one, so the reader is woken once).
 fn write_with_blocks(
-    mut stream: &TcpStream,
+    stream: &TcpStream,
     request_id: u64,
     body: &[u8],
     blocks: &[PinnedBlock],
 ) -> std::io::Result<()> {
-    /// Well under every system's IOV_MAX.
-    const MAX_SLICES: usize = 512;
     let header = frame_header(request_id, body)?;
     let mut slices = Vec::with_capacity(2 + blocks.len());
     slices.extend([IoSlice::new(&header), IoSlice::new(body)]);
     slices.extend(blocks.iter().map(|b| IoSlice::new(b.block_bytes())));
-    let mut pending = &mut slices[..];
+    write_slices(stream, &mut slices)
+}
+
+/// Well under every system's IOV_MAX.
+const MAX_SLICES: usize = 512;
+
+/// Writes every byte of `slices` (blocking).
+fn write_slices(mut stream: &TcpStream, slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    let mut pending = slices;
     while !pending.is_empty() {
         let at_most = pending.len().min(MAX_SLICES);
         let written = match stream.write_vectored(&pending[..at_most]) {
@@ -365,6 +391,162 @@ fn write_with_blocks(
         IoSlice::advance_slices(&mut pending, written);
     }
     Ok(())
+}
+
+/// What an event loop did with a connection that became readable.
+pub(super) enum Ready {
+    /// It served one request (or found nothing to read yet): the connection waits in the
+    /// loop for its next one.
+    Served,
+    /// A worker serves it (see the module comment of `workers`).
+    ToWorker,
+    /// It failed: close it.
+    Close,
+}
+
+/// An answer an event loop began to send: its frame, the blocks that follow it (still
+/// pinned), and how many bytes of them went out.
+pub(super) struct Unsent {
+    frame: Vec<u8>,
+    blocks: Vec<PinnedBlock>,
+    sent: usize,
+}
+
+impl Unsent {
+    /// Sends the rest (blocking), in a worker.
+    fn send(self, stream: &TcpStream) -> std::io::Result<()> {
+        let mut slices = Vec::with_capacity(1 + self.blocks.len());
+        slices.push(IoSlice::new(&self.frame));
+        slices.extend(self.blocks.iter().map(|b| IoSlice::new(b.block_bytes())));
+        let mut pending = &mut slices[..];
+        IoSlice::advance_slices(&mut pending, self.sent);
+        write_slices(stream, pending)
+    }
+}
+
+/// An event loop's buffers, kept from one request to the next.
+pub(super) struct LoopBuffers {
+    /// What a readable socket holds, looked at without taking it.
+    peek: Vec<u8>,
+    /// Where the request is taken from the socket, once it is known to be whole and quick.
+    taken: Vec<u8>,
+}
+
+/// Largest request an event loop serves itself (a lookup of a few hundred keys); a larger
+/// one goes to a worker.
+const LOOP_FRAME_BYTES: usize = 64 << 10;
+
+impl Default for LoopBuffers {
+    fn default() -> Self {
+        Self {
+            peek: vec![0; LOOP_FRAME_BYTES],
+            taken: vec![0; LOOP_FRAME_BYTES],
+        }
+    }
+}
+
+/// Serves, in the event loop's thread, one request of `job` if it is quick (a lookup, exists,
+/// a prefix match, health), whole in the socket already, and from a connection that has
+/// authenticated; its answer is sent without waiting (what the socket cannot take at once is
+/// left to a worker in `job.unsent`, its blocks still pinned). Anything else is left in the
+/// socket, untouched, for a worker.
+pub(super) fn serve_ready(shared: &Shared, job: &mut Job, buffers: &mut LoopBuffers) -> Ready {
+    use rustix::net::{RecvFlags, SendFlags, recv};
+    if !job.authenticated {
+        return Ready::ToWorker;
+    }
+    let LoopBuffers { peek, taken } = buffers;
+    let seen = match recv(
+        &job.stream,
+        &mut peek[..],
+        RecvFlags::PEEK | RecvFlags::DONTWAIT,
+    ) {
+        Ok((n, _)) => n,
+        Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => return Ready::Served,
+        // The end, or an error: a worker reads it and closes the connection as it should.
+        Err(_) => return Ready::ToWorker,
+    };
+    let Some(whole) = peek.get(..seen) else {
+        return Ready::ToWorker;
+    };
+    let Some((header, frame_len)) = whole_frame(whole) else {
+        return Ready::ToWorker;
+    };
+    let Some(body) = whole.get(FRAME_HEADER_BYTES..frame_len) else {
+        return Ready::ToWorker;
+    };
+    let request = match decode_request(body) {
+        Ok(
+            request @ (Request::Lookup { .. }
+            | Request::Exists { .. }
+            | Request::PrefixMatch { .. }
+            | Request::Health),
+        ) => request,
+        _ => return Ready::ToWorker,
+    };
+    // The request is whole and quick: take it from the socket (the bytes just looked at).
+    match recv(&job.stream, &mut taken[..frame_len], RecvFlags::DONTWAIT) {
+        Ok((n, _)) if n == frame_len => {}
+        // Only this thread reads the socket now, and the bytes were there: out of step.
+        _ => return Ready::Close,
+    }
+    let (response, blocks) = handle(shared, request, job.id);
+    shared
+        .metrics
+        .served_in_loops
+        .fetch_add(1, Ordering::Relaxed);
+    let mut frame = Vec::with_capacity(64);
+    if write_frame(&mut frame, header.request_id, &encode_body(&response)).is_err() {
+        return Ready::Close;
+    }
+    let mut slices = Vec::with_capacity(1 + blocks.len());
+    slices.push(IoSlice::new(&frame));
+    slices.extend(blocks.iter().map(|b| IoSlice::new(b.block_bytes())));
+    let mut pending = &mut slices[..];
+    let mut sent = 0;
+    while !pending.is_empty() {
+        let at_most = pending.len().min(MAX_SLICES);
+        match rustix::net::sendmsg(
+            &job.stream,
+            &pending[..at_most],
+            &mut rustix::net::SendAncillaryBuffer::default(),
+            SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+        ) {
+            Ok(0) => return Ready::Close,
+            Ok(n) => {
+                sent += n;
+                IoSlice::advance_slices(&mut pending, n);
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) => {
+                // The pins go with the rest of the answer to a worker.
+                drop(slices);
+                shared
+                    .metrics
+                    .finished_by_workers
+                    .fetch_add(1, Ordering::Relaxed);
+                job.unsent = Some(Unsent {
+                    frame,
+                    blocks,
+                    sent,
+                });
+                return Ready::ToWorker;
+            }
+            Err(_) => return Ready::Close,
+        }
+    }
+    Ready::Served
+}
+
+/// A frame that `bytes` holds whole, checked as [`read_frame_within`] checks one: its header
+/// and its length in all. `None` if it is not whole there or does not check (a worker reads
+/// it and says why).
+fn whole_frame(bytes: &[u8]) -> Option<(FrameHeader, usize)> {
+    let raw: &[u8; FRAME_HEADER_BYTES] = bytes.get(..FRAME_HEADER_BYTES)?.try_into().ok()?;
+    let header = FrameHeader::decode(raw).ok()?;
+    let len = FRAME_HEADER_BYTES.checked_add(header.body_len as usize)?;
+    let body = bytes.get(FRAME_HEADER_BYTES..len)?;
+    (crc32fast::hash(body) == header.body_crc32).then_some((header, len))
 }
 
 /// Serves a put whose values follow the frame: each value is received straight into the DRAM

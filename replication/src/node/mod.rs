@@ -27,10 +27,10 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::metrics::Metrics;
 use crate::proto::{
-    AdmissionFigures, ChainLinks, Descriptor, ErrorCode, ErrorReply, HelloReply, MAX_BODY_BYTES,
-    MAX_CACHED_KEYS, MAX_HELLO_BODY_BYTES, NodeStats, Outcome, ReadFrameError, Request,
-    ReservedReply, Response, TierFigures, decode_request, encode_body, frame_header,
-    read_frame_within, write_frame,
+    AdmissionFigures, ChainLinks, Descriptor, ErrorCode, ErrorReply, FRAME_HEADER_BYTES,
+    FrameHeader, HelloReply, MAX_BODY_BYTES, MAX_CACHED_KEYS, MAX_HELLO_BODY_BYTES, NodeStats,
+    Outcome, ReadFrameError, Request, ReservedReply, Response, TierFigures, decode_request,
+    encode_body, frame_header, read_frame_within, write_frame,
 };
 use crate::region::DramRegion;
 use crate::repair::{Repair, RepairConfig, RepairStats};
@@ -335,7 +335,8 @@ pub struct Node {
     control_addr: SocketAddr,
     data_addr: SocketAddr,
     acceptor: Option<JoinHandle<()>>,
-    poller: Option<JoinHandle<()>>,
+    /// The control plane's event loops, one per core.
+    pollers: Vec<JoinHandle<()>>,
     sweeper: Option<JoinHandle<()>>,
     registry: Arc<Registry>,
     tcp: Option<TcpServer>,
@@ -480,13 +481,15 @@ impl Node {
                 .spawn(move || accept_loop(&listener, &shared))
                 .map_err(io("start the control acceptor"))?
         };
-        let poller = {
-            let shared = Arc::clone(&shared);
-            std::thread::Builder::new()
-                .name("mooncake-node-poll".into())
-                .spawn(move || poll_parked(&shared))
-                .map_err(io("start the control plane's poller"))?
-        };
+        let pollers = (0..shared.workers.loops())
+            .map(|index| {
+                let shared = Arc::clone(&shared);
+                std::thread::Builder::new()
+                    .name(format!("mooncake-node-loop-{index}"))
+                    .spawn(move || poll_parked(&shared, index))
+                    .map_err(io("start a control-plane event loop"))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let sweeper = {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
@@ -500,7 +503,7 @@ impl Node {
             control_addr,
             data_addr,
             acceptor: Some(acceptor),
-            poller: Some(poller),
+            pollers,
             sweeper: Some(sweeper),
             registry,
             tcp: Some(tcp),
@@ -606,8 +609,8 @@ impl Node {
         if let Some(handle) = self.acceptor.take() {
             let _ = handle.join();
         }
-        // The poller closes the parked connections as it ends.
-        if let Some(handle) = self.poller.take() {
+        // The event loops close the parked connections as they end.
+        for handle in self.pollers.drain(..) {
             let _ = handle.join();
         }
         // Stop reading requests; a worker in the middle of one still writes its response.

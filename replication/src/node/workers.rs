@@ -1,22 +1,34 @@
-//! The control plane's threads: a bounded pool of workers serving the connections that have
-//! requests, and one poller (epoll) holding the quiet ones. A worker serves a connection as
-//! long as requests keep coming (it waits [`LINGER`] for the next one), then parks it with
-//! the poller and takes other work; the poller hands it back to a worker when bytes (or its
-//! end) arrive. So a busy connection is served exactly as by a thread of its own, and an idle
-//! one costs a socket and a few dozen bytes, not a thread: the node's threads grow with the
-//! connections that are active at once, not with those that are open.
+//! The control plane's threads: one event loop per core (epoll) holding the connections
+//! between requests, and a bounded pool of workers for what a loop does not serve itself.
 //!
-//! Why epoll and not io_uring here: the request code stays blocking (a put's value is read
-//! straight into its reserved DRAM, an inline read is one vectored send from pinned blocks),
-//! and all the poller needs is "tell me when this socket is readable" for thousands of
-//! sockets, which is what epoll does with one system call per change. The data path's
-//! io_uring is for files.
+//! When a parked connection becomes readable, its loop serves the request in its own thread
+//! if it is a quick one (a lookup, with its blocks sent inline; exists; a prefix match;
+//! health) that is whole in the socket already and whose answer the socket takes at once:
+//! one request per turn, then the connection waits for its next one in the loop again. That
+//! is the common case, and it costs no thread switch: a loop serves its connections in turn,
+//! as Redis's does. Anything else (Hello, a put and its values, a request still arriving,
+//! an answer the socket cannot take whole, a request that may wait on a disk) goes to a
+//! worker, which serves it with blocking code: a put's value is read straight into its
+//! reserved DRAM, an inline read is one vectored send from pinned blocks.
+//!
+//! While no other connection waits for a worker, a worker serves its connection as long as
+//! requests keep coming (it waits [`LINGER`] for the next one), then parks it with its loop
+//! again. While others wait, it serves one request per turn: its connection goes to the back
+//! of the queue if its next request is there already, or back to its loop if not. At most
+//! [`RUNNING_PER_CORE`] workers per core are at work at once, unless they are all stuck on
+//! slow clients (see [`unstick`]). So an idle connection costs a socket and a few dozen
+//! bytes, not a thread, and none is served again and again while others wait.
+//!
+//! Why epoll and not io_uring here: the worker's request code stays blocking, and a loop
+//! needs "tell me when one of these thousands of sockets is readable" and a send that does
+//! not wait, which epoll and `MSG_DONTWAIT` give with one system call each. The data
+//! path's io_uring is for files.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::TcpStream;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -30,6 +42,9 @@ const LINGER: Duration = Duration::from_millis(50);
 /// its connection as soon as no request is there, so that connections that go quiet (or a
 /// flood of new ones) do not hold threads.
 const MAX_LINGERING: usize = 64;
+/// Most workers at work at once per core (more only when they are all stuck): more threads
+/// than that share the cores in the scheduler's order, not the queue's, and the tail grows.
+const RUNNING_PER_CORE: usize = 2;
 /// How long a worker with nothing to do waits before it ends.
 const IDLE_WORKER: Duration = Duration::from_secs(2);
 /// How often the poller looks at the node's state (stopping, parked connections' age).
@@ -40,6 +55,9 @@ pub(super) struct Job {
     pub(super) stream: TcpStream,
     pub(super) id: u64,
     pub(super) authenticated: bool,
+    /// An answer its loop began to send and the socket could not take whole: the worker
+    /// sends the rest before anything else.
+    pub(super) unsent: Option<super::control::Unsent>,
 }
 
 #[derive(Default)]
@@ -58,16 +76,28 @@ struct ParkedSet {
     closed: bool,
 }
 
-/// The workers and the poller's set.
+/// One event loop: its epoll set and the connections parked with it.
+struct Poller {
+    epoll: OwnedFd,
+    parked: Mutex<ParkedSet>,
+}
+
+/// The workers and the event loops' sets.
 pub(super) struct Workers {
     state: Mutex<PoolState>,
     /// Signalled when a job arrives, and when the last worker ends.
     ready: Condvar,
     max: usize,
-    epoll: OwnedFd,
-    parked: Mutex<ParkedSet>,
+    /// One per core; connection `id` is parked with `pollers[id % len]`.
+    pollers: Vec<Poller>,
     /// Workers waiting on their connection's next request now.
     lingering: AtomicUsize,
+    /// Jobs queued for a worker now (`state.jobs.len()`, readable without the lock).
+    queued: AtomicUsize,
+    /// Most workers at work (not lingering) at once, unless they are stuck: see [`unstick`].
+    running: usize,
+    /// Jobs taken by a worker so far.
+    taken: AtomicU64,
 }
 
 /// A worker's turn at waiting on its connection; see [`Workers::linger`].
@@ -80,22 +110,53 @@ impl Drop for Lingering<'_> {
 }
 
 impl Workers {
-    /// A pool of at most `max` workers (at least one).
+    /// A pool of at most `max` workers (at least one), and an event loop per core.
     pub(super) fn new(max: usize) -> std::io::Result<Self> {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let pollers = (0..cores)
+            .map(|_| {
+                Ok(Poller {
+                    epoll: epoll::create(epoll::CreateFlags::CLOEXEC)?,
+                    parked: Mutex::new(ParkedSet::default()),
+                })
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Self {
             state: Mutex::new(PoolState::default()),
             ready: Condvar::new(),
             max: max.max(1),
-            epoll: epoll::create(epoll::CreateFlags::CLOEXEC)?,
-            parked: Mutex::new(ParkedSet::default()),
+            pollers,
             lingering: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            running: cores.saturating_mul(RUNNING_PER_CORE),
+            taken: AtomicU64::new(0),
         })
     }
 
+    /// How many event loops there are (one per core).
+    pub(super) fn loops(&self) -> usize {
+        self.pollers.len()
+    }
+
+    fn poller_of(&self, id: u64) -> &Poller {
+        // `pollers` is never empty (one per core, at least one), and the index is below
+        // its length.
+        &self.pollers[(id % self.pollers.len() as u64) as usize]
+    }
+
+    /// Whether connections wait in the queue for a worker now: then a worker serves its own
+    /// connection one request per turn (see the module's comment).
+    pub(super) fn others_waiting(&self) -> bool {
+        self.queued.load(Ordering::Relaxed) > 0
+    }
+
     /// How long a worker may wait for its connection's next request: [`LINGER`], held
-    /// while the returned guard lives, unless [`MAX_LINGERING`] workers wait already (then
-    /// not at all).
+    /// while the returned guard lives, unless other connections wait for a worker or
+    /// [`MAX_LINGERING`] workers wait already (then not at all).
     pub(super) fn linger(&self) -> (Duration, Option<Lingering<'_>>) {
+        if self.others_waiting() {
+            return (Duration::ZERO, None);
+        }
         if self.lingering.fetch_add(1, Ordering::Relaxed) < MAX_LINGERING {
             (LINGER, Some(Lingering(&self.lingering)))
         } else {
@@ -106,7 +167,10 @@ impl Workers {
 
     /// Connections parked now.
     pub(super) fn parked(&self) -> usize {
-        self.parked.lock().jobs.len()
+        self.pollers
+            .iter()
+            .map(|p| p.parked.lock().jobs.len())
+            .sum()
     }
 
     /// Threads serving or waiting to serve now.
@@ -128,17 +192,24 @@ impl Workers {
     }
 }
 
-/// Hands `job` to a waiting worker, or to a new one while there are fewer than the most;
-/// else it waits in the queue for the first worker free.
+/// Hands `job` to a waiting worker, or to a new one while fewer than [`RUNNING_PER_CORE`]
+/// per core are at work (and fewer than the most in all); else it waits in the queue for
+/// the first worker free. Workers that are all stuck (on clients that send a value slowly,
+/// say) are helped by [`unstick`].
 pub(super) fn dispatch(shared: &Arc<Shared>, job: Job) {
     let workers = &shared.workers;
     let spawn = {
         let mut state = workers.state.lock();
         state.jobs.push_back(job);
+        workers.queued.store(state.jobs.len(), Ordering::Relaxed);
+        // Lingering workers are waiting, not working: they do not count against the cores.
+        let at_work = state
+            .workers
+            .saturating_sub(workers.lingering.load(Ordering::Relaxed));
         if state.jobs.len() <= state.waiting {
             workers.ready.notify_one();
             false
-        } else if state.workers < workers.max {
+        } else if state.workers < workers.max && at_work < workers.running {
             state.workers += 1;
             true
         } else {
@@ -146,19 +217,50 @@ pub(super) fn dispatch(shared: &Arc<Shared>, job: Job) {
         }
     };
     if spawn {
-        let worker = Arc::clone(shared);
-        let spawned = std::thread::Builder::new()
-            .name("mooncake-node-serve".into())
-            .spawn(move || work(&worker));
-        if let Err(error) = spawned {
-            // The queued job waits for a worker that exists (if none does, for the next
-            // dispatch that can start one).
-            tracing::warn!(%error, "cannot start a worker thread");
-            let mut state = workers.state.lock();
-            state.workers -= 1;
-            if state.workers == 0 {
-                workers.ready.notify_all();
-            }
+        spawn_worker(shared);
+    }
+}
+
+/// Called every few milliseconds: when jobs wait and no worker has taken one since the last
+/// call (`last` holds what [`Workers::taken`] said then), every worker is stuck in a request
+/// and one more is started, up to the most.
+pub(super) fn unstick(shared: &Arc<Shared>, last: &mut u64) {
+    let workers = &shared.workers;
+    let taken = workers.taken.load(Ordering::Relaxed);
+    let stuck = taken == *last && workers.others_waiting();
+    *last = taken;
+    if !stuck {
+        return;
+    }
+    let spawn = {
+        let mut state = workers.state.lock();
+        let spawn = !state.jobs.is_empty() && state.waiting == 0 && state.workers < workers.max;
+        if spawn {
+            state.workers += 1;
+        }
+        spawn
+    };
+    if spawn {
+        tracing::debug!("every worker is busy with one request and jobs wait: one more worker");
+        spawn_worker(shared);
+    }
+}
+
+/// Starts a worker already counted in `state.workers`.
+fn spawn_worker(shared: &Arc<Shared>) {
+    let workers = &shared.workers;
+    let worker = Arc::clone(shared);
+    let spawned = std::thread::Builder::new()
+        .name("mooncake-node-serve".into())
+        .spawn(move || work(&worker));
+    if let Err(error) = spawned {
+        // The queued job waits for a worker that exists (if none does, for the next
+        // dispatch that can start one).
+        tracing::warn!(%error, "cannot start a worker thread");
+        let mut state = workers.state.lock();
+        state.workers -= 1;
+        if state.workers == 0 {
+            workers.ready.notify_all();
         }
     }
 }
@@ -168,6 +270,8 @@ fn work(shared: &Arc<Shared>) {
     let mut state = workers.state.lock();
     loop {
         if let Some(job) = state.jobs.pop_front() {
+            workers.queued.store(state.jobs.len(), Ordering::Relaxed);
+            workers.taken.fetch_add(1, Ordering::Relaxed);
             drop(state);
             super::control::run(shared, job);
             state = workers.state.lock();
@@ -189,21 +293,19 @@ fn work(shared: &Arc<Shared>) {
     }
 }
 
-/// Gives `job` to the poller until its socket is readable (or closed). `Err` with the job
-/// when the poller has stopped or cannot watch it: the caller closes it.
+/// Gives `job` to its event loop until its socket is readable (or closed). `Err` with the
+/// job when the loop has stopped or cannot watch it: the caller closes it.
 pub(super) fn park(shared: &Shared, job: Job) -> Result<(), Job> {
-    let workers = &shared.workers;
-    let mut parked = workers.parked.lock();
+    let poller = shared.workers.poller_of(job.id);
+    let mut parked = poller.parked.lock();
     if parked.closed {
         return Err(job);
     }
-    // One event, then the socket is out of the set until parked again.
-    let flags = epoll::EventFlags::IN | epoll::EventFlags::RDHUP | epoll::EventFlags::ONESHOT;
     if epoll::add(
-        &workers.epoll,
+        &poller.epoll,
         &job.stream,
         epoll::EventData::new_u64(job.id),
-        flags,
+        WATCH,
     )
     .is_err()
     {
@@ -213,11 +315,20 @@ pub(super) fn park(shared: &Shared, job: Job) -> Result<(), Job> {
     Ok(())
 }
 
-/// The poller: hands each parked connection that becomes readable to a worker, closes those
-/// parked longer than the idle timeout, and at shutdown closes every one still parked.
-pub(super) fn poll_parked(shared: &Arc<Shared>) {
-    let workers = &shared.workers;
+/// One event, then the socket is out of the set until it is armed again.
+const WATCH: epoll::EventFlags = epoll::EventFlags::IN
+    .union(epoll::EventFlags::RDHUP)
+    .union(epoll::EventFlags::ONESHOT);
+
+/// Event loop `index`: serves the quick requests of its parked connections as they become
+/// readable (see the module's comment) and hands the rest to workers, closes those parked
+/// longer than the idle timeout, and at shutdown closes every one still parked.
+pub(super) fn poll_parked(shared: &Arc<Shared>, index: usize) {
+    let Some(poller) = shared.workers.pollers.get(index) else {
+        return;
+    };
     let mut events = Vec::with_capacity(1024);
+    let mut buffers = super::control::LoopBuffers::default();
     let tick = rustix::event::Timespec::try_from(TICK).unwrap_or(rustix::event::Timespec {
         tv_sec: 0,
         tv_nsec: 100_000_000,
@@ -226,30 +337,51 @@ pub(super) fn poll_parked(shared: &Arc<Shared>) {
     while !shared.stopping.load(Ordering::Acquire) {
         events.clear();
         match epoll::wait(
-            &workers.epoll,
+            &poller.epoll,
             rustix::buffer::spare_capacity(&mut events),
             Some(&tick),
         ) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(error) => {
-                tracing::error!(%error, "the control plane's poller failed; closing parked connections");
+                tracing::error!(%error, "a control-plane event loop failed; closing its parked connections");
                 break;
             }
         }
         for event in events.drain(..) {
             let id = event.data.u64();
-            let Some((job, _)) = workers.parked.lock().jobs.remove(&id) else {
+            let Some((mut job, _)) = poller.parked.lock().jobs.remove(&id) else {
                 continue;
             };
-            let _ = epoll::delete(&workers.epoll, &job.stream);
-            dispatch(shared, job);
+            match super::control::serve_ready(shared, &mut job, &mut buffers) {
+                super::control::Ready::Served => {
+                    // Armed again under the set's lock, and only this loop waits on its set:
+                    // the next event finds the connection parked.
+                    let mut parked = poller.parked.lock();
+                    let data = epoll::EventData::new_u64(id);
+                    if epoll::modify(&poller.epoll, &job.stream, data, WATCH).is_ok() {
+                        parked.jobs.insert(id, (job, Instant::now()));
+                    } else {
+                        drop(parked);
+                        let _ = epoll::delete(&poller.epoll, &job.stream);
+                        shared.forget(job.id);
+                    }
+                }
+                super::control::Ready::ToWorker => {
+                    let _ = epoll::delete(&poller.epoll, &job.stream);
+                    dispatch(shared, job);
+                }
+                super::control::Ready::Close => {
+                    let _ = epoll::delete(&poller.epoll, &job.stream);
+                    shared.forget(job.id);
+                }
+            }
         }
         let now = Instant::now();
         if now.duration_since(last_sweep) >= Duration::from_secs(1) {
             last_sweep = now;
             let idle = shared.idle_timeout;
             let expired: Vec<Job> = {
-                let mut parked = workers.parked.lock();
+                let mut parked = poller.parked.lock();
                 let ids: Vec<u64> = parked
                     .jobs
                     .iter()
@@ -261,13 +393,13 @@ pub(super) fn poll_parked(shared: &Arc<Shared>) {
                     .collect()
             };
             for job in expired {
-                let _ = epoll::delete(&workers.epoll, &job.stream);
+                let _ = epoll::delete(&poller.epoll, &job.stream);
                 shared.forget(job.id);
             }
         }
     }
     let left: Vec<Job> = {
-        let mut parked = workers.parked.lock();
+        let mut parked = poller.parked.lock();
         parked.closed = true;
         parked.jobs.drain().map(|(_, (job, _))| job).collect()
     };

@@ -1,0 +1,116 @@
+//! The control plane's event loops, on a node in this process over real sockets: a
+//! connection that has gone quiet is served by its event loop (lookups, with their blocks
+//! inline) and by workers (puts; answers the socket cannot take whole), and every byte read
+//! back is the byte put, whichever served it.
+
+use std::time::Duration;
+
+use mooncake_kv_engine::EngineConfig;
+use mooncake_kv_replication::{Client, ClientConfig, Node, NodeConfig, TransportChoice};
+
+/// Longer than a worker waits for a connection's next request before it parks it with its
+/// event loop (50 ms).
+const QUIET: Duration = Duration::from_millis(150);
+
+fn counter(node: &Node, name: &str) -> u64 {
+    let text = node.metrics_text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in the metrics:\n{text}"))
+}
+
+fn value(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .collect()
+}
+
+#[test]
+fn quiet_connections_are_served_by_their_event_loop_and_every_byte_is_right() {
+    let node = Node::start(NodeConfig {
+        listen: "127.0.0.1:0".into(),
+        data_listen: "127.0.0.1:0".into(),
+        engine: EngineConfig {
+            dram_capacity_bytes: 256 << 20,
+            ..EngineConfig::default()
+        },
+        ..NodeConfig::default()
+    })
+    .expect("start a node");
+    let client = Client::connect(
+        node.control_addr(),
+        ClientConfig {
+            transport: TransportChoice::Tcp,
+            connections: 1,
+            timeout: Duration::from_secs(10),
+            ..ClientConfig::default()
+        },
+    )
+    .expect("connect");
+
+    // Eight blocks of 4 MiB: 32 MiB in one answer, more than a socket takes at once.
+    let large: Vec<(Vec<u8>, Vec<u8>)> = (0..8u8)
+        .map(|i| (format!("large-{i}").into_bytes(), value(i, 4 << 20)))
+        .collect();
+    for (key, bytes) in &large {
+        client.put(key, bytes).expect("put a large value");
+    }
+    let small: Vec<(Vec<u8>, Vec<u8>)> = (0..16u8)
+        .map(|i| (format!("small-{i}").into_bytes(), value(100 + i, 4096)))
+        .collect();
+    for (key, bytes) in &small {
+        client.put(key, bytes).expect("put a small value");
+    }
+    let in_loops = counter(&node, "mooncake_requests_served_in_loops_total");
+    let finished = counter(&node, "mooncake_answers_finished_by_workers_total");
+
+    // Quiet, then one batch of all eight: its event loop serves the lookup and begins the
+    // answer; a worker sends the rest.
+    std::thread::sleep(QUIET);
+    let mut buffers: Vec<Vec<u8>> = large.iter().map(|_| vec![0u8; 4 << 20]).collect();
+    let mut items: Vec<(&[u8], &mut [u8])> = large
+        .iter()
+        .zip(&mut buffers)
+        .map(|((key, _), buf)| (key.as_slice(), buf.as_mut_slice()))
+        .collect();
+    for result in client.get_into_batch(&mut items) {
+        assert_eq!(result.expect("a large read"), Some(4 << 20));
+    }
+    for ((key, bytes), got) in large.iter().zip(&buffers) {
+        assert!(
+            got == bytes,
+            "{} read back wrong",
+            String::from_utf8_lossy(key)
+        );
+    }
+    assert!(
+        counter(&node, "mooncake_requests_served_in_loops_total") > in_loops,
+        "the lookup after a quiet spell was not served by the event loop"
+    );
+    assert!(
+        counter(&node, "mooncake_answers_finished_by_workers_total") > finished,
+        "a 32 MiB answer went out whole from the event loop"
+    );
+
+    // Quiet spells between small reads, and a put (a worker's) in the middle.
+    let served = counter(&node, "mooncake_requests_served_in_loops_total");
+    for (i, (key, bytes)) in small.iter().enumerate() {
+        std::thread::sleep(QUIET);
+        assert_eq!(client.get(key).expect("a small read").as_ref(), Some(bytes));
+        if i == 7 {
+            std::thread::sleep(QUIET);
+            client
+                .put(b"late", &value(7, 1 << 20))
+                .expect("a put after a quiet spell");
+        }
+    }
+    assert_eq!(
+        client.get(b"late").expect("read the late put"),
+        Some(value(7, 1 << 20))
+    );
+    assert!(
+        counter(&node, "mooncake_requests_served_in_loops_total") >= served + small.len() as u64,
+        "reads after quiet spells were not served by the event loop"
+    );
+    node.shutdown(Duration::from_secs(5)).expect("shut down");
+}
