@@ -2,20 +2,25 @@
 //! closed when the server drops.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+#[cfg(feature = "rdma")]
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::atomic::AtomicBool,
+    thread::JoinHandle,
+};
 
 use parking_lot::Mutex;
 
+#[cfg(feature = "rdma")]
 use crate::{Error, Result};
 
-/// Most connections one server serves at once; each has a thread. Beyond it, the tcp
-/// servers close the connection that has been quiet longest to make room (its reader
-/// reconnects when it next reads); the shared-memory server closes the new one.
+/// Most connections one server serves at once. Beyond it, the tcp servers close the
+/// connection that has been quiet longest to make room (its reader reconnects when it next
+/// reads); the shared-memory server closes the new one.
 pub(crate) const MAX_CONNECTIONS: usize = 1024;
 
 /// How long a tcp server keeps a connection that sends nothing.
@@ -102,6 +107,7 @@ impl OpenConnections {
     }
 }
 
+#[cfg(feature = "rdma")]
 /// Reads one fixed-size frame into `frame`. `Ok(false)` when the peer closed the connection
 /// before the frame began (a clean end); a close in the middle of a frame is an error.
 pub(crate) fn read_frame_or_end(
@@ -116,8 +122,9 @@ pub(crate) fn read_frame_or_end(
     }
 }
 
+#[cfg(feature = "rdma")]
 /// A TCP listener with a thread that accepts connections and serves each on a thread of its
-/// own: a connection quiet for [`IDLE_TIMEOUT`] ends (its reads time out), and at
+/// own (the RDMA transport's grant requests, few and short-lived): a connection quiet for [`IDLE_TIMEOUT`] ends (its reads time out), and at
 /// [`MAX_CONNECTIONS`] the quietest makes room for a new one, so quiet connections never lock
 /// readers out. Dropping it stops accepting, shuts every open connection down and joins the
 /// acceptor.
@@ -128,6 +135,7 @@ pub(crate) struct Acceptor {
     thread: Option<JoinHandle<()>>,
 }
 
+#[cfg(feature = "rdma")]
 impl Acceptor {
     /// Accepts on `listener`; `serve` runs once per connection, and touches its [`Activity`]
     /// at each request (`what` names the threads and the log lines).
@@ -162,6 +170,7 @@ impl Acceptor {
     }
 }
 
+#[cfg(feature = "rdma")]
 impl Drop for Acceptor {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
@@ -174,6 +183,7 @@ impl Drop for Acceptor {
     }
 }
 
+#[cfg(feature = "rdma")]
 fn accept_loop<F>(
     listener: &TcpListener,
     what: &'static str,

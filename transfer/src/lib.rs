@@ -49,6 +49,7 @@ pub mod rdma;
 mod registry;
 mod shm;
 mod tcp;
+mod tcp_server;
 pub mod wire;
 
 use std::fmt;

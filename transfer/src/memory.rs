@@ -4,7 +4,7 @@
 //! Memory registered for one-sided reads can be written by its owner while a peer reads it:
 //! that is the nature of one-sided access, and why the layer above verifies every block it
 //! reads. So this crate never makes a Rust reference (`&[u8]`) to registered memory. The tcp
-//! server hands raw pointers to the kernel (`write(2)`), which copies from them; the
+//! server hands raw pointers to the kernel (`send(2)`), which copies from them; the
 //! shared-memory reader copies with `ptr::copy_nonoverlapping` from a read-only mapping of
 //! another process's memory. A concurrent writer can make the copied bytes torn, never make
 //! this process touch memory that is not mapped: every access is bounds-checked against the
@@ -224,44 +224,45 @@ pub(crate) fn prefetch(memory: &dyn MemorySource, offset: usize, len: usize) {
 /// streaming copy keeps the hardware prefetcher busy on its own.
 const PREFETCH_MAX_LINES: usize = 16;
 
-/// Writes `len` bytes of `memory` starting at `offset` to a socket, all of them.
+/// One send, without waiting, of up to `len` bytes of `memory` starting at `offset`: how many
+/// the socket took (an error of kind `WouldBlock` when it takes none now).
 ///
-/// # Panics
+/// # Errors
 ///
-/// If the range is outside `memory` (the server checks bounds first and refuses the read).
-pub(crate) fn send_from(
+/// The socket's, or `InvalidInput` if the range is outside `memory` (the server checks
+/// bounds first and refuses the read, so this is a bug, reported rather than sent).
+pub(crate) fn send_some_from(
     socket: BorrowedFd<'_>,
     memory: &dyn MemorySource,
     offset: usize,
     len: usize,
-) -> std::io::Result<()> {
-    let end = offset.checked_add(len).expect("send end overflows");
-    assert!(end <= memory.len(), "send beyond the region");
-    let mut sent = 0;
-    while sent < len {
+) -> std::io::Result<usize> {
+    if offset.checked_add(len).is_none_or(|end| end > memory.len()) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "send beyond the region",
+        ));
+    }
+    loop {
         // SAFETY: the pointer and length describe bytes inside the region (checked above),
         // which stays mapped while `memory` is borrowed. The kernel only reads them; no Rust
         // reference to them is made.
         let n = unsafe {
-            libc::write(
+            libc::send(
                 socket.as_raw_fd(),
-                memory.as_ptr().add(offset + sent).cast(),
-                len - sent,
+                memory.as_ptr().add(offset).cast(),
+                len,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
             )
         };
-        if n < 0 {
-            let error = std::io::Error::last_os_error();
-            if error.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::Interrupted {
             return Err(error);
         }
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        sent += n as usize;
     }
-    Ok(())
 }
 
 /// A table of one `u64` per region slot, in a memfd: the owner writes each slot's current

@@ -1,30 +1,29 @@
 //! The tcp transport: one-sided reads emulated over TCP. The owner runs a data-plane listener
-//! that serves each read straight from registered memory (header, then the bytes handed from
-//! the region to the kernel: no engine code, no intermediate copy); the reader pipelines
-//! requests over several connections and receives each payload straight into its buffer.
+//! whose event loops serve each read straight from registered memory (header, then the bytes
+//! handed from the region to the kernel: no engine code, no intermediate copy); the reader
+//! pipelines requests over several connections and receives each payload straight into its
+//! buffer.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::conns::{Acceptor, Activity, read_frame_or_end};
-use crate::memory::send_from;
 use crate::registry::Registry;
-use crate::wire::{FrameError, REQUEST_BYTES, RESPONSE_BYTES, ReadRequest, ReadResponse, Status};
+use crate::tcp_server::LoopServer;
+use crate::wire::{FrameError, RESPONSE_BYTES, ReadRequest, ReadResponse, Status};
 use crate::{Error, ReadOp, RemoteSlice, Result, Transport};
 
 /// Requests in flight per connection before the reader waits for a response.
 const PIPELINE_DEPTH: usize = 16;
 
-/// The owner's data-plane listener. Dropping it stops accepting, closes every connection and
-/// joins its threads.
+/// The owner's data-plane listener, served by event loops (see `tcp_server`): no thread per
+/// connection. Dropping it stops accepting, closes every connection and joins its threads.
 pub struct TcpServer {
-    acceptor: Acceptor,
+    server: LoopServer,
 }
 
 impl std::fmt::Debug for TcpServer {
@@ -40,70 +39,17 @@ impl TcpServer {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the address cannot be bound.
+    /// [`Error::Io`] if the address cannot be bound or the server's threads cannot start.
     pub fn bind(addr: impl ToSocketAddrs, registry: Arc<Registry>) -> Result<Self> {
         let listener = TcpListener::bind(addr).map_err(Error::io("bind the tcp data plane"))?;
-        let acceptor = Acceptor::spawn(listener, "tcp", move |stream, activity| {
-            serve(stream, &registry, activity)
-        })?;
-        Ok(Self { acceptor })
+        Ok(Self {
+            server: LoopServer::spawn(listener, registry)?,
+        })
     }
 
     /// Where the server listens.
     pub fn local_addr(&self) -> SocketAddr {
-        self.acceptor.local_addr()
-    }
-}
-
-/// Serves one connection until it closes or sends a frame that does not decode.
-fn serve(stream: TcpStream, registry: &Registry, activity: &Activity) -> Result<()> {
-    let mut reader = std::io::BufReader::with_capacity(
-        64 * REQUEST_BYTES,
-        stream.try_clone().map_err(Error::io("clone a socket"))?,
-    );
-    let mut writer = &stream;
-    let mut frame = [0u8; REQUEST_BYTES];
-    loop {
-        if !read_frame_or_end(&mut reader, &mut frame, "read a request")? {
-            return Ok(());
-        }
-        activity.touch();
-        // A frame that does not decode means the stream is out of step: close it.
-        let request = ReadRequest::decode(&frame)?;
-        let checked = registry.check(
-            request.region_id,
-            request.remote_key,
-            request.offset,
-            request.len.into(),
-        );
-        let status = match &checked {
-            Ok(_) => Status::Ok,
-            Err(Error::BadRemoteKey { .. }) => Status::BadRemoteKey,
-            Err(Error::OutOfBounds { .. }) => Status::OutOfBounds,
-            Err(Error::TooLarge { .. }) => Status::TooLarge,
-            Err(_) => Status::UnknownRegion,
-        };
-        let len = if status == Status::Ok { request.len } else { 0 };
-        let header = ReadResponse {
-            request_id: request.request_id,
-            status,
-            len,
-        }
-        .encode();
-        writer
-            .write_all(&header)
-            .map_err(Error::io("write a response"))?;
-        if let Ok(region) = checked {
-            // The `Arc` keeps the memory alive for the send even if the region is unregistered
-            // meanwhile. Bounds were checked above.
-            send_from(
-                stream.as_fd(),
-                region.memory.as_ref(),
-                request.offset as usize,
-                len as usize,
-            )
-            .map_err(Error::io("send region bytes"))?;
-        }
+        self.server.local_addr()
     }
 }
 
