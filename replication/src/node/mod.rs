@@ -74,6 +74,11 @@ pub struct NodeConfig {
     /// connection thread or a reservation for good. Clients reconnect on their next request.
     /// Default 5 minutes.
     pub idle_timeout: Duration,
+    /// Event loops serving the control plane's quick requests (lookups and their inline
+    /// blocks, exists, prefix matches); 0: one per two cores, at least one, which leaves the
+    /// other cores to the workers (puts), the data planes, the engine and, on a machine that
+    /// also runs the inference engine's processes, to them. Default 0.
+    pub event_loops: usize,
     /// The engine.
     pub engine: EngineConfig,
 }
@@ -94,6 +99,7 @@ impl Default for NodeConfig {
             max_reservations: 4096,
             max_reserved_bytes_per_connection: None,
             idle_timeout: Duration::from_secs(300),
+            event_loops: 0,
             engine: EngineConfig::default(),
         }
     }
@@ -471,8 +477,11 @@ impl Node {
             connections: Mutex::new(Connections::default()),
             next_connection: AtomicU64::new(0),
             idle: Condvar::new(),
-            workers: Workers::new(config.max_connections + config.max_unauthenticated)
-                .map_err(io("create the control plane's poller"))?,
+            workers: Workers::new(
+                config.max_connections + config.max_unauthenticated,
+                config.event_loops,
+            )
+            .map_err(io("create the control plane's poller"))?,
         });
         let acceptor = {
             let shared = Arc::clone(&shared);

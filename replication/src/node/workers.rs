@@ -1,5 +1,6 @@
-//! The control plane's threads: one event loop per core (epoll) holding the connections
-//! between requests, and a bounded pool of workers for what a loop does not serve itself.
+//! The control plane's threads: event loops (epoll; by default one per two cores) holding the
+//! connections between requests, and a bounded pool of workers for what a loop does not
+//! serve itself.
 //!
 //! When a parked connection becomes readable, its loop serves the request in its own thread
 //! if it is a quick one (a lookup, with its blocks sent inline; exists; a prefix match;
@@ -12,8 +13,8 @@
 //! reserved DRAM, an inline read is one vectored send from pinned blocks.
 //!
 //! While no other connection waits for a worker, a worker serves its connection as long as
-//! requests keep coming (it waits [`LINGER`] for the next one), then parks it with its loop
-//! again. While others wait, it serves one request per turn: its connection goes to the back
+//! requests keep coming (it waits [`LINGER`] for the next one, if fewer than
+//! [`RUNNING_PER_CORE`] per core wait so already), then parks it with its loop again. While others wait, it serves one request per turn: its connection goes to the back
 //! of the queue if its next request is there already, or back to its loop if not. At most
 //! [`RUNNING_PER_CORE`] workers per core are at work at once, unless they are all stuck on
 //! slow clients (see [`unstick`]). So an idle connection costs a socket and a few dozen
@@ -38,10 +39,6 @@ use super::Shared;
 
 /// How long a worker waits for a connection's next request before parking it.
 const LINGER: Duration = Duration::from_millis(50);
-/// Most workers waiting on their connection's next request at once; beyond, a worker parks
-/// its connection as soon as no request is there, so that connections that go quiet (or a
-/// flood of new ones) do not hold threads.
-const MAX_LINGERING: usize = 64;
 /// Most workers at work at once per core (more only when they are all stuck): more threads
 /// than that share the cores in the scheduler's order, not the queue's, and the tail grows.
 const RUNNING_PER_CORE: usize = 2;
@@ -88,7 +85,7 @@ pub(super) struct Workers {
     /// Signalled when a job arrives, and when the last worker ends.
     ready: Condvar,
     max: usize,
-    /// One per core; connection `id` is parked with `pollers[id % len]`.
+    /// The event loops; connection `id` is parked with `pollers[id % len]`.
     pollers: Vec<Poller>,
     /// Workers waiting on their connection's next request now.
     lingering: AtomicUsize,
@@ -110,10 +107,16 @@ impl Drop for Lingering<'_> {
 }
 
 impl Workers {
-    /// A pool of at most `max` workers (at least one), and an event loop per core.
-    pub(super) fn new(max: usize) -> std::io::Result<Self> {
+    /// A pool of at most `max` workers (at least one), and `loops` event loops (0: one per
+    /// two cores, at least one).
+    pub(super) fn new(max: usize, loops: usize) -> std::io::Result<Self> {
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-        let pollers = (0..cores)
+        let loops = if loops == 0 {
+            (cores / 2).max(1)
+        } else {
+            loops
+        };
+        let pollers = (0..loops)
             .map(|_| {
                 Ok(Poller {
                     epoll: epoll::create(epoll::CreateFlags::CLOEXEC)?,
@@ -133,13 +136,13 @@ impl Workers {
         })
     }
 
-    /// How many event loops there are (one per core).
+    /// How many event loops there are.
     pub(super) fn loops(&self) -> usize {
         self.pollers.len()
     }
 
     fn poller_of(&self, id: u64) -> &Poller {
-        // `pollers` is never empty (one per core, at least one), and the index is below
+        // `pollers` is never empty (at least one loop), and the index is below
         // its length.
         &self.pollers[(id % self.pollers.len() as u64) as usize]
     }
@@ -152,12 +155,14 @@ impl Workers {
 
     /// How long a worker may wait for its connection's next request: [`LINGER`], held
     /// while the returned guard lives, unless other connections wait for a worker or
-    /// [`MAX_LINGERING`] workers wait already (then not at all).
+    /// [`RUNNING_PER_CORE`] per core wait already (then not at all): more lingering threads
+    /// than that share the cores with the loops, and serve their own connections out of
+    /// turn.
     pub(super) fn linger(&self) -> (Duration, Option<Lingering<'_>>) {
         if self.others_waiting() {
             return (Duration::ZERO, None);
         }
-        if self.lingering.fetch_add(1, Ordering::Relaxed) < MAX_LINGERING {
+        if self.lingering.fetch_add(1, Ordering::Relaxed) < self.running {
             (LINGER, Some(Lingering(&self.lingering)))
         } else {
             self.lingering.fetch_sub(1, Ordering::Relaxed);

@@ -86,6 +86,12 @@ struct Cli {
     /// hard limit allows and says in the log if that is below what the limits need.
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Event loops serving the control plane's quick requests (lookups with their blocks
+    /// inline, exists, prefix matches) with no thread per connection; puts and other requests
+    /// go to worker threads. Default: one per two cores, at least one, so that the other
+    /// cores serve puts, the data planes and the engine.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    event_loops: Option<u64>,
     /// How long a lookup pins a block, in milliseconds.
     #[arg(long)]
     lease_ms: Option<u64>,
@@ -142,6 +148,7 @@ struct FileConfig {
     lease_ms: Option<u64>,
     max_leases: Option<usize>,
     max_connections: Option<usize>,
+    event_loops: Option<u64>,
     peers: Option<Vec<String>>,
     etcd: Option<Vec<String>>,
     etcd_prefix: Option<String>,
@@ -378,6 +385,11 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
                 Some(0) => bail!("max_connections must be at least 1"),
                 Some(n) => n,
                 None => NodeConfig::default().max_connections,
+            },
+            event_loops: match cli.event_loops.or(file.event_loops) {
+                Some(n @ 1..=1024) => usize::try_from(n)?,
+                Some(n) => bail!("event_loops must be 1 to 1024, not {n}"),
+                None => 0,
             },
             engine: EngineConfig {
                 dram_capacity_bytes: mib(cli.dram_mib, file.dram_mib, 256, "dram_mib")?,
