@@ -5,6 +5,12 @@
 //! brings the block inline, checked (header, key and payload CRCs, then the value's own
 //! pattern) as the library's reads check it. A get's latency runs from when its request was
 //! ready, which in this closed loop is when the connection's previous answer was complete.
+//!
+//! The same loop speaks Redis's protocol too ([`run_redis`]: `GET`, each value checked
+//! against its pattern), so that a Redis server can be measured the way a node is: same
+//! threads, same connections, same clock. `redis-benchmark` times a request from when it is
+//! written, after it waited in its own client, and with many connections its latencies are
+//! well under what Little's law allows for its own throughput.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -19,6 +25,18 @@ use rustix::event::epoll;
 use crate::bench::{
     BenchOptions, BenchReport, KeyPicker, Tally, bench_key, check_value, summarize, thread_rng,
 };
+
+/// What the load generator speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    /// A node's: an inline lookup, answered with the block.
+    Node,
+    /// Redis's (RESP): `GET key`, answered with a bulk string.
+    Redis,
+}
+
+/// Longest reply line read before a Redis value (`$67108864` and CRLF, or an error).
+const REDIS_LINE_BYTES: usize = 256;
 
 /// Where a connection is in receiving its current answer.
 enum Stage {
@@ -67,10 +85,85 @@ pub fn run(
     o: &BenchOptions,
     connections: usize,
 ) -> std::io::Result<BenchReport> {
-    let threads = o.concurrency.clamp(1, connections.max(1));
+    let streams = (0..connections.max(1))
+        .map(|_| hello(addr, token))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    drive_all(streams, o, Protocol::Node)
+}
+
+/// [`run`] against a Redis server at `addr`: the same loop, connections and clock, `GET`
+/// for each key, each value checked against its pattern. With `o.prefill`, every key is
+/// first `SET` to its value (`o.value_bytes` bytes, as [`crate::bench::prefill`] puts them).
+///
+/// # Errors
+///
+/// If a connection cannot be opened, or the server refuses a `SET`. Failures of single gets
+/// are counted in the report.
+pub fn run_redis(
+    addr: SocketAddr,
+    o: &BenchOptions,
+    connections: usize,
+) -> std::io::Result<BenchReport> {
+    let streams = (0..connections.max(1))
+        .map(|_| {
+            let stream = TcpStream::connect(addr)?;
+            stream.set_nodelay(true)?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            Ok(stream)
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    if o.prefill {
+        if let Some(first) = streams.first() {
+            redis_prefill(first, o)?;
+        }
+    }
+    drive_all(streams, o, Protocol::Redis)
+}
+
+/// Sets every key of the bench to its value, 64 at a time (pipelined).
+fn redis_prefill(mut stream: &TcpStream, o: &BenchOptions) -> std::io::Result<()> {
+    let mut value = vec![0u8; o.value_bytes];
+    let mut reader = std::io::BufReader::new(stream);
+    let mut line = String::new();
+    let mut i = 0;
+    while i < o.keys {
+        let n = (o.keys - i).min(64);
+        let mut out = Vec::new();
+        for index in i..i + n {
+            let key = bench_key(&o.key_prefix, index);
+            crate::bench::fill_value(index, o.seed, &mut value);
+            write!(out, "*3\r\n$3\r\nSET\r\n${}\r\n", key.len())?;
+            out.extend_from_slice(&key);
+            write!(out, "\r\n${}\r\n", value.len())?;
+            out.extend_from_slice(&value);
+            out.extend_from_slice(b"\r\n");
+        }
+        stream.write_all(&out)?;
+        for _ in 0..n {
+            line.clear();
+            std::io::BufRead::read_line(&mut reader, &mut line)?;
+            if line != "+OK\r\n" {
+                return Err(std::io::Error::other(format!(
+                    "SET refused: {}",
+                    line.trim_end()
+                )));
+            }
+        }
+        i += n;
+    }
+    Ok(())
+}
+
+/// Spreads `streams` over `o.concurrency` threads, each an event loop, and sums their tallies.
+fn drive_all(
+    streams: Vec<TcpStream>,
+    o: &BenchOptions,
+    protocol: Protocol,
+) -> std::io::Result<BenchReport> {
+    let threads = o.concurrency.clamp(1, streams.len().max(1));
     let mut shares: Vec<Vec<TcpStream>> = (0..threads).map(|_| Vec::new()).collect();
-    for i in 0..connections.max(1) {
-        shares[i % threads].push(hello(addr, token)?);
+    for (i, stream) in streams.into_iter().enumerate() {
+        shares[i % threads].push(stream);
     }
     let started = Instant::now();
     let measure_from = started + o.warm_up;
@@ -79,7 +172,9 @@ pub fn run(
         let handles: Vec<_> = shares
             .into_iter()
             .enumerate()
-            .map(|(t, share)| scope.spawn(move || drive(share, o, t as u64, measure_from, until)))
+            .map(|(t, share)| {
+                scope.spawn(move || drive(share, o, protocol, t as u64, measure_from, until))
+            })
             .collect();
         handles
             .into_iter()
@@ -116,6 +211,7 @@ fn hello(addr: SocketAddr, token: &[u8]) -> std::io::Result<TcpStream> {
 fn drive(
     share: Vec<TcpStream>,
     o: &BenchOptions,
+    protocol: Protocol,
     thread: u64,
     measure_from: Instant,
     until: Instant,
@@ -142,7 +238,7 @@ fn drive(
             index: 0,
             sent_at: Instant::now(),
         };
-        send(&mut conn, o, next_key())?;
+        send(&mut conn, o, protocol, next_key())?;
         conns.push(conn);
     }
     // Answers to requests sent before the measured part, kept apart (their wrong values and
@@ -172,10 +268,14 @@ fn drive(
             };
             let measured = conn.sent_at >= measure_from;
             let into = if measured { &mut tally } else { &mut warm };
-            if let Some(done) = receive(conn, into)? {
+            let received = match protocol {
+                Protocol::Node => receive(conn, into)?,
+                Protocol::Redis => receive_redis(conn, into)?,
+            };
+            if let Some(done) = received {
                 into.read_ns
                     .push(u64::try_from((done - conn.sent_at).as_nanos()).unwrap_or(u64::MAX));
-                send(conn, o, next_key())?;
+                send(conn, o, protocol, next_key())?;
             }
         }
     }
@@ -186,21 +286,31 @@ fn drive(
 }
 
 /// Sends a get of key index `index` on `conn`.
-fn send(conn: &mut Conn, o: &BenchOptions, index: u64) -> std::io::Result<()> {
+fn send(conn: &mut Conn, o: &BenchOptions, protocol: Protocol, index: u64) -> std::io::Result<()> {
     let key = bench_key(&o.key_prefix, index);
-    let request = Request::Lookup {
-        keys: vec![key.as_slice()],
-        release: Vec::new(),
-        stale_reads: 0,
-        cached_reads: 0,
-        cached_keys: Vec::new(),
-        inline: true,
-    };
     let mut frame = Vec::with_capacity(128);
-    write_frame(&mut frame, index, &encode_body(&request))?;
+    match protocol {
+        Protocol::Node => {
+            let request = Request::Lookup {
+                keys: vec![key.as_slice()],
+                release: Vec::new(),
+                stale_reads: 0,
+                cached_reads: 0,
+                cached_keys: Vec::new(),
+                inline: true,
+            };
+            write_frame(&mut frame, index, &encode_body(&request))?;
+            conn.expect(FRAME_HEADER_BYTES);
+        }
+        Protocol::Redis => {
+            write!(frame, "*2\r\n$3\r\nGET\r\n${}\r\n", key.len())?;
+            frame.extend_from_slice(&key);
+            frame.extend_from_slice(b"\r\n");
+            conn.expect(REDIS_LINE_BYTES);
+        }
+    }
     conn.index = index;
     conn.stage = Stage::Header;
-    conn.expect(FRAME_HEADER_BYTES);
     conn.sent_at = Instant::now();
     // A request of a few dozen bytes on a connection with nothing else outstanding: the
     // socket's buffer takes it at once.
@@ -289,6 +399,75 @@ fn receive(conn: &mut Conn, tally: &mut Tally) -> std::io::Result<Option<Instant
                 }
                 return Ok(Some(done));
             }
+        }
+    }
+}
+
+/// [`receive`] for a Redis reply: the line (`$LEN`, `$-1` for a miss, `-ERR ...`), then the
+/// value and its CRLF, checked against the key's pattern.
+fn receive_redis(conn: &mut Conn, tally: &mut Tally) -> std::io::Result<Option<Instant>> {
+    loop {
+        match conn.stage {
+            Stage::Header | Stage::Body => {
+                if let Some(end) = conn.buf[..conn.filled]
+                    .windows(2)
+                    .position(|w| w == b"\r\n")
+                {
+                    let line = &conn.buf[..end];
+                    tally.reads += 1;
+                    if let Some(message) = line.strip_prefix(b"-") {
+                        tally.failed(String::from_utf8_lossy(message).into_owned());
+                        return Ok(Some(Instant::now()));
+                    }
+                    let len: i64 = line
+                        .strip_prefix(b"$")
+                        .and_then(|n| std::str::from_utf8(n).ok()?.parse().ok())
+                        .ok_or_else(|| std::io::Error::other("unexpected Redis reply"))?;
+                    if len < 0 {
+                        tally.misses += 1;
+                        return Ok(Some(Instant::now()));
+                    }
+                    // The server's word: bounded before anything is allocated for it.
+                    let len = usize::try_from(len)
+                        .ok()
+                        .filter(|&len| len <= mooncake_kv_engine::MAX_VALUE_BYTES)
+                        .ok_or_else(|| std::io::Error::other("a Redis value over the limit"))?;
+                    // What came with the line is the value's beginning.
+                    let (start, filled) = (end + 2, conn.filled);
+                    conn.stage = Stage::Block;
+                    conn.expect(len + 2);
+                    let early = filled - start;
+                    if early > conn.want {
+                        return Err(std::io::Error::other("more than one Redis reply"));
+                    }
+                    conn.buf.copy_within(start..filled, 0);
+                    conn.filled = early;
+                    continue;
+                }
+                if conn.filled == conn.want {
+                    return Err(std::io::Error::other("a Redis reply line too long"));
+                }
+            }
+            Stage::Block => {
+                if conn.filled == conn.want {
+                    let done = Instant::now();
+                    let len = conn.want - 2;
+                    tally.bytes += len as u64;
+                    if conn.buf[len..conn.want] != *b"\r\n"
+                        || !check_value(conn.index, &conn.buf[..len])
+                    {
+                        tally.wrong += 1;
+                    }
+                    return Ok(Some(done));
+                }
+            }
+        }
+        match conn.stream.read(&mut conn.buf[conn.filled..conn.want]) {
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => conn.filled += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
 }

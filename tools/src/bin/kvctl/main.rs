@@ -266,6 +266,12 @@ struct BenchArgs {
     /// request was ready.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     connections: Option<u64>,
+    /// With --connections: drive a Redis server at HOST:PORT instead of the node, with the
+    /// same loop, connections and clock (GET for each key, each value checked; the keys are
+    /// SET first unless --no-prefill). The reference for the node's figures, measured the
+    /// same way: redis-benchmark times a request only from when it is written.
+    #[arg(long, value_name = "HOST:PORT", requires = "connections")]
+    redis: Option<String>,
     /// Percentage of operations that are reads.
     #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(0..=100))]
     read_percent: u8,

@@ -291,6 +291,26 @@ pub(super) fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         order: args.order,
         warm_up,
     };
+    if let Some(redis) = &args.redis {
+        anyhow::ensure!(
+            options.read_percent == 100 && options.batch == 1 && options.count.is_none(),
+            "--redis drives gets only, one key each, for a duration: give --read-percent 100 \
+             and neither --batch nor --count"
+        );
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(redis.as_str())
+            .with_context(|| format!("--redis {redis}: not a HOST:PORT"))?
+            .next()
+            .with_context(|| format!("--redis {redis}: no address"))?;
+        let connections = usize::try_from(args.connections.unwrap_or(1))?;
+        let report = mooncake_kv_tools::loadgen::run_redis(addr, &options, connections)
+            .with_context(|| format!("cannot drive Redis at {redis}"))?;
+        print_redis_report(cli, redis, &options, connections, &report);
+        return Ok(if report.wrong_values > 0 {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
     let client = connect(cli)?;
     let show = !cli.json && std::io::stderr().is_terminal();
     if options.prefill {
@@ -447,6 +467,59 @@ pub(super) fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `kvctl bench --redis`'s report: the figures of the node's, for the same loop over Redis.
+fn print_redis_report(
+    cli: &Cli,
+    redis: &str,
+    options: &BenchOptions,
+    connections: usize,
+    report: &bench::BenchReport,
+) {
+    let l = &report.read_latency;
+    if cli.json {
+        println!(
+            "{}",
+            json!({
+                "addr": redis,
+                "transport": "redis (RESP GET, event loop)",
+                "value_bytes": options.value_bytes,
+                "concurrency": options.concurrency,
+                "connections": connections,
+                "seconds": report.elapsed.as_secs_f64(),
+                "reads": report.reads,
+                "misses": report.misses,
+                "ops_per_second": report.ops_per_second(),
+                "mib_per_second": report.mib_per_second(),
+                "read_latency": json!({ "p50_us": l.p50_us, "p99_us": l.p99_us, "p999_us": l.p999_us }),
+                "wrong_values": report.wrong_values,
+                "errors": report.errors,
+                "first_error": report.first_error,
+                "warm_up_ops": report.warm_up_ops,
+            })
+        );
+    } else {
+        println!(
+            "{} gets in {:.2} s from Redis at {redis} over {connections} connections: {:.0} \
+             ops/s, {:.1} MiB/s",
+            report.reads,
+            report.elapsed.as_secs_f64(),
+            report.ops_per_second(),
+            report.mib_per_second()
+        );
+        println!(
+            "reads   {:>10}  p50 {:>9.1} us  p99 {:>9.1} us  p999 {:>9.1} us",
+            report.reads, l.p50_us, l.p99_us, l.p999_us
+        );
+        println!(
+            "misses {}, errors {}, wrong values {}",
+            report.misses, report.errors, report.wrong_values
+        );
+        if let Some(error) = &report.first_error {
+            println!("first error: {error}");
+        }
+    }
 }
 
 fn bar(show: bool, len: u64, what: &'static str) -> ProgressBar {
