@@ -73,9 +73,9 @@ pub(crate) struct Metrics {
     pub(crate) corrupt_reported: AtomicU64,
     /// Requests an event loop served in its own thread.
     pub(crate) served_in_loops: AtomicU64,
-    /// Answers an event loop began and a worker finished (the socket could not take them
+    /// Answers an event loop sent in parts, as the socket drained (it could not take them
     /// whole at once).
-    pub(crate) finished_by_workers: AtomicU64,
+    pub(crate) answers_sent_in_parts: AtomicU64,
 }
 
 impl Metrics {
@@ -235,9 +235,9 @@ impl Metrics {
         );
         counter(
             &mut out,
-            "mooncake_answers_finished_by_workers_total",
-            "Answers an event loop began that the socket could not take whole at once, finished by a worker (the blocks stay pinned until they are sent).",
-            load(&self.finished_by_workers),
+            "mooncake_answers_sent_in_parts_total",
+            "Answers an event loop sent in parts as the socket drained, because it could not take them whole at once (the blocks stay pinned until they are sent).",
+            load(&self.answers_sent_in_parts),
         );
         counter(
             &mut out,

@@ -1,7 +1,7 @@
 //! The control plane's event loops, on a node in this process over real sockets: a
 //! connection that has gone quiet is served by its event loop (lookups, with their blocks
-//! inline) and by workers (puts; answers the socket cannot take whole), and every byte read
-//! back is the byte put, whichever served it.
+//! inline, sent in parts when the socket cannot take them whole) and by workers (puts), and
+//! every byte read back is the byte put, whichever served it.
 
 use std::time::Duration;
 
@@ -62,10 +62,10 @@ fn quiet_connections_are_served_by_their_event_loop_and_every_byte_is_right() {
         client.put(key, bytes).expect("put a small value");
     }
     let in_loops = counter(&node, "mooncake_requests_served_in_loops_total");
-    let finished = counter(&node, "mooncake_answers_finished_by_workers_total");
+    let in_parts = counter(&node, "mooncake_answers_sent_in_parts_total");
 
-    // Quiet, then one batch of all eight: its event loop serves the lookup and begins the
-    // answer; a worker sends the rest.
+    // Quiet, then one batch of all eight: its event loop serves the lookup and sends the
+    // answer in parts as the socket drains.
     std::thread::sleep(QUIET);
     let mut buffers: Vec<Vec<u8>> = large.iter().map(|_| vec![0u8; 4 << 20]).collect();
     let mut items: Vec<(&[u8], &mut [u8])> = large
@@ -88,8 +88,8 @@ fn quiet_connections_are_served_by_their_event_loop_and_every_byte_is_right() {
         "the lookup after a quiet spell was not served by the event loop"
     );
     assert!(
-        counter(&node, "mooncake_answers_finished_by_workers_total") > finished,
-        "a 32 MiB answer went out whole from the event loop"
+        counter(&node, "mooncake_answers_sent_in_parts_total") > in_parts,
+        "a 32 MiB answer went out whole at once"
     );
 
     // Quiet spells between small reads, and a put (a worker's) in the middle.

@@ -76,13 +76,6 @@ pub(super) fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
 
 /// Serves `job` until it goes quiet (then parks it with its event loop) or ends.
 pub(super) fn run(shared: &Arc<Shared>, mut job: Job) {
-    if let Some(unsent) = job.unsent.take() {
-        if let Err(error) = unsent.send(&job.stream) {
-            tracing::debug!(%error, "control connection closed");
-            shared.forget(job.id);
-            return;
-        }
-    }
     match serve(&job.stream, shared, job.id, &mut job.authenticated) {
         Ok(Next::Park) => {
             if let Err(job) = park(shared, job) {
@@ -393,19 +386,22 @@ fn write_slices(mut stream: &TcpStream, slices: &mut [IoSlice<'_>]) -> std::io::
     Ok(())
 }
 
-/// What an event loop did with a connection that became readable.
+/// What an event loop did with a connection that became ready.
 pub(super) enum Ready {
     /// It served one request (or found nothing to read yet): the connection waits in the
     /// loop for its next one.
     Served,
+    /// Its answer is partly sent (`job.unsent`): the loop sends the rest when the socket
+    /// takes more.
+    Sending,
     /// A worker serves it (see the module comment of `workers`).
     ToWorker,
     /// It failed: close it.
     Close,
 }
 
-/// An answer an event loop began to send: its frame, the blocks that follow it (still
-/// pinned), and how many bytes of them went out.
+/// An answer an event loop began to send: its frame, the blocks that follow it (pinned
+/// until the last byte is sent), and how many bytes of them went out.
 pub(super) struct Unsent {
     frame: Vec<u8>,
     blocks: Vec<PinnedBlock>,
@@ -413,14 +409,32 @@ pub(super) struct Unsent {
 }
 
 impl Unsent {
-    /// Sends the rest (blocking), in a worker.
-    fn send(self, stream: &TcpStream) -> std::io::Result<()> {
+    /// Sends what the socket takes now, without waiting; `Ok(true)` once all is sent.
+    fn send_some(&mut self, stream: &TcpStream) -> rustix::io::Result<bool> {
         let mut slices = Vec::with_capacity(1 + self.blocks.len());
         slices.push(IoSlice::new(&self.frame));
         slices.extend(self.blocks.iter().map(|b| IoSlice::new(b.block_bytes())));
         let mut pending = &mut slices[..];
         IoSlice::advance_slices(&mut pending, self.sent);
-        write_slices(stream, pending)
+        while !pending.is_empty() {
+            let at_most = pending.len().min(MAX_SLICES);
+            match rustix::net::sendmsg(
+                stream,
+                &pending[..at_most],
+                &mut rustix::net::SendAncillaryBuffer::default(),
+                rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL,
+            ) {
+                Ok(0) => return Err(rustix::io::Errno::PIPE),
+                Ok(n) => {
+                    self.sent += n;
+                    IoSlice::advance_slices(&mut pending, n);
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => return Ok(false),
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(true)
     }
 }
 
@@ -447,11 +461,23 @@ impl Default for LoopBuffers {
 
 /// Serves, in the event loop's thread, one request of `job` if it is quick (a lookup, exists,
 /// a prefix match, health), whole in the socket already, and from a connection that has
-/// authenticated; its answer is sent without waiting (what the socket cannot take at once is
-/// left to a worker in `job.unsent`, its blocks still pinned). Anything else is left in the
-/// socket, untouched, for a worker.
+/// authenticated; its answer is sent without waiting (what the socket cannot take at once
+/// waits in `job.unsent`, its blocks still pinned, and goes out as the socket drains: no
+/// request of the connection is read meanwhile). Anything else is left in the socket,
+/// untouched, for a worker.
 pub(super) fn serve_ready(shared: &Shared, job: &mut Job, buffers: &mut LoopBuffers) -> Ready {
-    use rustix::net::{RecvFlags, SendFlags, recv};
+    use rustix::net::{RecvFlags, recv};
+    if let Some(unsent) = job.unsent.as_mut() {
+        return match unsent.send_some(&job.stream) {
+            Ok(true) => {
+                // The last byte is out: the pins end here.
+                job.unsent = None;
+                Ready::Served
+            }
+            Ok(false) => Ready::Sending,
+            Err(_) => Ready::Close,
+        };
+    }
     if !job.authenticated {
         return Ready::ToWorker;
     }
@@ -499,43 +525,23 @@ pub(super) fn serve_ready(shared: &Shared, job: &mut Job, buffers: &mut LoopBuff
     if write_frame(&mut frame, header.request_id, &encode_body(&response)).is_err() {
         return Ready::Close;
     }
-    let mut slices = Vec::with_capacity(1 + blocks.len());
-    slices.push(IoSlice::new(&frame));
-    slices.extend(blocks.iter().map(|b| IoSlice::new(b.block_bytes())));
-    let mut pending = &mut slices[..];
-    let mut sent = 0;
-    while !pending.is_empty() {
-        let at_most = pending.len().min(MAX_SLICES);
-        match rustix::net::sendmsg(
-            &job.stream,
-            &pending[..at_most],
-            &mut rustix::net::SendAncillaryBuffer::default(),
-            SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
-        ) {
-            Ok(0) => return Ready::Close,
-            Ok(n) => {
-                sent += n;
-                IoSlice::advance_slices(&mut pending, n);
-            }
-            Err(rustix::io::Errno::INTR) => {}
-            Err(rustix::io::Errno::AGAIN) => {
-                // The pins go with the rest of the answer to a worker.
-                drop(slices);
-                shared
-                    .metrics
-                    .finished_by_workers
-                    .fetch_add(1, Ordering::Relaxed);
-                job.unsent = Some(Unsent {
-                    frame,
-                    blocks,
-                    sent,
-                });
-                return Ready::ToWorker;
-            }
-            Err(_) => return Ready::Close,
+    let mut unsent = Unsent {
+        frame,
+        blocks,
+        sent: 0,
+    };
+    match unsent.send_some(&job.stream) {
+        Ok(true) => Ready::Served,
+        Ok(false) => {
+            shared
+                .metrics
+                .answers_sent_in_parts
+                .fetch_add(1, Ordering::Relaxed);
+            job.unsent = Some(unsent);
+            Ready::Sending
         }
+        Err(_) => Ready::Close,
     }
-    Ready::Served
 }
 
 /// A frame that `bytes` holds whole, checked as [`read_frame_within`] checks one: its header

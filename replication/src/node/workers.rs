@@ -4,12 +4,12 @@
 //!
 //! When a parked connection becomes readable, its loop serves the request in its own thread
 //! if it is a quick one (a lookup, with its blocks sent inline; exists; a prefix match;
-//! health) that is whole in the socket already and whose answer the socket takes at once:
-//! one request per turn, then the connection waits for its next one in the loop again. That
-//! is the common case, and it costs no thread switch: a loop serves its connections in turn,
-//! as Redis's does. Anything else (Hello, a put and its values, a request still arriving,
-//! an answer the socket cannot take whole, a request that may wait on a disk) goes to a
-//! worker, which serves it with blocking code: a put's value is read straight into its
+//! health) that is whole in the socket already: one request per turn, then the connection
+//! waits for its next one in the loop again. An answer the socket cannot take whole is sent
+//! by the loop as the socket drains (its blocks stay pinned until then). That is the common
+//! case, and it costs no thread switch: a loop serves its connections in turn, as Redis's
+//! does. Anything else (Hello, a put and its values, a request still arriving, a request
+//! that may wait on a disk) goes to a worker, which serves it with blocking code: a put's value is read straight into its
 //! reserved DRAM, an inline read is one vectored send from pinned blocks.
 //!
 //! While no other connection waits for a worker, a worker serves its connection as long as
@@ -52,8 +52,8 @@ pub(super) struct Job {
     pub(super) stream: TcpStream,
     pub(super) id: u64,
     pub(super) authenticated: bool,
-    /// An answer its loop began to send and the socket could not take whole: the worker
-    /// sends the rest before anything else.
+    /// An answer its loop began to send and the socket could not take whole: the loop
+    /// sends the rest as the socket drains, before reading anything else.
     pub(super) unsent: Option<super::control::Unsent>,
 }
 
@@ -324,6 +324,10 @@ pub(super) fn park(shared: &Shared, job: Job) -> Result<(), Job> {
 const WATCH: epoll::EventFlags = epoll::EventFlags::IN
     .union(epoll::EventFlags::RDHUP)
     .union(epoll::EventFlags::ONESHOT);
+/// The same while an answer is partly sent: room in the socket, or its end.
+const WATCH_SENDING: epoll::EventFlags = epoll::EventFlags::OUT
+    .union(epoll::EventFlags::RDHUP)
+    .union(epoll::EventFlags::ONESHOT);
 
 /// Event loop `index`: serves the quick requests of its parked connections as they become
 /// readable (see the module's comment) and hands the rest to workers, closes those parked
@@ -358,12 +362,18 @@ pub(super) fn poll_parked(shared: &Arc<Shared>, index: usize) {
                 continue;
             };
             match super::control::serve_ready(shared, &mut job, &mut buffers) {
-                super::control::Ready::Served => {
+                ready @ (super::control::Ready::Served | super::control::Ready::Sending) => {
                     // Armed again under the set's lock, and only this loop waits on its set:
-                    // the next event finds the connection parked.
+                    // the next event finds the connection parked. A partly sent answer waits
+                    // for room in the socket, anything else for the next request.
+                    let watch = if matches!(ready, super::control::Ready::Sending) {
+                        WATCH_SENDING
+                    } else {
+                        WATCH
+                    };
                     let mut parked = poller.parked.lock();
                     let data = epoll::EventData::new_u64(id);
-                    if epoll::modify(&poller.epoll, &job.stream, data, WATCH).is_ok() {
+                    if epoll::modify(&poller.epoll, &job.stream, data, watch).is_ok() {
                         parked.jobs.insert(id, (job, Instant::now()));
                     } else {
                         drop(parked);
