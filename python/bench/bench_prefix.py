@@ -227,7 +227,12 @@ def replay_trace(args, model, spec: ModelSpec) -> dict:
 
 
 def print_tables(report: dict) -> None:
-    ttft = report["ttft"]
+    if "ttft" in report:
+        print_ttft(report["ttft"])
+    print_trace(report.get("trace"))
+
+
+def print_ttft(ttft: dict) -> None:
     print(f"\n### Time to first token ({ttft['block_tokens']}-token blocks of "
           f"{ttft['block_bytes'] >> 10} KiB; medians)\n")
     print("| prompt | cached | recompute | floor | embedded | shm | tcp | speed-up (tcp) |")
@@ -249,7 +254,9 @@ def print_tables(report: dict) -> None:
               f"{row['shm_fetch_gbps']:.2f} ({row['shm_fetch_gbps'] / ref['shm']:.2f}) | "
               f"{row['tcp_fetch_gbps']:.2f} ({row['tcp_fetch_gbps'] / ref['tcp']:.2f}) |")
     print(f"\nkvctl bench: shm {ref['shm']:.2f} GB/s, tcp {ref['tcp']:.2f} GB/s")
-    trace = report.get("trace")
+
+
+def print_trace(trace: "dict | None") -> None:
     if trace:
         saved = trace["cached_tokens"] / trace["prompt_tokens"]
         print(f"\n### Production trace: first {trace['requests']} requests, "
@@ -309,7 +316,7 @@ def main() -> None:
     parser.add_argument("--kvd", required=True, help="the mooncake-kvd binary (release)")
     parser.add_argument("--kvctl", required=True, help="the kvctl binary (release)")
     parser.add_argument("--lengths", default="1024,4096,16384",
-                        help="prompt lengths in tokens, comma-separated")
+                        help="prompt lengths in tokens, comma-separated; 'none' for the trace alone")
     parser.add_argument("--fractions", default="50,90,last",
                         help="cached fractions: percentages, and 'last' for all but the last block")
     parser.add_argument("--block-tokens", type=int, default=64)
@@ -331,7 +338,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--plot", help="write a PNG plot here")
     args = parser.parse_args()
-    args.lengths = [int(x) for x in args.lengths.split(",")]
+    args.lengths = [] if args.lengths == "none" else [int(x) for x in args.lengths.split(",")]
     args.fractions = args.fractions.split(",")
     torch.manual_seed(args.seed)
 
@@ -339,27 +346,28 @@ def main() -> None:
     model = spec.build()
     print(f"model: {spec}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
-    kv_mib = max(args.lengths) * 16 // 1024 * 2 + 512
-    process, address = start_kvd(args.kvd, kv_mib)
-    stores = {"embedded": mooncake_kv.EmbeddedStore(kv_mib << 20),
-              "shm": mooncake_kv.Client(address, transport="shm"),
-              "tcp": mooncake_kv.Client(address, transport="tcp")}
     report: dict = {"model": spec.__dict__, "torch": torch.__version__,
                     "threads": torch.get_num_threads(),
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
-    try:
-        report["ttft"] = prompt_ttft(args, model, spec, stores, address)
-    finally:
-        for store in stores.values():
-            store.close()
-        process.terminate()
-        process.wait()
+    if args.lengths:
+        kv_mib = max(args.lengths) * 16 // 1024 * 2 + 512
+        process, address = start_kvd(args.kvd, kv_mib)
+        stores = {"embedded": mooncake_kv.EmbeddedStore(kv_mib << 20),
+                  "shm": mooncake_kv.Client(address, transport="shm"),
+                  "tcp": mooncake_kv.Client(address, transport="tcp")}
+        try:
+            report["ttft"] = prompt_ttft(args, model, spec, stores, address)
+        finally:
+            for store in stores.values():
+                store.close()
+            process.terminate()
+            process.wait()
     if args.trace != "none":
         report["trace"] = replay_trace(args, model, spec)
     print_tables(report)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(report, indent=1))
-    if args.plot:
+    if args.plot and "ttft" in report:
         plot(report, args.plot)
         print(f"\nplot written to {args.plot}")
 

@@ -213,3 +213,28 @@ def test_the_model_and_its_namespace_follow_the_seed() -> None:
     assert ModelSpec.tiny(seed=3).namespace == ModelSpec.tiny(seed=3).namespace
     assert ModelSpec.tiny(seed=3).namespace != ModelSpec.tiny(seed=4).namespace
     assert ModelSpec.tiny().namespace != ModelSpec().namespace
+
+
+@pytest.mark.parametrize("cached_blocks, causal_kernel", [(3, True), (8, False)])
+def test_a_prefill_over_fewer_cached_tokens_runs_the_causal_kernel(
+    model: torch.nn.Module, prompt: List[int], reference: Reference,
+    monkeypatch: pytest.MonkeyPatch, cached_blocks: int, causal_kernel: bool,
+) -> None:
+    """Fewer cached tokens than computed: SDPA's causal kernel over placeholder queries, no
+    mask; more: the masked form. Both give the recompute's output."""
+    loop = PrefixCachingLM(model, None, block_tokens=BLOCK, namespace="n", max_tokens=512)
+    loop.copy_to_arena(loop.prefill(prompt).cache, 0, PROMPT)
+    calls: List[Tuple[bool, bool]] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((bool(kwargs.get("is_causal")), kwargs.get("attn_mask") is None))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    logits, cache = loop.prefill_after(prompt, cached_blocks * BLOCK)
+
+    assert len(calls) == SPEC.layers
+    assert all(call == (causal_kernel, causal_kernel) for call in calls)
+    assert (logits - reference[0]).abs().max().item() <= TOLERANCE
+    assert kv_difference(cache, reference[2]) <= TOLERANCE
