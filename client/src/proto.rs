@@ -189,9 +189,21 @@ pub fn decode_response(body: &[u8]) -> Result<Response, FrameError> {
 ///
 /// The stream's.
 pub fn write_frame(out: &mut impl Write, request_id: u64, body: &[u8]) -> std::io::Result<()> {
-    out.write_all(&frame_header(request_id, body)?)?;
+    let header = frame_header(request_id, body)?;
+    if body.len() <= ONE_WRITE_BYTES {
+        // One write, so a socket sends one segment: a node's event loop finds the request
+        // (a Hello, say) whole, not its header alone.
+        let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + body.len());
+        frame.extend_from_slice(&header);
+        frame.extend_from_slice(body);
+        return out.write_all(&frame);
+    }
+    out.write_all(&header)?;
     out.write_all(body)
 }
+
+/// Frames up to this body length are written with one write.
+const ONE_WRITE_BYTES: usize = 64 << 10;
 
 /// The encoded header of a frame carrying `body`.
 ///

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use super::workers::{Job, dispatch, park};
+use super::workers::{Job, park};
 use super::*;
 
 pub(super) fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
@@ -61,16 +61,16 @@ pub(super) fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
             );
             connections.unauthenticated += 1;
         }
-        // A worker reads its Hello (or parks it, if it has sent nothing yet).
-        dispatch(
-            shared,
-            Job {
-                stream,
-                id,
-                authenticated: false,
-                unsent: None,
-            },
-        );
+        // Its loop hands it to a worker once its Hello is whole in the socket.
+        let job = Job {
+            stream,
+            id,
+            authenticated: false,
+            unsent: None,
+        };
+        if let Err(job) = park(shared, job) {
+            shared.forget(job.id);
+        }
     }
 }
 
@@ -178,6 +178,17 @@ impl Shared {
         if connections.open.is_empty() {
             self.idle.notify_all();
         }
+    }
+
+    /// Whether the node closed connection `id` for not authenticating (past its Hello
+    /// deadline, or to make room): a socket shut down with bytes still queued reads them
+    /// before its end, so a loop holding one asks here.
+    pub(super) fn closed_before_hello(&self, id: u64) -> bool {
+        self.connections
+            .lock()
+            .open
+            .get(&id)
+            .is_none_or(|c| !c.authenticated && c.hello_deadline.is_none())
     }
 
     /// The connections open now: those that have authenticated, and those that have not.
@@ -396,6 +407,10 @@ pub(super) enum Ready {
     Sending,
     /// A worker serves it (see the module comment of `workers`).
     ToWorker,
+    /// It has not authenticated and its Hello is not whole in the socket yet: it stays with
+    /// the loop, which looks again shortly (a worker would wait on it, and a flood of such
+    /// connections would hold every worker until the Hello deadline).
+    Incomplete,
     /// It failed: close it.
     Close,
 }
@@ -478,10 +493,13 @@ pub(super) fn serve_ready(shared: &Shared, job: &mut Job, buffers: &mut LoopBuff
             Err(_) => Ready::Close,
         };
     }
-    if !job.authenticated {
-        return Ready::ToWorker;
-    }
     let LoopBuffers { peek, taken } = buffers;
+    if !job.authenticated {
+        if shared.closed_before_hello(job.id) {
+            return Ready::Close;
+        }
+        return hello_ready(&job.stream, peek);
+    }
     let seen = match recv(
         &job.stream,
         &mut peek[..],
@@ -541,6 +559,42 @@ pub(super) fn serve_ready(shared: &Shared, job: &mut Job, buffers: &mut LoopBuff
             Ready::Sending
         }
         Err(_) => Ready::Close,
+    }
+}
+
+/// Whether a connection that has not authenticated has a frame for a worker: its Hello whole
+/// in the socket, a header the worker refuses at once (too long, malformed), or its end. A
+/// worker then reads without waiting; until then the connection stays with its loop.
+fn hello_ready(stream: &TcpStream, peek: &mut [u8]) -> Ready {
+    use rustix::net::{RecvFlags, recv};
+    let limit = FRAME_HEADER_BYTES + MAX_HELLO_BODY_BYTES;
+    let Some(window) = peek.get_mut(..limit) else {
+        return Ready::ToWorker;
+    };
+    let seen = match recv(stream, &mut *window, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+        // Its end: the worker finds it and closes the connection.
+        Ok((0, _)) => return Ready::ToWorker,
+        Ok((n, _)) => n,
+        Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => return Ready::Served,
+        Err(_) => return Ready::ToWorker,
+    };
+    let Some(raw) = window
+        .get(..FRAME_HEADER_BYTES)
+        .filter(|_| seen >= FRAME_HEADER_BYTES)
+        .and_then(|h| <&[u8; FRAME_HEADER_BYTES]>::try_from(h).ok())
+    else {
+        return Ready::Incomplete;
+    };
+    match FrameHeader::decode(raw) {
+        Ok(header) if (header.body_len as usize) <= MAX_HELLO_BODY_BYTES => {
+            if seen >= FRAME_HEADER_BYTES + header.body_len as usize {
+                Ready::ToWorker
+            } else {
+                Ready::Incomplete
+            }
+        }
+        // Refused from its header, without waiting for the body.
+        _ => Ready::ToWorker,
     }
 }
 

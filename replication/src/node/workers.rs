@@ -8,7 +8,9 @@
 //! waits for its next one in the loop again. An answer the socket cannot take whole is sent
 //! by the loop as the socket drains (its blocks stay pinned until then). That is the common
 //! case, and it costs no thread switch: a loop serves its connections in turn, as Redis's
-//! does. Anything else (Hello, a put and its values, a request still arriving, a request
+//! does. A connection that has not authenticated stays with its loop until its Hello is
+//! whole in the socket (or it ends), so one that stalls halfway holds no worker. Anything
+//! else (Hello, a put and its values, a request still arriving, a request
 //! that may wait on a disk) goes to a worker, which serves it with blocking code: a put's value is read straight into its
 //! reserved DRAM, an inline read is one vectored send from pinned blocks.
 //!
@@ -329,6 +331,59 @@ const WATCH_SENDING: epoll::EventFlags = epoll::EventFlags::OUT
     .union(epoll::EventFlags::RDHUP)
     .union(epoll::EventFlags::ONESHOT);
 
+/// How often a loop looks again at connections whose Hello is not whole yet.
+const LOOK_AGAIN: Duration = Duration::from_millis(10);
+
+/// What the loop does with `job` after [`serve_ready`](super::control::serve_ready): arm it
+/// again for its next request or for room to send, keep it out of the set while its Hello
+/// arrives (its id in `incomplete`), hand it to a worker, or close it. `since`: when it was
+/// parked, which a Hello still arriving keeps (the idle timeout counts from there).
+fn settle(
+    shared: &Arc<Shared>,
+    poller: &Poller,
+    (job, since): (Job, Instant),
+    ready: super::control::Ready,
+    incomplete: &mut Vec<u64>,
+) {
+    use super::control::Ready;
+    match ready {
+        Ready::Served | Ready::Sending => {
+            // Armed again under the set's lock, and only this loop waits on its set: the
+            // next event finds the connection parked. A partly sent answer waits for room in
+            // the socket, anything else for the next request.
+            let watch = if matches!(ready, Ready::Sending) {
+                WATCH_SENDING
+            } else {
+                WATCH
+            };
+            let id = job.id;
+            let mut parked = poller.parked.lock();
+            let data = epoll::EventData::new_u64(id);
+            if epoll::modify(&poller.epoll, &job.stream, data, watch).is_ok() {
+                parked.jobs.insert(id, (job, Instant::now()));
+            } else {
+                drop(parked);
+                let _ = epoll::delete(&poller.epoll, &job.stream);
+                shared.forget(job.id);
+            }
+        }
+        Ready::Incomplete => {
+            // Disarmed (one-shot) and still registered: the Hello deadline shuts the socket
+            // down, which the next look finds.
+            incomplete.push(job.id);
+            poller.parked.lock().jobs.insert(job.id, (job, since));
+        }
+        Ready::ToWorker => {
+            let _ = epoll::delete(&poller.epoll, &job.stream);
+            dispatch(shared, job);
+        }
+        Ready::Close => {
+            let _ = epoll::delete(&poller.epoll, &job.stream);
+            shared.forget(job.id);
+        }
+    }
+}
+
 /// Event loop `index`: serves the quick requests of its parked connections as they become
 /// readable (see the module's comment) and hands the rest to workers, closes those parked
 /// longer than the idle timeout, and at shutdown closes every one still parked.
@@ -342,13 +397,21 @@ pub(super) fn poll_parked(shared: &Arc<Shared>, index: usize) {
         tv_sec: 0,
         tv_nsec: 100_000_000,
     });
+    let look_again = rustix::event::Timespec::try_from(LOOK_AGAIN).unwrap_or(tick);
     let mut last_sweep = Instant::now();
+    let mut incomplete: Vec<u64> = Vec::new();
+    let mut last_look = Instant::now();
     while !shared.stopping.load(Ordering::Acquire) {
         events.clear();
+        let timeout = if incomplete.is_empty() {
+            &tick
+        } else {
+            &look_again
+        };
         match epoll::wait(
             &poller.epoll,
             rustix::buffer::spare_capacity(&mut events),
-            Some(&tick),
+            Some(timeout),
         ) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(error) => {
@@ -358,37 +421,22 @@ pub(super) fn poll_parked(shared: &Arc<Shared>, index: usize) {
         }
         for event in events.drain(..) {
             let id = event.data.u64();
-            let Some((mut job, _)) = poller.parked.lock().jobs.remove(&id) else {
+            let Some((mut job, since)) = poller.parked.lock().jobs.remove(&id) else {
                 continue;
             };
-            match super::control::serve_ready(shared, &mut job, &mut buffers) {
-                ready @ (super::control::Ready::Served | super::control::Ready::Sending) => {
-                    // Armed again under the set's lock, and only this loop waits on its set:
-                    // the next event finds the connection parked. A partly sent answer waits
-                    // for room in the socket, anything else for the next request.
-                    let watch = if matches!(ready, super::control::Ready::Sending) {
-                        WATCH_SENDING
-                    } else {
-                        WATCH
-                    };
-                    let mut parked = poller.parked.lock();
-                    let data = epoll::EventData::new_u64(id);
-                    if epoll::modify(&poller.epoll, &job.stream, data, watch).is_ok() {
-                        parked.jobs.insert(id, (job, Instant::now()));
-                    } else {
-                        drop(parked);
-                        let _ = epoll::delete(&poller.epoll, &job.stream);
-                        shared.forget(job.id);
-                    }
-                }
-                super::control::Ready::ToWorker => {
-                    let _ = epoll::delete(&poller.epoll, &job.stream);
-                    dispatch(shared, job);
-                }
-                super::control::Ready::Close => {
-                    let _ = epoll::delete(&poller.epoll, &job.stream);
-                    shared.forget(job.id);
-                }
+            let ready = super::control::serve_ready(shared, &mut job, &mut buffers);
+            settle(shared, poller, (job, since), ready, &mut incomplete);
+        }
+        // Hellos still arriving: looked at again every few milliseconds, out of the epoll
+        // set meanwhile (armed, a socket with part of a frame would wake the loop at once).
+        if !incomplete.is_empty() && last_look.elapsed() >= LOOK_AGAIN {
+            last_look = Instant::now();
+            for id in std::mem::take(&mut incomplete) {
+                let Some((mut job, since)) = poller.parked.lock().jobs.remove(&id) else {
+                    continue;
+                };
+                let ready = super::control::serve_ready(shared, &mut job, &mut buffers);
+                settle(shared, poller, (job, since), ready, &mut incomplete);
             }
         }
         let now = Instant::now();
