@@ -189,21 +189,22 @@ pub fn decode_response(body: &[u8]) -> Result<Response, FrameError> {
 ///
 /// The stream's.
 pub fn write_frame(out: &mut impl Write, request_id: u64, body: &[u8]) -> std::io::Result<()> {
-    let header = frame_header(request_id, body)?;
-    if body.len() <= ONE_WRITE_BYTES {
-        // One write, so a socket sends one segment: a node's event loop finds the request
-        // (a Hello, say) whole, not its header alone.
-        let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + body.len());
-        frame.extend_from_slice(&header);
-        frame.extend_from_slice(body);
-        return out.write_all(&frame);
-    }
-    out.write_all(&header)?;
+    out.write_all(&frame_header(request_id, body)?)?;
     out.write_all(body)
 }
 
-/// Frames up to this body length are written with one write.
-const ONE_WRITE_BYTES: usize = 64 << 10;
+/// A whole frame in one buffer, for one write to a socket: the segment that carries it then
+/// holds all of it, so a node's event loop finds a request (a Hello, say) whole, not its
+/// header alone.
+///
+/// # Errors
+///
+/// `InvalidInput` for a body longer than a frame can say.
+pub fn encode_frame(request_id: u64, body: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + body.len());
+    write_frame(&mut frame, request_id, body)?;
+    Ok(frame)
+}
 
 /// The encoded header of a frame carrying `body`.
 ///

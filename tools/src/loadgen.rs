@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use mooncake_kv_replication::proto::{
     FRAME_HEADER_BYTES, FrameHeader, Outcome, Request, Response, decode_response, encode_body,
-    read_frame, write_frame,
+    encode_frame, read_frame, write_frame,
 };
 use rustix::event::epoll;
 
@@ -68,6 +68,23 @@ impl Conn {
         }
         self.want = len;
         self.filled = 0;
+    }
+
+    /// Reads what the socket holds of the current stage, without waiting: `false` when it
+    /// holds nothing now.
+    fn read_some(&mut self) -> std::io::Result<bool> {
+        loop {
+            match self.stream.read(&mut self.buf[self.filled..self.want]) {
+                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    self.filled += n;
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
@@ -192,7 +209,7 @@ fn hello(addr: SocketAddr, token: &[u8]) -> std::io::Result<TcpStream> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write_frame(&mut stream, 0, &encode_body(&Request::Hello { token }))?;
+    stream.write_all(&encode_frame(0, &encode_body(&Request::Hello { token }))?)?;
     let mut body = Vec::new();
     read_frame(&mut stream, &mut body)
         .map_err(|e| std::io::Error::other(e.to_string()))?
@@ -332,12 +349,8 @@ fn send(conn: &mut Conn, o: &BenchOptions, protocol: Protocol, index: u64) -> st
 fn receive(conn: &mut Conn, tally: &mut Tally) -> std::io::Result<Option<Instant>> {
     loop {
         while conn.filled < conn.want {
-            match conn.stream.read(&mut conn.buf[conn.filled..conn.want]) {
-                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
-                Ok(n) => conn.filled += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+            if !conn.read_some()? {
+                return Ok(None);
             }
         }
         match conn.stage {
@@ -462,12 +475,8 @@ fn receive_redis(conn: &mut Conn, tally: &mut Tally) -> std::io::Result<Option<I
                 }
             }
         }
-        match conn.stream.read(&mut conn.buf[conn.filled..conn.want]) {
-            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
-            Ok(n) => conn.filled += n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+        if !conn.read_some()? {
+            return Ok(None);
         }
     }
 }

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use mooncake_kv_replication::proto::{
-    Request, Response, decode_response, encode_body, read_frame, write_frame,
+    Request, Response, decode_response, encode_body, encode_frame, read_frame, write_frame,
 };
 use mooncake_kv_replication::{Client, ClientConfig, TransportChoice};
 use mooncake_kv_test_support::{Kvd, raise_open_file_limit, wait_until};
@@ -56,7 +56,9 @@ fn metric(kvd: &Kvd, name: &str) -> u64 {
 fn authenticated(addr: SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write_frame(&mut s, 1, &encode_body(&Request::Hello { token: TOKEN })).unwrap();
+    // One write: the Hello arrives whole.
+    s.write_all(&encode_frame(1, &encode_body(&Request::Hello { token: TOKEN })).unwrap())
+        .unwrap();
     let mut body = Vec::new();
     read_frame(&mut s, &mut body).unwrap().expect("an answer");
     assert!(matches!(

@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 
 use crate::proto::{
     ChainLinks, ErrorReply, FrameError, HelloReply, NodeStats, Outcome, ReadFrameError, Request,
-    ReservedReply, Response, decode_response, encode_body, read_frame, write_frame,
+    ReservedReply, Response, decode_response, encode_body, read_frame,
 };
 
 /// Which data path reads blocks.
@@ -773,8 +773,7 @@ fn open_control(addr: SocketAddr, config: &ClientConfig) -> Result<(Control, Hel
 /// Sends a frame (and the bytes that follow it, `trailer`), then reads the response.
 fn exchange(control: &mut Control, id: u64, body: &[u8], trailer: &[&[u8]]) -> Result<Response> {
     // Header and body are small (values travel in the trailer): one write.
-    let mut frame = Vec::with_capacity(crate::proto::FRAME_HEADER_BYTES + body.len());
-    write_frame(&mut frame, id, body).map_err(io("encode a request"))?;
+    let frame = crate::proto::encode_frame(id, body).map_err(io("encode a request"))?;
     control
         .stream
         .write_all(&frame)
