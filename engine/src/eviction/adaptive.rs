@@ -2,17 +2,26 @@
 //! a prefix chain gives for free.
 //!
 //! Adaptive Replacement Cache (Megiddo and Modha, FAST 2003) splits the resident blocks in
-//! two: `recent`, seen once lately, and `frequent`, seen at least twice. Each is a recency
-//! list. A ghost list behind each remembers the keys it let go of (32-bit fingerprints, no
-//! bytes). A target `p` says how much of the cache `recent` may hold: space is taken from
-//! `recent` while it holds more than `p`, else from `frequent`. A block that comes back while
-//! its key is in `recent`'s ghost was let go too soon for its reuse distance: `p` grows (the
-//! workload wants recency, LRU's strength). One that comes back from `frequent`'s ghost: `p`
-//! shrinks (it wants the frequent set kept through scans of one-off blocks: S3-FIFO's and
-//! LFU's strength). Either way it returns into `frequent`. The step is ARC's (the ratio of
-//! the two ghosts' sizes, at least one block), the target starts at half the cache (ARC
-//! starts at none of it, a lean towards frequency that a large cache takes long to unlearn),
-//! and every bound is the cache's own size: nothing is fitted to a trace.
+//! two: `recent`, seen once lately, and `frequent`, seen at least twice. A ghost list behind
+//! each remembers the keys it let go of (32-bit fingerprints, no bytes). A target `p` says
+//! how much of the cache `recent` may hold: space is taken from `recent` while it holds more
+//! than `p`, else from `frequent`. A block that comes back while its key is in `recent`'s
+//! ghost was let go too soon for its reuse distance: `p` grows (the workload wants recency,
+//! LRU's strength). One that comes back from `frequent`'s ghost: `p` shrinks (it wants the
+//! frequent set kept through scans of one-off blocks: S3-FIFO's and LFU's strength). Either
+//! way it returns into `frequent`. The step is ARC's (the ratio of the two ghosts' sizes, at
+//! least one block), the target starts at half the cache (ARC starts at none of it, a lean
+//! towards frequency that a large cache takes long to unlearn), and every bound is the
+//! cache's own size: nothing is fitted to a trace.
+//!
+//! `recent` is ordered by last use. `frequent` is too (ARC's order), or by uses: CLOCK's
+//! two bits, as S3-FIFO's main queue, where the oldest block goes round again while it has
+//! uses left ([`FrequentOrder`]). Neither wins everywhere: popular prompts of Zipf
+//! popularity are kept better by uses, growing conversations far better by recency. Two
+//! miniature copies of the policy, one per order, are fed the uses of a fixed sample of the
+//! keys (SHARDS: at most 4,096 blocks each, the same share of the cache's size) and the
+//! cache takes the order of the one that hit more lately. Nothing is tried on the real cache
+//! to be judged.
 //!
 //! One addition to ARC: a new block whose key a count-min sketch has seen before (the sketch
 //! of [`PrefixAware`], which remembers about ten cache-sizes of uses, longer than the ghosts'
@@ -27,10 +36,14 @@
 //!   caller ended, go before all others (their keys are not remembered as ghosts: they were
 //!   let go on purpose, not too soon).
 //!
-//! Every operation is O(1): a probe of the ghost table and a sketch update on insert, list
-//! moves otherwise. About 36 bytes per resident block, 32 to 64 of sketch, and at most one
-//! ghost per resident block (8 bytes in its queue, 8 in the table): 95 bytes per block at 1M
-//! blocks (the eviction bench).
+//! Every operation is O(1), amortized under CLOCK (a block goes round at most once per use):
+//! a probe of the ghost table and a sketch update on insert, list moves otherwise, and for a
+//! sampled key (all of them below 4,096 blocks, 1 in 2^k above) the same in each miniature.
+//! About 36 bytes per resident block, 32 to 64 of sketch, at most one ghost per resident
+//! block (8 bytes in its queue, 8 in the table), and the miniatures (at most 2 x 4,096
+//! blocks, under a byte per block at 1M): 99 bytes per block at 1M blocks (the eviction
+//! bench). Below 4,096 blocks the miniatures are whole copies: three times the work and
+//! memory of one policy, on a cache that small.
 //!
 //! [`PrefixAware`]: super::PrefixAware
 
@@ -60,6 +73,24 @@ struct Meta {
     /// [`RECENT`] or [`FREQUENT`]: the half of the cache the entry counts in (also while it
     /// is parked or on the first-out list).
     segment: u8,
+    /// Uses since it became frequent, less the rounds it was kept for them (at most
+    /// [`MAX_USES`]; only [`FrequentOrder::Clock`] looks at them).
+    uses: u8,
+}
+
+/// A frequent block earns at most this many rounds past the end of its list (S3-FIFO's and
+/// CLOCK's two bits).
+const MAX_USES: u8 = 3;
+
+/// How the frequent segment orders its blocks for eviction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FrequentOrder {
+    /// By last use (ARC's order): the least recently used block goes.
+    #[default]
+    Recency,
+    /// By uses (CLOCK): the least recently used block goes only if it has no use left;
+    /// one with uses left spends one and goes round again, as S3-FIFO's main queue does.
+    Clock,
 }
 
 impl Linked for Meta {
@@ -178,7 +209,15 @@ pub struct Adaptive {
     victim_first_out: bool,
     /// Evict a parent of resident children as any other entry (a cluster member's setting).
     lets_parents_go: bool,
-    /// Whether ghost hits move the target (off only in tests: what adapting buys).
+    /// The frequent segment's order now.
+    order: FrequentOrder,
+    /// Two miniature copies of this policy, one per [`FrequentOrder`], that choose `order`
+    /// (none in a miniature, nor until the first insert).
+    shadows: Option<Box<Shadows>>,
+    /// A miniature: it has no shadows of its own.
+    miniature: bool,
+    /// Whether ghost hits move the target and the shadows the order (off only in tests:
+    /// what adapting buys).
     frozen: bool,
 }
 
@@ -191,6 +230,27 @@ impl Adaptive {
         Self {
             lets_parents_go: true,
             ..Self::default()
+        }
+    }
+
+    /// The frequent segment's order now.
+    pub fn frequent_order(&self) -> FrequentOrder {
+        self.order
+    }
+
+    /// Feeds a use of `fingerprint` (a hit, or an insert under the block `parent`) to the
+    /// shadows, and takes the order they prefer.
+    fn observe(&mut self, fingerprint: u32, parent: Option<u32>, partial: bool) {
+        if self.miniature || self.frozen {
+            return;
+        }
+        let len = self.len();
+        let lets_parents_go = self.lets_parents_go;
+        let shadows = self
+            .shadows
+            .get_or_insert_with(|| Box::new(Shadows::new(lets_parents_go)));
+        if let Some(order) = shadows.observe(fingerprint, parent, partial, len) {
+            self.order = order;
         }
     }
 
@@ -268,6 +328,12 @@ impl Adaptive {
     fn freeze(&mut self) {
         self.frozen = true;
     }
+
+    /// The frequent order stays as it is: no shadows judge it.
+    #[cfg(test)]
+    fn without_shadows(&mut self) {
+        self.miniature = true;
+    }
 }
 
 impl EvictionPolicy for Adaptive {
@@ -276,6 +342,10 @@ impl EvictionPolicy for Adaptive {
         assert!(!self.lists.tracks(id), "entry {id} inserted twice");
         let link = self.lists.new_link(id, hint.parent);
         let fingerprint = (hint.key_hash ^ (hint.key_hash >> 32)) as u32;
+        let parent_fingerprint = hint
+            .parent
+            .filter(|&p| p != id && self.lists.tracks(p))
+            .map(|p| self.lists.data(p).fingerprint);
         let returning = self.ghosts.take(fingerprint);
         self.sketch.fit(self.len() + 1);
         // Seen before within the sketch's memory, which outlasts the ghosts'.
@@ -289,6 +359,7 @@ impl EvictionPolicy for Adaptive {
             fingerprint,
             link,
             segment: segment as u8,
+            uses: 0,
         };
         self.segment_lens[segment] += 1;
         if let Some(Returning {
@@ -304,13 +375,22 @@ impl EvictionPolicy for Adaptive {
             self.lists.push_front(segment, id);
         }
         self.trim_ghosts();
+        self.observe(fingerprint, parent_fingerprint, hint.partial);
     }
 
     fn access(&mut self, id: EntryId) {
         debug_assert!(self.lists.tracks(id));
-        self.sketch.increment(self.lists.data(id).fingerprint);
+        let meta = self.lists.data_mut(id);
+        meta.uses = if usize::from(meta.segment) == FREQUENT {
+            (meta.uses + 1).min(MAX_USES)
+        } else {
+            0 // the use that makes it frequent
+        };
+        let fingerprint = meta.fingerprint;
+        self.sketch.increment(fingerprint);
         self.lists.unlist(id);
         self.place(id, FREQUENT);
+        self.observe(fingerprint, None, false);
     }
 
     fn remove(&mut self, id: EntryId) {
@@ -320,6 +400,9 @@ impl EvictionPolicy for Adaptive {
         self.ghosts
             .remember(usize::from(meta.segment), meta.fingerprint, false);
         self.trim_ghosts();
+        if let Some(shadows) = &mut self.shadows {
+            shadows.forget(meta.fingerprint);
+        }
     }
 
     fn chain_ended(&mut self, id: EntryId) {
@@ -336,8 +419,12 @@ impl EvictionPolicy for Adaptive {
             let Some(id) = self.lists.back(list) else {
                 break;
             };
+            let uses = self.lists.data(id).uses;
             if self.lists.data(id).link.children > 0 && !self.lets_parents_go {
                 self.lists.park(id);
+            } else if list == FREQUENT && uses > 0 && self.order == FrequentOrder::Clock {
+                self.lists.data_mut(id).uses = uses - 1;
+                self.lists.move_to_front(FREQUENT, id);
             } else if evictable(id) {
                 self.victim_first_out = list == FIRST_OUT;
                 let meta = *self.lists.data(id);
@@ -372,7 +459,183 @@ impl EvictionPolicy for Adaptive {
     }
 
     fn memory_bytes(&self) -> usize {
-        self.lists.capacity_bytes() + self.ghosts.bytes() + self.sketch.bytes()
+        self.lists.capacity_bytes()
+            + self.ghosts.bytes()
+            + self.sketch.bytes()
+            + self.shadows.as_ref().map_or(0, |s| s.bytes())
+    }
+}
+
+/// Two miniature caches, one per [`FrequentOrder`], each fed the uses of a sample of the
+/// keys (a fixed share of the key hash space, so a sampled key is always sampled: SHARDS,
+/// Waldspurger et al., FAST 2015) at the same share of the real cache's size. Whichever keeps
+/// more of them lately, the real cache follows. Neither order has to be tried on the real
+/// cache to be judged, and the choice is the workload's, not a constant's.
+#[derive(Debug)]
+struct Shadows {
+    minis: [Mini; 2],
+    /// The sample is the key hashes whose top `shift` bits are zero: 1 in 2^shift.
+    shift: u32,
+    /// Hits per miniature, each older one weighing less (about the last
+    /// [`Shadows::WINDOW_SIZES`] miniature sizes of sampled uses count).
+    scores: [f64; 2],
+}
+
+impl Shadows {
+    fn new(lets_parents_go: bool) -> Self {
+        Self {
+            minis: [
+                Mini::new(FrequentOrder::Recency, lets_parents_go),
+                Mini::new(FrequentOrder::Clock, lets_parents_go),
+            ],
+            shift: 0,
+            scores: [0.0; 2],
+        }
+    }
+
+    /// A miniature holds at most this many blocks: enough that its hit ratio follows the
+    /// real cache's (SHARDS' error is well under a point at a few thousand sampled blocks).
+    const MAX_BLOCKS: usize = 4096;
+    /// How many miniature-sizes of recent uses the scores remember.
+    const WINDOW_SIZES: f64 = 8.0;
+    /// The other order must keep this much more (relative) before the real cache switches,
+    /// so sampling noise does not flip it back and forth.
+    const MARGIN: f64 = 0.02;
+
+    fn sampled(fingerprint: u32, shift: u32) -> bool {
+        shift == 0 || fingerprint.wrapping_mul(0x9e37_79b1) >> (32 - shift) == 0
+    }
+
+    /// A use of `fingerprint` when the real cache holds `len` blocks: the order to switch
+    /// to, if the shadows now prefer the other one.
+    fn observe(
+        &mut self,
+        fingerprint: u32,
+        parent: Option<u32>,
+        partial: bool,
+        len: usize,
+    ) -> Option<FrequentOrder> {
+        let mut shift = self.shift;
+        while (len >> shift) > Self::MAX_BLOCKS {
+            shift += 1;
+        }
+        if shift != self.shift {
+            self.shift = shift;
+            for mini in &mut self.minis {
+                mini.keep_only(|fingerprint| Self::sampled(fingerprint, shift));
+            }
+        }
+        if !Self::sampled(fingerprint, shift) {
+            return None;
+        }
+        let capacity = (len >> shift).max(1);
+        let keep = 1.0 - 1.0 / (Self::WINDOW_SIZES * capacity as f64);
+        for (index, mini) in self.minis.iter_mut().enumerate() {
+            let hit = mini.touch(fingerprint, parent, partial, capacity);
+            self.scores[index] = self.scores[index] * keep + f64::from(u8::from(hit));
+        }
+        let [recency, clock] = self.scores;
+        if clock > recency * (1.0 + Self::MARGIN) {
+            Some(FrequentOrder::Clock)
+        } else if recency > clock * (1.0 + Self::MARGIN) {
+            Some(FrequentOrder::Recency)
+        } else {
+            None
+        }
+    }
+
+    fn forget(&mut self, fingerprint: u32) {
+        for mini in &mut self.minis {
+            mini.forget(fingerprint);
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.minis.iter().map(Mini::bytes).sum()
+    }
+}
+
+/// A cache of sampled keys over a miniature [`Adaptive`] with a fixed frequent order.
+#[derive(Debug)]
+struct Mini {
+    policy: Adaptive,
+    held: HashMap<u32, EntryId>,
+    /// Fingerprint per entry id.
+    keys: Vec<u32>,
+    free: Vec<EntryId>,
+}
+
+impl Mini {
+    fn new(order: FrequentOrder, lets_parents_go: bool) -> Self {
+        Self {
+            policy: Adaptive {
+                order,
+                miniature: true,
+                lets_parents_go,
+                ..Adaptive::default()
+            },
+            held: HashMap::new(),
+            keys: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+
+    /// Uses `fingerprint` (inserted under `parent` when missing; a parent not sampled is
+    /// none) with room for `capacity` blocks: whether it was held.
+    fn touch(
+        &mut self,
+        fingerprint: u32,
+        parent: Option<u32>,
+        partial: bool,
+        capacity: usize,
+    ) -> bool {
+        if let Some(&id) = self.held.get(&fingerprint) {
+            self.policy.access(id);
+            return true;
+        }
+        let id = self.free.pop().unwrap_or_else(|| {
+            self.keys.push(0);
+            (self.keys.len() - 1) as EntryId
+        });
+        self.keys[id as usize] = fingerprint;
+        self.policy.insert(
+            id,
+            EntryHint {
+                key_hash: u64::from(fingerprint),
+                parent: parent.and_then(|p| self.held.get(&p).copied()),
+                partial,
+                ..EntryHint::default()
+            },
+        );
+        self.held.insert(fingerprint, id);
+        while self.policy.len() > capacity {
+            let Some(victim) = self.policy.pop_victim(&mut |_| true) else {
+                break;
+            };
+            self.held.remove(&self.keys[victim as usize]);
+            self.free.push(victim);
+        }
+        false
+    }
+
+    fn forget(&mut self, fingerprint: u32) {
+        if let Some(id) = self.held.remove(&fingerprint) {
+            self.policy.remove(id);
+            self.free.push(id);
+        }
+    }
+
+    fn keep_only(&mut self, keep: impl Fn(u32) -> bool) {
+        let gone: Vec<u32> = self.held.keys().copied().filter(|&f| !keep(f)).collect();
+        for fingerprint in gone {
+            self.forget(fingerprint);
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.policy.memory_bytes()
+            + self.held.capacity() * (size_of::<(u32, EntryId)>() + 1)
+            + (self.keys.capacity() + self.free.capacity()) * size_of::<u32>()
     }
 }
 
@@ -509,6 +772,102 @@ mod tests {
         let rounds = 20;
         let hits = hot_set_through_a_scan(&mut cache, rounds);
         (hits, rounds * CAPACITY as u64 / 2)
+    }
+
+    /// A deterministic stream of numbers in 0..1 (a 64-bit LCG's top bits).
+    struct Stream(u64);
+
+    impl Stream {
+        fn next(&mut self) -> f64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (self.0 >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
+    /// A hot set of 3/5 of the cache used in turn (three times in a row), each followed by
+    /// two keys used twice in a row and never again: both are frequent, only the hot keys
+    /// come back. By recency the pairs push the hot set out; by uses they go first. Returns
+    /// the hits on the hot set when it comes back.
+    fn hot_set_among_pairs(cache: &mut Cache, rounds: u64) -> u64 {
+        let hot = 3 * CAPACITY as u64 / 5;
+        let mut pair = 300_000_000;
+        let mut hits = 0;
+        for _ in 0..rounds {
+            for key in 0..hot {
+                hits += u64::from(cache.touch(5_000_000 + key));
+                cache.touch(5_000_000 + key);
+                cache.touch(5_000_000 + key);
+                for _ in 0..2 {
+                    cache.touch(pair);
+                    cache.touch(pair);
+                    pair += 1;
+                }
+            }
+        }
+        hits
+    }
+
+    /// Conversations: 60 open at a time, each turn re-reading its whole context and adding
+    /// two blocks; one in ten turns ends its conversation and a new one opens. Returns the
+    /// hits over `turns` turns.
+    fn conversations(cache: &mut Cache, stream: &mut Stream, turns: u64) -> u64 {
+        let mut open: Vec<(u64, u64)> = (0..60).map(|c| (c, 2)).collect();
+        let mut next = 60;
+        let mut hits = 0;
+        for _ in 0..turns {
+            let slot = (stream.next() * open.len() as f64) as usize;
+            let (conversation, blocks) = open[slot];
+            for block in 0..blocks + 2 {
+                hits += u64::from(cache.touch(200_000_000 + conversation * 1_000 + block));
+            }
+            open[slot] = if stream.next() < 0.1 || blocks > 900 {
+                next += 1;
+                (next, 2)
+            } else {
+                (conversation, blocks + 2)
+            };
+        }
+        hits
+    }
+
+    /// A hot set among pairs, then conversations: the shadows should turn the frequent side
+    /// to CLOCK for the first and back to recency for the second. Returns the hits of each
+    /// phase and the order at the end of each.
+    fn prompts_then_conversations(shadows: bool) -> ([u64; 2], [FrequentOrder; 2]) {
+        let mut cache = Cache::new(CAPACITY);
+        if !shadows {
+            cache.policy.without_shadows();
+        }
+        let mut stream = Stream(7);
+        let hot = hot_set_among_pairs(&mut cache, 20);
+        let after_hot = cache.policy.frequent_order();
+        let talk = conversations(&mut cache, &mut stream, 4_000);
+        ([hot, talk], [after_hot, cache.policy.frequent_order()])
+    }
+
+    #[test]
+    fn shadows_choose_the_frequent_order_the_workload_wants() {
+        let (hits, orders) = prompts_then_conversations(true);
+        let (fixed_hits, fixed_orders) = prompts_then_conversations(false);
+        assert_eq!(orders, [FrequentOrder::Clock, FrequentOrder::Recency]);
+        assert_eq!(fixed_orders, [FrequentOrder::Recency; 2]);
+        // The hot set: kept by uses, lost by recency.
+        assert!(
+            hits[0] > 2 * fixed_hits[0],
+            "hot set: {} with shadows, {} without",
+            hits[0],
+            fixed_hits[0]
+        );
+        // Conversations: back on recency, nothing lost against never having left it.
+        assert!(
+            hits[1] * 100 > fixed_hits[1] * 98,
+            "conversations: {} with shadows, {} without",
+            hits[1],
+            fixed_hits[1]
+        );
     }
 
     #[test]

@@ -37,7 +37,7 @@ mod lru;
 mod prefix;
 mod s3fifo;
 
-pub use adaptive::Adaptive;
+pub use adaptive::{Adaptive, FrequentOrder};
 pub use lru::Lru;
 pub use prefix::PrefixAware;
 pub use s3fifo::S3Fifo;
