@@ -39,6 +39,13 @@ pub struct EngineConfig {
     /// Number of independently locked shards of the key index. Default: 64. A power of two
     /// from 1 to 4096; more shards, less contention between threads.
     pub index_shards: usize,
+    /// Seed of the key index's hash. Default: none, a random seed per engine, so that keys
+    /// sent over the network cannot be chosen to collide. The eviction policies remember keys
+    /// by this hash (ghosts, sketches, the adaptive policy's sample of keys), so under a
+    /// random seed their collisions differ from run to run, and so do hit ratios by a few
+    /// tenths of a point; a fixed seed makes a run repeat exactly (`kvctl replay` sets one).
+    /// Not for an engine that serves untrusted keys.
+    pub index_hash_seed: Option<u64>,
     /// Also check the payload CRC on every DRAM read (the header and key are always checked).
     /// Default: false, because DRAM is not a medium that decays and the check costs a pass
     /// over the bytes; blocks read from NVMe or a peer are always fully checked.
@@ -113,6 +120,7 @@ impl Default for EngineConfig {
             eviction_policy: EvictionPolicyKind::Adaptive,
             hold_chain_parents: true,
             index_shards: 64,
+            index_hash_seed: None,
             verify_payload_on_dram_read: false,
             data_dir: None,
             nvme_capacity_bytes: 4 << 30,

@@ -7,17 +7,20 @@
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use hashbrown::{DefaultHashBuilder, HashTable};
+use foldhash::SharedSeed;
+use foldhash::fast::SeedableRandomState;
+use hashbrown::HashTable;
 use parking_lot::RwLock;
 
 use crate::slot::Slot;
 
-/// Shards of a hash table of slots. The hasher is seeded randomly per process, so keys that
-/// arrive from the network cannot be chosen to pile into one bucket.
+/// Shards of a hash table of slots. The hasher (hashbrown's own, foldhash) is seeded randomly
+/// per index unless a seed is given, so keys that arrive from the network cannot be chosen to
+/// pile into one bucket.
 #[derive(Debug)]
 pub(crate) struct Index {
     shards: Box<[RwLock<ShardMap>]>,
-    hasher: DefaultHashBuilder,
+    hasher: SeedableRandomState,
     mask: u64,
 }
 
@@ -32,14 +35,18 @@ pub(crate) struct ShardMap {
 const SHARD_SHIFT: u32 = 40;
 
 impl Index {
-    /// `shards` is a power of two of at most 4096 (checked by config validation).
-    pub(crate) fn new(shards: usize) -> Self {
+    /// `shards` is a power of two of at most 4096 (checked by config validation); `seed` fixes
+    /// the hash (repeatable runs), none draws one.
+    pub(crate) fn new(shards: usize, seed: Option<u64>) -> Self {
         assert!(shards.is_power_of_two() && shards <= 4096);
         Self {
             shards: (0..shards)
                 .map(|_| RwLock::new(ShardMap::default()))
                 .collect(),
-            hasher: DefaultHashBuilder::default(),
+            hasher: match seed {
+                Some(seed) => SeedableRandomState::with_seed(seed, SharedSeed::global_fixed()),
+                None => SeedableRandomState::random(),
+            },
             mask: shards as u64 - 1,
         }
     }
@@ -111,5 +118,28 @@ impl ShardMap {
             return None;
         }
         Some(entry.remove().0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Index;
+
+    #[test]
+    fn a_seed_fixes_the_hash_and_none_draws_one() {
+        let key = b"a block key";
+        // The eviction policies remember keys by this hash: a replay that fixes the seed
+        // repeats exactly.
+        assert_eq!(
+            Index::new(4, Some(7)).hash(key),
+            Index::new(4, Some(7)).hash(key)
+        );
+        assert_ne!(
+            Index::new(4, Some(7)).hash(key),
+            Index::new(4, Some(8)).hash(key)
+        );
+        // Without one, each index draws its own: keys from the network cannot be chosen to
+        // collide in every node alike.
+        assert_ne!(Index::new(4, None).hash(key), Index::new(4, None).hash(key));
     }
 }

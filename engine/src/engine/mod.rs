@@ -212,7 +212,7 @@ impl Engine {
             )?),
         };
         let inner = Arc::new(Inner {
-            index: Index::new(config.index_shards),
+            index: Index::new(config.index_shards, config.index_hash_seed),
             residency: Level::ALL.map(|level| Mutex::new(Residency::new(level, &config))),
             dram: Arc::new(dram),
             hbm,

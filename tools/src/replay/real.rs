@@ -65,9 +65,14 @@ fn dram_config(
         high_watermark_percent: 100,
         low_watermark_percent: 99,
         eviction_policy: policy,
+        // The policies remember keys by the index's hash: a fixed one makes a replay repeat.
+        index_hash_seed: Some(REPLAY_HASH_SEED),
         ..EngineConfig::default()
     })
 }
+
+/// The index hash seed of every replayed engine.
+const REPLAY_HASH_SEED: u64 = 0x6d6f_6f6e_6361_6b65;
 
 /// Replays `trace` against a real engine: for each request `prefix_match`, a verified read
 /// of every hit block, then `put_chain_with` of the blocks from the first miss on, linked to the
