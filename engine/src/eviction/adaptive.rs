@@ -567,13 +567,18 @@ struct Mini {
 
 impl Mini {
     fn new(order: FrequentOrder, lets_parents_go: bool) -> Self {
+        Self::over(Adaptive {
+            order,
+            miniature: true,
+            lets_parents_go,
+            ..Adaptive::default()
+        })
+    }
+
+    /// A cache over `policy`.
+    fn over(policy: Adaptive) -> Self {
         Self {
-            policy: Adaptive {
-                order,
-                miniature: true,
-                lets_parents_go,
-                ..Adaptive::default()
-            },
+            policy,
             held: HashMap::new(),
             keys: Vec::new(),
             free: Vec::new(),
@@ -642,56 +647,32 @@ impl Mini {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap as Map;
 
     /// A cache of `capacity` blocks over `Adaptive`, used as the replay uses a policy: a key
     /// held is a hit (an access), a key not held is put (an insert), evicting as needed.
     struct Cache {
-        policy: Adaptive,
-        held: Map<u64, EntryId>,
-        keys: Vec<u64>,
-        free: Vec<EntryId>,
+        mini: Mini,
         capacity: usize,
     }
 
     impl Cache {
         fn new(capacity: usize) -> Self {
             Self {
-                policy: Adaptive::default(),
-                held: Map::new(),
-                keys: Vec::new(),
-                free: Vec::new(),
+                mini: Mini::over(Adaptive::default()),
                 capacity,
             }
         }
 
+        fn policy(&mut self) -> &mut Adaptive {
+            &mut self.mini.policy
+        }
+
         /// Uses `key`: whether it was held.
         fn touch(&mut self, key: u64) -> bool {
-            if let Some(&id) = self.held.get(&key) {
-                self.policy.access(id);
-                return true;
-            }
-            let id = self.free.pop().unwrap_or_else(|| {
-                self.keys.push(0);
-                (self.keys.len() - 1) as EntryId
-            });
-            self.keys[id as usize] = key;
-            // Key hashes far apart in both halves, so fingerprints differ.
+            // Keys spread over the fingerprints (the policy's 32-bit view of a key).
             let key_hash = key.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            self.policy.insert(
-                id,
-                EntryHint {
-                    key_hash,
-                    ..EntryHint::default()
-                },
-            );
-            self.held.insert(key, id);
-            while self.held.len() > self.capacity {
-                let victim = self.policy.pop_victim(&mut |_| true).expect("a victim");
-                self.held.remove(&self.keys[victim as usize]);
-                self.free.push(victim);
-            }
-            false
+            let fingerprint = (key_hash ^ (key_hash >> 32)) as u32;
+            self.mini.touch(fingerprint, None, false, self.capacity)
         }
     }
 
@@ -741,7 +722,7 @@ mod tests {
             }
         }
         if frozen {
-            cache.policy.freeze();
+            cache.policy().freeze();
         }
         let keys = 20 * CAPACITY as u64;
         let hits = used_twice(&mut cache, 1_000_000_000, keys, 3 * CAPACITY as u64 / 4);
@@ -765,9 +746,9 @@ mod tests {
     fn hot_set_after_recency(frozen: bool) -> (u64, u64) {
         let mut cache = Cache::new(CAPACITY);
         used_twice(&mut cache, 0, 20 * CAPACITY as u64, 3 * CAPACITY as u64 / 4);
-        assert!(cache.policy.target_recent() > CAPACITY / 2);
+        assert!(cache.policy().target_recent() > CAPACITY / 2);
         if frozen {
-            cache.policy.freeze();
+            cache.policy().freeze();
         }
         let rounds = 20;
         let hits = hot_set_through_a_scan(&mut cache, rounds);
@@ -839,13 +820,13 @@ mod tests {
     fn prompts_then_conversations(shadows: bool) -> ([u64; 2], [FrequentOrder; 2]) {
         let mut cache = Cache::new(CAPACITY);
         if !shadows {
-            cache.policy.without_shadows();
+            cache.policy().without_shadows();
         }
         let mut stream = Stream(7);
         let hot = hot_set_among_pairs(&mut cache, 20);
-        let after_hot = cache.policy.frequent_order();
+        let after_hot = cache.policy().frequent_order();
         let talk = conversations(&mut cache, &mut stream, 4_000);
-        ([hot, talk], [after_hot, cache.policy.frequent_order()])
+        ([hot, talk], [after_hot, cache.policy().frequent_order()])
     }
 
     #[test]
