@@ -43,10 +43,7 @@ impl Index {
             shards: (0..shards)
                 .map(|_| RwLock::new(ShardMap::default()))
                 .collect(),
-            hasher: match seed {
-                Some(seed) => SeedableRandomState::with_seed(seed, SharedSeed::global_fixed()),
-                None => SeedableRandomState::random(),
-            },
+            hasher: seed.map_or_else(SeedableRandomState::random, seeded),
             mask: shards as u64 - 1,
         }
     }
@@ -121,6 +118,18 @@ impl ShardMap {
     }
 }
 
+/// The hasher of an index with a fixed seed.
+fn seeded(seed: u64) -> SeedableRandomState {
+    SeedableRandomState::with_seed(seed, SharedSeed::global_fixed())
+}
+
+/// The hash an engine with `index_hash_seed: Some(seed)` gives `key`: what its eviction policy
+/// sees as the key's hash (`EntryHint::key_hash`). For a simulation that feeds a policy the
+/// same hashes as a replayed engine.
+pub fn seeded_key_hash(seed: u64, key: &[u8]) -> u64 {
+    seeded(seed).hash_one(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::Index;
@@ -141,5 +150,9 @@ mod tests {
         // Without one, each index draws its own: keys from the network cannot be chosen to
         // collide in every node alike.
         assert_ne!(Index::new(4, None).hash(key), Index::new(4, None).hash(key));
+        assert_eq!(
+            super::seeded_key_hash(7, key),
+            Index::new(4, Some(7)).hash(key)
+        );
     }
 }

@@ -76,6 +76,7 @@ pub use engine::{
 };
 pub use error::{Error, Result};
 pub use eviction::EvictionPolicyKind;
+pub use index::seeded_key_hash;
 pub use mooncake_kv_format as format;
 pub use mooncake_kv_format::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 /// A GPU through the CUDA driver API (its primary context, which PyTorch shares): for

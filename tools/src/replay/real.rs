@@ -71,8 +71,13 @@ fn dram_config(
     })
 }
 
-/// The index hash seed of every replayed engine.
-const REPLAY_HASH_SEED: u64 = 0x6d6f_6f6e_6361_6b65;
+/// The index hash seed of every replayed engine (and of the simulation's key hashes).
+pub(crate) const REPLAY_HASH_SEED: u64 = 0x6d6f_6f6e_6361_6b65;
+
+/// A block id's key in a replayed engine.
+pub(crate) fn block_key(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
+}
 
 /// Replays `trace` against a real engine: for each request `prefix_match`, a verified read
 /// of every hit block, then `put_chain_with` of the blocks from the first miss on, linked to the
@@ -307,7 +312,7 @@ fn drive(
     let mut read_buf = Vec::new();
     let mut last_progress = Instant::now();
     for (number, request) in trace.requests.iter().enumerate() {
-        let keys: Vec<[u8; 8]> = request.hash_ids.iter().map(|id| id.to_be_bytes()).collect();
+        let keys: Vec<[u8; 8]> = request.hash_ids.iter().map(|&id| block_key(id)).collect();
         let refs: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
         let (dram_before, nvme_before, _) = target.tier_counts();
         let matched = target.prefix_match(&refs)?;

@@ -6,9 +6,11 @@ use std::collections::{BinaryHeap, HashMap};
 use mooncake_kv_engine::eviction::{
     EntryHint, EntryId, EvictionPolicy, EvictionPolicyKind, new_policy_holding,
 };
+use mooncake_kv_engine::seeded_key_hash;
 use mooncake_kv_replication::placement::{self, Member};
 use serde::Serialize;
 
+use super::real::{REPLAY_HASH_SEED, block_key};
 use super::*;
 
 /// Runs `kind`'s policy alone over `trace` with room for `capacity` blocks: block ids stand
@@ -112,9 +114,12 @@ impl SimCache {
         true
     }
 
-    /// Puts `block` under `parent`, evicting as needed. As in the engine, it is linked to the
-    /// parent and one deeper if the parent is here; a named parent that is not makes it an
-    /// orphan of depth 1; no parent, a head of depth 0.
+    /// Puts `block` under `parent`, evicting as needed. As in the engine, room is made before
+    /// the block goes in, and not by evicting its parent: the engine's chain put pins the
+    /// block before the one it puts (`Engine::chain`), so a policy never sees a block of a
+    /// chain being put as a victim before the next is in. As in the engine too, it is linked
+    /// to the parent and one deeper if the parent is here; a named parent that is not makes
+    /// it an orphan of depth 1; no parent, a head of depth 0.
     fn insert(&mut self, block: u64, parent: Option<u64>, partial: bool) {
         if let Some(entry) = self.resident.remove(&block) {
             // Put again, as the engine's replay does: a new block under the same key.
@@ -122,6 +127,13 @@ impl SimCache {
             self.free.push(entry);
         }
         let held = parent.and_then(|p| self.resident.get(&p).copied());
+        while self.resident.len() >= self.capacity {
+            let Some(victim) = self.policy.pop_victim(&mut |entry| Some(entry) != held) else {
+                break;
+            };
+            self.resident.remove(&self.ids_of[victim as usize].0);
+            self.free.push(victim);
+        }
         let depth = match (parent, held) {
             (_, Some(p)) => self.ids_of[p as usize].1.saturating_add(1),
             (Some(_), None) => 1,
@@ -135,20 +147,15 @@ impl SimCache {
         self.policy.insert(
             entry,
             EntryHint {
-                key_hash: mix(block),
+                // The hash the replayed engine gives the block's key, so both feed the policy
+                // the same collisions (and the adaptive policy's sample the same keys).
+                key_hash: seeded_key_hash(REPLAY_HASH_SEED, &block_key(block)),
                 parent: held,
                 depth,
                 partial,
             },
         );
         self.resident.insert(block, entry);
-        while self.resident.len() > self.capacity {
-            let Some(victim) = self.policy.pop_victim(&mut |_| true) else {
-                break;
-            };
-            self.resident.remove(&self.ids_of[victim as usize].0);
-            self.free.push(victim);
-        }
     }
 
     /// Tells the policy that `chain` ended, from its deepest block held here.
