@@ -598,6 +598,16 @@ impl Mini {
             self.policy.access(id);
             return true;
         }
+        // As the engine does: room is made before the block goes in, and not by evicting the
+        // block before it in its chain (a chain put pins that one).
+        let parent = parent.and_then(|p| self.held.get(&p).copied());
+        while self.policy.len() >= capacity {
+            let Some(victim) = self.policy.pop_victim(&mut |entry| Some(entry) != parent) else {
+                break;
+            };
+            self.held.remove(&self.keys[victim as usize]);
+            self.free.push(victim);
+        }
         let id = self.free.pop().unwrap_or_else(|| {
             self.keys.push(0);
             (self.keys.len() - 1) as EntryId
@@ -607,19 +617,12 @@ impl Mini {
             id,
             EntryHint {
                 key_hash: u64::from(fingerprint),
-                parent: parent.and_then(|p| self.held.get(&p).copied()),
+                parent,
                 partial,
                 ..EntryHint::default()
             },
         );
         self.held.insert(fingerprint, id);
-        while self.policy.len() > capacity {
-            let Some(victim) = self.policy.pop_victim(&mut |_| true) else {
-                break;
-            };
-            self.held.remove(&self.keys[victim as usize]);
-            self.free.push(victim);
-        }
         false
     }
 
