@@ -231,32 +231,56 @@ impl EngineConfig {
     pub(crate) fn hbm_watermark_bytes(&self) -> (u64, u64) {
         self.hbm.as_ref().map_or((u64::MAX, u64::MAX), |h| {
             (
-                h.capacity_bytes / 100 * u64::from(h.high_watermark_percent),
-                h.capacity_bytes / 100 * u64::from(h.low_watermark_percent),
+                percent_of(h.capacity_bytes, h.high_watermark_percent),
+                percent_of(h.capacity_bytes, h.low_watermark_percent),
             )
         })
     }
 
     pub(crate) fn high_watermark_bytes(&self) -> u64 {
-        self.dram_capacity_bytes / 100 * u64::from(self.high_watermark_percent)
+        percent_of(self.dram_capacity_bytes, self.high_watermark_percent)
     }
 
     pub(crate) fn low_watermark_bytes(&self) -> u64 {
-        self.dram_capacity_bytes / 100 * u64::from(self.low_watermark_percent)
+        percent_of(self.dram_capacity_bytes, self.low_watermark_percent)
     }
 
     pub(crate) fn nvme_high_watermark_bytes(&self) -> u64 {
-        self.nvme_capacity_bytes / 100 * u64::from(self.nvme_high_watermark_percent)
+        percent_of(self.nvme_capacity_bytes, self.nvme_high_watermark_percent)
     }
 
     pub(crate) fn nvme_low_watermark_bytes(&self) -> u64 {
-        self.nvme_capacity_bytes / 100 * u64::from(self.nvme_low_watermark_percent)
+        percent_of(self.nvme_capacity_bytes, self.nvme_low_watermark_percent)
     }
+}
+
+/// `percent` percent of `bytes`, rounded down: 100% is all of it. (Dividing first, as this
+/// did, rounded 100% of a capacity that is not a multiple of 100 below the capacity, so a
+/// full tier was over its "100%" high watermark and was brought down to its low one.)
+fn percent_of(bytes: u64, percent: u8) -> u64 {
+    // At most bytes when percent <= 100 (validated); saturates otherwise.
+    u64::try_from(u128::from(bytes) * u128::from(percent) / 100).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_watermark_of_100_percent_is_the_whole_capacity() {
+        // 208 extents of 8,704 bytes: not a multiple of 100.
+        let config = EngineConfig {
+            dram_capacity_bytes: 1_810_432,
+            high_watermark_percent: 100,
+            low_watermark_percent: 99,
+            ..EngineConfig::default()
+        };
+        assert_eq!(config.high_watermark_bytes(), 1_810_432);
+        assert_eq!(config.low_watermark_bytes(), 1_792_327);
+        assert_eq!(percent_of(u64::MAX, 100), u64::MAX);
+        assert_eq!(percent_of(u64::MAX, 50), u64::MAX / 2);
+        assert_eq!(percent_of(99, 1), 0);
+    }
 
     #[test]
     fn default_is_valid() {

@@ -269,13 +269,17 @@ fn the_engine_replay_tracks_the_simulated_policy_under_eviction() {
         let sim = simulate(&t, kind, capacity);
         assert_eq!(engine.wrong_blocks, 0);
         // The simulation makes room as the engine does and hashes keys as the replayed engine
-        // does: the same blocks hit, not just about as many.
-        let (e, s) = (engine.hits.block_ratio(), sim.block_ratio());
-        assert!(
-            (e - s).abs() < 0.05,
-            "{kind}: engine {e:.3} vs simulation {s:.3}"
+        // does: the same blocks hit, not just about as many. (This trace fills DRAM to the
+        // byte: a watermark of 100% that fell short of the capacity made the engine evict
+        // down to its low watermark, 1% more than the simulation, until it was exact.)
+        assert_eq!(
+            engine.hits.hit_blocks, sim.hit_blocks,
+            "{kind}: engine against simulation"
         );
-        assert!(belady(&t, capacity).block_ratio() >= s, "{kind}: beat MIN");
+        assert!(
+            belady(&t, capacity).block_ratio() >= sim.block_ratio(),
+            "{kind}: beat MIN"
+        );
     }
 }
 
