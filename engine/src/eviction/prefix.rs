@@ -258,8 +258,9 @@ impl EvictionPolicy for PrefixAware {
 /// old popularity fades (TinyLFU's reset).
 #[derive(Debug, Default)]
 pub(super) struct Sketch {
-    /// `blocks.len()` is a power of two. Each block is 4 rows of 32 counters, two per byte.
-    blocks: Vec<[u8; 64]>,
+    /// 64-byte blocks, a power of two of them. Each block is 4 rows of 32 counters, two per
+    /// byte.
+    blocks: Counters,
     increments: u64,
     /// Increments between two halvings.
     period: u64,
@@ -287,7 +288,7 @@ impl Sketch {
             .next_power_of_two()
             .max(SKETCH_MIN_BLOCKS);
         if self.blocks.len() < want {
-            self.blocks = vec![[0; 64]; want];
+            self.blocks = Counters::zeroed(want);
             self.increments = 0;
         }
     }
@@ -316,7 +317,7 @@ impl Sketch {
             self.fit(0);
         }
         let (block, slots) = self.slots(key_hash);
-        let counters = &mut self.blocks[block];
+        let counters = self.blocks.block_mut(block);
         let mut estimate = SKETCH_MAX;
         for (byte, shift) in slots {
             let counter = (counters[byte] >> shift) & 15;
@@ -327,7 +328,7 @@ impl Sketch {
         }
         self.increments += 1;
         if self.increments >= self.period {
-            for byte in self.blocks.iter_mut().flatten() {
+            for byte in self.blocks.bytes_mut() {
                 // Halve both nibbles: shift, then drop what crossed from the high one.
                 *byte = (*byte >> 1) & 0x77;
             }
@@ -341,7 +342,7 @@ impl Sketch {
             return 0;
         }
         let (block, slots) = self.slots(key_hash);
-        let counters = &self.blocks[block];
+        let counters = self.blocks.block(block);
         slots
             .iter()
             .map(|&(byte, shift)| (counters[byte] >> shift) & 15)
@@ -356,13 +357,103 @@ impl Sketch {
     }
 
     pub(super) fn bytes(&self) -> usize {
-        self.blocks.capacity() * 64
+        self.blocks.len() * 64
+    }
+}
+
+/// The sketch's 64-byte blocks. From 2 MiB on they are an anonymous mapping the kernel is
+/// asked to back with transparent huge pages (where THP is `madvise`, the common default,
+/// nothing else gets them): every use updates one block at random, and at 1M entries the
+/// sketch is 32 MiB, so with 4 KiB pages each update is also a TLB miss, and in a virtual
+/// machine a two-level page walk. Smaller, or if the mapping fails, a plain allocation.
+#[derive(Debug, Default)]
+enum Counters {
+    #[default]
+    Empty,
+    Heap(Vec<[u8; 64]>),
+    Mapped(memmap2::MmapMut),
+}
+
+/// Where a huge page starts to pay.
+const HUGE_PAGE_BYTES: usize = 2 << 20;
+
+impl Counters {
+    fn zeroed(blocks: usize) -> Self {
+        let len = blocks * 64;
+        if len >= HUGE_PAGE_BYTES
+            && let Ok(map) = memmap2::MmapOptions::new().len(len).map_anon()
+        {
+            // Only a hint: without huge pages the counters work the same.
+            let _ = map.advise(memmap2::Advice::HugePage);
+            return Self::Mapped(map);
+        }
+        Self::Heap(vec![[0; 64]; blocks])
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Empty => 0,
+            Self::Heap(blocks) => blocks.len(),
+            Self::Mapped(map) => map.len() / 64,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn block(&self, index: usize) -> &[u8; 64] {
+        match self {
+            Self::Empty => panic!("block {index} of an empty sketch"),
+            Self::Heap(blocks) => &blocks[index],
+            Self::Mapped(map) => map[index * 64..][..64]
+                .try_into()
+                .expect("64 bytes make a block"),
+        }
+    }
+
+    fn block_mut(&mut self, index: usize) -> &mut [u8; 64] {
+        match self {
+            Self::Empty => panic!("block {index} of an empty sketch"),
+            Self::Heap(blocks) => &mut blocks[index],
+            Self::Mapped(map) => (&mut map[index * 64..][..64])
+                .try_into()
+                .expect("64 bytes make a block"),
+        }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Self::Empty => &mut [],
+            Self::Heap(blocks) => blocks.as_flattened_mut(),
+            Self::Mapped(map) => &mut map[..],
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sketch_in_mapped_memory_counts_as_one_on_the_heap() {
+        let mut mapped = Sketch::default();
+        mapped.fit(1 << 17);
+        assert!(matches!(mapped.blocks, Counters::Mapped(_)));
+        let mut heap = Sketch {
+            blocks: Counters::Heap(vec![[0; 64]; mapped.blocks.len()]),
+            increments: 0,
+            period: mapped.period,
+        };
+        // Past two halvings (the period is 10 increments per entry).
+        for i in 0..3_000_000u32 {
+            let key = i.wrapping_mul(2_654_435_761) % 50_000;
+            assert_eq!(mapped.count(key), heap.count(key), "use {i}");
+        }
+        assert_eq!(mapped.bytes(), heap.bytes());
+        assert!((0..50_000).all(|key| mapped.estimate(key) == heap.estimate(key)));
+        assert!((0..50_000).any(|key| mapped.estimate(key) > 1));
+    }
 
     fn chain_hint(key_hash: u64, parent: Option<EntryId>, depth: u32) -> EntryHint {
         EntryHint {
