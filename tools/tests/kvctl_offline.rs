@@ -149,3 +149,27 @@ fn bad_arguments_exit_2_with_a_message() {
         assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
     }
 }
+
+#[test]
+fn a_closed_standard_output_ends_kvctl_quietly() {
+    // `kvctl ... | head`: the reader is gone. The default SIGPIPE would end a C tool with
+    // status 141 and no message; kvctl did the same work and then panicked.
+    let dir = filled_dir();
+    let path = dir.path().to_str().expect("utf-8 path");
+    for args in [
+        &["ls", path][..],
+        &["--json", "inspect", path][..],
+        &["gen-trace", "--regime", "mix", "--requests", "50"][..],
+    ] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let output = Command::new(env!("CARGO_BIN_EXE_kvctl"))
+            .args(args)
+            .stdout(writer)
+            .output()
+            .expect("run kvctl");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

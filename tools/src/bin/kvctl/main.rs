@@ -19,6 +19,27 @@ use mooncake_kv_replication::{Client, ClientConfig, TransportChoice};
 use mooncake_kv_tools::{display_key, hex, parse_key};
 use serde_json::json;
 
+/// `println!` that ends kvctl quietly when its standard output is closed (`kvctl ls DIR |
+/// head`), with the status the default SIGPIPE gives a shell (141), instead of panicking;
+/// any other failure to write is an error (status 2).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(error) = writeln!(std::io::stdout(), $($arg)*) {
+            $crate::stdout_failed(&error)
+        }
+    }};
+}
+
+/// Ends kvctl after a failed write to standard output (see [`out!`]).
+fn stdout_failed(error: &std::io::Error) -> ! {
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(141);
+    }
+    eprintln!("kvctl: cannot write to standard output: {error}");
+    std::process::exit(2)
+}
+
 /// Talk to a running mooncake KVCache node, or inspect and verify a stopped one's data
 /// directory.
 ///
@@ -437,7 +458,9 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 }
                 None => {
                     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                    write_trace(&mut out, trace).and_then(|()| out.flush())?;
+                    if let Err(error) = write_trace(&mut out, trace).and_then(|()| out.flush()) {
+                        stdout_failed(&error);
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -445,7 +468,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Inspect { dir } => {
             let summary = open(dir)?.summary()?;
             if cli.json {
-                println!(
+                out!(
                     "{}",
                     json!({
                         "dir": summary.dir,
@@ -474,7 +497,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     ("orphans", summary.orphans.to_string()),
                 ];
                 for (name, value) in rows {
-                    println!("{name:<16} {value}");
+                    out!("{name:<16} {value}");
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -495,15 +518,19 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                         Err(reason) => json!({ "key": display_key(&b.key), "error": reason }),
                     })
                     .collect();
-                println!("{}", json!({ "blocks": blocks, "total": listed.len() }));
+                out!("{}", json!({ "blocks": blocks, "total": listed.len() }));
             } else {
-                println!(
+                out!(
                     "{:<40} {:>12} {:>14} {:>10} {:>12}",
-                    "KEY", "PAYLOAD", "EXTENT", "LEN", "GENERATION"
+                    "KEY",
+                    "PAYLOAD",
+                    "EXTENT",
+                    "LEN",
+                    "GENERATION"
                 );
                 for b in shown {
                     match &b.entry {
-                        Ok(e) => println!(
+                        Ok(e) => out!(
                             "{:<40} {:>12} {:>14} {:>10} {:>12}",
                             display_key(&b.key),
                             e.payload_len,
@@ -512,7 +539,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                             e.generation
                         ),
                         Err(reason) => {
-                            println!("{:<40} bad map entry: {reason}", display_key(&b.key))
+                            out!("{:<40} bad map entry: {reason}", display_key(&b.key))
                         }
                     }
                 }
@@ -528,7 +555,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("no block with key {}", display_key(&key)))?;
             let header = data_dir.header(&entry)?;
             if cli.json {
-                println!(
+                out!(
                     "{}",
                     json!({
                         "key": display_key(&key),
@@ -543,16 +570,17 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     })
                 );
             } else {
-                println!("key              {}", display_key(&key));
-                println!("generation       {}", header.generation);
-                println!("key length       {}", header.key_len);
-                println!("payload length   {}", header.payload_len);
-                println!("payload offset   {}", header.payload_offset);
-                println!("key crc32        {:#010x}", header.key_crc32);
-                println!("payload crc32    {:#010x}", header.payload_crc32);
-                println!(
+                out!("key              {}", display_key(&key));
+                out!("generation       {}", header.generation);
+                out!("key length       {}", header.key_len);
+                out!("payload length   {}", header.payload_len);
+                out!("payload offset   {}", header.payload_offset);
+                out!("key crc32        {:#010x}", header.key_crc32);
+                out!("payload crc32    {:#010x}", header.payload_crc32);
+                out!(
                     "extent           {} + {}",
-                    entry.extent_offset_bytes, entry.extent_len_bytes
+                    entry.extent_offset_bytes,
+                    entry.extent_len_bytes
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -577,7 +605,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 .as_ref()
                 .map(|p| p.display().to_string());
             if cli.json {
-                println!(
+                out!(
                     "{}",
                     json!({
                         "scanned_bytes": report.scanned_bytes,
@@ -589,7 +617,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     })
                 );
             } else {
-                println!(
+                out!(
                     "scanned {}: {} intact blocks ({} older generations of a kept key), {} \
                      damaged and skipped",
                     bytes(report.scanned_bytes),
@@ -597,9 +625,9 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     report.superseded_blocks,
                     report.damaged_blocks
                 );
-                println!("block map rebuilt: {} blocks", report.kept_blocks);
+                out!("block map rebuilt: {} blocks", report.kept_blocks);
                 if let Some(old) = old {
-                    println!("the old metadata is in {old}");
+                    out!("the old metadata is in {old}");
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -610,9 +638,9 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             // directory was read, and it is not one a node serves).
             if let Err(error) = data_dir.check_open() {
                 if cli.json {
-                    println!("{}", json!({ "refused": error.to_string() }));
+                    out!("{}", json!({ "refused": error.to_string() }));
                 } else {
-                    println!("REFUSED {error}");
+                    out!("REFUSED {error}");
                 }
                 return Ok(ExitCode::from(1));
             }
@@ -635,12 +663,12 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                     .iter()
                     .map(|b| json!({ "key": display_key(&b.key), "error": b.error.to_string() }))
                     .collect();
-                println!("{}", json!({ "blocks": total, "corrupt": corrupt }));
+                out!("{}", json!({ "blocks": total, "corrupt": corrupt }));
             } else {
                 for b in &bad {
-                    println!("CORRUPT {}: {}", display_key(&b.key), b.error);
+                    out!("CORRUPT {}: {}", display_key(&b.key), b.error);
                 }
-                println!("{total} blocks verified, {} corrupt", bad.len());
+                out!("{total} blocks verified, {} corrupt", bad.len());
             }
             Ok(if bad.is_empty() {
                 ExitCode::SUCCESS

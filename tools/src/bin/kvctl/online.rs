@@ -22,7 +22,7 @@ pub(super) fn stat(cli: &Cli) -> anyhow::Result<ExitCode> {
                 })
             })
             .collect();
-        println!(
+        out!(
             "{}",
             json!({
                 "addr": cli.addr,
@@ -41,19 +41,19 @@ pub(super) fn stat(cli: &Cli) -> anyhow::Result<ExitCode> {
             })
         );
     } else {
-        println!("{:<16} {}", "node", cli.addr);
-        println!("{:<16} {}", "serving", serving);
-        println!("{:<16} {}", "node id", hex(&client.hello().node_id));
+        out!("{:<16} {}", "node", cli.addr);
+        out!("{:<16} {}", "serving", serving);
+        out!("{:<16} {}", "node id", hex(&client.hello().node_id));
         match client.shm_unavailable() {
-            Some(why) => println!(
+            Some(why) => out!(
                 "{:<16} {} (shared memory unavailable: {why})",
                 "reads via",
                 client.transport_name()
             ),
-            _ => println!("{:<16} {}", "reads via", client.transport_name()),
+            _ => out!("{:<16} {}", "reads via", client.transport_name()),
         }
         for t in &stats.tiers {
-            println!(
+            out!(
                 "{:<16} {} blocks, {} of {}, {} hits, {} evictions",
                 t.tier,
                 t.blocks,
@@ -69,14 +69,18 @@ pub(super) fn stat(cli: &Cli) -> anyhow::Result<ExitCode> {
             .zip(&stats.requests)
             .map(|(k, n)| format!("{k}={n}"))
             .collect();
-        println!("{:<16} {}", "requests", requests.join(" "));
-        println!("{:<16} {}", "errors", stats.errors);
-        println!("{:<16} {}", "leases", stats.leases);
+        out!("{:<16} {}", "requests", requests.join(" "));
+        out!("{:<16} {}", "errors", stats.errors);
+        out!("{:<16} {}", "leases", stats.leases);
         let a = &stats.admission;
-        println!(
+        out!(
             "{:<16} {} authenticated, {} not yet; {} closed as a budget was full, {} closed for not \
              authenticating in time",
-            "connections", stats.connections, a.unauthenticated, a.refused, a.hello_timeouts
+            "connections",
+            stats.connections,
+            a.unauthenticated,
+            a.refused,
+            a.hello_timeouts
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -149,14 +153,22 @@ pub(super) fn cluster(cli: &Cli, peers: &[String]) -> anyhow::Result<ExitCode> {
         rows.push(row);
     }
     if cli.json {
-        println!(
+        out!(
             "{}",
             json!({ "members": rows, "live": live, "total": peers.len(), "under_replicated": under })
         );
     } else {
-        println!(
+        out!(
             "{:<22} {:<12} {:<34} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}",
-            "MEMBER", "STATE", "NODE ID", "HBM", "DRAM", "NVME", "PASSES", "COPIED", "UNDER"
+            "MEMBER",
+            "STATE",
+            "NODE ID",
+            "HBM",
+            "DRAM",
+            "NVME",
+            "PASSES",
+            "COPIED",
+            "UNDER"
         );
         for r in &rows {
             let n = |v: &serde_json::Value| v.as_u64().map_or("-".to_owned(), |x| x.to_string());
@@ -168,7 +180,7 @@ pub(super) fn cluster(cli: &Cli, peers: &[String]) -> anyhow::Result<ExitCode> {
                     .find(|t| t["tier"] == name)
                     .map_or("-".to_owned(), |t| n(&t["blocks"]))
             };
-            println!(
+            out!(
                 "{:<22} {:<12} {:<34} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}",
                 r["addr"].as_str().unwrap_or(""),
                 r["state"].as_str().unwrap_or(""),
@@ -181,10 +193,10 @@ pub(super) fn cluster(cli: &Cli, peers: &[String]) -> anyhow::Result<ExitCode> {
                 n(&r["repair"]["under_replicated"]),
             );
             if let Some(error) = r["error"].as_str() {
-                println!("  {error}");
+                out!("  {error}");
             }
         }
-        println!(
+        out!(
             "{live} of {} members live; {under} blocks under-replicated",
             peers.len()
         );
@@ -208,8 +220,9 @@ pub(super) fn get(cli: &Cli, key: &str, output: Option<&Path>) -> anyhow::Result
             .with_context(|| format!("cannot write {}", path.display()))?,
         None => {
             let mut out = std::io::stdout().lock();
-            out.write_all(&value)?;
-            out.flush()?;
+            if let Err(error) = out.write_all(&value).and_then(|()| out.flush()) {
+                crate::stdout_failed(&error);
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -242,12 +255,12 @@ pub(super) fn put(cli: &Cli, key: &str, file: &Path, durable: bool) -> anyhow::R
         .context("the node answered no outcome")?
         .map_err(|reply| anyhow::anyhow!("refused ({:?}): {}", reply.code, reply.message))?;
     if cli.json {
-        println!(
+        out!(
             "{}",
             json!({ "key": key, "bytes": value.len(), "generation": generation })
         );
     } else {
-        println!(
+        out!(
             "stored {key}: {} bytes, generation {generation}",
             value.len()
         );
@@ -262,10 +275,10 @@ pub(super) fn print_flags(cli: &Cli, keys: &[String], flags: &[bool], yes: &str,
             .zip(flags)
             .map(|(k, f)| json!({ "key": k, yes: f }))
             .collect();
-        println!("{}", json!({ "keys": rows }));
+        out!("{}", json!({ "keys": rows }));
     } else {
         for (k, f) in keys.iter().zip(flags) {
-            println!("{k} {}", if *f { yes } else { no });
+            out!("{k} {}", if *f { yes } else { no });
         }
     }
 }
@@ -379,7 +392,7 @@ pub(super) fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     };
     let q = |x: &bench::Quantiles| json!({ "p50_us": x.p50_us, "p99_us": x.p99_us, "p999_us": x.p999_us });
     if cli.json {
-        println!(
+        out!(
             "{}",
             json!({
                 "addr": cli.addr,
@@ -414,7 +427,7 @@ pub(super) fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             })
         );
     } else {
-        println!(
+        out!(
             "{} ops in {:.2} s over {}: {:.0} ops/s, {:.1} MiB/s",
             report.reads + report.writes,
             report.elapsed.as_secs_f64(),
@@ -427,13 +440,15 @@ pub(super) fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             ("writes", report.writes, &report.write_latency),
         ] {
             if n > 0 {
-                println!(
+                out!(
                     "{what:<7} {n:>10}  p50 {:>9.1} us  p99 {:>9.1} us  p999 {:>9.1} us",
-                    l.p50_us, l.p99_us, l.p999_us
+                    l.p50_us,
+                    l.p99_us,
+                    l.p999_us
                 );
             }
         }
-        println!(
+        out!(
             "misses {}, errors {}, wrong values {}, verification retries {}, reads without a \
              lookup (cached descriptor) {}",
             report.misses,
@@ -443,17 +458,17 @@ pub(super) fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             report.cached_reads
         );
         if let Some(error) = &report.first_error {
-            println!("first error: {error}");
+            out!("first error: {error}");
         }
         if let Some(r) = raw_tcp {
-            println!(
+            out!(
                 "raw TCP loopback of the same size, one stream: {r:.1} MiB/s; reads, per \
                  second spent in them: {per_thread:.1} MiB/s ({:.2}x)",
                 per_thread / r
             );
         }
         if let (Some(m), Some(r)) = (memcpy, memcpy_random) {
-            println!(
+            out!(
                 "memcpy of the same size, one thread: {m:.1} MiB/s in order, {r:.1} MiB/s \
                  in a random order; reads, per second spent in them: {per_thread:.1} MiB/s \
                  ({:.2}x, {:.2}x)",
@@ -479,7 +494,7 @@ fn print_redis_report(
 ) {
     let l = &report.read_latency;
     if cli.json {
-        println!(
+        out!(
             "{}",
             json!({
                 "addr": redis,
@@ -500,7 +515,7 @@ fn print_redis_report(
             })
         );
     } else {
-        println!(
+        out!(
             "{} gets in {:.2} s from Redis at {redis} over {connections} connections: {:.0} \
              ops/s, {:.1} MiB/s",
             report.reads,
@@ -508,16 +523,21 @@ fn print_redis_report(
             report.ops_per_second(),
             report.mib_per_second()
         );
-        println!(
+        out!(
             "reads   {:>10}  p50 {:>9.1} us  p99 {:>9.1} us  p999 {:>9.1} us",
-            report.reads, l.p50_us, l.p99_us, l.p999_us
+            report.reads,
+            l.p50_us,
+            l.p99_us,
+            l.p999_us
         );
-        println!(
+        out!(
             "misses {}, errors {}, wrong values {}",
-            report.misses, report.errors, report.wrong_values
+            report.misses,
+            report.errors,
+            report.wrong_values
         );
         if let Some(error) = &report.first_error {
-            println!("first error: {error}");
+            out!("first error: {error}");
         }
     }
 }

@@ -9,7 +9,7 @@ pub(super) fn run(cli: &Cli, args: &ReplayArgs) -> anyhow::Result<ExitCode> {
     let ceiling = trace.ceiling();
     let quiet = cli.json || !std::io::stderr().is_terminal();
     if !cli.json {
-        println!(
+        out!(
             "trace {}: {} requests, {} block references, {unique} distinct blocks; an \
              unbounded cache hits {:.1}% of blocks, {:.1}% of tokens",
             args.trace.display(),
@@ -18,7 +18,7 @@ pub(super) fn run(cli: &Cli, args: &ReplayArgs) -> anyhow::Result<ExitCode> {
             100.0 * ceiling.block_ratio(),
             100.0 * ceiling.token_ratio()
         );
-        println!(
+        out!(
             "engine: {} B payloads, DRAM{}; hits read back and checked",
             args.block_bytes,
             if args.nvme_percent > 0.0 {
@@ -27,9 +27,16 @@ pub(super) fn run(cli: &Cli, args: &ReplayArgs) -> anyhow::Result<ExitCode> {
                 " only".to_owned()
             }
         );
-        println!(
+        out!(
             "\n{:>14}  {:<30} {:>8} {:>8} {:>9} {:>9} {:>10} {:>7}",
-            "capacity", "policy", "blocks", "tokens", "dram hit", "nvme hit", "simulated", "secs"
+            "capacity",
+            "policy",
+            "blocks",
+            "tokens",
+            "dram hit",
+            "nvme hit",
+            "simulated",
+            "secs"
         );
     }
     // Without hints, then with each share of the ended conversations told.
@@ -129,7 +136,7 @@ pub(super) fn run(cli: &Cli, args: &ReplayArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if cli.json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "trace": args.trace,
@@ -143,7 +150,7 @@ pub(super) fn run(cli: &Cli, args: &ReplayArgs) -> anyhow::Result<ExitCode> {
             }))?
         );
     } else if wrong > 0 {
-        println!("\n{wrong} hit blocks came back with the wrong bytes");
+        out!("\n{wrong} hit blocks came back with the wrong bytes");
     }
     Ok(if wrong > 0 {
         ExitCode::from(1)
@@ -254,7 +261,7 @@ fn print_row(
             n as f64 / hits.blocks as f64
         })
     };
-    println!(
+    out!(
         "{capacity:>14}  {policy:<30} {:>8} {:>8} {:>9} {:>9} {:>10} {:>7}",
         pct(hits.block_ratio()),
         pct(hits.token_ratio()),
