@@ -454,3 +454,30 @@ fn a_block_damaged_in_memory_is_reported_corrupt_and_dropped() {
     drop(client);
     assert!(kvd.terminate().success());
 }
+
+/// A node whose standard output has no reader (`mooncake-kvd ... | head -0`) serves on: its
+/// one line is lost, and SIGTERM still stops it cleanly. It used to panic on that line.
+#[test]
+fn a_closed_standard_output_does_not_stop_the_node() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = Command::new(KVD)
+        .args(PORTS)
+        .args(["--memory-only", "--dram-mib", "64"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the node ended: {:?}",
+        child.try_wait()
+    );
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+}

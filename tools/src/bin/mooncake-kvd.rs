@@ -481,14 +481,19 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         }
         None => None,
     };
-    // One line on stdout for people and scripts (tests read the ports from it).
-    println!(
+    // One line on stdout for people and scripts (tests read the ports from it). A reader
+    // that has gone already (`mooncake-kvd ... | head -0`) does not stop the node: the
+    // line is lost, the node serves on.
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(
+        stdout,
         "mooncake-kvd serving control={} data={} metrics={}",
         node.control_addr(),
         node.data_addr(),
         metrics_addr.map_or_else(|| "off".to_owned(), |a| format!("http://{a}/metrics")),
-    );
-    std::io::stdout().flush()?;
+    )
+    .and_then(|()| stdout.flush());
+    drop(stdout);
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(50));
     }
