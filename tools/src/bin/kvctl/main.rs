@@ -45,7 +45,8 @@ fn stdout_failed(error: &std::io::Error) -> ! {
 ///
 /// Exit status: 0 on success, 1 when `verify` found corrupt blocks, `get` found no block or
 /// `bench` saw wrong bytes, 2 on any error (bad arguments, a node that cannot be reached, a
-/// directory that cannot be opened or is in use).
+/// directory that cannot be opened or is in use), 141 when its standard output was closed
+/// (`kvctl ... | head`), as the default SIGPIPE gives.
 #[derive(Parser)]
 #[command(name = "kvctl", version, about, long_about)]
 struct Cli {
