@@ -114,3 +114,62 @@ fn quiet_connections_are_served_by_their_event_loop_and_every_byte_is_right() {
     );
     node.shutdown(Duration::from_secs(5)).expect("shut down");
 }
+
+/// Many busy connections are served by the event loops in turn, not a few of them by workers
+/// that wait on their next request: such a worker served its connection again and again
+/// (at 256 connections a p50 of 0.5 ms beside a p99 of 35 ms, a quarter of the gets), out
+/// of turn for the others.
+#[test]
+fn busy_connections_take_turns_in_the_event_loop() {
+    const CONNECTIONS: usize = 24;
+    const GETS: usize = 300;
+    let node = Node::start(NodeConfig {
+        listen: "127.0.0.1:0".into(),
+        data_listen: "127.0.0.1:0".into(),
+        engine: EngineConfig {
+            dram_capacity_bytes: 64 << 20,
+            ..EngineConfig::default()
+        },
+        ..NodeConfig::default()
+    })
+    .expect("start a node");
+    let config = ClientConfig {
+        transport: TransportChoice::Tcp,
+        connections: 1,
+        timeout: Duration::from_secs(20),
+        ..ClientConfig::default()
+    };
+    let writer = Client::connect(node.control_addr(), config.clone()).expect("connect");
+    let bytes = value(7, 16 << 10);
+    writer.put(b"busy", &bytes).expect("put");
+    let clients: Vec<Client> = (0..CONNECTIONS)
+        .map(|_| Client::connect(node.control_addr(), config.clone()).expect("connect"))
+        .collect();
+    // The gets start at once: the workers that served the last Hellos are still waiting
+    // on those connections' next request.
+    let before = counter(&node, "mooncake_requests_served_in_loops_total");
+    let start = std::sync::Barrier::new(CONNECTIONS);
+    std::thread::scope(|scope| {
+        for client in &clients {
+            let (start, bytes) = (&start, &bytes);
+            scope.spawn(move || {
+                let mut buf = vec![0u8; bytes.len()];
+                start.wait();
+                for _ in 0..GETS {
+                    assert_eq!(
+                        client.get_into(b"busy", &mut buf).unwrap(),
+                        Some(bytes.len())
+                    );
+                    assert_eq!(&buf, bytes);
+                }
+            });
+        }
+    });
+    let in_loops = counter(&node, "mooncake_requests_served_in_loops_total") - before;
+    let gets = (CONNECTIONS * GETS) as u64;
+    // A worker may take a connection's first get while few are parked yet; then the loops.
+    assert!(
+        in_loops * 100 >= gets * 95,
+        "{in_loops} of {gets} gets served in the event loops"
+    );
+}

@@ -16,7 +16,9 @@
 //!
 //! While no other connection waits for a worker, a worker serves its connection as long as
 //! requests keep coming (it waits [`LINGER`] for the next one, if fewer than
-//! [`RUNNING_PER_CORE`] per core wait so already), then parks it with its loop again. While others wait, it serves one request per turn: its connection goes to the back
+//! [`RUNNING_PER_CORE`] per core wait so already and no more connections than that are
+//! parked with the loops: many busy connections are the loops' to serve in turn), then parks
+//! it with its loop again. While others wait, it serves one request per turn: its connection goes to the back
 //! of the queue if its next request is there already, or back to its loop if not. At most
 //! [`RUNNING_PER_CORE`] workers per core are at work at once, unless they are all stuck on
 //! slow clients (see [`unstick`]). So an idle connection costs a socket and a few dozen
@@ -156,12 +158,15 @@ impl Workers {
     }
 
     /// How long a worker may wait for its connection's next request: [`LINGER`], held
-    /// while the returned guard lives, unless other connections wait for a worker or
-    /// [`RUNNING_PER_CORE`] per core wait already (then not at all): more lingering threads
-    /// than that share the cores with the loops, and serve their own connections out of
-    /// turn.
+    /// while the returned guard lives, unless other connections wait for a worker,
+    /// [`RUNNING_PER_CORE`] per core wait already, or more connections than that are parked
+    /// with the loops (then not at all). A lingering worker serves its own connection out of
+    /// turn: with 256 busy connections, the few that workers held had a p50 of 0.5 ms beside
+    /// a p99 of 35 ms for all (a quarter of the gets); with the loops taking every connection
+    /// in turn, p50 8 ms, p99 18 ms, and 10% more gets. Lingering is for a lone client,
+    /// whose next request it answers without a trip through the loop.
     pub(super) fn linger(&self) -> (Duration, Option<Lingering<'_>>) {
-        if self.others_waiting() {
+        if self.others_waiting() || self.parked() > self.running {
             return (Duration::ZERO, None);
         }
         if self.lingering.fetch_add(1, Ordering::Relaxed) < self.running {
