@@ -19,6 +19,20 @@ fn counter(node: &Node, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} not in the metrics:\n{text}"))
 }
 
+/// A node in this process on loopback ports, DRAM only.
+fn node(dram_capacity_bytes: u64) -> Node {
+    Node::start(NodeConfig {
+        listen: "127.0.0.1:0".into(),
+        data_listen: "127.0.0.1:0".into(),
+        engine: EngineConfig {
+            dram_capacity_bytes,
+            ..EngineConfig::default()
+        },
+        ..NodeConfig::default()
+    })
+    .expect("start a node")
+}
+
 fn value(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
@@ -27,16 +41,7 @@ fn value(seed: u8, len: usize) -> Vec<u8> {
 
 #[test]
 fn quiet_connections_are_served_by_their_event_loop_and_every_byte_is_right() {
-    let node = Node::start(NodeConfig {
-        listen: "127.0.0.1:0".into(),
-        data_listen: "127.0.0.1:0".into(),
-        engine: EngineConfig {
-            dram_capacity_bytes: 256 << 20,
-            ..EngineConfig::default()
-        },
-        ..NodeConfig::default()
-    })
-    .expect("start a node");
+    let node = node(256 << 20);
     let client = Client::connect(
         node.control_addr(),
         ClientConfig {
@@ -123,16 +128,7 @@ fn quiet_connections_are_served_by_their_event_loop_and_every_byte_is_right() {
 fn busy_connections_take_turns_in_the_event_loop() {
     const CONNECTIONS: usize = 24;
     const GETS: usize = 300;
-    let node = Node::start(NodeConfig {
-        listen: "127.0.0.1:0".into(),
-        data_listen: "127.0.0.1:0".into(),
-        engine: EngineConfig {
-            dram_capacity_bytes: 64 << 20,
-            ..EngineConfig::default()
-        },
-        ..NodeConfig::default()
-    })
-    .expect("start a node");
+    let node = node(64 << 20);
     let config = ClientConfig {
         transport: TransportChoice::Tcp,
         connections: 1,
