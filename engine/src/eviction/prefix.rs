@@ -361,17 +361,22 @@ impl Sketch {
     }
 }
 
-/// The sketch's 64-byte blocks. From 2 MiB on they are an anonymous mapping the kernel is
-/// asked to back with transparent huge pages (where THP is `madvise`, the common default,
-/// nothing else gets them): every use updates one block at random, and at 1M entries the
-/// sketch is 32 MiB, so with 4 KiB pages each update is also a TLB miss, and in a virtual
-/// machine a two-level page walk. Smaller, or if the mapping fails, a plain allocation.
-#[derive(Debug, Default)]
+/// The sketch's 64-byte blocks, as bytes. From 2 MiB on they are an anonymous mapping the
+/// kernel is asked to back with transparent huge pages (where THP is `madvise`, the common
+/// default, nothing else gets them): every use updates one block at random, and at 1M
+/// entries the sketch is 32 MiB, so with 4 KiB pages each update is also a TLB miss, and in
+/// a virtual machine a two-level page walk. Smaller, or if the mapping fails, a plain
+/// allocation.
+#[derive(Debug)]
 enum Counters {
-    #[default]
-    Empty,
-    Heap(Vec<[u8; 64]>),
+    Heap(Vec<u8>),
     Mapped(memmap2::MmapMut),
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self::Heap(Vec::new())
+    }
 }
 
 /// Where a huge page starts to pay.
@@ -387,47 +392,38 @@ impl Counters {
             let _ = map.advise(memmap2::Advice::HugePage);
             return Self::Mapped(map);
         }
-        Self::Heap(vec![[0; 64]; blocks])
+        Self::Heap(vec![0; len])
     }
 
-    fn len(&self) -> usize {
+    fn bytes(&self) -> &[u8] {
         match self {
-            Self::Empty => 0,
-            Self::Heap(blocks) => blocks.len(),
-            Self::Mapped(map) => map.len() / 64,
+            Self::Heap(bytes) => bytes,
+            Self::Mapped(map) => map,
         }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Self::Heap(bytes) => bytes,
+            Self::Mapped(map) => map,
+        }
+    }
+
+    /// Blocks held.
+    fn len(&self) -> usize {
+        self.bytes().len() / 64
     }
 
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn block(&self, index: usize) -> &[u8; 64] {
-        match self {
-            Self::Empty => panic!("block {index} of an empty sketch"),
-            Self::Heap(blocks) => &blocks[index],
-            Self::Mapped(map) => map[index * 64..][..64]
-                .try_into()
-                .expect("64 bytes make a block"),
-        }
+    fn block(&self, index: usize) -> &[u8] {
+        &self.bytes()[index * 64..][..64]
     }
 
-    fn block_mut(&mut self, index: usize) -> &mut [u8; 64] {
-        match self {
-            Self::Empty => panic!("block {index} of an empty sketch"),
-            Self::Heap(blocks) => &mut blocks[index],
-            Self::Mapped(map) => (&mut map[index * 64..][..64])
-                .try_into()
-                .expect("64 bytes make a block"),
-        }
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        match self {
-            Self::Empty => &mut [],
-            Self::Heap(blocks) => blocks.as_flattened_mut(),
-            Self::Mapped(map) => &mut map[..],
-        }
+    fn block_mut(&mut self, index: usize) -> &mut [u8] {
+        &mut self.bytes_mut()[index * 64..][..64]
     }
 }
 
@@ -441,7 +437,7 @@ mod tests {
         mapped.fit(1 << 17);
         assert!(matches!(mapped.blocks, Counters::Mapped(_)));
         let mut heap = Sketch {
-            blocks: Counters::Heap(vec![[0; 64]; mapped.blocks.len()]),
+            blocks: Counters::Heap(vec![0; mapped.blocks.len() * 64]),
             increments: 0,
             period: mapped.period,
         };
