@@ -758,19 +758,6 @@ mod tests {
         (hits, rounds * CAPACITY as u64 / 2)
     }
 
-    /// A deterministic stream of numbers in 0..1 (a 64-bit LCG's top bits).
-    struct Stream(u64);
-
-    impl Stream {
-        fn next(&mut self) -> f64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (self.0 >> 11) as f64 / (1u64 << 53) as f64
-        }
-    }
-
     /// A hot set of 3/5 of the cache used in turn (three times in a row), each followed by
     /// two keys used twice in a row and never again: both are frequent, only the hot keys
     /// come back. By recency the pairs push the hot set out; by uses they go first. Returns
@@ -797,17 +784,17 @@ mod tests {
     /// Conversations: 60 open at a time, each turn re-reading its whole context and adding
     /// two blocks; one in ten turns ends its conversation and a new one opens. Returns the
     /// hits over `turns` turns.
-    fn conversations(cache: &mut Cache, stream: &mut Stream, turns: u64) -> u64 {
+    fn conversations(cache: &mut Cache, rng: &mut impl rand::Rng, turns: u64) -> u64 {
         let mut open: Vec<(u64, u64)> = (0..60).map(|c| (c, 2)).collect();
         let mut next = 60;
         let mut hits = 0;
         for _ in 0..turns {
-            let slot = (stream.next() * open.len() as f64) as usize;
+            let slot = rng.random_range(0..open.len());
             let (conversation, blocks) = open[slot];
             for block in 0..blocks + 2 {
                 hits += u64::from(cache.touch(200_000_000 + conversation * 1_000 + block));
             }
-            open[slot] = if stream.next() < 0.1 || blocks > 900 {
+            open[slot] = if rng.random_bool(0.1) || blocks > 900 {
                 next += 1;
                 (next, 2)
             } else {
@@ -825,10 +812,10 @@ mod tests {
         if !shadows {
             cache.policy().without_shadows();
         }
-        let mut stream = Stream(7);
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7);
         let hot = hot_set_among_pairs(&mut cache, 20);
         let after_hot = cache.policy().frequent_order();
-        let talk = conversations(&mut cache, &mut stream, 4_000);
+        let talk = conversations(&mut cache, &mut rng, 4_000);
         ([hot, talk], [after_hot, cache.policy().frequent_order()])
     }
 
