@@ -40,25 +40,24 @@
 //! a probe of the ghost table and a sketch update on insert, list moves otherwise, and for a
 //! sampled key (all of them below 4,096 blocks, 1 in 2^k above) the same in each miniature.
 //! About 36 bytes per resident block, 32 to 64 of sketch, at most one ghost per resident
-//! block (8 bytes in its queue, 8 in the table), and the miniatures (at most 2 x 4,096
-//! blocks, under a byte per block at 1M): 99 bytes per block at 1M blocks (the eviction
-//! bench). Below 4,096 blocks the miniatures are whole copies: three times the work and
+//! block (8 bytes in its queue, 8 to 16 in its table: see [`ghosts`](super::ghosts)), and the
+//! miniatures (at most 2 x 4,096 blocks, under a byte per block at 1M): 83 bytes per block
+//! at 1M blocks after a long run of evictions (the eviction bench). Below 4,096 blocks the miniatures are whole copies: three times the work and
 //! memory of one policy, on a cache that small.
 //!
 //! [`PrefixAware`]: super::PrefixAware
 
-use std::collections::VecDeque;
-
 use hashbrown::HashMap;
 
 use super::chain::{ChainLink, Linked};
+use super::ghosts::{Ghosts, Returning};
 use super::lists::Lists;
 use super::{EntryHint, EntryId, EvictionPolicy};
 
 /// Blocks seen once lately.
-const RECENT: usize = 0;
+pub(super) const RECENT: usize = 0;
 /// Blocks seen at least twice.
-const FREQUENT: usize = 1;
+pub(super) const FREQUENT: usize = 1;
 /// Emptied before the others: ended chains (pushed at the back) and partial blocks not used
 /// since their put (pushed at the front).
 const FIRST_OUT: usize = 2;
@@ -99,94 +98,6 @@ impl Linked for Meta {
     }
     fn link_mut(&mut self) -> &mut ChainLink {
         &mut self.link
-    }
-}
-
-/// Keys let go of, oldest first, in two queues (one per segment) over one table. A key
-/// taken out of the table (it came back) stays in its queue until it reaches the front.
-#[derive(Debug, Default)]
-struct Ghosts {
-    /// Fingerprint to the ghost's segment (bit 31), whether it was removed rather than
-    /// evicted (bit 30) and sequence number (bits 0..30).
-    table: HashMap<u32, u32>,
-    queues: [VecDeque<(u32, u32)>; 2],
-    /// Live ghosts per segment (in the table).
-    lens: [usize; 2],
-    next_seq: u32,
-}
-
-const SEGMENT_BIT: u32 = 1 << 31;
-const REMOVED_BIT: u32 = 1 << 30;
-const SEQ_MASK: u32 = REMOVED_BIT - 1;
-
-/// A key that came back: the segment it was let go from, and whether it was evicted (a
-/// removed or overwritten key teaches nothing about the balance).
-#[derive(Debug, Clone, Copy)]
-struct Returning {
-    segment: usize,
-    evicted: bool,
-}
-
-impl Ghosts {
-    fn tag(segment: usize, seq: u32) -> u32 {
-        (seq & SEQ_MASK) | if segment == FREQUENT { SEGMENT_BIT } else { 0 }
-    }
-
-    fn same(tag: u32, segment: usize, seq: u32) -> bool {
-        tag & !REMOVED_BIT == Self::tag(segment, seq)
-    }
-
-    fn remember(&mut self, segment: usize, fingerprint: u32, evicted: bool) {
-        let seq = self.next_seq & SEQ_MASK;
-        self.next_seq = self.next_seq.wrapping_add(1);
-        let tag = Self::tag(segment, seq) | if evicted { 0 } else { REMOVED_BIT };
-        if let Some(old) = self.table.insert(fingerprint, tag) {
-            self.lens[Self::segment_of(old)] -= 1;
-        }
-        self.lens[segment] += 1;
-        self.queues[segment].push_back((fingerprint, seq));
-    }
-
-    fn segment_of(tag: u32) -> usize {
-        if tag & SEGMENT_BIT == 0 {
-            RECENT
-        } else {
-            FREQUENT
-        }
-    }
-
-    /// Takes `fingerprint` out: where it was let go from, and how.
-    fn take(&mut self, fingerprint: u32) -> Option<Returning> {
-        let tag = self.table.remove(&fingerprint)?;
-        let segment = Self::segment_of(tag);
-        self.lens[segment] -= 1;
-        Some(Returning {
-            segment,
-            evicted: tag & REMOVED_BIT == 0,
-        })
-    }
-
-    /// Forgets the oldest ghosts of `segment` until at most `keep` are live; drops stale
-    /// queue slots on the way, and any beyond twice the live count plus a margin.
-    fn trim(&mut self, segment: usize, keep: usize) {
-        while self.lens[segment] > keep || self.queues[segment].len() > 2 * keep + 64 {
-            let Some((fingerprint, seq)) = self.queues[segment].pop_front() else {
-                break;
-            };
-            if self
-                .table
-                .get(&fingerprint)
-                .is_some_and(|&tag| Self::same(tag, segment, seq))
-            {
-                self.table.remove(&fingerprint);
-                self.lens[segment] -= 1;
-            }
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        self.table.capacity() * (size_of::<(u32, u32)>() + 1)
-            + self.queues.iter().map(VecDeque::capacity).sum::<usize>() * size_of::<(u32, u32)>()
     }
 }
 
@@ -342,6 +253,9 @@ impl EvictionPolicy for Adaptive {
         assert!(!self.lists.tracks(id), "entry {id} inserted twice");
         let link = self.lists.new_link(id, hint.parent);
         let fingerprint = (hint.key_hash ^ (hint.key_hash >> 32)) as u32;
+        // The sketch's block and the ghost table's slot, loaded side by side.
+        self.sketch.prefetch(fingerprint);
+        self.ghosts.prefetch(fingerprint);
         let parent_fingerprint = hint
             .parent
             .filter(|&p| p != id && self.lists.tracks(p))
@@ -415,6 +329,8 @@ impl EvictionPolicy for Adaptive {
         // once, then put back as just used in its segment.
         let mut refused = std::mem::take(&mut self.refused);
         let mut victim = None;
+        // What the trim after the eviction probes, loaded while the lists are walked.
+        self.ghosts.prefetch_oldest();
         while let Some(list) = self.next_list() {
             let Some(id) = self.lists.back(list) else {
                 break;

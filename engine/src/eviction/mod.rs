@@ -32,10 +32,31 @@ use std::str::FromStr;
 
 mod adaptive;
 mod chain;
+mod ghosts;
 mod lists;
 mod lru;
 mod prefix;
 mod s3fifo;
+
+/// Asks the CPU to start loading the cache line at `at` (a hint: nothing on targets without
+/// one). A policy's updates land on random lines of tables far larger than the caches; one
+/// asked for before the work that needs it overlaps its miss with the others.
+#[inline]
+#[cfg_attr(
+    target_arch = "x86_64",
+    expect(unsafe_code, reason = "the prefetch intrinsic takes a raw pointer")
+)]
+fn prefetch<T>(at: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // SAFETY: `at` is a reference, so the address is valid; a prefetch only reads into
+        // the cache, never faults, and changes nothing a program can observe.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(at).cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
+}
 
 pub use adaptive::{Adaptive, FrequentOrder};
 pub use lru::Lru;

@@ -306,6 +306,14 @@ impl Sketch {
         (block, slots)
     }
 
+    /// Starts loading the block [`count`](Self::count) of `key_hash` will update.
+    pub(super) fn prefetch(&self, key_hash: u32) {
+        if !self.blocks.is_empty() {
+            let (block, _) = self.slots(key_hash);
+            super::prefetch(&self.blocks.block(block)[0]);
+        }
+    }
+
     pub(super) fn increment(&mut self, key_hash: u32) {
         self.count(key_hash);
     }
