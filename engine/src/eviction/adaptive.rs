@@ -301,9 +301,12 @@ impl EvictionPolicy for Adaptive {
             0 // the use that makes it frequent
         };
         let fingerprint = meta.fingerprint;
-        self.sketch.increment(fingerprint);
+        // The sketch's block loads while the lists take the entry out (its neighbours are
+        // misses too).
+        self.sketch.prefetch(fingerprint);
         self.lists.unlist(id);
         self.place(id, FREQUENT);
+        self.sketch.increment(fingerprint);
         self.observe(fingerprint, None, false);
     }
 
