@@ -42,8 +42,9 @@
 //! About 36 bytes per resident block, 32 to 64 of sketch, at most one ghost per resident
 //! block (8 bytes in its queue, 8 to 16 in its table: see [`ghosts`](super::ghosts)), and the
 //! miniatures (at most 2 x 4,096 blocks, under a byte per block at 1M): 83 bytes per block
-//! at 1M blocks after a long run of evictions (the eviction bench). Below 4,096 blocks the miniatures are whole copies: three times the work and
-//! memory of one policy, on a cache that small.
+//! at 1M blocks after a long run of evictions (the eviction bench). Below 4,096 blocks the
+//! miniatures are whole copies: three times the work and memory of one policy, on a cache
+//! that small.
 //!
 //! [`PrefixAware`]: super::PrefixAware
 
