@@ -18,8 +18,9 @@
 //! requests keep coming (it waits [`LINGER`] for the next one, if fewer than
 //! [`RUNNING_PER_CORE`] per core wait so already and no more connections than that are
 //! parked with the loops: many busy connections are the loops' to serve in turn), then parks
-//! it with its loop again. While others wait, it serves one request per turn: its connection goes to the back
-//! of the queue if its next request is there already, or back to its loop if not. At most
+//! it with its loop again. While others wait, it serves one request per turn: its connection
+//! goes to the back of the queue if its next request is there already, or back to its loop
+//! if not. At most
 //! [`RUNNING_PER_CORE`] workers per core are at work at once, unless they are all stuck on
 //! slow clients (see [`unstick`]). So an idle connection costs a socket and a few dozen
 //! bytes, not a thread, and none is served again and again while others wait.
