@@ -13,7 +13,9 @@ One run, side by side, on a Llama-architecture model with seeded random weights
 - the production trace's first requests replayed through the model, with a store holding a
   few percent of their distinct blocks and with none: prefill tokens saved, TTFT p50 / p90.
 
-Prints markdown tables, and writes them as JSON (``--json``) and a plot (``--plot``).
+Prints markdown tables, and writes them as JSON (``--json``) and a plot (``--plot``). The
+model runs on the CPU, or with ``--device cuda`` on a GPU, where the store's bytes pass
+through a pinned host arena (the example's docstring, "On a GPU").
 
     python python/bench/bench_prefix.py --kvd target/release/mooncake-kvd \\
         --kvctl target/release/kvctl --plot docs/img/prefix-ttft.png
@@ -88,6 +90,7 @@ def prompt_ttft(args, model, spec: ModelSpec, stores: Dict[str, mooncake_kv.Stor
         for _ in range(repeats):
             started = time.perf_counter()
             logits, cache = floor.prefill_after(tokens, 0)
+            floor.synchronize()
             recompute.append(time.perf_counter() - started)
         reference_kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
         floor.copy_to_arena(cache, 0, length)  # what the floor starts from
@@ -109,6 +112,7 @@ def prompt_ttft(args, model, spec: ModelSpec, stores: Dict[str, mooncake_kv.Stor
             for _ in range(repeats):
                 started = time.perf_counter()
                 floor_logits, floor_cache = floor.prefill_after(tokens, cached)
+                floor.synchronize()
                 times["floor"].append(time.perf_counter() - started)
                 del floor_cache
                 for name, loop in loops.items():
@@ -347,6 +351,9 @@ def main() -> None:
                         help="tokens per block in the trace")
     parser.add_argument("--trace-capacity-percent", type=int, default=5)
     parser.add_argument("--trace-max-tokens", type=int, default=8192)
+    parser.add_argument("--device", default="cpu",
+                        help="where the model runs: cpu, or cuda[:N] (the store's bytes then "
+                             "pass through pinned host memory)")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--plot", help="write a PNG plot here")
     args = parser.parse_args()
@@ -355,10 +362,12 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     spec = ModelSpec()
-    model = spec.build()
-    print(f"model: {spec}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
-    report: dict = {"model": spec.__dict__, "torch": torch.__version__,
+    device = torch.device(args.device)
+    model = spec.build().to(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"model: {spec} on {where}; torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
+    report: dict = {"model": spec.__dict__, "device": where, "torch": torch.__version__,
                     "threads": torch.get_num_threads(),
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     if args.lengths:

@@ -3,8 +3,9 @@
 A prompt's prefix KV fetched from the store must give the model the same output as a full
 recompute: the first token's logits within 1e-4 and the next 32 greedy tokens identical, at
 0, 50, 90 and 100% of the prompt's blocks cached, on every path (embedded, shared memory,
-tcp), and the prompt's KV in the loop's cache within 1e-4 of the recomputed KV. The last
-tests show the check can fail: one block's bytes swapped with another's (which attention,
+tcp), and the prompt's KV in the loop's cache within 1e-4 of the recomputed KV; also through
+the host staging arena a model on a GPU takes, run here on the CPU. The last tests show the
+check can fail: one block's bytes swapped with another's (which attention,
 blind to the order of cached tokens, does not see in the logits: the KV comparison does), or
 shifted by one element.
 """
@@ -63,17 +64,21 @@ def difference(prefill: Prefill, reference: Reference) -> float:
     return max(logits, kv_difference(prefill.cache, reference[2]))
 
 
-def serving_loop(model: torch.nn.Module, store: mooncake_kv.Store, namespace: str) -> PrefixCachingLM:
-    """A fresh loop: a zeroed arena, so nothing but a fetch can put KV in it."""
-    return PrefixCachingLM(model, store, block_tokens=BLOCK, namespace=namespace, max_tokens=512)
+def serving_loop(model: torch.nn.Module, store: mooncake_kv.Store, namespace: str,
+                 staging: bool = False) -> PrefixCachingLM:
+    """A fresh loop: zeroed arenas, so nothing but a fetch can put KV in them. With
+    ``staging``, the store's bytes pass through a host arena apart from the model's."""
+    return PrefixCachingLM(model, store, block_tokens=BLOCK, namespace=namespace, max_tokens=512,
+                           staging=staging)
 
 
 def cache_blocks(model: torch.nn.Module, store: mooncake_kv.Store, namespace: str,
-                 prompt: List[int], blocks: int) -> None:
+                 prompt: List[int], blocks: int, staging: bool = False) -> None:
     """Put the KV of the prompt's first ``blocks`` blocks (a partial last one included when
     ``blocks`` covers it), computed by a loop that finds none of them."""
     if blocks:
-        seeded = serving_loop(model, store, namespace).prefill(prompt[: blocks * BLOCK])
+        loop = serving_loop(model, store, namespace, staging)
+        seeded = loop.prefill(prompt[: blocks * BLOCK])
         assert seeded.cached_tokens == 0 and seeded.put_error is None
         assert seeded.stored_blocks == blocks
 
@@ -102,6 +107,31 @@ def test_cached_prefix_gives_the_recompute_output(
     assert tokens == reference[1]
     # The blocks it lacked are in the store now: the same prompt again is all hits.
     assert store.prefix_match(loop.block_keys(prompt)) == blocks
+
+
+@pytest.mark.parametrize("percent", [50, 100])
+def test_through_a_host_staging_arena(
+    model: torch.nn.Module, store: mooncake_kv.Store, namespace: str, prompt: List[int],
+    reference: Reference, percent: int,
+) -> None:
+    """The path of a model on a GPU (store, host arena, the model's arena, and back for the
+    put), on the CPU: the recompute's output, and both arenas holding what the store holds."""
+    blocks = len(serving_loop(model, None, namespace).block_keys(prompt))
+    cached_blocks = blocks * percent // 100
+    cache_blocks(model, store, namespace, prompt, cached_blocks, staging=True)
+
+    loop = serving_loop(model, store, namespace, staging=True)
+    assert loop.staged and loop.host.data_ptr() != loop.arena.data_ptr()
+    tokens, prefill = loop.generate(prompt, NEW_TOKENS)
+
+    assert prefill.fetched_blocks == cached_blocks
+    assert difference(prefill, reference) <= TOLERANCE
+    assert tokens == reference[1]
+    # The fetched blocks and the ones put after the prefill: the same bytes in both arenas
+    # and in the store.
+    assert torch.equal(loop.arena[:PROMPT], loop.host[:PROMPT])
+    for index, key in enumerate(loop.block_keys(prompt)):
+        assert bytes(loop.block_buffer(index, PROMPT)) == store.get(key)
 
 
 def test_the_fetch_lands_in_the_arena(model: torch.nn.Module, store: mooncake_kv.Store,
@@ -154,11 +184,11 @@ def test_a_block_gone_since_the_lookup_is_recomputed(
 
 def corrupt_and_compare(model: torch.nn.Module, store: mooncake_kv.Store, namespace: str,
                         prompt: List[int], reference: Reference,
-                        corrupt) -> float:
+                        corrupt, staging: bool = False) -> float:
     """Cache every block, let ``corrupt(keys)`` damage the stored KV, and return the largest
     difference the loop then shows against the recompute."""
     cache_blocks(model, store, namespace, prompt, PROMPT // BLOCK)
-    loop = serving_loop(model, store, namespace)
+    loop = serving_loop(model, store, namespace, staging)
     keys = loop.block_keys(prompt)
     corrupt(keys)
     prefill = loop.prefill(prompt, put=False)
@@ -171,9 +201,10 @@ def replace(store: mooncake_kv.Store, key: str, value: bytes) -> None:
     store.put(key, value)
 
 
+@pytest.mark.parametrize("staging", [False, True])
 def test_two_swapped_blocks_fail_the_comparison(
     model: torch.nn.Module, store: mooncake_kv.Store, namespace: str, prompt: List[int],
-    reference: Reference,
+    reference: Reference, staging: bool,
 ) -> None:
     def swap(keys: List[str]) -> None:
         third, fourth = store.get(keys[2]), store.get(keys[3])
@@ -181,7 +212,8 @@ def test_two_swapped_blocks_fail_the_comparison(
         replace(store, keys[2], fourth)
         replace(store, keys[3], third)
 
-    assert corrupt_and_compare(model, store, namespace, prompt, reference, swap) > 10 * TOLERANCE
+    assert corrupt_and_compare(model, store, namespace, prompt, reference, swap,
+                               staging) > 10 * TOLERANCE
 
 
 def test_a_block_shifted_by_one_element_fails_the_comparison(

@@ -29,6 +29,14 @@ the namespace must name the weights (a model name and revision; :class:`ModelSpe
 one from its config and seed), and the layout is part of the key, so two loops that would
 read each other's bytes differently never share a key.
 
+**On a GPU.** The store reads into and writes from host memory. A model on a CUDA device
+attends over an arena in device memory, and the store's bytes pass through a host arena of
+the same shape in pinned (page-locked) memory: a fetch is one ``get_into_batch`` into the
+host arena, then one copy of the fetched range to the device (a DMA from pinned memory,
+timed to its end); a put copies the new tokens' KV back to the host arena first. On the CPU
+the two arenas are one, unless ``staging=True`` asks for the two-arena path there too (the
+tests run it that way, so its logic is checked where there is no GPU).
+
 **What it keeps from a real engine, and what not.** The cache object is ``transformers``'
 ``DynamicCache``, which concatenates the new tokens' KV onto the prefix once per layer (a
 copy of the prefix that a full recompute does not make; the floor in the benchmark makes it
@@ -152,11 +160,14 @@ class PrefixCachingLM:
     ``store`` is any :class:`mooncake_kv.Store` (a node's ``Client``, a ``Cluster``, an
     ``EmbeddedStore``), or ``None`` for a loop that recomputes every prompt. ``max_tokens``
     bounds the prompt length; the arena of that many tokens is allocated, and its pages
-    touched, once here, as an engine allocates its KV pool at start.
+    touched, once here, as an engine allocates its KV pool at start. The arena is on the
+    model's device; ``staging`` (by default: when that is not the CPU) adds the host arena
+    the store's bytes pass through (module docstring, "On a GPU").
     """
 
     def __init__(self, model: LlamaForCausalLM, store: "Optional[Store]", *,
-                 block_tokens: int = 64, namespace: str, max_tokens: int = 16384) -> None:
+                 block_tokens: int = 64, namespace: str, max_tokens: int = 16384,
+                 staging: Optional[bool] = None) -> None:
         if block_tokens <= 0 or max_tokens <= 0:
             raise ValueError("block_tokens and max_tokens must be positive")
         config = model.config
@@ -164,15 +175,23 @@ class PrefixCachingLM:
         self.store = store
         self.block_tokens = block_tokens
         self.max_tokens = max_tokens
-        dtype = next(model.parameters()).dtype
+        parameter = next(model.parameters())
+        dtype, self.device = parameter.dtype, parameter.device
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.arena = torch.zeros(max_tokens, config.num_hidden_layers, 2,
-                                 config.num_key_value_heads, head_dim, dtype=dtype)
+        shape = (max_tokens, config.num_hidden_layers, 2, config.num_key_value_heads, head_dim)
+        self.arena = torch.zeros(shape, dtype=dtype, device=self.device)
+        """The KV the model attends over, token major (module docstring), on its device."""
+        if staging is None:
+            staging = self.device.type != "cpu"
+        self.host = (torch.zeros(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
+                     if staging else self.arena)
+        """Where the store reads into and writes from: the arena itself on the CPU, else a
+        host arena of the same shape (pinned for a CUDA device)."""
         self.token_bytes = self.arena[0].numel() * self.arena.element_size()
         """Bytes of KV per token, all layers."""
-        # The arena's bytes, for the store's buffer calls (a uint8 view works for any dtype,
-        # bfloat16 included, which numpy has no type for).
-        self._bytes = memoryview(self.arena.view(-1).view(torch.uint8).numpy())
+        # The host arena's bytes, for the store's buffer calls (a uint8 view works for any
+        # dtype, bfloat16 included, which numpy has no type for).
+        self._bytes = memoryview(self.host.view(-1).view(torch.uint8).numpy())
         self.key_prefix = f"{namespace}/{str(dtype).removeprefix('torch.')}/b{block_tokens}/"
         self._cache_kw = _cache_keyword(model)
 
@@ -180,8 +199,14 @@ class PrefixCachingLM:
         """The store key of each block of the prompt, a partial last block included."""
         return chain_keys(token_ids, self.block_tokens, prefix=self.key_prefix, partial=True)
 
+    @property
+    def staged(self) -> bool:
+        """Whether the store's bytes pass through a host arena apart from the model's."""
+        return self.host is not self.arena
+
     def block_buffer(self, index: int, tokens: int) -> memoryview:
-        """Block ``index``'s bytes in the arena, for a prompt of ``tokens`` tokens."""
+        """Block ``index``'s bytes in the host arena (the arena itself on the CPU), for a
+        prompt of ``tokens`` tokens."""
         start = index * self.block_tokens
         end = min(start + self.block_tokens, tokens)
         return self._bytes[start * self.token_bytes : end * self.token_bytes]
@@ -202,6 +227,7 @@ class PrefixCachingLM:
         done_fetching = time.perf_counter()
         cached = min(fetched * self.block_tokens, len(tokens) - 1)
         logits, cache = self.prefill_after(tokens, cached)
+        self.synchronize()  # a device runs the forward asynchronously: time its end
         computed = time.perf_counter()
         result = Prefill(
             logits=logits, cache=cache, tokens=len(tokens), cached_tokens=cached,
@@ -234,7 +260,7 @@ class PrefixCachingLM:
                 values = self.arena[:cached_tokens, layer_index, 1].permute(1, 0, 2).unsqueeze(0)
                 layer.lazy_initialization(keys, values)
                 layer.keys, layer.values = keys, values
-        input_ids = torch.tensor([tokens[cached_tokens:]])
+        input_ids = torch.tensor([tokens[cached_tokens:]], device=self.device)
         with torch.no_grad():
             out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
                              **{self._cache_kw: cache})
@@ -242,11 +268,14 @@ class PrefixCachingLM:
 
     def copy_to_arena(self, cache: DynamicCache, start: int, end: int) -> None:
         """Copy tokens ``start..end`` of a cache's KV into the arena, in its token-major layout
-        (the one copy a put needs: the cache holds each layer head-major)."""
+        (the one copy a put needs: the cache holds each layer head-major), and on to the host
+        arena when there is one."""
         with torch.no_grad():
             for layer_index, layer in enumerate(cache.layers):
                 self.arena[start:end, layer_index, 0] = layer.keys[0, :, start:end].transpose(0, 1)
                 self.arena[start:end, layer_index, 1] = layer.values[0, :, start:end].transpose(0, 1)
+            if self.staged:
+                self.host[start:end].copy_(self.arena[start:end])
 
     def generate(self, token_ids: Sequence[int], max_new_tokens: int = 32) -> "tuple[List[int], Prefill]":
         """Greedy decoding after :meth:`prefill`: the new tokens, and the prefill's record."""
@@ -277,10 +306,20 @@ class PrefixCachingLM:
         # A block evicted since the lookup is a miss; the run of usable blocks ends there.
         # A value of another length under a key that names its exact tokens and layout is
         # not this loop's KV: it ends the run too, and those tokens are recomputed.
-        for index, (length, buffer) in enumerate(zip(lengths, buffers)):
-            if length != len(buffer):
-                return index
-        return len(keys)
+        whole = next((index for index, (length, buffer) in enumerate(zip(lengths, buffers))
+                      if length != len(buffer)), len(keys))
+        if self.staged and whole:
+            # One copy of the fetched range to the device (a DMA from pinned memory), counted
+            # in the fetch.
+            end = min(whole * self.block_tokens, tokens)
+            self.arena[:end].copy_(self.host[:end], non_blocking=True)
+            self.synchronize()
+        return whole
+
+    def synchronize(self) -> None:
+        """Waits for the work queued on the model's device (nothing to wait for on the CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _put(self, tokens: List[int], keys: List[str], first: int, cache: DynamicCache,
              result: Prefill) -> None:
@@ -347,8 +386,9 @@ def greedy_decode(model: LlamaForCausalLM, logits: torch.Tensor, cache: DynamicC
     generated = [int(torch.argmax(logits))]
     with torch.no_grad():
         while len(generated) < max_new_tokens:
-            out = model(input_ids=torch.tensor([[generated[-1]]]), use_cache=True,
-                        logits_to_keep=1, **{cache_kw: cache})
+            input_ids = torch.tensor([[generated[-1]]], device=logits.device)
+            out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
+                        **{cache_kw: cache})
             generated.append(int(torch.argmax(out.logits[0, -1])))
     return generated[:max_new_tokens]
 
@@ -362,8 +402,8 @@ def reference_generate(model: LlamaForCausalLM, token_ids: Sequence[int],
     cache_kw = _cache_keyword(model)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([list(token_ids)]), use_cache=True,
-                    logits_to_keep=1, **{cache_kw: cache})
+        input_ids = torch.tensor([list(token_ids)], device=model.device)
+        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
     kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
     logits = out.logits[0, -1]
     return logits, greedy_decode(model, logits, cache, max_new_tokens, cache_kw), kv
