@@ -573,15 +573,21 @@ fn etcd_membership(_endpoints: Vec<String>, _prefix: String) -> PyResult<Members
 
 /// The engine in this process.
 #[cfg(feature = "embedded")]
-pub(crate) fn open_embedded(
-    py: Python<'_>,
-    dram_bytes: u64,
-    data_dir: Option<std::path::PathBuf>,
-    nvme_bytes: Option<u64>,
-) -> PyResult<Store> {
+pub(crate) fn open_embedded(py: Python<'_>, tiers: EmbeddedTiers) -> PyResult<Store> {
+    let EmbeddedTiers {
+        dram_bytes,
+        data_dir,
+        nvme_bytes,
+        hbm,
+    } = tiers;
     let mut config = mooncake_kv_engine::EngineConfig {
         dram_capacity_bytes: dram_bytes,
         data_dir: data_dir.clone(),
+        hbm: hbm.map(|(device, capacity_bytes)| mooncake_kv_engine::HbmSettings {
+            device,
+            capacity_bytes,
+            ..Default::default()
+        }),
         ..Default::default()
     };
     if let Some(nvme) = nvme_bytes {
@@ -598,12 +604,7 @@ pub(crate) fn open_embedded(
 }
 
 #[cfg(not(feature = "embedded"))]
-pub(crate) fn open_embedded(
-    _py: Python<'_>,
-    _dram_bytes: u64,
-    _data_dir: Option<std::path::PathBuf>,
-    _nvme_bytes: Option<u64>,
-) -> PyResult<Store> {
+pub(crate) fn open_embedded(_py: Python<'_>, _tiers: EmbeddedTiers) -> PyResult<Store> {
     Err(StoreError::invalid(
         "this build has no embedded store (the `embedded` feature): connect to a mooncake-kvd",
     )
@@ -679,24 +680,138 @@ impl Cluster {
 
 /// The store's engine in this process: no server at all.
 ///
-/// `EmbeddedStore(dram_bytes=1 << 30, *, data_dir=None, nvme_bytes=None)`: `dram_bytes`
-/// of memory (a multiple of 4 KiB, at least 1 MiB); with `data_dir`, blocks are demoted to a
-/// preallocated NVMe file of `nvme_bytes` (default 4 GiB) there and persist across
-/// restarts.
+/// `EmbeddedStore(dram_bytes=1 << 30, *, data_dir=None, nvme_bytes=None, hbm_bytes=None,
+/// hbm_device=0)`: `dram_bytes` of memory (a multiple of 4 KiB, at least 1 MiB); with
+/// `data_dir`, blocks are demoted to a preallocated NVMe file of `nvme_bytes` (default 4 GiB)
+/// there and persist across restarts; with `hbm_bytes`, an HBM tier of that much memory of
+/// CUDA device `hbm_device` above DRAM (puts land there first), which needs a wheel built
+/// with the `cuda` feature and an NVIDIA driver.
 #[pyclass(extends = Store, frozen, module = "mooncake_kv._native")]
 pub(crate) struct EmbeddedStore;
 
 #[pymethods]
 impl EmbeddedStore {
     #[new]
-    #[pyo3(signature = (dram_bytes=1 << 30, *, data_dir=None, nvme_bytes=None))]
+    #[pyo3(signature = (dram_bytes=1 << 30, *, data_dir=None, nvme_bytes=None, hbm_bytes=None,
+                        hbm_device=0))]
     fn new(
         py: Python<'_>,
         dram_bytes: u64,
         data_dir: Option<std::path::PathBuf>,
         nvme_bytes: Option<u64>,
+        hbm_bytes: Option<u64>,
+        hbm_device: usize,
     ) -> PyResult<PyClassInitializer<Self>> {
-        let store = open_embedded(py, dram_bytes, data_dir, nvme_bytes)?;
+        let tiers = EmbeddedTiers {
+            dram_bytes,
+            data_dir,
+            nvme_bytes,
+            hbm: hbm_bytes.map(|capacity_bytes| (hbm_device, capacity_bytes)),
+        };
+        let store = open_embedded(py, tiers)?;
         Ok(PyClassInitializer::from(store).add_subclass(Self))
     }
+
+    /// Reads the value of `key` straight into GPU memory: `ptr` is a device address on the
+    /// HBM tier's GPU (a CUDA tensor's `data_ptr()`) with `size` bytes there. Returns the
+    /// value's length, or `None` for a miss. A block in the HBM tier is copied within the
+    /// device; one in DRAM or on NVMe is copied up from the host. Verified as every read is.
+    /// Needs the HBM tier (`hbm_bytes`). The store cannot check a device address: the
+    /// `size` bytes at `ptr` must be device memory of that GPU that nothing else uses during
+    /// the call (as for any raw device pointer handed to a CUDA library).
+    fn get_into_device(
+        slf: PyRef<'_, Self>,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        ptr: u64,
+        size: u64,
+    ) -> PyResult<Option<usize>> {
+        let keys = vec![key_of(key)?];
+        let mut results = first_error(device_reads(slf.as_super(), py, &keys, &[ptr], &[size])?)?;
+        Ok(results.pop().flatten())
+    }
+
+    /// `get_into_device` for many keys, each into its own device range (the ranges must not
+    /// overlap), in one call. Raises the first item's error, if any.
+    fn get_into_device_batch(
+        slf: PyRef<'_, Self>,
+        py: Python<'_>,
+        keys: Vec<Bound<'_, PyAny>>,
+        ptrs: Vec<u64>,
+        sizes: Vec<u64>,
+    ) -> PyResult<Vec<Option<usize>>> {
+        same_length("pointers", keys.len(), ptrs.len())?;
+        same_length("sizes", keys.len(), sizes.len())?;
+        let keys = keys_of(&keys)?;
+        first_error(device_reads(slf.as_super(), py, &keys, &ptrs, &sizes)?)
+    }
+}
+
+/// The reads of [`EmbeddedStore::get_into_device_batch`], one result per key.
+#[cfg(feature = "embedded")]
+fn device_reads(
+    store: &Store,
+    py: Python<'_>,
+    keys: &[Vec<u8>],
+    ptrs: &[u64],
+    sizes: &[u64],
+) -> PyResult<Vec<crate::errors::Result<Option<usize>>>> {
+    use mooncake_kv_engine::DeviceRange;
+
+    let backend = store.backend()?;
+    let Backend::Embedded(engine) = &*backend else {
+        return Err(StoreError::invalid("device reads need the engine in this process").into());
+    };
+    let mut targets = Vec::with_capacity(ptrs.len());
+    for (&ptr, &len) in ptrs.iter().zip(sizes) {
+        if ptr == 0 {
+            return Err(StoreError::invalid("a device pointer cannot be 0").into());
+        }
+        if ptr.checked_add(len).is_none() {
+            return Err(StoreError::invalid("a device range wraps around").into());
+        }
+        let (Ok(addr), Ok(len)) = (usize::try_from(ptr), usize::try_from(len)) else {
+            return Err(StoreError::invalid("a device range past this machine's addresses").into());
+        };
+        targets.push(Span { addr, len });
+    }
+    if !disjoint(&targets) {
+        return Err(StoreError::invalid("two of the device ranges overlap").into());
+    }
+    Ok(py.detach(|| {
+        keys.iter()
+            .zip(ptrs.iter().zip(sizes))
+            .map(|(key, (&ptr, &len))| {
+                // SAFETY: the range is device memory of the tier's GPU that nothing else uses
+                // during the call: the caller's promise, stated in the method's documentation
+                // (a device address cannot be checked from the host); the ranges do not
+                // overlap (checked above), so no two reads write the same bytes.
+                unsafe { engine.get_into_device(key, DeviceRange { ptr, len }) }
+                    .map_err(StoreError::from)
+            })
+            .collect()
+    }))
+}
+
+#[cfg(not(feature = "embedded"))]
+fn device_reads(
+    _store: &Store,
+    _py: Python<'_>,
+    _keys: &[Vec<u8>],
+    _ptrs: &[u64],
+    _sizes: &[u64],
+) -> PyResult<Vec<crate::errors::Result<Option<usize>>>> {
+    Err(StoreError::invalid("this build has no embedded store (the `embedded` feature)").into())
+}
+
+/// What an [`EmbeddedStore`] holds: DRAM, NVMe in `data_dir`, HBM on (device, bytes).
+#[cfg_attr(
+    not(feature = "embedded"),
+    expect(dead_code, reason = "a client-only build refuses to open an engine")
+)]
+pub(crate) struct EmbeddedTiers {
+    pub(crate) dram_bytes: u64,
+    pub(crate) data_dir: Option<std::path::PathBuf>,
+    pub(crate) nvme_bytes: Option<u64>,
+    pub(crate) hbm: Option<(usize, u64)>,
 }

@@ -1,0 +1,81 @@
+"""The HBM tier of an embedded store and reads straight into GPU memory (`get_into_device`).
+
+Where there is no GPU (CI), the checks are that asking for either says why it cannot, and
+that the arguments are refused before anything is read. On a machine with an NVIDIA GPU,
+torch built for CUDA and a wheel built with the `cuda` feature, the last test puts values
+into the HBM tier and reads them into a CUDA tensor, byte for byte (it skips elsewhere).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import mooncake_kv
+from conftest import pattern, unique
+
+
+def test_an_hbm_tier_opens_or_says_why() -> None:
+    try:
+        store = mooncake_kv.EmbeddedStore(4 << 20, hbm_bytes=4 << 20)
+    except mooncake_kv.MooncakeKVError as error:
+        # No `cuda` feature in this wheel, no driver, or no device: said, not crashed.
+        assert re.search("GPU|CUDA", str(error)), error
+    else:
+        with store:
+            assert store.stats()["tiers"][0]["name"] == "hbm"
+
+
+def test_device_reads_need_an_hbm_tier() -> None:
+    with mooncake_kv.EmbeddedStore(4 << 20) as store:
+        store.put("k", b"x" * 100)
+        # An address no GPU has: refused for want of the tier before it could be used.
+        with pytest.raises(mooncake_kv.InvalidArgumentError, match="HBM tier"):
+            store.get_into_device("k", 1 << 40, 100)
+
+
+def test_device_arguments_are_checked_before_anything_is_read() -> None:
+    with mooncake_kv.EmbeddedStore(4 << 20) as store:
+        with pytest.raises(mooncake_kv.InvalidArgumentError, match="cannot be 0"):
+            store.get_into_device("k", 0, 10)
+        with pytest.raises(mooncake_kv.InvalidArgumentError, match="overlap"):
+            store.get_into_device_batch(["a", "b"], [1 << 40, (1 << 40) + 8], [16, 16])
+        with pytest.raises(mooncake_kv.InvalidArgumentError, match="wraps around"):
+            store.get_into_device("a", (1 << 64) - 8, 16)
+        with pytest.raises(mooncake_kv.InvalidArgumentError, match="2 keys but 1 pointers"):
+            store.get_into_device_batch(["a", "b"], [1 << 40], [16, 16])
+        with pytest.raises(mooncake_kv.InvalidArgumentError, match="2 keys but 1 sizes"):
+            store.get_into_device_batch(["a", "b"], [1 << 40, 1 << 41], [16])
+        with pytest.raises(mooncake_kv.InvalidArgumentError, match="empty"):
+            store.get_into_device("", 1 << 40, 10)
+        with pytest.raises(OverflowError):
+            store.get_into_device("k", -1, 10)
+
+
+def test_values_read_into_gpu_memory() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    try:
+        store = mooncake_kv.EmbeddedStore(64 << 20, hbm_bytes=64 << 20)
+    except mooncake_kv.MooncakeKVError as error:
+        pytest.skip(f"this wheel cannot open an HBM tier: {error}")
+    with store:
+        keys = [unique("gpu") for _ in range(4)]
+        values = [pattern(key, size) for key, size in zip(keys, [1, 4096, 65536 + 7, 2 << 20])]
+        for key, value in zip(keys, values):
+            store.put(key, value)
+        target = torch.full((sum(len(v) for v in values) + 64,), 0xAB, dtype=torch.uint8,
+                            device="cuda")
+        offsets = [sum(len(v) for v in values[:i]) + 16 * i for i in range(len(values))]
+        ptrs = [target.data_ptr() + offset for offset in offsets]
+        lengths = store.get_into_device_batch(keys, ptrs, [len(v) for v in values])
+        assert lengths == [len(v) for v in values]
+        host = target.cpu().numpy().tobytes()
+        for offset, value in zip(offsets, values):
+            assert host[offset : offset + len(value)] == value
+        # A miss, and a range smaller than the value.
+        assert store.get_into_device(unique("absent"), target.data_ptr(), 16) is None
+        with pytest.raises(mooncake_kv.BufferTooSmallError):
+            store.get_into_device(keys[3], target.data_ptr(), 16)
