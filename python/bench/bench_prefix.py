@@ -54,7 +54,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_get import kvctl_gbps, start_kvd  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-PATHS = ["embedded", "shm", "tcp"]
+PATHS = ["embedded", "shm", "tcp", "hbm"]
+"""Every path a run may have; ``hbm`` (``--hbm-mib``, on a GPU) only where asked for."""
 
 
 def median(values: List[float]) -> float:
@@ -68,7 +69,7 @@ def prompt_ttft(args, model, spec: ModelSpec, stores: Dict[str, mooncake_kv.Stor
     floor = PrefixCachingLM(model, None, block_tokens=block, namespace=spec.namespace,
                             max_tokens=max_tokens)
     loops = {name: PrefixCachingLM(model, store, block_tokens=block, namespace=spec.namespace,
-                                   max_tokens=max_tokens)
+                                   max_tokens=max_tokens, device_reads=name == "hbm")
              for name, store in stores.items()}
     block_bytes = block * floor.token_bytes
     reference_gbps = {}
@@ -241,34 +242,43 @@ def print_tables(report: dict) -> None:
     print_trace(report.get("trace"))
 
 
+def measured_paths(rows: List[dict]) -> List[str]:
+    """The paths the run measured, in table order."""
+    return [p for p in PATHS if rows and f"{p}_s" in rows[0]]
+
+
 def print_ttft(ttft: dict) -> None:
+    paths = measured_paths(ttft["rows"])
     print(f"\n### Time to first token ({ttft['block_tokens']}-token blocks of "
           f"{ttft['block_bytes'] >> 10} KiB; medians)\n")
-    print("| prompt | cached | recompute | floor | embedded | shm | tcp | speed-up (tcp) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| prompt | cached | recompute | floor | " + " | ".join(paths) + " | speed-up (tcp) |")
+    print("|---|---|---|---|" + "---|" * len(paths) + "---|")
     for row in ttft["rows"]:
         cells = [f"{row[f'{p}_s']:.3f} s ({100 * (row[f'{p}_s'] / row['floor_s'] - 1):+.1f}%)"
-                 for p in PATHS]
+                 for p in paths]
         print(f"| {row['tokens']} | {row['cached']} | {row['recompute_s']:.2f} s | "
               f"{row['floor_s']:.3f} s | " + " | ".join(cells) +
               f" | {row['recompute_s'] / row['tcp_s']:.1f}x |")
     print("\n### The store's own time (lookup + fetch; medians) against the floor\n")
-    print("| prompt | cached | floor | embedded | shm | tcp |")
-    print("|---|---|---|---|---|---|")
+    print("| prompt | cached | floor | " + " | ".join(paths) + " |")
+    print("|---|---|---|" + "---|" * len(paths))
     for row in ttft["rows"]:
         cells = [f"{1e3 * row[f'{p}_store_s']:.1f} ms ({100 * row[f'{p}_store_s'] / row['floor_s']:.1f}%)"
-                 for p in PATHS]
+                 for p in paths]
         print(f"| {row['tokens']} | {row['cached']} | {row['floor_s']:.3f} s | " + " | ".join(cells) + " |")
     print(f"\n### The fetch against `kvctl bench` ({ttft['block_bytes'] >> 10} KiB values, "
           "same node)\n")
-    print("| prompt | cached | MiB | embedded GB/s | shm GB/s (x kvctl) | tcp GB/s (x kvctl) |")
-    print("|---|---|---|---|---|---|")
+    hbm = "hbm" in paths
+    print("| prompt | cached | MiB | embedded GB/s | shm GB/s (x kvctl) | tcp GB/s (x kvctl) |"
+          + (" hbm GB/s |" if hbm else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if hbm else ""))
     ref = ttft["kvctl_gbps"]
     for row in ttft["rows"]:
         print(f"| {row['tokens']} | {row['cached']} | {row['fetched_bytes'] >> 20} | "
               f"{row['embedded_fetch_gbps']:.2f} | "
               f"{row['shm_fetch_gbps']:.2f} ({row['shm_fetch_gbps'] / ref['shm']:.2f}) | "
-              f"{row['tcp_fetch_gbps']:.2f} ({row['tcp_fetch_gbps'] / ref['tcp']:.2f}) |")
+              f"{row['tcp_fetch_gbps']:.2f} ({row['tcp_fetch_gbps'] / ref['tcp']:.2f}) |"
+              + (f" {row['hbm_fetch_gbps']:.2f} |" if hbm else ""))
     print(f"\nkvctl bench: shm {ref['shm']:.2f} GB/s, tcp {ref['tcp']:.2f} GB/s")
 
 
@@ -300,10 +310,12 @@ def plot(report: dict, path: str) -> None:
     ax = axes[0][0]
     series = [("recompute", "recompute_s", "#999999"), ("floor (KV in memory)", "floor_s", "#222222"),
               ("embedded", "embedded_s", "#1f77b4"), ("shm", "shm_s", "#2ca02c"),
-              ("tcp", "tcp_s", "#d62728")]
-    width = 0.16
+              ("tcp", "tcp_s", "#d62728"), ("hbm", "hbm_s", "#9467bd")]
+    series = [entry for entry in series if entry[1] in rows[0]]
+    width = 0.8 / len(series)
     for i, (name, field, color) in enumerate(series):
-        ax.bar([x + (i - 2) * width for x in range(len(rows))], [r[field] for r in rows],
+        offset = (i - (len(series) - 1) / 2) * width
+        ax.bar([x + offset for x in range(len(rows))], [r[field] for r in rows],
                width, label=name, color=color)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([f"{r['tokens'] // 1024}k\n{r['cached'].replace('all but the last block', 'all but last')}"
@@ -354,6 +366,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu",
                         help="where the model runs: cpu, or cuda[:N] (the store's bytes then "
                              "pass through pinned host memory)")
+    parser.add_argument("--hbm-mib", type=int, default=0,
+                        help="with --device cuda: one more path, an embedded store with an HBM "
+                             "tier of this many MiB read straight into the model's arena")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--plot", help="write a PNG plot here")
     args = parser.parse_args()
@@ -363,6 +378,8 @@ def main() -> None:
 
     spec = ModelSpec()
     device = torch.device(args.device)
+    if args.hbm_mib and device.type != "cuda":
+        parser.error("--hbm-mib reads into GPU memory: it needs --device cuda")
     model = spec.build().to(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"model: {spec} on {where}; torch {torch.__version__}, {torch.get_num_threads()} "
@@ -373,10 +390,14 @@ def main() -> None:
     if args.lengths:
         kv_mib = max(args.lengths) * 16 // 1024 * 2 + 512
         process, address = start_kvd(args.kvd, kv_mib)
-        stores = {"embedded": mooncake_kv.EmbeddedStore(kv_mib << 20),
-                  "shm": mooncake_kv.Client(address, transport="shm"),
-                  "tcp": mooncake_kv.Client(address, transport="tcp")}
+        stores: Dict[str, mooncake_kv.Store] = {}
         try:
+            stores["embedded"] = mooncake_kv.EmbeddedStore(kv_mib << 20)
+            stores["shm"] = mooncake_kv.Client(address, transport="shm")
+            stores["tcp"] = mooncake_kv.Client(address, transport="tcp")
+            if args.hbm_mib:
+                stores["hbm"] = mooncake_kv.EmbeddedStore(
+                    kv_mib << 20, hbm_bytes=args.hbm_mib << 20, hbm_device=device.index or 0)
             report["ttft"] = prompt_ttft(args, model, spec, stores, address)
         finally:
             for store in stores.values():

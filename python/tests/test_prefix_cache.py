@@ -236,6 +236,35 @@ def test_bad_prompts_are_refused(model: torch.nn.Module) -> None:
             loop.prefill(bad)
     with pytest.raises(ValueError):
         PrefixCachingLM(model, None, block_tokens=0, namespace="n")
+    with mooncake_kv.EmbeddedStore(4 << 20) as store, pytest.raises(ValueError, match="CUDA"):
+        PrefixCachingLM(model, store, namespace="n", device_reads=True)  # a model on the CPU
+
+
+@pytest.mark.parametrize("device_reads", [False, True])
+def test_on_a_gpu(prompt: List[int], device_reads: bool) -> None:
+    """A model on a CUDA device: its KV through pinned host memory (any store), or straight
+    into device memory from an embedded store's HBM tier. Skips without a GPU (and, for the
+    HBM tier, without a wheel built with the `cuda` feature)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = SPEC.build().to("cuda")
+    logits, tokens, kv = reference_generate(model, prompt, NEW_TOKENS)
+    try:
+        store = mooncake_kv.EmbeddedStore(64 << 20, hbm_bytes=(64 << 20) if device_reads else None)
+    except mooncake_kv.MooncakeKVError as error:
+        pytest.skip(f"no HBM tier here: {error}")
+    with store:
+        namespace = unique("gpu")
+        seeded = PrefixCachingLM(model, store, block_tokens=BLOCK, namespace=namespace,
+                                 max_tokens=512).prefill(prompt[: 8 * BLOCK])
+        assert seeded.stored_blocks == 8 and seeded.put_error is None
+        loop = PrefixCachingLM(model, store, block_tokens=BLOCK, namespace=namespace,
+                               max_tokens=512, device_reads=device_reads)
+        assert loop.staged and loop.host.is_pinned() and loop.arena.is_cuda
+        generated, prefill = loop.generate(prompt, NEW_TOKENS)
+        assert prefill.fetched_blocks == 8 and prefill.cached_tokens == 8 * BLOCK
+        assert difference(prefill, (logits, tokens, kv)) <= TOLERANCE
+        assert generated == tokens
 
 
 def test_the_model_and_its_namespace_follow_the_seed() -> None:

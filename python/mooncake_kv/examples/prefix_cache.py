@@ -35,7 +35,11 @@ the same shape in pinned (page-locked) memory: a fetch is one ``get_into_batch``
 host arena, then one copy of the fetched range to the device (a DMA from pinned memory,
 timed to its end); a put copies the new tokens' KV back to the host arena first. On the CPU
 the two arenas are one, unless ``staging=True`` asks for the two-arena path there too (the
-tests run it that way, so its logic is checked where there is no GPU).
+tests run it that way, so its logic is checked where there is no GPU). With an
+:class:`~mooncake_kv.EmbeddedStore` that has an HBM tier on the model's GPU,
+``device_reads=True`` fetches with ``get_into_device_batch`` instead: each block lands in the
+device arena straight from the tier (device to device when the block is in HBM), with no
+host copy.
 
 **What it keeps from a real engine, and what not.** The cache object is ``transformers``'
 ``DynamicCache``, which concatenates the new tokens' KV onto the prefix once per layer (a
@@ -162,12 +166,13 @@ class PrefixCachingLM:
     bounds the prompt length; the arena of that many tokens is allocated, and its pages
     touched, once here, as an engine allocates its KV pool at start. The arena is on the
     model's device; ``staging`` (by default: when that is not the CPU) adds the host arena
-    the store's bytes pass through (module docstring, "On a GPU").
+    the store's bytes pass through (module docstring, "On a GPU"); ``device_reads`` fetches
+    into the device arena directly (an ``EmbeddedStore`` with an HBM tier on that device).
     """
 
     def __init__(self, model: LlamaForCausalLM, store: "Optional[Store]", *,
                  block_tokens: int = 64, namespace: str, max_tokens: int = 16384,
-                 staging: Optional[bool] = None) -> None:
+                 staging: Optional[bool] = None, device_reads: bool = False) -> None:
         if block_tokens <= 0 or max_tokens <= 0:
             raise ValueError("block_tokens and max_tokens must be positive")
         config = model.config
@@ -177,6 +182,11 @@ class PrefixCachingLM:
         self.max_tokens = max_tokens
         parameter = next(model.parameters())
         dtype, self.device = parameter.dtype, parameter.device
+        if device_reads and (self.device.type != "cuda"
+                             or not hasattr(store, "get_into_device_batch")):
+            raise ValueError("device_reads needs a model on a CUDA device and a store that "
+                             "reads into device memory (an EmbeddedStore with an HBM tier)")
+        self.device_reads = device_reads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         shape = (max_tokens, config.num_hidden_layers, 2, config.num_key_value_heads, head_dim)
         self.arena = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -302,6 +312,13 @@ class PrefixCachingLM:
             return 0
         assert self.store is not None
         buffers = [self.block_buffer(i, tokens) for i in range(len(keys))]
+        if self.device_reads:
+            # Block i is tokens i*B.. of the device arena, contiguous (token major).
+            ptrs = [self.arena[i * self.block_tokens].data_ptr() for i in range(len(keys))]
+            lengths = self.store.get_into_device_batch(keys, ptrs, [len(b) for b in buffers])
+            self.synchronize()
+            return next((index for index, (length, buffer) in enumerate(zip(lengths, buffers))
+                         if length != len(buffer)), len(keys))
         lengths = self.store.get_into_batch(keys, buffers)
         # A block evicted since the lookup is a miss; the run of usable blocks ends there.
         # A value of another length under a key that names its exact tokens and layout is
