@@ -83,6 +83,8 @@ pub use mooncake_kv_format::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 /// [`Engine::open_with_device`], or to allocate the device memory `get_into_device` fills.
 #[cfg(feature = "cuda")]
 pub use mooncake_kv_tiers::CudaDevice;
+/// What [`Error::Tier`] carries: a tier's own failure (a device, the file, the memory map).
+pub use mooncake_kv_tiers::Error as TierError;
 pub use mooncake_kv_tiers::{
     AlignedBuf, DeviceMemory, DeviceRange, DramTier, HostTestDevice, HugePageMode, HugePages,
     IoBackendKind, TierKind, ToDevice, ToHost,

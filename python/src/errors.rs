@@ -229,6 +229,11 @@ impl From<mooncake_kv_engine::Error> for StoreError {
             E::DataDir { .. } | E::DirectoryInUse { .. } | E::IncompatibleDataDir { .. } => {
                 Kind::InvalidArgument
             }
+            // An HBM tier asked of a machine with no driver or no such GPU: a setting this
+            // machine cannot meet, as an HBM tier asked of a build without `cuda` is.
+            E::Tier(mooncake_kv_engine::TierError::Device { action: "open", .. }) => {
+                Kind::InvalidArgument
+            }
             _ => Kind::Internal,
         };
         Self::new(kind, error.to_string())
