@@ -7,12 +7,16 @@
 //! - `errors`: the exception hierarchy and Mooncake's codes.
 //! - `backend`: a node's client, a cluster's, or the engine in process, behind one set of
 //!   operations.
+//! - `test_device` (feature `host-test-device`, the package's tests only): host memory
+//!   posing as a GPU, for the HBM tier and `get_into_device` where there is no GPU.
 
 mod backend;
 mod buffer;
 mod compat;
 mod errors;
 mod store;
+#[cfg(feature = "host-test-device")]
+mod test_device;
 
 use pyo3::prelude::*;
 
@@ -22,6 +26,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<store::NodeClient>()?;
     m.add_class::<store::Cluster>()?;
     m.add_class::<store::EmbeddedStore>()?;
+    #[cfg(feature = "host-test-device")]
+    m.add_class::<test_device::PyHostTestDevice>()?;
     errors::register(m)?;
     m.add_function(wrap_pyfunction!(compat::_register, m)?)?;
     m.add_function(wrap_pyfunction!(compat::_unregister, m)?)?;
