@@ -571,15 +571,15 @@ fn etcd_membership(_endpoints: Vec<String>, _prefix: String) -> PyResult<Members
     Err(StoreError::invalid("this build has no etcd support (the `etcd` feature)").into())
 }
 
-/// The engine in this process.
+/// The engine in this process. `hbm` is the HBM tier's (device, bytes), if any.
 #[cfg(feature = "embedded")]
-pub(crate) fn open_embedded(py: Python<'_>, tiers: EmbeddedTiers) -> PyResult<Store> {
-    let EmbeddedTiers {
-        dram_bytes,
-        data_dir,
-        nvme_bytes,
-        hbm,
-    } = tiers;
+pub(crate) fn open_embedded(
+    py: Python<'_>,
+    dram_bytes: u64,
+    data_dir: Option<std::path::PathBuf>,
+    nvme_bytes: Option<u64>,
+    hbm: Option<(usize, u64)>,
+) -> PyResult<Store> {
     let mut config = mooncake_kv_engine::EngineConfig {
         dram_capacity_bytes: dram_bytes,
         data_dir: data_dir.clone(),
@@ -604,7 +604,13 @@ pub(crate) fn open_embedded(py: Python<'_>, tiers: EmbeddedTiers) -> PyResult<St
 }
 
 #[cfg(not(feature = "embedded"))]
-pub(crate) fn open_embedded(_py: Python<'_>, _tiers: EmbeddedTiers) -> PyResult<Store> {
+pub(crate) fn open_embedded(
+    _py: Python<'_>,
+    _dram_bytes: u64,
+    _data_dir: Option<std::path::PathBuf>,
+    _nvme_bytes: Option<u64>,
+    _hbm: Option<(usize, u64)>,
+) -> PyResult<Store> {
     Err(StoreError::invalid(
         "this build has no embedded store (the `embedded` feature): connect to a mooncake-kvd",
     )
@@ -702,13 +708,8 @@ impl EmbeddedStore {
         hbm_bytes: Option<u64>,
         hbm_device: usize,
     ) -> PyResult<PyClassInitializer<Self>> {
-        let tiers = EmbeddedTiers {
-            dram_bytes,
-            data_dir,
-            nvme_bytes,
-            hbm: hbm_bytes.map(|capacity_bytes| (hbm_device, capacity_bytes)),
-        };
-        let store = open_embedded(py, tiers)?;
+        let hbm = hbm_bytes.map(|capacity_bytes| (hbm_device, capacity_bytes));
+        let store = open_embedded(py, dram_bytes, data_dir, nvme_bytes, hbm)?;
         Ok(PyClassInitializer::from(store).add_subclass(Self))
     }
 
@@ -802,16 +803,4 @@ fn device_reads(
     _sizes: &[u64],
 ) -> PyResult<Vec<crate::errors::Result<Option<usize>>>> {
     Err(StoreError::invalid("this build has no embedded store (the `embedded` feature)").into())
-}
-
-/// What an [`EmbeddedStore`] holds: DRAM, NVMe in `data_dir`, HBM on (device, bytes).
-#[cfg_attr(
-    not(feature = "embedded"),
-    expect(dead_code, reason = "a client-only build refuses to open an engine")
-)]
-pub(crate) struct EmbeddedTiers {
-    pub(crate) dram_bytes: u64,
-    pub(crate) data_dir: Option<std::path::PathBuf>,
-    pub(crate) nvme_bytes: Option<u64>,
-    pub(crate) hbm: Option<(usize, u64)>,
 }

@@ -316,21 +316,19 @@ class PrefixCachingLM:
             # Block i is tokens i*B.. of the device arena, contiguous (token major).
             ptrs = [self.arena[i * self.block_tokens].data_ptr() for i in range(len(keys))]
             lengths = self.store.get_into_device_batch(keys, ptrs, [len(b) for b in buffers])
-            self.synchronize()
-            return next((index for index, (length, buffer) in enumerate(zip(lengths, buffers))
-                         if length != len(buffer)), len(keys))
-        lengths = self.store.get_into_batch(keys, buffers)
+        else:
+            lengths = self.store.get_into_batch(keys, buffers)
         # A block evicted since the lookup is a miss; the run of usable blocks ends there.
         # A value of another length under a key that names its exact tokens and layout is
         # not this loop's KV: it ends the run too, and those tokens are recomputed.
         whole = next((index for index, (length, buffer) in enumerate(zip(lengths, buffers))
                       if length != len(buffer)), len(keys))
-        if self.staged and whole:
+        if self.staged and not self.device_reads and whole:
             # One copy of the fetched range to the device (a DMA from pinned memory), counted
             # in the fetch.
             end = min(whole * self.block_tokens, tokens)
             self.arena[:end].copy_(self.host[:end], non_blocking=True)
-            self.synchronize()
+        self.synchronize()
         return whole
 
     def synchronize(self) -> None:
