@@ -69,6 +69,7 @@ class Client(Store):
         transport: str = "auto",
         timeout: float = 5.0,
         connections: int = 4,
+        batch_lanes: Optional[int] = None,
     ) -> None: ...
 
 class Cluster(Store):
@@ -84,6 +85,7 @@ class Cluster(Store):
         transport: str = "auto",
         timeout: float = 5.0,
         connections: int = 4,
+        batch_lanes: Optional[int] = None,
     ) -> None: ...
 
 class EmbeddedStore(Store):

@@ -484,10 +484,18 @@ pub(crate) fn client_config(
     transport: &str,
     timeout: f64,
     connections: usize,
+    batch_lanes: Option<usize>,
 ) -> PyResult<ClientConfig> {
     if connections == 0 || connections > 1024 {
         return Err(
             StoreError::invalid(format!("connections = {connections}: from 1 to 1024")).into(),
+        );
+    }
+    let defaults = ClientConfig::default();
+    let batch_lanes = batch_lanes.unwrap_or(defaults.batch_lanes);
+    if batch_lanes == 0 || batch_lanes > 1024 {
+        return Err(
+            StoreError::invalid(format!("batch_lanes = {batch_lanes}: from 1 to 1024")).into(),
         );
     }
     Ok(ClientConfig {
@@ -495,7 +503,8 @@ pub(crate) fn client_config(
         timeout: seconds("timeout", timeout)?,
         connections,
         transport: transport_of(transport)?,
-        ..ClientConfig::default()
+        batch_lanes,
+        ..defaults
     })
 }
 
@@ -619,16 +628,19 @@ pub(crate) fn open_embedded(
 
 /// A store on one `mooncake-kvd` node.
 ///
-/// `Client(address, token=None, transport="auto", timeout=5.0, connections=4)`:
-/// `address` is the node's control address (`host:port`); `transport` is how reads travel:
-/// `"auto"` (shared memory when the node is on this host, else tcp), `"shm"` or `"tcp"`.
+/// `Client(address, token=None, transport="auto", timeout=5.0, connections=4,
+/// batch_lanes=None)`: `address` is the node's control address (`host:port`); `transport`
+/// is how reads travel: `"auto"` (shared memory when the node is on this host, else tcp),
+/// `"shm"` or `"tcp"`. Over tcp a batch with at least 4 MiB of buffers per connection is read
+/// over up to `batch_lanes` connections at once (default: this machine's cores).
 #[pyclass(extends = Store, frozen, name = "Client", module = "mooncake_kv._native")]
 pub(crate) struct NodeClient;
 
 #[pymethods]
 impl NodeClient {
     #[new]
-    #[pyo3(signature = (address, *, token=None, transport="auto", timeout=5.0, connections=4))]
+    #[pyo3(signature = (address, *, token=None, transport="auto", timeout=5.0, connections=4,
+        batch_lanes=None))]
     fn new(
         py: Python<'_>,
         address: &str,
@@ -636,8 +648,9 @@ impl NodeClient {
         transport: &str,
         timeout: f64,
         connections: usize,
+        batch_lanes: Option<usize>,
     ) -> PyResult<PyClassInitializer<Self>> {
-        let config = client_config(token, transport, timeout, connections)?;
+        let config = client_config(token, transport, timeout, connections, batch_lanes)?;
         Ok(PyClassInitializer::from(connect_node(py, address, config)?).add_subclass(Self))
     }
 }
@@ -645,7 +658,8 @@ impl NodeClient {
 /// A store over a cluster of nodes, each block on `replicas` of them.
 ///
 /// `Cluster(peers=None, *, etcd=None, etcd_prefix="/mooncake/members/", replicas=2,
-/// write_quorum=None, token=None, transport="auto", timeout=5.0, connections=4)`: the
+/// write_quorum=None, token=None, transport="auto", timeout=5.0, connections=4,
+/// batch_lanes=None)`: the
 /// members are the static `peers` (`host:port` each) or those registered in etcd at
 /// `etcd` (endpoint URLs). A put is acknowledged once `write_quorum` (default: all)
 /// replicas hold it; reads fail over.
@@ -656,7 +670,8 @@ pub(crate) struct Cluster;
 impl Cluster {
     #[new]
     #[pyo3(signature = (peers=None, *, etcd=None, etcd_prefix="/mooncake/members/", replicas=2,
-        write_quorum=None, token=None, transport="auto", timeout=5.0, connections=4))]
+        write_quorum=None, token=None, transport="auto", timeout=5.0, connections=4,
+        batch_lanes=None))]
     #[expect(clippy::too_many_arguments, reason = "Python keyword arguments")]
     fn new(
         py: Python<'_>,
@@ -669,8 +684,9 @@ impl Cluster {
         transport: &str,
         timeout: f64,
         connections: usize,
+        batch_lanes: Option<usize>,
     ) -> PyResult<PyClassInitializer<Self>> {
-        let config = client_config(token, transport, timeout, connections)?;
+        let config = client_config(token, transport, timeout, connections, batch_lanes)?;
         let etcd = etcd.map(|endpoints| (endpoints, etcd_prefix.to_owned()));
         let store = connect_cluster(
             py,

@@ -168,6 +168,8 @@ class TestBadInput:
             mooncake_kv.Client(kvd.address, transport="carrier-pigeon")
         with pytest.raises(mooncake_kv.InvalidArgumentError):
             mooncake_kv.Client(kvd.address, timeout=-1)
+        with pytest.raises(mooncake_kv.InvalidArgumentError, match="batch_lanes"):
+            mooncake_kv.Client(kvd.address, batch_lanes=0)
         with pytest.raises(mooncake_kv.UnavailableError):
             mooncake_kv.Client("127.0.0.1:1", timeout=1)
         with pytest.raises(mooncake_kv.InvalidArgumentError):

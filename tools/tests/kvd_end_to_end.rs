@@ -271,6 +271,71 @@ fn library_and_kvctl_round_trip_and_a_restart_serves_flushed_blocks() {
     );
 }
 
+#[test]
+fn a_large_inline_batch_is_read_over_several_connections_and_answered_in_order() {
+    let kvd = start_kvd(&["--memory-only", "--dram-mib", "128"]);
+    let mut rng = StdRng::seed_from_u64(9);
+    let writer = client(&kvd, TransportChoice::Tcp);
+    // 12 values of 1 to 2 MiB, and a miss with a 2 MiB buffer: at least 13 MiB of buffers,
+    // room for three lanes of 4 MiB.
+    let stored: Vec<(Vec<u8>, Vec<u8>)> = (0..12)
+        .map(|i| {
+            let len = rng.random_range(1 << 20..2 << 20);
+            (format!("lanes/{i}").into_bytes(), value(&mut rng, len))
+        })
+        .collect();
+    for (key, v) in &stored {
+        writer.put(key, v).unwrap();
+    }
+    let lookups = || metric(&kvd, "mooncake_requests_total{kind=\"lookup\"}");
+    for (lanes, expected_lookups) in [(3, 3), (1, 1)] {
+        let reader = Client::connect(
+            kvd.control,
+            ClientConfig {
+                transport: TransportChoice::Tcp,
+                batch_lanes: lanes,
+                ..ClientConfig::default()
+            },
+        )
+        .expect("connect");
+        // Every value into a buffer of its size, but a miss (with a buffer as large as
+        // any) at 4 and a buffer too small at 8: each run answers its own, in order.
+        let mut keys: Vec<&[u8]> = stored.iter().map(|(k, _)| k.as_slice()).collect();
+        keys.insert(4, b"lanes/none");
+        let mut bufs: Vec<Vec<u8>> = stored.iter().map(|(_, v)| vec![0; v.len()]).collect();
+        bufs.insert(4, vec![0; 2 << 20]);
+        bufs[8] = vec![0; 10];
+        let mut items: Vec<(&[u8], &mut [u8])> = keys
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(k, b)| (*k, b.as_mut_slice()))
+            .collect();
+        let before = lookups();
+        let results = reader.get_into_batch(&mut items);
+        assert_eq!(
+            lookups() - before,
+            expected_lookups,
+            "lookups with {lanes} lanes"
+        );
+        assert_eq!(results.len(), keys.len());
+        for (i, (result, buf)) in results.iter().zip(&bufs).enumerate() {
+            let stored_at = if i < 4 { Some(i) } else { i.checked_sub(1) };
+            match (i, result) {
+                (4, Ok(None)) => {}
+                (8, Err(ClientError::BufferTooSmall { needed, .. })) => {
+                    assert_eq!(*needed, stored[7].1.len());
+                }
+                (_, Ok(Some(len))) if i != 4 && i != 8 => {
+                    let v = &stored[stored_at.unwrap()].1;
+                    assert_eq!(*len, v.len(), "item {i}");
+                    assert!(buf == v, "item {i} read back wrong with {lanes} lanes");
+                }
+                (_, other) => panic!("item {i} with {lanes} lanes: {other:?}"),
+            }
+        }
+    }
+}
+
 fn http_get(url: &str) -> String {
     let addr = url
         .trim_start_matches("http://")

@@ -53,6 +53,12 @@ pub struct ClientConfig {
     /// the control connection: one round trip instead of two (lookup, then a read on the data
     /// plane). The bytes are verified the same way. Default true.
     pub inline_tcp_reads: bool,
+    /// An inline batch with at least 4 MiB of buffers per connection is read over up to this
+    /// many of the pool's connections at once, a thread each (the calling thread one of
+    /// them): one tcp stream keeps one core busy at each end, and a prefix of tens of MiB
+    /// then waits on one core while the others idle. Default: the cores this process may run
+    /// on (`std::thread::available_parallelism`); 1 keeps every batch on one connection.
+    pub batch_lanes: usize,
     /// One-sided reads (shared memory, or tcp without inline reads) reuse a block's
     /// descriptor this long after the lookup that returned it, so a block read again soon
     /// costs no round trip to the node. Every read is verified as usual; one that fails (the
@@ -85,6 +91,7 @@ impl Default for ClientConfig {
             transport: TransportChoice::Auto,
             max_attempts: 4,
             inline_tcp_reads: true,
+            batch_lanes: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             descriptor_ttl: Duration::from_secs(10),
             descriptor_cache_entries: 1 << 14,
             shm_payload_crc: false,

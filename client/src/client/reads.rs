@@ -4,6 +4,8 @@
 
 use std::io::Read;
 
+use parking_lot::Mutex;
+
 use mooncake_kv_format::{self as format, HEADER_BYTES, MAX_PAYLOAD_OFFSET};
 use mooncake_kv_transfer::{ReadOp, RemoteSlice};
 
@@ -27,6 +29,11 @@ enum Got {
 /// Bytes received at a time when checksumming a payload as it arrives: small enough to be
 /// checksummed while still in cache.
 const RECEIVE_CHUNK: usize = 128 << 10;
+
+/// Bytes of buffers an inline batch needs per connection before it is spread over more than
+/// one: below this, another lookup and a thread's start are a fair part of the time a lane
+/// saves.
+const LANE_BYTES: usize = 4 << 20;
 
 /// A lookup refused because the block failed the node's own check (and was dropped) is a
 /// damaged block to the caller, as one that fails the client's check twice.
@@ -103,6 +110,35 @@ fn receive_inline(
     })
 }
 
+/// An item of a batch: a key, and the buffer its value goes into.
+type Item<'k, 'b> = (&'k [u8], &'b mut [u8]);
+
+/// `items` cut into `lanes` contiguous runs (fewer only if there are fewer items), none empty,
+/// of about equal bytes of buffers.
+fn split_by_bytes<'a, 'k, 'b>(
+    mut items: &'a mut [Item<'k, 'b>],
+    lanes: usize,
+) -> Vec<&'a mut [Item<'k, 'b>]> {
+    let lanes = lanes.clamp(1, items.len().max(1));
+    let mut runs = Vec::with_capacity(lanes);
+    for left in (2..=lanes).rev() {
+        let bytes: usize = items.iter().map(|(_, dst)| dst.len()).sum();
+        let share = bytes.div_ceil(left);
+        // At least one item, and one left for each run after this one.
+        let mut cut = 0;
+        let mut taken = 0;
+        while cut < items.len() - (left - 1) && (cut == 0 || taken < share) {
+            taken += items[cut].1.len();
+            cut += 1;
+        }
+        let (run, rest) = std::mem::take(&mut items).split_at_mut(cut);
+        runs.push(run);
+        items = rest;
+    }
+    runs.push(items);
+    runs
+}
+
 impl Client {
     /// Whether reads take the inline path (see [`ClientConfig::inline_tcp_reads`]).
     pub(super) fn inline(&self) -> bool {
@@ -133,6 +169,59 @@ impl Client {
                 _ => return Err(unexpected("lookup")),
             };
             receive_inline(&mut control.reader, key, &d, dst.as_deref_mut())
+        })
+    }
+
+    /// An inline batch, over several connections at once when it is large enough
+    /// ([`ClientConfig::batch_lanes`]): contiguous runs of items of about equal bytes, one
+    /// lookup and one stream each, one thread each (this one takes the last). One stream
+    /// keeps one thread here and one event loop on the node busy; on a host with few cores
+    /// the scheduler also tends to put both ends of a lone stream on one core after a pause
+    /// (docs/development.md, "The serving loop").
+    fn get_into_batch_inline_spread(
+        &self,
+        items: &mut [(&[u8], &mut [u8])],
+    ) -> Vec<Result<Option<usize>>> {
+        let bytes: usize = items.iter().map(|(_, dst)| dst.len()).sum();
+        let lanes = (bytes / LANE_BYTES)
+            .min(self.config.batch_lanes)
+            .min(self.pool.len())
+            .min(items.len());
+        if lanes <= 1 {
+            return self.get_into_batch_inline(items);
+        }
+        let count = items.len();
+        // Each run in a slot its thread takes it from, or this one if the thread cannot start.
+        let mut runs: Vec<Mutex<Option<&mut [Item<'_, '_>]>>> = split_by_bytes(items, lanes)
+            .into_iter()
+            .map(|run| Mutex::new(Some(run)))
+            .collect();
+        let last = runs.pop().and_then(Mutex::into_inner).unwrap_or_default();
+        let take = |run: &Mutex<Option<&mut [Item<'_, '_>]>>| {
+            self.get_into_batch_inline(run.lock().take().unwrap_or_default())
+        };
+        std::thread::scope(|scope| {
+            let threads: Vec<_> = runs
+                .iter()
+                .map(|run| {
+                    std::thread::Builder::new()
+                        .name("mooncake-read-lane".into())
+                        .spawn_scoped(scope, move || take(run))
+                        .inspect_err(|error| tracing::debug!(%error, "cannot start a read lane"))
+                        .ok()
+                })
+                .collect();
+            let tail = self.get_into_batch_inline(last);
+            let mut results = Vec::with_capacity(count);
+            for (run, thread) in runs.iter().zip(threads) {
+                match thread.map(|t| t.join()) {
+                    Some(Ok(part)) => results.extend(part),
+                    Some(Err(panic)) => std::panic::resume_unwind(panic),
+                    None => results.extend(take(run)),
+                }
+            }
+            results.extend(tail);
+            results
         })
     }
 
@@ -423,7 +512,7 @@ impl Client {
                 .collect();
         }
         if self.inline() {
-            return self.get_into_batch_inline(items);
+            return self.get_into_batch_inline_spread(items);
         }
         // Keys with fresh descriptors are read first, with no lookup.
         let keys: Vec<&[u8]> = items.iter().map(|(key, _)| *key).collect();
@@ -608,7 +697,7 @@ fn verify_head(key: &[u8], d: &Descriptor, head: &[u8]) -> Option<format::Header
 
 #[cfg(test)]
 mod tests {
-    use super::{check_descriptor, verify_with_crc};
+    use super::{check_descriptor, split_by_bytes, verify_with_crc};
     use crate::proto::Descriptor;
     use mooncake_kv_format as format;
 
@@ -676,5 +765,48 @@ mod tests {
         };
         assert!(check_descriptor(&huge).is_err());
         assert!(check_descriptor(&Descriptor { block_len: 5, ..d }).is_err());
+    }
+
+    /// Runs of the sizes `sizes` split into `lanes`: their item counts and bytes.
+    fn runs(sizes: &[usize], lanes: usize) -> Vec<(usize, usize)> {
+        let keys: Vec<Vec<u8>> = (0..sizes.len()).map(|i| vec![i as u8]).collect();
+        let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0; n]).collect();
+        let mut items: Vec<(&[u8], &mut [u8])> = keys
+            .iter()
+            .zip(&mut bufs)
+            .map(|(k, b)| (k.as_slice(), b.as_mut_slice()))
+            .collect();
+        let runs = split_by_bytes(&mut items, lanes);
+        // In order, nothing lost or repeated.
+        let order: Vec<u8> = runs
+            .iter()
+            .flat_map(|r| r.iter().map(|(k, _)| k[0]))
+            .collect();
+        assert_eq!(order, (0..sizes.len() as u8).collect::<Vec<_>>());
+        runs.iter()
+            .map(|r| (r.len(), r.iter().map(|(_, b)| b.len()).sum()))
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_splits_into_runs_of_about_equal_bytes() {
+        assert_eq!(runs(&[1 << 20; 63], 2), [(32, 32 << 20), (31, 31 << 20)]);
+        assert_eq!(
+            runs(&[1 << 20; 16], 4),
+            [(4, 4 << 20), (4, 4 << 20), (4, 4 << 20), (4, 4 << 20)]
+        );
+        // Bytes, not items: the large one is a run of its own.
+        assert_eq!(
+            runs(&[8 << 20, 1 << 20, 1 << 20, 1 << 20, 1 << 20], 2),
+            [(1, 8 << 20), (4, 4 << 20)]
+        );
+        // Never an empty run, even when one item holds nearly everything.
+        assert_eq!(
+            runs(&[1, 100 << 20, 1], 3),
+            [(1, 1), (1, 100 << 20), (1, 1)]
+        );
+        assert_eq!(runs(&[1 << 20; 2], 5), [(1, 1 << 20), (1, 1 << 20)]);
+        assert_eq!(runs(&[1 << 20; 3], 1), [(3, 3 << 20)]);
+        assert_eq!(runs(&[], 3), [(0, 0)]);
     }
 }

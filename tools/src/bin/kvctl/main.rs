@@ -66,6 +66,11 @@ struct Cli {
     /// instead of receiving it inline with the lookup's answer.
     #[arg(long, global = true)]
     one_sided: bool,
+    /// Over tcp, the most connections one batch of inline reads is spread over, read at once
+    /// (a batch needs 4 MiB of values per connection to be spread). Default: the number of
+    /// cores; 1 keeps a batch on one connection.
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    batch_lanes: Option<u16>,
     /// One-sided reads (shm, or tcp with --one-sided) reuse a block's descriptor this many
     /// milliseconds after its lookup, so a block read again soon costs no lookup; every read
     /// is still verified. 0 looks up every read.
@@ -378,6 +383,9 @@ fn connect(cli: &Cli) -> anyhow::Result<Client> {
             token,
             transport,
             inline_tcp_reads: !cli.one_sided,
+            batch_lanes: cli
+                .batch_lanes
+                .map_or(ClientConfig::default().batch_lanes, usize::from),
             descriptor_ttl: Duration::from_millis(cli.descriptor_ttl_ms),
             shm_payload_crc: cli.shm_payload_crc,
             ..ClientConfig::default()
