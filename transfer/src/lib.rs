@@ -101,17 +101,58 @@ where
         return run_on(index, ops);
     }
     let per = ops.len().div_ceil(lanes);
-    let run_on = &run_on;
+    run_in_lanes(ops.chunks_mut(per).collect(), run_on)
+}
+
+/// Runs `run(i, runs[i])` for every run at once, on a scoped thread each but the last, which
+/// the calling thread takes, and returns their results in the order of the runs. A run whose
+/// thread cannot start is left to the calling thread (one at a time, after its own); a panic
+/// in a run is resumed here.
+pub fn run_in_lanes<T, R, F>(mut runs: Vec<&mut [T]>, run: F) -> Vec<R>
+where
+    T: Send,
+    R: Send,
+    F: Fn(usize, &mut [T]) -> Vec<R> + Sync,
+{
+    let Some(last) = runs.pop() else {
+        return Vec::new();
+    };
+    let last_index = runs.len();
+    // Each run in a slot that its thread takes it from, or the calling thread if the thread
+    // does not start.
+    let slots: Vec<parking_lot::Mutex<Option<&mut [T]>>> = runs
+        .into_iter()
+        .map(|r| parking_lot::Mutex::new(Some(r)))
+        .collect();
+    let (run, slots) = (&run, &slots);
+    let take = move |i: usize| {
+        slots[i]
+            .lock()
+            .take()
+            .map(|r| run(i, r))
+            .unwrap_or_default()
+    };
     std::thread::scope(|scope| {
-        let handles: Vec<_> = ops
-            .chunks_mut(per)
-            .enumerate()
-            .map(|(i, chunk)| scope.spawn(move || run_on(i, chunk)))
+        let threads: Vec<_> = (0..slots.len())
+            .map(|i| {
+                std::thread::Builder::new()
+                    .name("mooncake-lane".into())
+                    .spawn_scoped(scope, move || take(i))
+                    .inspect_err(|error| tracing::debug!(%error, "cannot start a lane's thread"))
+                    .ok()
+            })
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("a reader thread panicked"))
-            .collect()
+        let tail = run(last_index, last);
+        let mut results = Vec::new();
+        for (i, thread) in threads.into_iter().enumerate() {
+            match thread.map(|t| t.join()) {
+                Some(Ok(part)) => results.extend(part),
+                Some(Err(panic)) => std::panic::resume_unwind(panic),
+                None => results.extend(take(i)),
+            }
+        }
+        results.extend(tail);
+        results
     })
 }
 
@@ -184,4 +225,61 @@ pub fn coarse_clock_ns() -> u64 {
         .unwrap_or(0)
         .saturating_mul(1_000_000_000)
         .saturating_add(u64::try_from(t.tv_nsec).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_in_lanes;
+
+    #[test]
+    fn lanes_run_at_once_and_answer_in_order() {
+        let mut items: Vec<u32> = (0..10).collect();
+        let runs: Vec<&mut [u32]> = {
+            let (a, rest) = items.split_at_mut(3);
+            let (b, c) = rest.split_at_mut(1);
+            vec![a, b, c]
+        };
+        // Every run sees its own index, and they all run at the same time: each waits at the
+        // barrier until all three are there (a run left to the calling thread after another
+        // would wait for ever).
+        let barrier = std::sync::Barrier::new(3);
+        let results = run_in_lanes(runs, |lane, run| {
+            barrier.wait();
+            run.iter_mut()
+                .map(|x| {
+                    *x += 100;
+                    (lane, *x)
+                })
+                .collect()
+        });
+        let expected: Vec<(usize, u32)> = (0..10)
+            .map(|x| {
+                (
+                    if x < 3 {
+                        0
+                    } else if x < 4 {
+                        1
+                    } else {
+                        2
+                    },
+                    x + 100,
+                )
+            })
+            .collect();
+        assert_eq!(results, expected);
+        assert_eq!(items, (100..110).collect::<Vec<_>>());
+        assert!(run_in_lanes(Vec::<&mut [u32]>::new(), |_, _| vec![0u8]).is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "the first lane failed")]
+    fn a_panic_on_a_lanes_thread_reaches_the_caller() {
+        let mut items = [0u8; 4];
+        let (a, b) = items.split_at_mut(2);
+        // The first lane runs on a thread of its own; the last on the calling one.
+        run_in_lanes(vec![a, b], |lane, _| -> Vec<()> {
+            assert_ne!(lane, 0, "the first lane failed");
+            Vec::new()
+        });
+    }
 }

@@ -4,8 +4,6 @@
 
 use std::io::Read;
 
-use parking_lot::Mutex;
-
 use mooncake_kv_format::{self as format, HEADER_BYTES, MAX_PAYLOAD_OFFSET};
 use mooncake_kv_transfer::{ReadOp, RemoteSlice};
 
@@ -174,7 +172,7 @@ impl Client {
 
     /// An inline batch, over several connections at once when it is large enough
     /// ([`ClientConfig::batch_lanes`]): contiguous runs of items of about equal bytes, one
-    /// lookup and one stream each, one thread each (this one takes the last). One stream
+    /// lookup and one stream each, a thread each (this one takes the last). One stream
     /// keeps one thread here and one event loop on the node busy; on a host with few cores
     /// the scheduler also tends to put both ends of a lone stream on one core after a pause
     /// (docs/development.md, "The serving loop").
@@ -190,38 +188,8 @@ impl Client {
         if lanes <= 1 {
             return self.get_into_batch_inline(items);
         }
-        let count = items.len();
-        // Each run in a slot its thread takes it from, or this one if the thread cannot start.
-        let mut runs: Vec<Mutex<Option<&mut [Item<'_, '_>]>>> = split_by_bytes(items, lanes)
-            .into_iter()
-            .map(|run| Mutex::new(Some(run)))
-            .collect();
-        let last = runs.pop().and_then(Mutex::into_inner).unwrap_or_default();
-        let take = |run: &Mutex<Option<&mut [Item<'_, '_>]>>| {
-            self.get_into_batch_inline(run.lock().take().unwrap_or_default())
-        };
-        std::thread::scope(|scope| {
-            let threads: Vec<_> = runs
-                .iter()
-                .map(|run| {
-                    std::thread::Builder::new()
-                        .name("mooncake-read-lane".into())
-                        .spawn_scoped(scope, move || take(run))
-                        .inspect_err(|error| tracing::debug!(%error, "cannot start a read lane"))
-                        .ok()
-                })
-                .collect();
-            let tail = self.get_into_batch_inline(last);
-            let mut results = Vec::with_capacity(count);
-            for (run, thread) in runs.iter().zip(threads) {
-                match thread.map(|t| t.join()) {
-                    Some(Ok(part)) => results.extend(part),
-                    Some(Err(panic)) => std::panic::resume_unwind(panic),
-                    None => results.extend(take(run)),
-                }
-            }
-            results.extend(tail);
-            results
+        mooncake_kv_transfer::run_in_lanes(split_by_bytes(items, lanes), |_, run| {
+            self.get_into_batch_inline(run)
         })
     }
 
