@@ -103,6 +103,15 @@ pub enum ClusterError {
     /// Every replica failed (not merely missed) the read.
     #[error("every replica failed: {}", describe(.0))]
     AllReplicasFailed(Vec<ReplicaFailure>),
+    /// The value is larger than the buffer given for it (a replica that holds it said so;
+    /// nothing was written into the buffer).
+    #[error("buffer too small: the value needs {needed} bytes, the buffer has {available}")]
+    BufferTooSmall {
+        /// The value's length.
+        needed: usize,
+        /// The buffer's.
+        available: usize,
+    },
     /// The settings do not make sense.
     #[error("bad cluster settings: {0}")]
     Config(String),
@@ -514,15 +523,84 @@ impl ClusterClient {
     }
 
     /// [`get`](Self::get) into `dst`, asking the replicas in the same order; returns the
-    /// value's length. A buffer smaller than the value fails with
-    /// [`ClientError::BufferTooSmall`] (inside [`ClusterError::AllReplicasFailed`]) on every
-    /// replica that holds it.
+    /// value's length.
     ///
     /// # Errors
     ///
-    /// As [`get`](Self::get).
+    /// As [`get`](Self::get), and [`ClusterError::BufferTooSmall`] from the first replica
+    /// that holds a value larger than `dst` (the others hold the same value: they are not
+    /// asked, and the member is not counted as failing).
     pub fn get_into(&self, key: &[u8], dst: &mut [u8]) -> Result<Option<usize>, ClusterError> {
         self.first_hit(key, |client| client.get_into(key, dst))
+    }
+
+    /// [`get_into`](Self::get_into) for many keys. Each member gets, in one batch
+    /// ([`Client::get_into_batch`]), the keys it is first in read order for, the members at
+    /// once (a thread each); a key its member did not deliver (a miss there, a failure, a
+    /// buffer too small) is then read on its own as [`get_into`](Self::get_into) reads it,
+    /// every member in read order: the same answer, one more round trip for that key. One
+    /// result per item, in order.
+    pub fn get_into_batch(
+        &self,
+        items: &mut [(&[u8], &mut [u8])],
+    ) -> Vec<Result<Option<usize>, ClusterError>> {
+        if items.len() <= 1 {
+            return items
+                .iter_mut()
+                .map(|(key, dst)| self.get_into(key, dst))
+                .collect();
+        }
+        // Each key's first member; for each member the items it is asked for, in order, and
+        // their places in the batch.
+        let mut members: Vec<(u64, SocketAddr)> = Vec::new();
+        let mut shares: Vec<Vec<(&[u8], &mut [u8])>> = Vec::new();
+        let mut places: Vec<Vec<usize>> = Vec::new();
+        for (place, (key, dst)) in items.iter_mut().enumerate() {
+            let Some(&member) = self.read_order(key).first() else {
+                continue;
+            };
+            let share = members
+                .iter()
+                .position(|m| m.0 == member.0)
+                .unwrap_or_else(|| {
+                    members.push(member);
+                    shares.push(Vec::new());
+                    places.push(Vec::new());
+                    members.len() - 1
+                });
+            shares[share].push((*key, &mut **dst));
+            places[share].push(place);
+        }
+        let lanes = shares.iter_mut().map(Vec::as_mut_slice).collect();
+        // For each item of each share, its length if its member delivered it.
+        let answers = mooncake_kv_transfer::run_in_lanes(lanes, |lane, share| {
+            let (id, addr) = members[lane];
+            let _in_flight = self.start_request(id);
+            match self.client(id, addr) {
+                Ok(client) => client
+                    .get_into_batch(share)
+                    .into_iter()
+                    .map(|answer| answer.ok().flatten())
+                    .collect(),
+                Err(error) => {
+                    let _ = self.failed(id, addr, error);
+                    vec![None; share.len()]
+                }
+            }
+        });
+        drop(shares);
+        let mut delivered: Vec<Option<usize>> = vec![None; items.len()];
+        for (place, answer) in places.iter().flatten().zip(answers) {
+            delivered[*place] = answer;
+        }
+        items
+            .iter_mut()
+            .zip(delivered)
+            .map(|((key, dst), delivered)| match delivered {
+                Some(len) => Ok(Some(len)),
+                None => self.get_into(key, dst),
+            })
+            .collect()
     }
 
     /// Which of `keys` some live member holds (a replica, or a copy written under an older
@@ -598,12 +676,9 @@ impl ClusterClient {
         Ok(held)
     }
 
-    /// Asks the members for `key` in read order (see [`get`](Self::get)) until one has it.
-    fn first_hit<T>(
-        &self,
-        key: &[u8],
-        mut read: impl FnMut(&Client) -> Result<Option<T>, ClientError>,
-    ) -> Result<Option<T>, ClusterError> {
+    /// The members to ask for `key`, in read order (see [`get`](Self::get)): its replicas,
+    /// then every other live member.
+    fn read_order(&self, key: &[u8]) -> Vec<(u64, SocketAddr)> {
         let replicas = self.replicas(key);
         let ranked: Vec<(u64, bool, usize)> = replicas
             .iter()
@@ -620,6 +695,16 @@ impl ClusterClient {
                 }
             }
         }
+        order
+    }
+
+    /// Asks the members for `key` in read order (see [`get`](Self::get)) until one has it.
+    fn first_hit<T>(
+        &self,
+        key: &[u8],
+        mut read: impl FnMut(&Client) -> Result<Option<T>, ClientError>,
+    ) -> Result<Option<T>, ClusterError> {
+        let order = self.read_order(key);
         if order.is_empty() {
             return Err(ClusterError::NoLiveMember);
         }
@@ -630,6 +715,10 @@ impl ClusterClient {
             match self.client(id, addr).and_then(|c| read(&c)) {
                 Ok(Some(value)) => return Ok(Some(value)),
                 Ok(None) => {}
+                // The caller's mistake, not the member's; another replica's answer is the same.
+                Err(ClientError::BufferTooSmall { needed, available }) => {
+                    return Err(ClusterError::BufferTooSmall { needed, available });
+                }
                 Err(error) => failures.push(self.failed(id, addr, error)),
             }
         }

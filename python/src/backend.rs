@@ -134,9 +134,10 @@ impl Backend {
                 .into_iter()
                 .map(|r| r.map_err(Into::into))
                 .collect(),
-            Self::Cluster(cluster) => items
-                .iter_mut()
-                .map(|(key, dst)| cluster.get_into(key, dst).map_err(Into::into))
+            Self::Cluster(cluster) => cluster
+                .get_into_batch(items)
+                .into_iter()
+                .map(|r| r.map_err(Into::into))
                 .collect(),
             #[cfg(feature = "embedded")]
             Self::Embedded(engine) => engine

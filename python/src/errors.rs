@@ -206,6 +206,7 @@ impl From<ClusterError> for StoreError {
                     _ => Kind::Unavailable,
                 }
             }
+            ClusterError::BufferTooSmall { .. } => Kind::BufferTooSmall,
             ClusterError::NoLiveMember => Kind::Unavailable,
             ClusterError::Config(_) => Kind::InvalidArgument,
             _ => Kind::Internal,

@@ -231,8 +231,18 @@ def test_a_cluster_of_two_nodes_keeps_two_replicas_and_fails_over() -> None:
         buf = bytearray(len(value))
         assert cluster.get_into(key, buf) == len(value) and buf == value
         assert cluster.exists_batch([key, unique("none")]) == [True, False]
+        others = [unique("c") for _ in range(6)]
+        cluster.put_batch(others, [pattern(k, 200_000) for k in others])
+        bufs = [bytearray(200_000) for _ in others]
+        assert cluster.get_into_batch(others, bufs) == [200_000] * 6
+        assert all(b == pattern(k, 200_000) for k, b in zip(others, bufs))
+        with pytest.raises(mooncake_kv.BufferTooSmallError):
+            cluster.get_into(key, bytearray(10))
         nodes[0].kill()
         assert cluster.get(key) == value  # the other replica answers
+        bufs = [bytearray(200_000) for _ in others]
+        assert cluster.get_into_batch(others, bufs) == [200_000] * 6
+        assert all(b == pattern(k, 200_000) for k, b in zip(others, bufs))
         assert cluster.remove(key)
         assert cluster.get(key) is None
     finally:

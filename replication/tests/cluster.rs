@@ -420,3 +420,78 @@ fn a_lone_member_back_with_its_data_serves_it_at_once() {
         Some(&b"from before"[..])
     );
 }
+
+fn lookups(node: &Node) -> u64 {
+    let name = "mooncake_requests_total{kind=\"lookup\"}";
+    let text = node.metrics_text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in the metrics:\n{text}"))
+}
+
+#[test]
+fn a_batch_read_asks_each_member_once_and_fails_over_key_by_key() {
+    let mut nodes: Vec<Option<Node>> = (0..3).map(|_| Some(node())).collect();
+    let cluster = ClusterClient::new(ClusterConfig {
+        membership: fast_membership(nodes.iter().flatten().map(Node::control_addr).collect())
+            .into(),
+        ..ClusterConfig::default()
+    })
+    .unwrap();
+    wait_live(&cluster, 3);
+    const KEYS: u64 = 30;
+    for i in 0..KEYS {
+        cluster.put(format!("b{i}").as_bytes(), &value(i)).unwrap();
+    }
+    // Every value, a key no one has (at 5), a buffer too small (at 9).
+    let mut keys: Vec<Vec<u8>> = (0..KEYS).map(|i| format!("b{i}").into_bytes()).collect();
+    keys.insert(5, b"b-none".to_vec());
+    let check = |cluster: &ClusterClient, round: &str| {
+        let mut bufs: Vec<Vec<u8>> = keys.iter().map(|_| vec![0u8; 10_000]).collect();
+        bufs[9] = vec![0u8; 10];
+        let mut items: Vec<(&[u8], &mut [u8])> = keys
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(k, b)| (k.as_slice(), b.as_mut_slice()))
+            .collect();
+        let results = cluster.get_into_batch(&mut items);
+        assert_eq!(results.len(), keys.len());
+        for (at, (result, buf)) in results.iter().zip(&bufs).enumerate() {
+            let i = if at < 5 { at as u64 } else { at as u64 - 1 };
+            match (at, result) {
+                (5, Ok(None)) => {}
+                (9, Err(ClusterError::BufferTooSmall { needed, available })) => {
+                    assert_eq!((*needed, *available), (value(8).len(), 10), "{round}");
+                }
+                (_, Ok(Some(len))) if at != 5 && at != 9 => {
+                    assert_eq!(&buf[..*len], &value(i)[..], "{round}: item {at} read wrong");
+                }
+                (_, other) => panic!("{round}: item {at}: {other:?}"),
+            }
+        }
+    };
+    // All live: each member is asked once for its share, and again only for what it did not
+    // deliver: the miss, asked of every member in read order, and the short buffer, of the
+    // first replica (a key at a time, 31 lookups at least, would be far more).
+    let before: Vec<u64> = nodes.iter().flatten().map(lookups).collect();
+    check(&cluster, "all live");
+    let asked: u64 = nodes
+        .iter()
+        .flatten()
+        .zip(&before)
+        .map(|(node, before)| lookups(node) - before)
+        .sum();
+    assert!(
+        asked <= 3 + 3 + 1,
+        "{asked} lookups for a batch of {} keys over 3 members",
+        keys.len()
+    );
+    // A member stops, and the client has not noticed yet: its share is read from the other
+    // replicas, key by key, with no error and no wrong byte.
+    nodes[0]
+        .take()
+        .unwrap()
+        .shutdown(Duration::from_secs(1))
+        .unwrap();
+    check(&cluster, "one stopped");
+}
