@@ -49,14 +49,10 @@ fn wait_live(cluster: &ClusterClient, members: usize) {
     }
 }
 
-fn value(i: u64) -> Vec<u8> {
-    let len = 1000 + (i * 7919 % 9000) as usize;
-    (0..len).map(|j| (i as usize * 31 + j) as u8).collect()
-}
-
-#[test]
-fn reads_fail_over_without_errors_when_a_replica_stops() {
-    let mut nodes: Vec<Option<Node>> = (0..3).map(|_| Some(node())).collect();
+/// Three nodes (each in an `Option`, so that a test can stop one) and a cluster client over
+/// them that sees all three live.
+fn three_nodes() -> (Vec<Option<Node>>, ClusterClient) {
+    let nodes: Vec<Option<Node>> = (0..3).map(|_| Some(node())).collect();
     let cluster = ClusterClient::new(ClusterConfig {
         membership: fast_membership(nodes.iter().flatten().map(Node::control_addr).collect())
             .into(),
@@ -64,6 +60,17 @@ fn reads_fail_over_without_errors_when_a_replica_stops() {
     })
     .unwrap();
     wait_live(&cluster, 3);
+    (nodes, cluster)
+}
+
+fn value(i: u64) -> Vec<u8> {
+    let len = 1000 + (i * 7919 % 9000) as usize;
+    (0..len).map(|j| (i as usize * 31 + j) as u8).collect()
+}
+
+#[test]
+fn reads_fail_over_without_errors_when_a_replica_stops() {
+    let (mut nodes, cluster) = three_nodes();
     const KEYS: u64 = 2000;
     for i in 0..KEYS {
         let held = cluster.put(format!("k{i}").as_bytes(), &value(i)).unwrap();
@@ -431,14 +438,7 @@ fn lookups(node: &Node) -> u64 {
 
 #[test]
 fn a_batch_read_asks_each_member_once_and_fails_over_key_by_key() {
-    let mut nodes: Vec<Option<Node>> = (0..3).map(|_| Some(node())).collect();
-    let cluster = ClusterClient::new(ClusterConfig {
-        membership: fast_membership(nodes.iter().flatten().map(Node::control_addr).collect())
-            .into(),
-        ..ClusterConfig::default()
-    })
-    .unwrap();
-    wait_live(&cluster, 3);
+    let (mut nodes, cluster) = three_nodes();
     const KEYS: u64 = 30;
     for i in 0..KEYS {
         cluster.put(format!("b{i}").as_bytes(), &value(i)).unwrap();
