@@ -310,38 +310,22 @@ impl ClusterClient {
         }
     }
 
-    /// Runs `call` against each of `members` at once: the first on this thread, each other on
-    /// a thread of its own, each counted in flight to its member. `call` gets the member's
-    /// position in `members` and its client. One outcome per member, in the order of
-    /// `members`.
+    /// Runs `call` against each of `members` at once (a thread each but one, which this
+    /// thread takes: [`run_in_lanes`](mooncake_kv_transfer::run_in_lanes)), each counted in
+    /// flight to its member. `call` gets the member's position in `members` and its client.
+    /// One outcome per member, in the order of `members`.
     fn each_member<T: Send>(
         &self,
         members: &[(u64, SocketAddr)],
         call: impl Fn(usize, &Client) -> Result<T, ClientError> + Sync,
     ) -> Vec<(u64, SocketAddr, Result<T, ClientError>)> {
-        let call_one = |at: usize| {
+        // One lane per member, with nothing of its own to work on.
+        let mut lanes = vec![(); members.len()];
+        mooncake_kv_transfer::run_in_lanes(lanes.chunks_mut(1).collect(), |at, _| {
             let (id, addr) = members[at];
             let _in_flight = self.start_request(id);
             let result = self.client(id, addr).and_then(|client| call(at, &client));
-            (id, addr, result)
-        };
-        std::thread::scope(|scope| {
-            let others: Vec<_> = (1..members.len())
-                .map(|at| scope.spawn(move || call_one(at)))
-                .collect();
-            let mut outcomes = Vec::with_capacity(members.len());
-            if !members.is_empty() {
-                outcomes.push(call_one(0));
-            }
-            for other in others {
-                // A panic in a call is a bug here: pass it on rather than lose an outcome.
-                outcomes.push(
-                    other
-                        .join()
-                        .unwrap_or_else(|p| std::panic::resume_unwind(p)),
-                );
-            }
-            outcomes
+            vec![(id, addr, result)]
         })
     }
 
@@ -385,18 +369,40 @@ impl ClusterClient {
         items: &[(&[u8], &[u8])],
         end: ChainEnd,
     ) -> Vec<Result<Vec<u64>, ClusterError>> {
+        self.put_in_shares(items, |client, blocks, holds_last| {
+            // Only the share holding the chain's last block ends partial.
+            let end = if holds_last { end } else { ChainEnd::Full };
+            client.put_chain(parent, blocks, end, false)
+        })
+    }
+
+    /// Stores each of `items` on its replicas, as [`put`](Self::put) does: each member
+    /// receives the blocks it is a replica of in one request, the members at once. One
+    /// outcome per item, in order, as [`put`](Self::put)'s.
+    pub fn put_batch(&self, items: &[(&[u8], &[u8])]) -> Vec<Result<Vec<u64>, ClusterError>> {
+        self.put_in_shares(items, |client, blocks, _| client.put_batch(blocks, false))
+    }
+
+    /// Sends each member its share of `items` (the blocks it is a replica of, in order) with
+    /// `send`, which is told whether the share holds the last item; the members at once. Each
+    /// item's outcome is a put's: the replicas that took it, or why fewer than the write
+    /// quorum did.
+    fn put_in_shares(
+        &self,
+        items: &[(&[u8], &[u8])],
+        send: impl Fn(
+            &Client,
+            &[(&[u8], &[u8])],
+            bool,
+        ) -> Result<Vec<Result<u64, ErrorReply>>, ClientError>
+        + Sync,
+    ) -> Vec<Result<Vec<u64>, ClusterError>> {
         let (members, shares) = self.shares(items.iter().map(|(key, _)| key));
         let last = items.len().saturating_sub(1);
         let outcomes = self.each_member(&members, |member, client| {
             let share = &shares[member];
             let blocks: Vec<(&[u8], &[u8])> = share.iter().map(|&at| items[at]).collect();
-            // Only the share holding the chain's last block ends partial.
-            let end = if share.last() == Some(&last) {
-                end
-            } else {
-                ChainEnd::Full
-            };
-            client.put_chain(parent, &blocks, end, false)
+            send(client, &blocks, share.last() == Some(&last))
         });
         let mut acked: Vec<Vec<u64>> = vec![Vec::new(); items.len()];
         let mut wanted = vec![0usize; items.len()];

@@ -70,9 +70,10 @@ impl Backend {
                     .collect(),
                 Err(error) => each(error.into(), items.len()),
             },
-            Self::Cluster(cluster) => items
-                .iter()
-                .map(|(key, value)| cluster.put(key, value).map(drop).map_err(Into::into))
+            Self::Cluster(cluster) => cluster
+                .put_batch(items)
+                .into_iter()
+                .map(|o| o.map(drop).map_err(Into::into))
                 .collect(),
             #[cfg(feature = "embedded")]
             Self::Embedded(engine) => engine

@@ -495,3 +495,68 @@ fn a_batch_read_asks_each_member_once_and_fails_over_key_by_key() {
         .unwrap();
     check(&cluster, "one stopped");
 }
+
+#[test]
+fn a_batch_put_sends_each_member_its_share_and_counts_each_key_against_the_quorum() {
+    let (mut nodes, cluster) = three_nodes();
+    let keys: Vec<Vec<u8>> = (0..24u64).map(|i| format!("p{i}").into_bytes()).collect();
+    let values: Vec<Vec<u8>> = (0..24).map(value).collect();
+    let items: Vec<(&[u8], &[u8])> = keys
+        .iter()
+        .zip(&values)
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .collect();
+    let blocks_before: Vec<u64> = nodes
+        .iter()
+        .flatten()
+        .map(|n| n.engine().stats().tiers[0].blocks)
+        .collect();
+    for (i, outcome) in cluster.put_batch(&items).into_iter().enumerate() {
+        let held = outcome.unwrap_or_else(|e| panic!("key {i}: {e}"));
+        assert_eq!(held.len(), 2, "key {i}");
+        assert_ne!(held[0], held[1], "key {i}: two distinct replicas");
+        // On the replicas placement names, as a single put would be.
+        let mut placed: Vec<u64> = cluster.replicas(&keys[i]).iter().map(|r| r.0).collect();
+        let mut held = held;
+        placed.sort_unstable();
+        held.sort_unstable();
+        assert_eq!(held, placed, "key {i}");
+    }
+    let added: u64 = nodes
+        .iter()
+        .flatten()
+        .zip(&blocks_before)
+        .map(|(n, before)| n.engine().stats().tiers[0].blocks - before)
+        .sum();
+    assert_eq!(added, 48, "24 blocks, two replicas each");
+    for (key, v) in keys.iter().zip(&values) {
+        assert_eq!(cluster.get(key).unwrap().as_ref(), Some(v));
+    }
+    // A member stops before the client notices: a key it is a replica of fails the quorum
+    // (W = 2) and names it; the others are held as before.
+    let stopped = nodes[0].as_ref().unwrap().control_addr();
+    nodes[0]
+        .take()
+        .unwrap()
+        .shutdown(Duration::from_secs(1))
+        .unwrap();
+    let (mut held, mut refused) = (0, 0);
+    for (i, outcome) in cluster.put_batch(&items).into_iter().enumerate() {
+        match outcome {
+            Ok(replicas) => {
+                assert_eq!(replicas.len(), 2, "key {i}");
+                held += 1;
+            }
+            Err(ClusterError::Quorum {
+                acked, failures, ..
+            }) => {
+                assert_eq!(acked, 1, "key {i}");
+                assert_eq!(failures.len(), 1, "key {i}");
+                assert_eq!(failures[0].addr, stopped, "key {i}");
+                refused += 1;
+            }
+            Err(other) => panic!("key {i}: {other}"),
+        }
+    }
+    assert!(held > 0 && refused > 0, "{held} held, {refused} refused");
+}
