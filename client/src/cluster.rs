@@ -525,7 +525,7 @@ impl ClusterClient {
     /// [`ClusterError::AllReplicasFailed`] only when every member asked failed; a miss on one
     /// and a hit on another is a hit.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ClusterError> {
-        self.first_hit(key, |client| client.get(key))
+        self.first_hit(key, &[], |client| client.get(key))
     }
 
     /// [`get`](Self::get) into `dst`, asking the replicas in the same order; returns the
@@ -537,15 +537,15 @@ impl ClusterClient {
     /// that holds a value larger than `dst` (the others hold the same value: they are not
     /// asked, and the member is not counted as failing).
     pub fn get_into(&self, key: &[u8], dst: &mut [u8]) -> Result<Option<usize>, ClusterError> {
-        self.first_hit(key, |client| client.get_into(key, dst))
+        self.first_hit(key, &[], |client| client.get_into(key, dst))
     }
 
     /// [`get_into`](Self::get_into) for many keys. Each member gets, in one batch
     /// ([`Client::get_into_batch`]), the keys it is first in read order for, the members at
     /// once (a thread each); a key its member did not deliver (a miss there, a failure, a
     /// buffer too small) is then read on its own as [`get_into`](Self::get_into) reads it,
-    /// every member in read order: the same answer, one more round trip for that key. One
-    /// result per item, in order.
+    /// every member in read order but those that could not be reached during the batch last:
+    /// the same answer, one more round trip for that key. One result per item, in order.
     pub fn get_into_batch(
         &self,
         items: &mut [(&[u8], &mut [u8])],
@@ -578,22 +578,32 @@ impl ClusterClient {
             places[share].push(place);
         }
         let lanes = shares.iter_mut().map(Vec::as_mut_slice).collect();
+        // Members that could not be reached, asked last when their keys are read again: a
+        // member gone costs the batch one timeout, not one per key.
+        let unreachable = Mutex::new(Vec::new());
         // For each item of each share, its length if its member delivered it.
         let answers = mooncake_kv_transfer::run_in_lanes(lanes, |lane, share| {
             let (id, addr) = members[lane];
             let _in_flight = self.start_request(id);
             match self.client(id, addr) {
-                Ok(client) => client
-                    .get_into_batch(share)
-                    .into_iter()
-                    .map(|answer| answer.ok().flatten())
-                    .collect(),
+                Ok(client) => {
+                    let answers = client.get_into_batch(share);
+                    if answers
+                        .iter()
+                        .any(|a| matches!(a, Err(ClientError::Io { .. })))
+                    {
+                        unreachable.lock().push(id);
+                    }
+                    answers.into_iter().map(|a| a.ok().flatten()).collect()
+                }
                 Err(error) => {
+                    unreachable.lock().push(id);
                     let _ = self.failed(id, addr, error);
                     vec![None; share.len()]
                 }
             }
         });
+        let unreachable = unreachable.into_inner();
         drop(shares);
         let mut delivered: Vec<Option<usize>> = vec![None; items.len()];
         for (place, answer) in places.iter().flatten().zip(answers) {
@@ -604,7 +614,7 @@ impl ClusterClient {
             .zip(delivered)
             .map(|((key, dst), delivered)| match delivered {
                 Some(len) => Ok(Some(len)),
-                None => self.get_into(key, dst),
+                None => self.first_hit(key, &unreachable, |client| client.get_into(key, dst)),
             })
             .collect()
     }
@@ -704,13 +714,16 @@ impl ClusterClient {
         order
     }
 
-    /// Asks the members for `key` in read order (see [`get`](Self::get)) until one has it.
+    /// Asks the members for `key` in read order (see [`get`](Self::get)) until one has it,
+    /// those in `ask_last` (members that just failed) after all the others.
     fn first_hit<T>(
         &self,
         key: &[u8],
+        ask_last: &[u64],
         mut read: impl FnMut(&Client) -> Result<Option<T>, ClientError>,
     ) -> Result<Option<T>, ClusterError> {
-        let order = self.read_order(key);
+        let mut order = self.read_order(key);
+        order.sort_by_key(|(id, _)| ask_last.contains(id));
         if order.is_empty() {
             return Err(ClusterError::NoLiveMember);
         }
