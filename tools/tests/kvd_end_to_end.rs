@@ -336,6 +336,58 @@ fn a_large_inline_batch_is_read_over_several_connections_and_answered_in_order()
     }
 }
 
+#[test]
+fn a_batch_from_a_node_that_stops_answering_costs_a_few_timeouts_not_one_per_item() {
+    let kvd = start_kvd(&["--memory-only", "--dram-mib", "64"]);
+    let reader = Client::connect(
+        kvd.control,
+        ClientConfig {
+            transport: TransportChoice::Tcp,
+            timeout: Duration::from_millis(500),
+            ..ClientConfig::default()
+        },
+    )
+    .expect("connect");
+    let keys: Vec<Vec<u8>> = (0..20)
+        .map(|i| format!("frozen/{i}").into_bytes())
+        .collect();
+    for key in &keys {
+        reader.put(key, &[7u8; 4096]).unwrap();
+    }
+    // The node stops (SIGSTOP): the kernel still accepts connections, nothing answers.
+    let pid = kvd.child().id().to_string();
+    let signal = |name: &str| {
+        let status = Command::new("kill").args([name, &pid]).status().unwrap();
+        assert!(status.success(), "kill {name}");
+    };
+    signal("-STOP");
+    let mut bufs = vec![vec![0u8; 4096]; keys.len()];
+    let mut items: Vec<(&[u8], &mut [u8])> = keys
+        .iter()
+        .zip(bufs.iter_mut())
+        .map(|(k, b)| (k.as_slice(), b.as_mut_slice()))
+        .collect();
+    let started = std::time::Instant::now();
+    let results = reader.get_into_batch(&mut items);
+    let took = started.elapsed();
+    signal("-CONT");
+    for (i, result) in results.iter().enumerate() {
+        assert!(
+            matches!(result, Err(ClientError::Io { .. })),
+            "item {i}: {result:?}"
+        );
+    }
+    // The batch, its connection opened again once, and once more as a batch: a few
+    // timeouts of 0.5 s. A connection per item would be 20 of them, 10 s.
+    assert!(
+        took < Duration::from_secs(5),
+        "the batch failed after {took:?}"
+    );
+    // Running again, the node serves the same client.
+    let mut buf = [0u8; 4096];
+    assert_eq!(reader.get_into(&keys[0], &mut buf).unwrap(), Some(4096));
+}
+
 fn http_get(url: &str) -> String {
     let addr = url
         .trim_start_matches("http://")

@@ -201,6 +201,16 @@ impl Client {
         &self,
         items: &mut [(&[u8], &mut [u8])],
     ) -> Vec<Result<Option<usize>>> {
+        self.inline_batch(items, true)
+    }
+
+    /// [`get_into_batch_inline`](Self::get_into_batch_inline), which may (`again`) send what
+    /// a failed connection left unread once more as a batch.
+    fn inline_batch(
+        &self,
+        items: &mut [(&[u8], &mut [u8])],
+        again: bool,
+    ) -> Vec<Result<Option<usize>>> {
         let release = std::mem::take(&mut *self.done_leases.lock());
         let cached_keys = self.take_cached_keys();
         let request = Request::Lookup {
@@ -212,10 +222,11 @@ impl Client {
             inline: true,
         };
         let mut results: Vec<Option<Result<Option<usize>>>> = items.iter().map(|_| None).collect();
-        // What the batch did not settle (a block that did not verify, or all that follow a
-        // failed exchange) is read on its own below, and says why on its own: the batch's
-        // own error adds nothing.
-        let _ = self.call_then(&request, &[], |control, response| {
+        // What the batch did not settle is read again: after a failed connection (the
+        // exchange's error), once more as a batch on a new one, then each item fails with that
+        // error (not a connection per item: a node gone would cost a timeout each); a block
+        // that did not verify, on its own below.
+        let exchange = self.call_then(&request, &[], |control, response| {
             let Response::Lookup(outcomes) = response else {
                 return Err(unexpected("lookup"));
             };
@@ -245,6 +256,25 @@ impl Client {
             }
             Ok(())
         });
+        if let Err(error @ (ClientError::Io { .. } | ClientError::Protocol(_))) = exchange {
+            let unread: Vec<usize> = (0..items.len()).filter(|&i| results[i].is_none()).collect();
+            if again && !unread.is_empty() {
+                let mut rest: Vec<(&[u8], &mut [u8])> = items
+                    .iter_mut()
+                    .zip(&results)
+                    .filter(|(_, result)| result.is_none())
+                    .map(|((key, dst), _)| (*key, &mut **dst))
+                    .collect();
+                let answers = self.inline_batch(&mut rest, false);
+                for (i, answer) in unread.into_iter().zip(answers) {
+                    results[i] = Some(answer);
+                }
+            } else {
+                for i in unread {
+                    results[i] = Some(Err(error.duplicate()));
+                }
+            }
+        }
         items
             .iter_mut()
             .zip(results)
