@@ -429,11 +429,10 @@ fn a_lone_member_back_with_its_data_serves_it_at_once() {
 }
 
 fn lookups(node: &Node) -> u64 {
-    let name = "mooncake_requests_total{kind=\"lookup\"}";
-    let text = node.metrics_text();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in the metrics:\n{text}"))
+    mooncake_kv_test_support::metric(
+        &node.metrics_text(),
+        "mooncake_requests_total{kind=\"lookup\"}",
+    )
 }
 
 #[test]

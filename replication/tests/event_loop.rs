@@ -13,10 +13,7 @@ use mooncake_kv_replication::{Client, ClientConfig, Node, NodeConfig, TransportC
 const QUIET: Duration = Duration::from_millis(150);
 
 fn counter(node: &Node, name: &str) -> u64 {
-    let text = node.metrics_text();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in the metrics:\n{text}"))
+    mooncake_kv_test_support::metric(&node.metrics_text(), name)
 }
 
 /// A node in this process on loopback ports, DRAM only.

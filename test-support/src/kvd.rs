@@ -110,10 +110,19 @@ impl Kvd {
     ///
     /// If the signal cannot be sent or the process waited for.
     pub fn signal(mut self, signal: rustix::process::Signal) -> ExitStatus {
-        let mut child = self.child.take().expect("until drop");
-        let pid = rustix::process::Pid::from_child(&child);
+        self.send(signal);
+        self.child.take().expect("until drop").wait().expect("wait")
+    }
+
+    /// Sends `signal` to the kvd and returns at once (`STOP` and `CONT` pause and resume it).
+    ///
+    /// # Panics
+    ///
+    /// If the signal cannot be sent.
+    pub fn send(&self, signal: rustix::process::Signal) {
+        let child = self.child.as_ref().expect("until drop");
+        let pid = rustix::process::Pid::from_child(child);
         rustix::process::kill_process(pid, signal).expect("send the signal");
-        child.wait().expect("wait")
     }
 }
 

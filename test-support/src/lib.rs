@@ -1,7 +1,7 @@
 //! Helpers the integration tests of several crates share, so that none is copied between
 //! crates or compiled in by path: a `mooncake-kvd` process ([`Kvd`]), a free loopback port, a
-//! bounded wait, and a reader that tallies what a cluster returns while a test stops or
-//! kills nodes.
+//! bounded wait, one counter of a node's metrics, and a reader that tallies what a cluster
+//! returns while a test stops or kills nodes.
 //!
 //! For tests only: every helper panics (with what it was waiting for) instead of returning
 //! an error, as a failed test should.
@@ -14,6 +14,25 @@ use std::time::{Duration, Instant};
 
 pub use kvd::Kvd;
 pub use reads::ReadTally;
+
+/// The value of the counter `name` (with its labels, as in
+/// `mooncake_requests_total{kind="lookup"}`) in the metrics `text` (the exposition format a
+/// node's `/metrics` serves).
+///
+/// # Panics
+///
+/// If `text` has no such counter.
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
+}
 
 /// A loopback address with a port that was free a moment ago.
 ///

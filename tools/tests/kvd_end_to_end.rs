@@ -355,12 +355,7 @@ fn a_batch_from_a_node_that_stops_answering_costs_a_few_timeouts_not_one_per_ite
         reader.put(key, &[7u8; 4096]).unwrap();
     }
     // The node stops (SIGSTOP): the kernel still accepts connections, nothing answers.
-    let pid = kvd.child().id().to_string();
-    let signal = |name: &str| {
-        let status = Command::new("kill").args([name, &pid]).status().unwrap();
-        assert!(status.success(), "kill {name}");
-    };
-    signal("-STOP");
+    kvd.send(rustix::process::Signal::STOP);
     let mut bufs = vec![vec![0u8; 4096]; keys.len()];
     let mut items: Vec<(&[u8], &mut [u8])> = keys
         .iter()
@@ -370,7 +365,7 @@ fn a_batch_from_a_node_that_stops_answering_costs_a_few_timeouts_not_one_per_ite
     let started = std::time::Instant::now();
     let results = reader.get_into_batch(&mut items);
     let took = started.elapsed();
-    signal("-CONT");
+    kvd.send(rustix::process::Signal::CONT);
     for (i, result) in results.iter().enumerate() {
         assert!(
             matches!(result, Err(ClientError::Io { .. })),
@@ -588,12 +583,7 @@ fn values_over_the_limit_are_refused_before_they_are_read() {
 
 /// One counter of the node's `/metrics`.
 fn metric(kvd: &Kvd, name: &str) -> u64 {
-    let metrics = http_get(kvd.metrics());
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{metrics}"))
+    mooncake_kv_test_support::metric(&http_get(kvd.metrics()), name)
 }
 
 fn crc32(bytes: &[u8]) -> u32 {
