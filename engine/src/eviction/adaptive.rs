@@ -39,10 +39,15 @@
 //! Every operation is O(1), amortized under CLOCK (a block goes round at most once per use):
 //! a probe of the ghost table and a sketch update on insert, list moves otherwise, and for a
 //! sampled key (all of them below 4,096 blocks, 1 in 2^k above) the same in each miniature.
-//! About 36 bytes per resident block, 32 to 64 of sketch, at most one ghost per resident
-//! block (8 bytes in its queue, 8 to 16 in its table: see [`ghosts`](super::ghosts)), and the
-//! miniatures (at most 2 x 4,096 blocks, under a byte per block at 1M): 83 bytes per block
-//! at 1M blocks after a long run of evictions (the eviction bench). Below 4,096 blocks the
+//! Where the sketch is larger than a core's caches (2 MiB, over 32,768 blocks), uses are
+//! counted and inserts' keys looked up among the ghosts 32 at a time, so that their cache
+//! misses overlap; a new block that belongs in `frequent` moves there when its batch is
+//! counted, up to 31 uses late.
+//! 40 bytes per resident block (its list entry), 32 to 64 of sketch, at most one ghost per
+//! resident block (8 bytes in its queue, 8 to 16 in its table: see
+//! [`ghosts`](super::ghosts)), and the miniatures (at most 2 x 4,096 blocks, under a byte
+//! per block at 1M): 99.5 bytes per block at 1M blocks after a run of evictions (the
+//! eviction bench). Below 4,096 blocks the
 //! miniatures are whole copies: three times the work and memory of one policy, on a cache
 //! that small.
 //!
@@ -81,6 +86,19 @@ struct Meta {
 /// A frequent block earns at most this many rounds past the end of its list (S3-FIFO's and
 /// CLOCK's two bits).
 const MAX_USES: u8 = 3;
+
+/// Uses counted together where the sketch is large ([`Adaptive::batches`]).
+const SKETCH_BATCH: usize = 32;
+
+/// A use the sketch has yet to count, and for an insert the entry its answer places.
+#[derive(Debug, Clone, Copy)]
+struct Uncounted {
+    fingerprint: u32,
+    /// The entry inserted, and its generation then: put in `recent` for now, it moves to
+    /// `frequent` if its key comes back from a ghost or the sketch has seen it before (and
+    /// it is still that entry, still recent). `None` for a hit.
+    inserted: Option<(EntryId, u32)>,
+}
 
 /// How the frequent segment orders its blocks for eviction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -131,6 +149,8 @@ pub struct Adaptive {
     /// Whether ghost hits move the target and the shadows the order (off only in tests:
     /// what adapting buys).
     frozen: bool,
+    /// Uses not yet counted by a large sketch, at most [`SKETCH_BATCH`].
+    uncounted: Vec<Uncounted>,
 }
 
 impl Adaptive {
@@ -236,6 +256,80 @@ impl Adaptive {
         order.into_iter().find(|&l| self.lists.back(l).is_some())
     }
 
+    /// Whether uses wait to be counted in batches: where the sketch is larger than a core's
+    /// caches (2 MiB). Each use then lands in a random 64-byte block of it, a cache miss and a
+    /// TLB miss, and so does an insert's probe of the ghost table (twice the cache's size of
+    /// slots): asked for [`SKETCH_BATCH`] at a time, their misses overlap where one at a time
+    /// waits for each in turn.
+    fn batches(&self) -> bool {
+        self.sketch.is_large()
+    }
+
+    /// Counts a hit on `fingerprint` in the sketch, now or with its batch.
+    fn count_hit(&mut self, fingerprint: u32) {
+        if self.batches() {
+            self.uncounted.push(Uncounted {
+                fingerprint,
+                inserted: None,
+            });
+            if self.uncounted.len() >= SKETCH_BATCH {
+                self.count_uncounted();
+            }
+        } else {
+            self.sketch.increment(fingerprint);
+        }
+    }
+
+    /// Counts the uses held for a batch. Each new entry among them that is still the same
+    /// entry is then placed as an insert places it when not batching: in `frequent` if its
+    /// key comes back from a ghost (which moves the target) or the sketch has seen it before,
+    /// unless a use got there first. It waited in `recent` (or first out) meanwhile: up to
+    /// [`SKETCH_BATCH`] - 1 uses late. An entry gone before its batch is not asked after: it
+    /// was remembered as a ghost when it went, in place of the one it had.
+    fn count_uncounted(&mut self) {
+        let mut uncounted = std::mem::take(&mut self.uncounted);
+        for use_ in &uncounted {
+            self.sketch.prefetch(use_.fingerprint);
+            if use_.inserted.is_some() {
+                self.ghosts.prefetch(use_.fingerprint);
+            }
+        }
+        for use_ in &uncounted {
+            let seen = self.sketch.count(use_.fingerprint) >= 2;
+            let Some((id, generation)) = use_.inserted else {
+                continue;
+            };
+            if !self.lists.tracks(id) || self.lists.data(id).link.generation() != generation {
+                continue;
+            }
+            let returning = self.ghosts.take(use_.fingerprint);
+            if let Some(Returning {
+                segment,
+                evicted: true,
+            }) = returning
+            {
+                self.adapt(segment);
+            }
+            if !(seen || returning.is_some()) || usize::from(self.lists.data(id).segment) != RECENT
+            {
+                continue;
+            }
+            if self.lists.list_of(id) == Some(RECENT) {
+                self.lists.unlink(id);
+                self.place(id, FREQUENT);
+            } else {
+                // First out (a partial block, or its chain ended since) or parked: it stays
+                // where it is, counted in `frequent`.
+                self.lists.data_mut(id).segment = FREQUENT as u8;
+                self.segment_lens[RECENT] -= 1;
+                self.segment_lens[FREQUENT] += 1;
+            }
+        }
+        uncounted.clear();
+        self.uncounted = uncounted;
+        self.trim_ghosts();
+    }
+
     #[cfg(test)]
     fn freeze(&mut self) {
         self.frozen = true;
@@ -254,17 +348,29 @@ impl EvictionPolicy for Adaptive {
         assert!(!self.lists.tracks(id), "entry {id} inserted twice");
         let link = self.lists.new_link(id, hint.parent);
         let fingerprint = (hint.key_hash ^ (hint.key_hash >> 32)) as u32;
-        // The sketch's block and the ghost table's slot, loaded side by side.
-        self.sketch.prefetch(fingerprint);
-        self.ghosts.prefetch(fingerprint);
+        self.sketch.fit(self.len() + 1);
+        let batched = self.batches();
+        if !batched {
+            // The sketch's block and the ghost table's slot, loaded side by side.
+            self.sketch.prefetch(fingerprint);
+            self.ghosts.prefetch(fingerprint);
+        }
         let parent_fingerprint = hint
             .parent
             .filter(|&p| p != id && self.lists.tracks(p))
             .map(|p| self.lists.data(p).fingerprint);
-        let returning = self.ghosts.take(fingerprint);
-        self.sketch.fit(self.len() + 1);
-        // Seen before within the sketch's memory, which outlasts the ghosts'.
-        let seen = self.sketch.count(fingerprint) >= 2;
+        // Back from a ghost, or seen before within the sketch's memory, which outlasts the
+        // ghosts': both asked now, or with the batch.
+        let (returning, seen) = if batched {
+            self.uncounted.push(Uncounted {
+                fingerprint,
+                inserted: Some((id, link.generation())),
+            });
+            (None, false)
+        } else {
+            let returning = self.ghosts.take(fingerprint);
+            (returning, self.sketch.count(fingerprint) >= 2)
+        };
         let segment = if returning.is_some() || seen {
             FREQUENT
         } else {
@@ -290,6 +396,9 @@ impl EvictionPolicy for Adaptive {
             self.lists.push_front(segment, id);
         }
         self.trim_ghosts();
+        if self.uncounted.len() >= SKETCH_BATCH {
+            self.count_uncounted();
+        }
         self.observe(fingerprint, parent_fingerprint, hint.partial);
     }
 
@@ -302,12 +411,14 @@ impl EvictionPolicy for Adaptive {
             0 // the use that makes it frequent
         };
         let fingerprint = meta.fingerprint;
-        // The sketch's block loads while the lists take the entry out (its neighbours are
-        // misses too).
-        self.sketch.prefetch(fingerprint);
+        if !self.batches() {
+            // The sketch's block loads while the lists take the entry out (its neighbours
+            // are misses too).
+            self.sketch.prefetch(fingerprint);
+        }
         self.lists.unlist(id);
         self.place(id, FREQUENT);
-        self.sketch.increment(fingerprint);
+        self.count_hit(fingerprint);
         self.observe(fingerprint, None, false);
     }
 
@@ -353,6 +464,13 @@ impl EvictionPolicy for Adaptive {
                     self.ghosts
                         .remember(usize::from(meta.segment), meta.fingerprint, true);
                 }
+                // Likely the next victim (the insert that follows leaves the balance as it
+                // was): its entry is in the cache, as taking this one wrote it, so what
+                // taking it will touch is asked for now, its neighbour and its ghost slot.
+                if let Some(next) = self.lists.back(list) {
+                    self.lists.prefetch_prev(next);
+                    self.ghosts.prefetch(self.lists.data(next).fingerprint);
+                }
                 victim = Some(id);
                 break;
             } else {
@@ -382,6 +500,7 @@ impl EvictionPolicy for Adaptive {
         self.lists.capacity_bytes()
             + self.ghosts.bytes()
             + self.sketch.bytes()
+            + self.uncounted.capacity() * size_of::<Uncounted>()
             + self.shadows.as_ref().map_or(0, |s| s.bytes())
     }
 }
@@ -770,5 +889,67 @@ mod tests {
             frozen_hits * 10 < uses * 3,
             "frozen: {frozen_hits} of {uses}"
         );
+    }
+
+    /// Where the sketch is larger than the caches, uses are counted and inserts' keys looked
+    /// up among the ghosts in batches: a new block waits in `recent` until its batch, and
+    /// then moves to `frequent` (its key seen before, or back from a ghost, which moves the
+    /// target) only if it is still the block that was put. Fails if the batch's answers are
+    /// dropped, or given to a newer block under a reused id.
+    #[test]
+    fn a_large_sketch_places_new_blocks_when_it_counts_their_batch() {
+        let mut policy = Adaptive::default();
+        policy.without_shadows();
+        let hint = |fingerprint: u32| EntryHint {
+            key_hash: u64::from(fingerprint),
+            ..EntryHint::default()
+        };
+        // Enough blocks for a sketch of 2 MiB.
+        let resident: EntryId = 40_000;
+        for id in 0..resident {
+            policy.insert(id, hint(id));
+        }
+        assert!(policy.batches());
+        policy.access(0);
+        policy.count_uncounted();
+        let frequent = policy.segment_lens[FREQUENT];
+        // Two keys used before (their blocks gone long ago, no ghosts left of them), one never.
+        let (seen, seen_too, unseen) = (7_000_000, 7_000_001, 7_000_002);
+        policy.sketch.count(seen);
+        policy.sketch.count(seen_too);
+        policy.insert(resident, hint(seen));
+        policy.insert(resident + 1, hint(seen_too));
+        assert_eq!(
+            policy.lists.list_of(resident),
+            Some(RECENT),
+            "not counted yet"
+        );
+        // The second block goes before its batch is counted, and its id is reused.
+        policy.remove(resident + 1);
+        policy.insert(resident + 1, hint(unseen));
+        // A block evicted from `recent`, its key put again.
+        let victim = policy.pop_victim(&mut |_| true).expect("a victim");
+        let target = policy.target_recent();
+        policy.insert(victim, hint(policy.lists.data(victim).fingerprint));
+        assert_eq!(
+            policy.lists.list_of(victim),
+            Some(RECENT),
+            "not counted yet"
+        );
+        while !policy.uncounted.is_empty() {
+            policy.access(0);
+        }
+        assert_eq!(policy.lists.list_of(resident), Some(FREQUENT));
+        assert_eq!(usize::from(policy.lists.data(resident).segment), FREQUENT);
+        assert_eq!(policy.lists.list_of(resident + 1), Some(RECENT));
+        assert_eq!(policy.lists.list_of(victim), Some(FREQUENT));
+        assert!(
+            policy.target_recent() > target,
+            "a return from recent's ghost grows it"
+        );
+        assert_eq!(policy.segment_lens[FREQUENT], frequent + 2);
+        assert_eq!(policy.len(), resident as usize + 2);
+        // The uses were counted: entry 0's key was used at least 32 times.
+        assert_eq!(policy.sketch.estimate(0), super::super::prefix::SKETCH_MAX);
     }
 }

@@ -21,6 +21,13 @@ pub(super) struct ChainLink {
     pub(super) parked: bool,
 }
 
+impl ChainLink {
+    /// Which incarnation of its id the entry is (bumped on every insert of the id).
+    pub(super) fn generation(&self) -> u32 {
+        self.generation
+    }
+}
+
 impl Default for ChainLink {
     fn default() -> Self {
         Self {

@@ -63,10 +63,11 @@ impl Ghosts {
         self.table.prefetch(fingerprint);
     }
 
-    /// Starts loading what the next [`trim`](Self::trim) of each segment probes first.
+    /// Starts loading what the next trims of each segment probe: the two oldest of each (an
+    /// eviction's trim and the insert's after it may each take one from the same queue).
     pub(super) fn prefetch_oldest(&self) {
         for queue in &self.queues {
-            if let Some(&(fingerprint, _)) = queue.front() {
+            for &(fingerprint, _) in queue.iter().take(2) {
                 self.table.prefetch(fingerprint);
             }
         }

@@ -102,6 +102,14 @@ impl<const N: usize, T: Copy + Default> Lists<N, T> {
         (id != NIL).then_some(id)
     }
 
+    /// Starts loading the entry before `id` on its list (the one taking `id` off writes).
+    pub(super) fn prefetch_prev(&self, id: EntryId) {
+        let prev = self.nodes[id as usize].link.prev;
+        if prev != NIL {
+            super::prefetch(&self.nodes[prev as usize]);
+        }
+    }
+
     /// Puts an unlisted `id` at the front of `list`.
     pub(super) fn push_front(&mut self, list: usize, id: EntryId) {
         debug_assert!(self.list_of(id).is_none(), "entry {id} is already listed");

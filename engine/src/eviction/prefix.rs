@@ -267,7 +267,7 @@ pub(super) struct Sketch {
 }
 
 /// Counters saturate here (4 bits).
-const SKETCH_MAX: u8 = 15;
+pub(super) const SKETCH_MAX: u8 = 15;
 /// Tracked entries per 64-byte sketch block: 1 to 2 blocks per 2 entries, so 16 to 32
 /// counters per row per entry, 32 to 64 bytes per entry. A halving period sees about 6
 /// distinct keys per tracked entry on the conversation trace; fewer counters than that
@@ -366,6 +366,12 @@ impl Sketch {
 
     pub(super) fn bytes(&self) -> usize {
         self.blocks.len() * 64
+    }
+
+    /// Whether the sketch is larger than a core's own caches (it is then a mapping for huge
+    /// pages: see [`Counters`]), so that each update is a miss worth overlapping with others.
+    pub(super) fn is_large(&self) -> bool {
+        self.bytes() >= HUGE_PAGE_BYTES
     }
 }
 
