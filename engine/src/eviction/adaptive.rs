@@ -43,10 +43,10 @@
 //! counted and inserts' keys looked up among the ghosts 32 at a time, so that their cache
 //! misses overlap; a new block that belongs in `frequent` moves there when its batch is
 //! counted, up to 31 uses late.
-//! 40 bytes per resident block (its list entry), 32 to 64 of sketch, at most one ghost per
+//! 36 bytes per resident block (its list entry), 32 to 64 of sketch, at most one ghost per
 //! resident block (8 bytes in its queue, 8 to 16 in its table: see
 //! [`ghosts`](super::ghosts)), and the miniatures (at most 2 x 4,096 blocks, under a byte
-//! per block at 1M): 99.5 bytes per block at 1M blocks after a run of evictions (the
+//! per block at 1M): 95 bytes per block at 1M blocks after a run of evictions (the
 //! eviction bench). Below 4,096 blocks the
 //! miniatures are whole copies: three times the work and memory of one policy, on a cache
 //! that small.

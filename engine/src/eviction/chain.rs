@@ -17,8 +17,6 @@ pub(super) struct ChainLink {
     generation: u32,
     /// Resident entries naming this one as parent.
     pub(super) children: u32,
-    /// Off the lists, waiting for its children to leave.
-    pub(super) parked: bool,
 }
 
 impl ChainLink {
@@ -35,7 +33,6 @@ impl Default for ChainLink {
             parent_generation: 0,
             generation: 0,
             children: 0,
-            parked: false,
         }
     }
 }
@@ -49,14 +46,13 @@ pub(super) trait Linked {
 impl<const N: usize, T: Copy + Default + Linked> Lists<N, T> {
     /// Whether `id` is tracked (on a list, or parked).
     pub(super) fn tracks(&self, id: EntryId) -> bool {
-        self.list_of(id).is_some() || self.get(id).is_some_and(|m| m.link().parked)
+        self.list_of(id).is_some() || self.is_parked(id)
     }
 
     /// Takes `id` off its list, or out of the parked entries.
     pub(super) fn unlist(&mut self, id: EntryId) {
-        let link = self.data_mut(id).link_mut();
-        if link.parked {
-            link.parked = false;
+        if self.is_parked(id) {
+            self.unpark(id);
         } else {
             self.unlink(id);
         }
@@ -65,7 +61,7 @@ impl<const N: usize, T: Copy + Default + Linked> Lists<N, T> {
     /// Takes `id` (listed) off its list to wait for its children.
     pub(super) fn park(&mut self, id: EntryId) {
         self.unlink(id);
-        self.data_mut(id).link_mut().parked = true;
+        self.set_parked(id);
     }
 
     /// The link of a new incarnation of `id` (grown to, not tracked) under `parent`, counted
@@ -84,7 +80,6 @@ impl<const N: usize, T: Copy + Default + Linked> Lists<N, T> {
             parent_generation,
             generation: self.data(id).link().generation.wrapping_add(1),
             children: 0,
-            parked: false,
         }
     }
 
@@ -108,10 +103,11 @@ impl<const N: usize, T: Copy + Default + Linked> Lists<N, T> {
         let parent = self.parent_of(id)?;
         let link = self.data_mut(parent).link_mut();
         link.children = link.children.saturating_sub(1);
-        (link.children == 0 && link.parked).then(|| {
-            link.parked = false;
-            parent
-        })
+        if link.children > 0 || !self.is_parked(parent) {
+            return None;
+        }
+        self.unpark(parent);
+        Some(parent)
     }
 
     /// Moves the blocks of the chain that ends at `id` to the back of `list`, so they go

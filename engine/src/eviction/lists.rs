@@ -11,11 +11,14 @@ pub(super) const NIL: EntryId = EntryId::MAX;
 struct Link {
     prev: EntryId,
     next: EntryId,
-    /// The list the entry is on, or `NOT_LISTED`.
+    /// The list the entry is on, or `NOT_LISTED`, or `PARKED`.
     list: u8,
 }
 
 const NOT_LISTED: u8 = u8::MAX;
+/// Not listed, and set aside by its policy until it says otherwise (a parent waiting for its
+/// children to leave): a list number, so that it costs no field of its own.
+const PARKED: u8 = u8::MAX - 1;
 
 const UNLINKED: Link = Link {
     prev: NIL,
@@ -42,8 +45,8 @@ pub(super) struct Lists<const N: usize, T = ()> {
 impl<const N: usize, T> Default for Lists<N, T> {
     fn default() -> Self {
         assert!(
-            N < NOT_LISTED as usize,
-            "list numbers must fit below the marker"
+            N < PARKED as usize,
+            "list numbers must fit below the markers"
         );
         Self {
             nodes: Vec::new(),
@@ -79,17 +82,33 @@ impl<const N: usize, T: Copy + Default> Lists<N, T> {
         &mut self.nodes[id as usize].data
     }
 
-    /// The data of `id`, if it was ever grown to.
-    pub(super) fn get(&self, id: EntryId) -> Option<&T> {
-        self.nodes.get(id as usize).map(|n| &n.data)
-    }
-
     /// The list `id` is on.
     pub(super) fn list_of(&self, id: EntryId) -> Option<usize> {
         self.nodes
             .get(id as usize)
-            .filter(|n| n.link.list != NOT_LISTED)
             .map(|n| usize::from(n.link.list))
+            .filter(|&list| list < N)
+    }
+
+    /// Whether `id` is parked: on no list, set aside by [`set_parked`](Self::set_parked).
+    pub(super) fn is_parked(&self, id: EntryId) -> bool {
+        self.nodes
+            .get(id as usize)
+            .is_some_and(|n| n.link.list == PARKED)
+    }
+
+    /// Marks an unlisted `id` parked; pushing it on a list, or [`unpark`](Self::unpark),
+    /// ends that.
+    pub(super) fn set_parked(&mut self, id: EntryId) {
+        debug_assert!(self.list_of(id).is_none(), "entry {id} is listed");
+        self.nodes[id as usize].link.list = PARKED;
+    }
+
+    /// Ends `id`'s parking, if it was parked: it is then on no list.
+    pub(super) fn unpark(&mut self, id: EntryId) {
+        if self.is_parked(id) {
+            self.nodes[id as usize].link.list = NOT_LISTED;
+        }
     }
 
     pub(super) fn len(&self, list: usize) -> usize {
@@ -149,7 +168,7 @@ impl<const N: usize, T: Copy + Default> Lists<N, T> {
     /// Takes `id` off whatever list it is on.
     pub(super) fn unlink(&mut self, id: EntryId) {
         let Link { prev, next, list } = self.nodes[id as usize].link;
-        debug_assert_ne!(list, NOT_LISTED, "entry {id} is not listed");
+        debug_assert!(usize::from(list) < N, "entry {id} is not listed");
         let list = usize::from(list);
         if prev == NIL {
             self.front[list] = next;

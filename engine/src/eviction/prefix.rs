@@ -124,9 +124,8 @@ impl PrefixAware {
     /// Marks `id` used now, in the class of its current frequency.
     fn bump(&mut self, id: EntryId) {
         self.clock += 1;
-        let meta = self.classes.data_mut(id);
-        meta.tick = self.clock;
-        meta.link.parked = false;
+        self.classes.data_mut(id).tick = self.clock;
+        self.classes.unpark(id);
         let class = self.class(id);
         if self.classes.list_of(id).is_some() {
             self.classes.move_to_front(class, id);
