@@ -44,7 +44,7 @@
 //! misses overlap; a new block that belongs in `frequent` moves there when its batch is
 //! counted, up to 31 uses late.
 //! 36 bytes per resident block (its list entry), 32 to 64 of sketch, at most one ghost per
-//! resident block (8 bytes in its queue, 8 to 16 in its table: see
+//! resident block (4 bytes in its queue, 8 to 16 in its table: see
 //! [`ghosts`](super::ghosts)), and the miniatures (at most 2 x 4,096 blocks, under a byte
 //! per block at 1M): 95 bytes per block at 1M blocks after a run of evictions (the
 //! eviction bench). Below 4,096 blocks the

@@ -18,15 +18,18 @@ use super::prefetch;
 #[derive(Debug, Default)]
 pub(super) struct Ghosts {
     table: Table,
-    queues: [VecDeque<(u32, u32)>; 2],
+    /// Fingerprints per segment, oldest first. A slot's sequence number is its place:
+    /// `next_seq` less the slots from it to the back.
+    queues: [VecDeque<u32>; 2],
     /// Live ghosts per segment (in the table).
     pub(super) lens: [usize; 2],
-    next_seq: u32,
+    /// Per segment, the sequence number of the next key remembered.
+    next_seq: [u32; 2],
 }
 
 /// A tag: the ghost's segment (bit 31), whether it was removed rather than evicted (bit
 /// 30), always set (bit 29, so no slot of the table is all zeros) and a sequence number
-/// (bits 0..29) that tells the live queue slot of a key from the stale ones.
+/// (its segment's, bits 0..29) that tells the live queue slot of a key from the stale ones.
 const SEGMENT_BIT: u32 = 1 << 31;
 const REMOVED_BIT: u32 = 1 << 30;
 const LIVE_BIT: u32 = 1 << 29;
@@ -67,21 +70,21 @@ impl Ghosts {
     /// eviction's trim and the insert's after it may each take one from the same queue).
     pub(super) fn prefetch_oldest(&self) {
         for queue in &self.queues {
-            for &(fingerprint, _) in queue.iter().take(2) {
+            for &fingerprint in queue.iter().take(2) {
                 self.table.prefetch(fingerprint);
             }
         }
     }
 
     pub(super) fn remember(&mut self, segment: usize, fingerprint: u32, evicted: bool) {
-        let seq = self.next_seq & SEQ_MASK;
-        self.next_seq = self.next_seq.wrapping_add(1);
+        let seq = self.next_seq[segment] & SEQ_MASK;
+        self.next_seq[segment] = self.next_seq[segment].wrapping_add(1);
         let tag = Self::tag(segment, seq) | if evicted { 0 } else { REMOVED_BIT };
         if let Some(old) = self.table.insert(fingerprint, tag) {
             self.lens[Self::segment_of(old)] -= 1;
         }
         self.lens[segment] += 1;
-        self.queues[segment].push_back((fingerprint, seq));
+        self.queues[segment].push_back(fingerprint);
     }
 
     /// Takes `fingerprint` out: where it was let go from, and how.
@@ -100,7 +103,9 @@ impl Ghosts {
     /// queue slots on the way, and any beyond twice the live count plus a margin.
     pub(super) fn trim(&mut self, segment: usize, keep: usize) {
         while self.lens[segment] > keep || self.queues[segment].len() > 2 * keep + 64 {
-            let Some((fingerprint, seq)) = self.queues[segment].pop_front() else {
+            let queue = &mut self.queues[segment];
+            let seq = self.next_seq[segment].wrapping_sub(queue.len() as u32) & SEQ_MASK;
+            let Some(fingerprint) = queue.pop_front() else {
                 break;
             };
             if let Some(slot) = self.table.find(fingerprint)
@@ -114,7 +119,7 @@ impl Ghosts {
 
     pub(super) fn bytes(&self) -> usize {
         self.table.bytes()
-            + self.queues.iter().map(VecDeque::capacity).sum::<usize>() * size_of::<(u32, u32)>()
+            + self.queues.iter().map(VecDeque::capacity).sum::<usize>() * size_of::<u32>()
     }
 }
 
@@ -283,5 +288,32 @@ mod tests {
                 .filter(|k| !model.contains_key(k))
                 .all(|k| table.find(k).is_none())
         );
+    }
+
+    /// A key that comes back and is let go again leaves stale slots in its queue; dropping
+    /// them (here, past twice the live count plus the margin) must not take its live ghost,
+    /// nor another segment's, whose sequence numbers are their own. Fails if a slot's
+    /// sequence number is computed one off.
+    #[test]
+    fn stale_queue_slots_go_and_the_live_ghost_stays() {
+        let mut ghosts = Ghosts::default();
+        for round in 0..100u32 {
+            ghosts.remember(RECENT, 7, true);
+            assert!(ghosts.take(7).is_some());
+            ghosts.remember(FREQUENT, 1_000 + round, true);
+        }
+        ghosts.remember(RECENT, 7, true);
+        assert_eq!(ghosts.queues[RECENT].len(), 101);
+        ghosts.trim(RECENT, 1);
+        assert_eq!(ghosts.queues[RECENT].len(), 66, "stale slots dropped");
+        assert_eq!(ghosts.lens, [1, 100]);
+        ghosts.trim(FREQUENT, 100);
+        assert_eq!(ghosts.lens, [1, 100]);
+        // The oldest frequent ghost goes when the bound says so, and only it.
+        ghosts.trim(FREQUENT, 99);
+        assert!(ghosts.take(1_000).is_none());
+        assert!(ghosts.take(1_001).is_some());
+        let back = ghosts.take(7).expect("the live ghost stays");
+        assert_eq!(back.segment, RECENT);
     }
 }

@@ -58,12 +58,20 @@ impl<const N: usize, T> Default for Lists<N, T> {
 }
 
 impl<const N: usize, T: Copy + Default> Lists<N, T> {
-    /// Makes room for ids up to `id` (new entries' data is `T::default()`).
+    /// Makes room for ids up to `id` (new entries' data is `T::default()`). The array grows
+    /// by an eighth at a time, not by doubling: a cache that fills to just past a power of
+    /// two of blocks would otherwise hold twice the entries it uses.
     pub(super) fn grow_to(&mut self, id: EntryId) {
         assert_ne!(id, NIL, "entry id reserved for the lists' ends");
         if self.nodes.len() <= id as usize {
+            let len = id as usize + 1;
+            if len > self.nodes.capacity() {
+                let grown = self.nodes.capacity() + self.nodes.capacity() / 8;
+                self.nodes
+                    .reserve_exact(len.max(grown).max(64) - self.nodes.len());
+            }
             self.nodes.resize(
-                id as usize + 1,
+                len,
                 Node {
                     link: UNLINKED,
                     data: T::default(),
