@@ -47,9 +47,8 @@
 //! resident block (4 bytes in its queue, 8 to 16 in its table: see
 //! [`ghosts`](super::ghosts)), and the miniatures (at most 2 x 4,096 blocks, under a byte
 //! per block at 1M): 95 bytes per block at 1M blocks after a run of evictions (the
-//! eviction bench). Below 4,096 blocks the
-//! miniatures are whole copies: three times the work and memory of one policy, on a cache
-//! that small.
+//! eviction bench). Below 4,096 blocks the miniatures are whole copies: three times the
+//! work and memory of one policy, on a cache that small.
 //!
 //! [`PrefixAware`]: super::PrefixAware
 
@@ -319,7 +318,10 @@ impl Adaptive {
                 self.place(id, FREQUENT);
             } else {
                 // First out (a partial block, or its chain ended since) or parked: it stays
-                // where it is, counted in `frequent`.
+                // where it is, counted in `frequent`. (A partial block back from a ghost
+                // stays first out, where an insert not batched would list it in `frequent`:
+                // its list cannot tell it from an ended chain's block. Rare: few partial
+                // blocks are used again.)
                 self.lists.data_mut(id).segment = FREQUENT as u8;
                 self.segment_lens[RECENT] -= 1;
                 self.segment_lens[FREQUENT] += 1;
