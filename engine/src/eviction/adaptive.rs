@@ -192,12 +192,17 @@ impl Adaptive {
 
     /// Puts `id` (unlisted) at the front of `segment`, counting it there.
     fn place(&mut self, id: EntryId, segment: usize) {
+        self.count_in(id, segment);
+        self.lists.push_front(segment, id);
+    }
+
+    /// Counts `id` in `segment`, wherever it is listed (or parked).
+    fn count_in(&mut self, id: EntryId, segment: usize) {
         let meta = self.lists.data_mut(id);
         let old = usize::from(meta.segment);
         meta.segment = segment as u8;
         self.segment_lens[old] -= 1;
         self.segment_lens[segment] += 1;
-        self.lists.push_front(segment, id);
     }
 
     /// Stops tracking `id`; a parked parent left with no child goes to the end of its list.
@@ -322,14 +327,13 @@ impl Adaptive {
                 // stays first out, where an insert not batched would list it in `frequent`:
                 // its list cannot tell it from an ended chain's block. Rare: few partial
                 // blocks are used again.)
-                self.lists.data_mut(id).segment = FREQUENT as u8;
-                self.segment_lens[RECENT] -= 1;
-                self.segment_lens[FREQUENT] += 1;
+                self.count_in(id, FREQUENT);
             }
         }
         uncounted.clear();
         self.uncounted = uncounted;
-        self.trim_ghosts();
+        // No ghost to trim: taking ghosts and moving entries out of `recent` only loosen
+        // the bounds.
     }
 
     #[cfg(test)]

@@ -51,9 +51,7 @@ impl<const N: usize, T: Copy + Default + Linked> Lists<N, T> {
 
     /// Takes `id` off its list, or out of the parked entries.
     pub(super) fn unlist(&mut self, id: EntryId) {
-        if self.is_parked(id) {
-            self.unpark(id);
-        } else {
+        if !self.unpark(id) {
             self.unlink(id);
         }
     }
@@ -103,11 +101,10 @@ impl<const N: usize, T: Copy + Default + Linked> Lists<N, T> {
         let parent = self.parent_of(id)?;
         let link = self.data_mut(parent).link_mut();
         link.children = link.children.saturating_sub(1);
-        if link.children > 0 || !self.is_parked(parent) {
+        if link.children > 0 {
             return None;
         }
-        self.unpark(parent);
-        Some(parent)
+        self.unpark(parent).then_some(parent)
     }
 
     /// Moves the blocks of the chain that ends at `id` to the back of `list`, so they go

@@ -112,11 +112,13 @@ impl<const N: usize, T: Copy + Default> Lists<N, T> {
         self.nodes[id as usize].link.list = PARKED;
     }
 
-    /// Ends `id`'s parking, if it was parked: it is then on no list.
-    pub(super) fn unpark(&mut self, id: EntryId) {
-        if self.is_parked(id) {
+    /// Ends `id`'s parking, if it was parked (it is then on no list); returns whether it was.
+    pub(super) fn unpark(&mut self, id: EntryId) -> bool {
+        let parked = self.is_parked(id);
+        if parked {
             self.nodes[id as usize].link.list = NOT_LISTED;
         }
+        parked
     }
 
     pub(super) fn len(&self, list: usize) -> usize {
