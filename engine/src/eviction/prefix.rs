@@ -20,10 +20,11 @@
 //! back out.
 //!
 //! Frequency comes from a count-min sketch of key hashes with 4-bit counters that are halved
-//! every ten sketch-widths of uses (TinyLFU's aging), so it remembers keys after they were
-//! evicted: a conversation's blocks that come back a second time are kept longer than
-//! one-off blocks. On the production conversation trace that is what separates a policy from
-//! LRU: most first-time blocks are never used again, blocks used twice usually are.
+//! every five cache-sizes of uses, a page of the sketch at a time (TinyLFU's aging, spread
+//! out), so it remembers keys after they were evicted: a conversation's blocks that come
+//! back a second time are kept longer than one-off blocks. On the production conversation
+//! trace that is what separates a policy from LRU: most first-time blocks are never used
+//! again, blocks used twice usually are.
 //!
 //! Priority is exact and O(1) to maintain: entries sit in one recency list per (level, depth)
 //! class, 64 in all, and within a class the list order is the priority order; a victim is the
@@ -253,16 +254,23 @@ impl EvictionPolicy for PrefixAware {
 }
 
 /// A count-min sketch with four 4-bit counters per key, all in one 64-byte block (one cache
-/// line per update), halved every `SKETCH_PERIOD_PER_ENTRY` increments per tracked entry so
-/// old popularity fades (TinyLFU's reset).
+/// line per update), whose counters are halved so that old popularity fades (TinyLFU's
+/// reset): every block once per `SKETCH_PERIOD_PER_ENTRY / 2` increments per tracked entry,
+/// after the first `SKETCH_PERIOD_PER_ENTRY / 2`. The halving sweeps the sketch a page at a
+/// time ([`SWEEP_BLOCKS`]) as increments come, not all at once: at 1M entries the sketch is
+/// 32 MiB, a pass over it some milliseconds inside one use, under the tier's lock. A key's
+/// four counters share a block, so they are always halved together.
 #[derive(Debug, Default)]
 pub(super) struct Sketch {
     /// 64-byte blocks, a power of two of them. Each block is 4 rows of 32 counters, two per
     /// byte.
     blocks: Counters,
-    increments: u64,
-    /// Increments between two halvings.
+    /// Twice the increments between two halvings of a block.
     period: u64,
+    /// Increments left before the sweep halves its next page.
+    until_sweep: u64,
+    /// The first block of the page the sweep halves next.
+    swept: usize,
 }
 
 /// Counters saturate here (4 bits).
@@ -273,10 +281,12 @@ pub(super) const SKETCH_MAX: u8 = 15;
 /// inflate the one-off keys' counts and cost hits (2 entries per block: 2.7 points fewer at
 /// 10% capacity).
 const SKETCH_ENTRIES_PER_BLOCK: usize = 2;
-/// Counters are halved every this many increments per tracked entry.
+/// Counters are halved every half this many increments per tracked entry.
 const SKETCH_PERIOD_PER_ENTRY: u64 = 10;
 /// At least this many blocks (64 KiB).
 const SKETCH_MIN_BLOCKS: usize = 1024;
+/// Blocks the sweep halves at a time: a 4 KiB page (a microsecond or so).
+const SWEEP_BLOCKS: usize = 64;
 
 impl Sketch {
     /// Grows the sketch (starting afresh) for `entries` tracked entries, and sets the period.
@@ -288,8 +298,16 @@ impl Sketch {
             .max(SKETCH_MIN_BLOCKS);
         if self.blocks.len() < want {
             self.blocks = Counters::zeroed(want);
-            self.increments = 0;
+            self.swept = 0;
+            self.until_sweep = self.period / 2;
         }
+    }
+
+    /// Increments between two pages of the sweep: one sweep of the whole sketch per half
+    /// period.
+    fn sweep_step(&self) -> u64 {
+        let pages = (self.blocks.len() / SWEEP_BLOCKS).max(1) as u64;
+        (self.period / 2 / pages).max(1)
     }
 
     /// The block, and for each row the byte and the shift of the key's nibble.
@@ -333,15 +351,23 @@ impl Sketch {
             }
             estimate = estimate.min((counter + 1).min(SKETCH_MAX));
         }
-        self.increments += 1;
-        if self.increments >= self.period {
-            for byte in self.blocks.bytes_mut() {
-                // Halve both nibbles: shift, then drop what crossed from the high one.
-                *byte = (*byte >> 1) & 0x77;
-            }
-            self.increments /= 2;
+        self.until_sweep = self.until_sweep.saturating_sub(1);
+        if self.until_sweep == 0 {
+            self.sweep_page();
         }
         estimate
+    }
+
+    /// Halves the counters of the sweep's next page of blocks.
+    fn sweep_page(&mut self) {
+        let start = self.swept;
+        let end = (start + SWEEP_BLOCKS).min(self.blocks.len());
+        for byte in &mut self.blocks.bytes_mut()[start * 64..end * 64] {
+            // Halve both nibbles: shift, then drop what crossed from the high one.
+            *byte = (*byte >> 1) & 0x77;
+        }
+        self.swept = if end == self.blocks.len() { 0 } else { end };
+        self.until_sweep = self.sweep_step();
     }
 
     pub(super) fn estimate(&self, key_hash: u32) -> u8 {
@@ -451,10 +477,11 @@ mod tests {
         assert!(matches!(mapped.blocks, Counters::Mapped(_)));
         let mut heap = Sketch {
             blocks: Counters::Heap(vec![0; mapped.blocks.len() * 64]),
-            increments: 0,
-            period: mapped.period,
+            ..Sketch::default()
         };
-        // Past two halvings (the period is 10 increments per entry).
+        heap.period = mapped.period;
+        heap.until_sweep = mapped.until_sweep;
+        // Past three sweeps of the halving (one per 5 increments per entry, after the first 5).
         for i in 0..3_000_000u32 {
             let key = i.wrapping_mul(2_654_435_761) % 50_000;
             assert_eq!(mapped.count(key), heap.count(key), "use {i}");
@@ -601,6 +628,45 @@ mod tests {
         assert_eq!(p.children(0), 1);
         p.remove(1); // the old child leaves: the new entry 0 keeps its count
         assert_eq!(p.children(0), 1);
+    }
+
+    /// The aging halves one page of blocks per step, never the whole sketch inside one use,
+    /// and every block exactly once per half period.
+    #[test]
+    fn the_sweep_halves_a_page_at_a_time_and_every_block_once_per_half_period() {
+        let mut s = Sketch::default();
+        s.fit(1 << 12);
+        let pages = s.blocks.len() / SWEEP_BLOCKS;
+        assert!(pages > 2, "{pages} pages");
+        // Every counter saturated: counting a key changes no counter, halving one shows.
+        s.blocks.bytes_mut().fill(0xff);
+        let key = 7;
+        let (own, _) = s.slots(key);
+        let others = |s: &Sketch, value: u8| {
+            (0..s.blocks.len())
+                .filter(|&block| block != own)
+                .filter(|&block| s.blocks.block(block).iter().all(|&b| b == value))
+                .count()
+        };
+        for _ in 1..s.until_sweep {
+            s.count(key);
+        }
+        assert_eq!(
+            others(&s, 0xff),
+            s.blocks.len() - 1,
+            "halved before the half period"
+        );
+        s.count(key);
+        let first_page = SWEEP_BLOCKS - usize::from(own < SWEEP_BLOCKS);
+        assert_eq!(others(&s, 0x77), first_page, "one page halved");
+        for _ in 0..(pages as u64 - 1) * s.sweep_step() {
+            s.count(key);
+        }
+        assert_eq!(
+            others(&s, 0x77),
+            s.blocks.len() - 1,
+            "each block halved once"
+        );
     }
 
     #[test]
