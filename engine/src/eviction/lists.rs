@@ -131,6 +131,22 @@ impl<const N: usize, T: Copy + Default> Lists<N, T> {
         (id != NIL).then_some(id)
     }
 
+    /// Starts loading the entry of `id`.
+    pub(super) fn prefetch(&self, id: EntryId) {
+        super::prefetch(&self.nodes[id as usize]);
+    }
+
+    /// Starts loading the entries on each side of `id` on its list (taking `id` off writes
+    /// both).
+    pub(super) fn prefetch_neighbours(&self, id: EntryId) {
+        let Link { prev, next, .. } = self.nodes[id as usize].link;
+        for neighbour in [prev, next] {
+            if neighbour != NIL {
+                super::prefetch(&self.nodes[neighbour as usize]);
+            }
+        }
+    }
+
     /// Starts loading the entry before `id` on its list (the one taking `id` off writes).
     pub(super) fn prefetch_prev(&self, id: EntryId) {
         let prev = self.nodes[id as usize].link.prev;
