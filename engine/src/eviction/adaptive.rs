@@ -965,6 +965,27 @@ mod tests {
         );
     }
 
+    /// A block keyed by `fingerprint`, in no chain.
+    fn hint(fingerprint: u32) -> EntryHint {
+        EntryHint {
+            key_hash: u64::from(fingerprint),
+            ..EntryHint::default()
+        }
+    }
+
+    /// A policy (no shadows) holding enough blocks, each keyed by its id, for a sketch of
+    /// 2 MiB, and how many.
+    fn large_sketch() -> (Adaptive, EntryId) {
+        let mut policy = Adaptive::default();
+        policy.without_shadows();
+        let resident: EntryId = 40_000;
+        for id in 0..resident {
+            policy.insert(id, hint(id));
+        }
+        assert!(policy.batches());
+        (policy, resident)
+    }
+
     /// Where the sketch is larger than the caches, uses are counted and inserts' keys looked
     /// up among the ghosts in batches: a new block waits in `recent` until its batch, and
     /// then moves to `frequent` (its key seen before, or back from a ghost, which moves the
@@ -972,18 +993,7 @@ mod tests {
     /// dropped, or given to a newer block under a reused id.
     #[test]
     fn a_large_sketch_places_new_blocks_when_it_counts_their_batch() {
-        let mut policy = Adaptive::default();
-        policy.without_shadows();
-        let hint = |fingerprint: u32| EntryHint {
-            key_hash: u64::from(fingerprint),
-            ..EntryHint::default()
-        };
-        // Enough blocks for a sketch of 2 MiB.
-        let resident: EntryId = 40_000;
-        for id in 0..resident {
-            policy.insert(id, hint(id));
-        }
-        assert!(policy.batches());
+        let (mut policy, resident) = large_sketch();
         policy.access(0);
         policy.apply_pending();
         let frequent = policy.segment_lens[FREQUENT];
@@ -1033,19 +1043,9 @@ mod tests {
     /// any of the three looks at the block before its hit is applied.
     #[test]
     fn a_large_sketch_applies_hits_with_their_batch_and_never_evicts_a_block_just_used() {
-        let mut policy = Adaptive::default();
-        policy.without_shadows();
+        let (mut policy, _) = large_sketch();
         policy.freeze();
-        let hint = |fingerprint: u32| EntryHint {
-            key_hash: u64::from(fingerprint),
-            ..EntryHint::default()
-        };
-        let resident: EntryId = 40_000;
-        for id in 0..resident {
-            policy.insert(id, hint(id));
-        }
         policy.apply_pending();
-        assert!(policy.batches());
         assert_eq!(policy.lists.back(RECENT), Some(0));
         // The two oldest blocks are used: both wait, still last in `recent`.
         policy.access(0);
