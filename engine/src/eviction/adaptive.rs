@@ -296,9 +296,9 @@ impl Adaptive {
             .any(|use_| matches!(*use_, Pending::Hit(hit) if hit == id))
     }
 
-    /// What a hit does to the lists: `id` goes to the front of `frequent`, one more use if
-    /// it was there. Returns its fingerprint, for the sketch and the shadows.
-    fn hit(&mut self, id: EntryId) -> u32 {
+    /// A hit, applied: `id` goes to the front of `frequent` (one more use if it was there),
+    /// and the sketch and the shadows count it.
+    fn hit(&mut self, id: EntryId) {
         let meta = self.lists.data_mut(id);
         meta.uses = if usize::from(meta.segment) == FREQUENT {
             (meta.uses + 1).min(MAX_USES)
@@ -308,7 +308,8 @@ impl Adaptive {
         let fingerprint = meta.fingerprint;
         self.lists.unlist(id);
         self.place(id, FREQUENT);
-        fingerprint
+        self.sketch.increment(fingerprint);
+        self.observe(fingerprint, None, false);
     }
 
     /// Starts loading what applying `use_` touches: a hit's neighbours (its entry was asked
@@ -348,9 +349,7 @@ impl Adaptive {
             }
             let (fingerprint, id, generation) = match *use_ {
                 Pending::Hit(id) => {
-                    let fingerprint = self.hit(id);
-                    self.sketch.increment(fingerprint);
-                    self.observe(fingerprint, None, false);
+                    self.hit(id);
                     continue;
                 }
                 Pending::Insert {
@@ -423,13 +422,8 @@ impl EvictionPolicy for Adaptive {
             .filter(|&p| p != id && self.lists.tracks(p))
             .map(|p| self.lists.data(p).fingerprint);
         // Back from a ghost, or seen before within the sketch's memory, which outlasts the
-        // ghosts': both asked now, or with the batch.
+        // ghosts': both asked now, or with the batch (held below, once the entry is placed).
         let (returning, seen) = if batched {
-            self.pending.push(Pending::Insert {
-                fingerprint,
-                id,
-                generation: link.generation(),
-            });
             (None, false)
         } else {
             let returning = self.ghosts.take(fingerprint);
@@ -460,8 +454,12 @@ impl EvictionPolicy for Adaptive {
             self.lists.push_front(segment, id);
         }
         self.trim_ghosts();
-        if self.pending.len() >= SKETCH_BATCH {
-            self.apply_pending();
+        if batched {
+            self.hold(Pending::Insert {
+                fingerprint,
+                id,
+                generation: link.generation(),
+            });
         }
         self.observe(fingerprint, parent_fingerprint, hint.partial);
     }
@@ -478,9 +476,7 @@ impl EvictionPolicy for Adaptive {
         // The sketch's block loads while the lists take the entry out (its neighbours are
         // misses too).
         self.sketch.prefetch(self.lists.data(id).fingerprint);
-        let fingerprint = self.hit(id);
-        self.sketch.increment(fingerprint);
-        self.observe(fingerprint, None, false);
+        self.hit(id);
     }
 
     fn remove(&mut self, id: EntryId) {

@@ -131,28 +131,24 @@ impl<const N: usize, T: Copy + Default> Lists<N, T> {
         (id != NIL).then_some(id)
     }
 
-    /// Starts loading the entry of `id`.
+    /// Starts loading the entry of `id` (nothing for `NIL`, a list's end).
     pub(super) fn prefetch(&self, id: EntryId) {
-        super::prefetch(&self.nodes[id as usize]);
+        if id != NIL {
+            super::prefetch(&self.nodes[id as usize]);
+        }
     }
 
     /// Starts loading the entries on each side of `id` on its list (taking `id` off writes
     /// both).
     pub(super) fn prefetch_neighbours(&self, id: EntryId) {
         let Link { prev, next, .. } = self.nodes[id as usize].link;
-        for neighbour in [prev, next] {
-            if neighbour != NIL {
-                super::prefetch(&self.nodes[neighbour as usize]);
-            }
-        }
+        self.prefetch(prev);
+        self.prefetch(next);
     }
 
     /// Starts loading the entry before `id` on its list (the one taking `id` off writes).
     pub(super) fn prefetch_prev(&self, id: EntryId) {
-        let prev = self.nodes[id as usize].link.prev;
-        if prev != NIL {
-            super::prefetch(&self.nodes[prev as usize]);
-        }
+        self.prefetch(self.nodes[id as usize].link.prev);
     }
 
     /// Puts an unlisted `id` at the front of `list`.

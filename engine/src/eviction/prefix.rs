@@ -255,8 +255,8 @@ impl EvictionPolicy for PrefixAware {
 
 /// A count-min sketch with four 4-bit counters per key, all in one 64-byte block (one cache
 /// line per update), whose counters are halved so that old popularity fades (TinyLFU's
-/// reset): every block once per `SKETCH_PERIOD_PER_ENTRY / 2` increments per tracked entry,
-/// after the first `SKETCH_PERIOD_PER_ENTRY / 2`. The halving sweeps the sketch a page at a
+/// reset): every block once per `SKETCH_HALVING_PER_ENTRY` increments per tracked entry,
+/// after the first as many. The halving sweeps the sketch a page at a
 /// time ([`SWEEP_BLOCKS`]) as increments come, not all at once: at 1M entries the sketch is
 /// 32 MiB, a pass over it some milliseconds inside one use, under the tier's lock. A key's
 /// four counters share a block, so they are always halved together.
@@ -265,8 +265,8 @@ pub(super) struct Sketch {
     /// 64-byte blocks, a power of two of them. Each block is 4 rows of 32 counters, two per
     /// byte.
     blocks: Counters,
-    /// Twice the increments between two halvings of a block.
-    period: u64,
+    /// Increments between two halvings of a block.
+    half_life: u64,
     /// Increments left before the sweep halves its next page.
     until_sweep: u64,
     /// The first block of the page the sweep halves next.
@@ -276,22 +276,22 @@ pub(super) struct Sketch {
 /// Counters saturate here (4 bits).
 pub(super) const SKETCH_MAX: u8 = 15;
 /// Tracked entries per 64-byte sketch block: 1 to 2 blocks per 2 entries, so 16 to 32
-/// counters per row per entry, 32 to 64 bytes per entry. A halving period sees about 6
-/// distinct keys per tracked entry on the conversation trace; fewer counters than that
-/// inflate the one-off keys' counts and cost hits (2 entries per block: 2.7 points fewer at
-/// 10% capacity).
+/// counters per row per entry, 32 to 64 bytes per entry. The uses of two halvings hold
+/// about 6 distinct keys per tracked entry on the conversation trace; fewer counters than
+/// that inflate the one-off keys' counts and cost hits (2 entries per block: 2.7 points
+/// fewer at 10% capacity).
 const SKETCH_ENTRIES_PER_BLOCK: usize = 2;
-/// Counters are halved every half this many increments per tracked entry.
-const SKETCH_PERIOD_PER_ENTRY: u64 = 10;
+/// Counters are halved every this many increments per tracked entry.
+const SKETCH_HALVING_PER_ENTRY: u64 = 5;
 /// At least this many blocks (64 KiB).
 const SKETCH_MIN_BLOCKS: usize = 1024;
 /// Blocks the sweep halves at a time: a 4 KiB page (a microsecond or so).
 const SWEEP_BLOCKS: usize = 64;
 
 impl Sketch {
-    /// Grows the sketch (starting afresh) for `entries` tracked entries, and sets the period.
+    /// Grows the sketch (starting afresh) for `entries` tracked entries, and sets how often it halves.
     pub(super) fn fit(&mut self, entries: usize) {
-        self.period = SKETCH_PERIOD_PER_ENTRY * entries.max(SKETCH_MIN_BLOCKS) as u64;
+        self.half_life = SKETCH_HALVING_PER_ENTRY * entries.max(SKETCH_MIN_BLOCKS) as u64;
         let want = entries
             .div_ceil(SKETCH_ENTRIES_PER_BLOCK)
             .next_power_of_two()
@@ -299,15 +299,15 @@ impl Sketch {
         if self.blocks.len() < want {
             self.blocks = Counters::zeroed(want);
             self.swept = 0;
-            self.until_sweep = self.period / 2;
+            self.until_sweep = self.half_life;
         }
     }
 
-    /// Increments between two pages of the sweep: one sweep of the whole sketch per half
-    /// period.
+    /// Increments between two pages of the sweep: one sweep of the whole sketch per
+    /// halving.
     fn sweep_step(&self) -> u64 {
         let pages = (self.blocks.len() / SWEEP_BLOCKS).max(1) as u64;
-        (self.period / 2 / pages).max(1)
+        (self.half_life / pages).max(1)
     }
 
     /// The block, and for each row the byte and the shift of the key's nibble.
@@ -479,7 +479,7 @@ mod tests {
             blocks: Counters::Heap(vec![0; mapped.blocks.len() * 64]),
             ..Sketch::default()
         };
-        heap.period = mapped.period;
+        heap.half_life = mapped.half_life;
         heap.until_sweep = mapped.until_sweep;
         // Past three sweeps of the halving (one per 5 increments per entry, after the first 5).
         for i in 0..3_000_000u32 {
@@ -631,9 +631,9 @@ mod tests {
     }
 
     /// The aging halves one page of blocks per step, never the whole sketch inside one use,
-    /// and every block exactly once per half period.
+    /// and every block exactly once per halving.
     #[test]
-    fn the_sweep_halves_a_page_at_a_time_and_every_block_once_per_half_period() {
+    fn the_sweep_halves_a_page_at_a_time_and_every_block_once_per_halving() {
         let mut s = Sketch::default();
         s.fit(1 << 12);
         let pages = s.blocks.len() / SWEEP_BLOCKS;
@@ -654,7 +654,7 @@ mod tests {
         assert_eq!(
             others(&s, 0xff),
             s.blocks.len() - 1,
-            "halved before the half period"
+            "halved before its time"
         );
         s.count(key);
         let first_page = SWEEP_BLOCKS - usize::from(own < SWEEP_BLOCKS);
@@ -685,7 +685,7 @@ mod tests {
         assert_eq!(s.estimate(42), SKETCH_MAX);
         assert_eq!(s.level(42), LEVELS - 1);
         // Enough other increments halve everything.
-        for k in 0..s.period {
+        for k in 0..2 * s.half_life {
             s.increment(1_000_000 + k as u32);
         }
         assert!(s.estimate(42) <= SKETCH_MAX / 2 + 1, "{}", s.estimate(42));
