@@ -173,3 +173,27 @@ fn a_closed_standard_output_ends_kvctl_quietly() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn an_offline_commands_help_sets_the_node_options_apart() {
+    // `gen-trace` and `verify` never reach a node: their own options come first, the global
+    // ones for talking to a node under their own heading after them.
+    for command in ["gen-trace", "verify"] {
+        let output = kvctl(&[command, "--help"]);
+        assert!(output.status.success(), "{command} --help: {output:?}");
+        let help = String::from_utf8_lossy(&output.stdout);
+        let heading = help
+            .find("Options for the commands that talk to a node:")
+            .unwrap_or_else(|| panic!("{command} --help has no node heading:\n{help}"));
+        let addr = help.find("--addr").expect("--addr listed");
+        let json = help.find("--json").expect("--json listed");
+        assert!(
+            addr > heading,
+            "{command}: --addr before the heading:\n{help}"
+        );
+        assert!(
+            json < heading,
+            "{command}: --json under the node heading:\n{help}"
+        );
+    }
+}
