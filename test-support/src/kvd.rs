@@ -124,6 +124,28 @@ impl Kvd {
         let pid = rustix::process::Pid::from_child(child);
         rustix::process::kill_process(pid, signal).expect("send the signal");
     }
+
+    /// Stops the kvd (SIGSTOP) and returns once every one of its threads has stopped.
+    ///
+    /// `kill` returns before that: one thread takes the signal and stops the others, and on a
+    /// busy machine it may not run for milliseconds while an event loop goes on serving.
+    ///
+    /// # Panics
+    ///
+    /// If the signal cannot be sent, or its threads have not all stopped within 10 s.
+    pub fn pause(&self) {
+        self.send(rustix::process::Signal::STOP);
+        let child = self.child.as_ref().expect("until drop");
+        let tasks = format!("/proc/{}/task", child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !all_stopped(Path::new(&tasks)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the kvd's threads did not all stop within 10 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
 }
 
 impl Drop for Kvd {
@@ -133,4 +155,19 @@ impl Drop for Kvd {
             let _ = child.wait();
         }
     }
+}
+
+/// Whether every thread listed under `tasks` (`/proc/<pid>/task`) is stopped: state `T` in
+/// its `stat`, the field after the parenthesised name. A thread that is gone is not running.
+fn all_stopped(tasks: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(tasks) else {
+        return false;
+    };
+    entries.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).map_or(true, |stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state == "T")
+        })
+    })
 }

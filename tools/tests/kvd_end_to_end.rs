@@ -355,7 +355,7 @@ fn a_batch_from_a_node_that_stops_answering_costs_a_few_timeouts_not_one_per_ite
         reader.put(key, &[7u8; 4096]).unwrap();
     }
     // The node stops (SIGSTOP): the kernel still accepts connections, nothing answers.
-    kvd.send(rustix::process::Signal::STOP);
+    kvd.pause();
     let mut bufs = vec![vec![0u8; 4096]; keys.len()];
     let mut items: Vec<(&[u8], &mut [u8])> = keys
         .iter()
