@@ -196,4 +196,12 @@ fn an_offline_commands_help_sets_the_node_options_apart() {
             "{command}: --json under the node heading:\n{help}"
         );
     }
+    // The top-level help still opens with kvctl's own description and its exit statuses.
+    let output = kvctl(&["--help"]);
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        help.starts_with("Talk to a running mooncake KVCache node"),
+        "{help}"
+    );
+    assert!(help.contains("Exit status: 0 on success"), "{help}");
 }

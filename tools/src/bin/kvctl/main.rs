@@ -40,6 +40,11 @@ fn stdout_failed(error: &std::io::Error) -> ! {
     std::process::exit(2)
 }
 
+/// The heading of the options that only the commands talking to a running node use, so that
+/// an offline command's `--help` (`verify`, `replay --simulate-only`, `gen-trace`) sets them
+/// apart.
+const NODE_OPTIONS: &str = "Options for the commands that talk to a node";
+
 /// Talk to a running mooncake KVCache node, or inspect and verify a stopped one's data
 /// directory.
 ///
@@ -47,11 +52,6 @@ fn stdout_failed(error: &std::io::Error) -> ! {
 /// `bench` saw wrong bytes, 2 on any error (bad arguments, a node that cannot be reached, a
 /// directory that cannot be opened or is in use), 141 when its standard output was closed
 /// (`kvctl ... | head`), as the default SIGPIPE gives.
-/// The heading of the options that only the commands talking to a running node use, so that
-/// an offline command's `--help` (`verify`, `replay --simulate-only`, `gen-trace`) sets them
-/// apart.
-const NODE_OPTIONS: &str = "Options for the commands that talk to a node";
-
 #[derive(Parser)]
 #[command(name = "kvctl", version, about, long_about)]
 struct Cli {
@@ -74,12 +74,23 @@ struct Cli {
     /// Over tcp, the most connections one batch of inline reads is spread over, read at once
     /// (a batch needs 4 MiB of values per connection to be spread). Default: the number of
     /// cores; 1 keeps a batch on one connection.
-    #[arg(long, global = true, help_heading = NODE_OPTIONS, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(
+        long,
+        global = true,
+        help_heading = NODE_OPTIONS,
+        value_parser = clap::value_parser!(u16).range(1..=1024)
+    )]
     batch_lanes: Option<u16>,
     /// One-sided reads (shm, or tcp with --one-sided) reuse a block's descriptor this many
     /// milliseconds after its lookup, so a block read again soon costs no lookup; every read
     /// is still verified. 0 looks up every read.
-    #[arg(long, global = true, help_heading = NODE_OPTIONS, default_value_t = 10_000, value_name = "MS")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = NODE_OPTIONS,
+        default_value_t = 10_000,
+        value_name = "MS"
+    )]
     descriptor_ttl_ms: u64,
     /// Over shm, also checksum each payload as it is copied (a check against corrupted
     /// memory). Without it a same-host read checks the block's header after the copy, which is
