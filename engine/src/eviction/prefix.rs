@@ -256,9 +256,9 @@ impl EvictionPolicy for PrefixAware {
 /// A count-min sketch with four 4-bit counters per key, all in one 64-byte block (one cache
 /// line per update), whose counters are halved so that old popularity fades (TinyLFU's
 /// reset): every block once per `SKETCH_HALVING_PER_ENTRY` increments per tracked entry,
-/// after the first as many. The halving sweeps the sketch a page at a
-/// time ([`SWEEP_BLOCKS`]) as increments come, not all at once: at 1M entries the sketch is
-/// 32 MiB, a pass over it some milliseconds inside one use, under the tier's lock. A key's
+/// after the first as many. The halving sweeps the sketch a page at a time
+/// ([`SWEEP_BLOCKS`]) as increments come, not all at once: at 1M entries the sketch is 32
+/// MiB, a pass over it some milliseconds inside one use, under the tier's lock. A key's
 /// four counters share a block, so they are always halved together.
 #[derive(Debug, Default)]
 pub(super) struct Sketch {
@@ -289,7 +289,8 @@ const SKETCH_MIN_BLOCKS: usize = 1024;
 const SWEEP_BLOCKS: usize = 64;
 
 impl Sketch {
-    /// Grows the sketch (starting afresh) for `entries` tracked entries, and sets how often it halves.
+    /// Grows the sketch (starting afresh) for `entries` tracked entries, and sets how often
+    /// it halves.
     pub(super) fn fit(&mut self, entries: usize) {
         self.half_life = SKETCH_HALVING_PER_ENTRY * entries.max(SKETCH_MIN_BLOCKS) as u64;
         let want = entries
