@@ -12,7 +12,7 @@
 //! way it returns into `frequent`. The step is ARC's (the ratio of the two ghosts' sizes, at
 //! least one block), the target starts at half the cache (ARC starts at none of it, a lean
 //! towards frequency that a large cache takes long to unlearn), and every bound is the
-//! cache's own size: nothing is fitted to a trace.
+//! cache's own size.
 //!
 //! `recent` is ordered by last use. `frequent` is too (ARC's order), or by uses: CLOCK's
 //! two bits, as S3-FIFO's main queue, where the oldest block goes round again while it has
@@ -22,6 +22,16 @@
 //! keys (SHARDS: at most 4,096 blocks each, the same share of the cache's size) and the
 //! cache takes the order of the one that hit more lately. Nothing is tried on the real cache
 //! to be judged.
+//!
+//! Ghost hits move the target one block (or ARC's ratio) at a time, and only where keys
+//! come back from a ghost: on popular prompts of Zipf popularity in a large cache, which want
+//! a small recent side, it was still falling from half the cache at the end of a trace of
+//! 50,000 requests. Two more miniatures duel over the split: the real cache's order, with a
+//! recent side a fifth of the cache smaller and a fifth larger than the real target. While
+//! one hits more lately, the real target moves towards it, one block per 16 uses of the real
+//! cache (each sampled use moving it 2^k / 16 blocks). Ghost hits still move it too: the duel
+//! sees a gradient only where the two spreads keep different blocks, the ghosts see keys let
+//! go a little too soon wherever the target is.
 //!
 //! One addition to ARC: a new block whose key a count-min sketch has seen before (the sketch
 //! of [`PrefixAware`], which remembers about ten cache-sizes of uses, longer than the ghosts'
@@ -49,9 +59,9 @@
 //! waits is never evicted for it: the batch is applied first.
 //! 36 bytes per resident block (its list entry), 32 to 64 of sketch, at most one ghost per
 //! resident block (4 bytes in its queue, 8 to 16 in its table: see
-//! [`ghosts`](super::ghosts)), and the miniatures (at most 2 x 4,096 blocks, under a byte
+//! [`ghosts`](super::ghosts)), and the miniatures (at most 4 x 4,096 blocks, about two bytes
 //! per block at 1M): 95 bytes per block at 1M blocks after a run of evictions (the
-//! eviction bench). Below 4,096 blocks the miniatures are whole copies: three times the
+//! eviction bench). Below 4,096 blocks the miniatures are whole copies: five times the
 //! work and memory of one policy, on a cache that small.
 //!
 //! [`PrefixAware`]: super::PrefixAware
@@ -114,6 +124,15 @@ enum Pending {
     },
 }
 
+/// What does not move [`Adaptive`]'s target (both do, but in tests).
+#[derive(Debug, Clone, Copy, Default)]
+struct Ignores {
+    /// Hits on evicted keys (ARC's adaptation).
+    ghosts: bool,
+    /// The shadows' split duel.
+    duel: bool,
+}
+
 /// How the frequent segment orders its blocks for eviction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FrequentOrder {
@@ -160,9 +179,11 @@ pub struct Adaptive {
     shadows: Option<Box<Shadows>>,
     /// A miniature: it has no shadows of its own.
     miniature: bool,
-    /// Whether ghost hits move the target and the shadows the order (off only in tests:
-    /// what adapting buys).
+    /// Nothing moves the target or changes the order: in the split duel's miniatures, whose
+    /// targets are set from outside, and in tests (what adapting buys).
     frozen: bool,
+    /// What does not move the target (only in tests: what each way of moving it buys).
+    target_ignores: Ignores,
     /// Uses held for a batch where the sketch is large, at most [`SKETCH_BATCH`].
     pending: Vec<Pending>,
 }
@@ -191,12 +212,18 @@ impl Adaptive {
             return;
         }
         let len = self.len();
+        let target = self.target_recent();
         let lets_parents_go = self.lets_parents_go;
         let shadows = self
             .shadows
             .get_or_insert_with(|| Box::new(Shadows::new(lets_parents_go)));
-        if let Some(order) = shadows.observe(fingerprint, parent, partial, len) {
+        let verdict = shadows.observe(fingerprint, parent, partial, len, target, self.order);
+        if let Some(order) = verdict.order {
             self.order = order;
+        }
+        if verdict.target_step != 0 && !self.target_ignores.duel {
+            let target = target.saturating_add_signed(verdict.target_step).min(len);
+            self.target_recent = Some(target);
         }
     }
 
@@ -241,7 +268,7 @@ impl Adaptive {
 
     /// ARC's adaptation on a block that comes back from `segment`'s ghost.
     fn adapt(&mut self, segment: usize) {
-        if self.frozen {
+        if self.frozen || self.target_ignores.ghosts {
             return;
         }
         let [recent, frequent] = self.ghosts.lens;
@@ -414,10 +441,18 @@ impl Adaptive {
         self.frozen = true;
     }
 
-    /// The frequent order stays as it is: no shadows judge it.
+    /// The frequent order stays as it is, and the target moves by ghost hits alone: no
+    /// shadows judge them.
     #[cfg(test)]
     fn without_shadows(&mut self) {
         self.miniature = true;
+    }
+
+    /// What no longer moves the target: ghost hits (ARC's way), the split duel, or both (the
+    /// shadows still choose the order).
+    #[cfg(test)]
+    fn target_ignoring(&mut self, ghosts: bool, duel: bool) {
+        self.target_ignores = Ignores { ghosts, duel };
     }
 }
 
@@ -593,81 +628,187 @@ impl EvictionPolicy for Adaptive {
     }
 }
 
-/// Two miniature caches, one per [`FrequentOrder`], each fed the uses of a sample of the
-/// keys (a fixed share of the key hash space, so a sampled key is always sampled: SHARDS,
-/// Waldspurger et al., FAST 2015) at the same share of the real cache's size. Whichever keeps
-/// more of them lately, the real cache follows. Neither order has to be tried on the real
-/// cache to be judged, and the choice is the workload's, not a constant's.
+/// Miniature caches fed the uses of a sample of the keys (a fixed share of the key hash
+/// space, so a sampled key is always sampled: SHARDS, Waldspurger et al., FAST 2015) at the
+/// same share of the real cache's size, in two duels: one per [`FrequentOrder`], whose
+/// winner the real cache's frequent side follows, and one over the target, between a recent
+/// side [`SPLIT_SPREAD`](Shadows::SPLIT_SPREAD) of the cache smaller and one as much larger
+/// than the real cache's, towards whose winner the target moves. Neither order, nor any
+/// target, has to be tried on the real cache to be judged, and the choice is the
+/// workload's, not a constant's.
 #[derive(Debug)]
 struct Shadows {
-    minis: [Mini; 2],
+    /// Frequent side by [`FrequentOrder::Recency`], and by [`FrequentOrder::Clock`]; each
+    /// moves its own target by its ghost hits, as the real cache does.
+    orders: Duel,
+    /// The real cache's order and target, the target held a spread below, and above.
+    splits: Duel,
     /// The sample is the key hashes whose top `shift` bits are zero: 1 in 2^shift.
     shift: u32,
-    /// Hits per miniature, each older one weighing less (about the last
-    /// [`Shadows::WINDOW_SIZES`] miniature sizes of sampled uses count).
-    scores: [f64; 2],
+    /// The split duel's moves of the target not yet made: a fraction of a block.
+    carry: f64,
+}
+
+/// What the shadows make of a use.
+struct Verdict {
+    /// The frequent order to switch to, if the shadows now prefer the other one.
+    order: Option<FrequentOrder>,
+    /// Blocks to move the target by.
+    target_step: isize,
 }
 
 impl Shadows {
     fn new(lets_parents_go: bool) -> Self {
+        let fixed_split = || Adaptive {
+            frozen: true,
+            ..Mini::policy(FrequentOrder::Recency, lets_parents_go)
+        };
         Self {
-            minis: [
-                Mini::new(FrequentOrder::Recency, lets_parents_go),
-                Mini::new(FrequentOrder::Clock, lets_parents_go),
-            ],
+            orders: Duel::new([
+                Mini::over(Mini::policy(FrequentOrder::Recency, lets_parents_go)),
+                Mini::over(Mini::policy(FrequentOrder::Clock, lets_parents_go)),
+            ]),
+            splits: Duel::new([Mini::over(fixed_split()), Mini::over(fixed_split())]),
             shift: 0,
-            scores: [0.0; 2],
+            carry: 0.0,
         }
     }
 
     /// A miniature holds at most this many blocks: enough that its hit ratio follows the
     /// real cache's (SHARDS' error is well under a point at a few thousand sampled blocks).
     const MAX_BLOCKS: usize = 4096;
-    /// How many miniature-sizes of recent uses the scores remember.
-    const WINDOW_SIZES: f64 = 8.0;
-    /// The other order must keep this much more (relative) before the real cache switches,
-    /// so sampling noise does not flip it back and forth.
-    const MARGIN: f64 = 0.02;
+    /// How much smaller and larger than the real cache's the split duel's recent sides are,
+    /// in shares of the cache. Far enough apart that the two keep measurably different
+    /// blocks: of 0.05, 0.1, 0.15, 0.2 and 0.3 on the traces of docs/engine.md, 0.05 and
+    /// 0.1 left Zipf-popular prompts at 20% capacity up to 1.1 points below S3-FIFO, and
+    /// 0.3 cost the production trace 0.5 points at 20%.
+    const SPLIT_SPREAD: f64 = 0.2;
+    /// While one side of the split duel leads, the target moves towards it one block per
+    /// this many uses of the real cache (2^shift / PACE blocks per sampled use), so it
+    /// crosses the cache in this many cache-sizes of uses, twice the span the scores
+    /// remember. Of 4, 8, 16 and 32: 8 and faster lost 2.1 points to LRU on a hot set that
+    /// changes four times, 32 left Zipf-popular prompts 0.5 points below S3-FIFO.
+    const SPLIT_PACE: f64 = 16.0;
 
     fn sampled(fingerprint: u32, shift: u32) -> bool {
         shift == 0 || fingerprint.wrapping_mul(0x9e37_79b1) >> (32 - shift) == 0
     }
 
-    /// A use of `fingerprint` when the real cache holds `len` blocks: the order to switch
-    /// to, if the shadows now prefer the other one.
+    /// A use of `fingerprint` when the real cache holds `len` blocks, its target is
+    /// `target` and its frequent order `current_order`.
     fn observe(
         &mut self,
         fingerprint: u32,
         parent: Option<u32>,
         partial: bool,
         len: usize,
-    ) -> Option<FrequentOrder> {
+        target: usize,
+        current_order: FrequentOrder,
+    ) -> Verdict {
         let mut shift = self.shift;
         while (len >> shift) > Self::MAX_BLOCKS {
             shift += 1;
         }
         if shift != self.shift {
             self.shift = shift;
-            for mini in &mut self.minis {
-                mini.keep_only(|fingerprint| Self::sampled(fingerprint, shift));
-            }
+            let sampled = |fingerprint| Self::sampled(fingerprint, shift);
+            self.orders.keep_only(sampled);
+            self.splits.keep_only(sampled);
         }
         if !Self::sampled(fingerprint, shift) {
-            return None;
+            return Verdict {
+                order: None,
+                target_step: 0,
+            };
         }
         let capacity = (len >> shift).max(1);
-        let keep = 1.0 - 1.0 / (Self::WINDOW_SIZES * capacity as f64);
-        for (index, mini) in self.minis.iter_mut().enumerate() {
-            let hit = mini.touch(fingerprint, parent, partial, capacity);
-            self.scores[index] = self.scores[index] * keep + f64::from(u8::from(hit));
+        let order = self
+            .orders
+            .touch(fingerprint, parent, partial, capacity)
+            .map(|winner| [FrequentOrder::Recency, FrequentOrder::Clock][winner]);
+
+        // The real cache's split, a spread either side, in the miniature's blocks.
+        let share = target as f64 / len.max(1) as f64;
+        let spread = [-Self::SPLIT_SPREAD, Self::SPLIT_SPREAD];
+        for (mini, spread) in self.splits.minis.iter_mut().zip(spread) {
+            let share = (share + spread).clamp(0.0, 1.0);
+            mini.policy.order = order.unwrap_or(current_order);
+            mini.policy.target_recent = Some((share * capacity as f64).round() as usize);
         }
-        let [recency, clock] = self.scores;
-        if clock > recency * (1.0 + Self::MARGIN) {
-            Some(FrequentOrder::Clock)
-        } else if recency > clock * (1.0 + Self::MARGIN) {
-            Some(FrequentOrder::Recency)
+        let step = (1u64 << shift) as f64 / Self::SPLIT_PACE;
+        match self.splits.touch(fingerprint, parent, partial, capacity) {
+            Some(0) => self.carry -= step,
+            Some(_) => self.carry += step,
+            None => {}
+        }
+        let target_step = self.carry.trunc();
+        self.carry -= target_step;
+        Verdict {
+            order,
+            target_step: target_step as isize,
+        }
+    }
+
+    fn forget(&mut self, fingerprint: u32) {
+        self.orders.forget(fingerprint);
+        self.splits.forget(fingerprint);
+    }
+
+    fn bytes(&self) -> usize {
+        self.orders.bytes() + self.splits.bytes()
+    }
+}
+
+/// Two miniatures fed the same uses, and which has kept more of them lately.
+#[derive(Debug)]
+struct Duel {
+    minis: [Mini; 2],
+    /// Hits per miniature, each older one weighing less (about the last
+    /// [`Duel::WINDOW_SIZES`] miniature sizes of uses count).
+    scores: [f64; 2],
+}
+
+impl Duel {
+    /// How many miniature-sizes of recent uses the scores remember.
+    const WINDOW_SIZES: f64 = 8.0;
+    /// One must keep this much more (relative) than the other to lead, so sampling noise
+    /// does not flip the lead back and forth.
+    const MARGIN: f64 = 0.02;
+
+    fn new(minis: [Mini; 2]) -> Self {
+        Self {
+            minis,
+            scores: [0.0; 2],
+        }
+    }
+
+    /// Feeds a use to both miniatures, each with room for `capacity` blocks: the index of
+    /// the one that leads now, if one does.
+    fn touch(
+        &mut self,
+        fingerprint: u32,
+        parent: Option<u32>,
+        partial: bool,
+        capacity: usize,
+    ) -> Option<usize> {
+        let keep = 1.0 - 1.0 / (Self::WINDOW_SIZES * capacity as f64);
+        for (mini, score) in self.minis.iter_mut().zip(&mut self.scores) {
+            let hit = mini.touch(fingerprint, parent, partial, capacity);
+            *score = *score * keep + f64::from(u8::from(hit));
+        }
+        let [first, second] = self.scores;
+        if first > second * (1.0 + Self::MARGIN) {
+            Some(0)
+        } else if second > first * (1.0 + Self::MARGIN) {
+            Some(1)
         } else {
             None
+        }
+    }
+
+    fn keep_only(&mut self, keep: impl Fn(u32) -> bool) {
+        for mini in &mut self.minis {
+            mini.keep_only(&keep);
         }
     }
 
@@ -693,13 +834,14 @@ struct Mini {
 }
 
 impl Mini {
-    fn new(order: FrequentOrder, lets_parents_go: bool) -> Self {
-        Self::over(Adaptive {
+    /// The policy of a miniature whose frequent side starts in `order`.
+    fn policy(order: FrequentOrder, lets_parents_go: bool) -> Adaptive {
+        Adaptive {
             order,
             miniature: true,
             lets_parents_go,
             ..Adaptive::default()
-        })
+        }
     }
 
     /// A cache over `policy`.
@@ -965,6 +1107,70 @@ mod tests {
             "conversations: {} with shadows, {} without",
             hits[1],
             fixed_hits[1]
+        );
+    }
+
+    /// Uses of keys drawn with Zipf popularity (exponent 0.8 over 3,000 keys): a frequent
+    /// side that holds the popular keys, behind a small recent side for the rest, keeps the
+    /// most. Returns the hits over the last half of the uses and the target at the end.
+    fn zipf_popular_keys(cache: &mut Cache) -> (u64, usize) {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(11);
+        let mut total = 0.0;
+        let cumulative: Vec<f64> = (1..=3_000u32)
+            .map(|rank| {
+                total += f64::from(rank).powf(-0.8);
+                total
+            })
+            .collect();
+        let uses = 100_000;
+        let mut hits = 0;
+        for use_ in 0..uses {
+            let drawn = rand::Rng::random_range(&mut rng, 0.0..total);
+            let key = cumulative.partition_point(|&c| c < drawn) as u64;
+            let hit = cache.touch(7_000_000 + key);
+            if use_ >= uses / 2 {
+                hits += u64::from(hit);
+            }
+        }
+        (hits, cache.policy().target_recent())
+    }
+
+    /// A cache whose target only the split duel moves (`duel`), or nothing.
+    fn split_by(duel: bool) -> Cache {
+        let mut cache = Cache::new(CAPACITY);
+        cache.policy().target_ignoring(true, !duel);
+        cache
+    }
+
+    /// With ghost hits ignored, the split duel alone moves the target each way the workload
+    /// wants: down on Zipf-popular keys, up where keys come back at 3/5 of the cache's size
+    /// (from half the cache, the larger miniature's recent side, 7/10, catches them; the
+    /// smaller's does not). Left alone, the target stays at half the cache and keeps less.
+    #[test]
+    fn the_split_duel_moves_the_target_where_a_miniature_keeps_more() {
+        let (hits, target) = zipf_popular_keys(&mut split_by(true));
+        let (fixed_hits, fixed_target) = zipf_popular_keys(&mut split_by(false));
+        assert_eq!(fixed_target, CAPACITY / 2);
+        assert!(target < CAPACITY / 10, "Zipf: target {target}");
+        assert!(
+            hits * 100 > fixed_hits * 105,
+            "Zipf: {hits} hits with the duel, {fixed_hits} without"
+        );
+
+        let recency = |duel| {
+            let mut cache = split_by(duel);
+            let hits = used_twice(&mut cache, 0, 20 * CAPACITY as u64, 3 * CAPACITY as u64 / 5);
+            (hits, cache.policy().target_recent())
+        };
+        let keys = 20 * CAPACITY as u64;
+        let (hits, target) = recency(true);
+        let (fixed_hits, fixed_target) = recency(false);
+        assert_eq!(fixed_target, CAPACITY / 2);
+        assert!(target > CAPACITY * 9 / 10, "recency: target {target}");
+        assert!(hits * 10 > keys * 9, "recency, duel: {hits} of {keys}");
+        assert!(
+            fixed_hits * 10 < keys,
+            "recency, fixed: {fixed_hits} of {keys}"
         );
     }
 
