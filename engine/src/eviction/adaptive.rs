@@ -661,12 +661,12 @@ impl Shadows {
     fn new(lets_parents_go: bool) -> Self {
         let fixed_split = || Adaptive {
             frozen: true,
-            ..Mini::policy(FrequentOrder::Recency, lets_parents_go)
+            ..Mini::new_policy(FrequentOrder::Recency, lets_parents_go)
         };
         Self {
             orders: Duel::new([
-                Mini::over(Mini::policy(FrequentOrder::Recency, lets_parents_go)),
-                Mini::over(Mini::policy(FrequentOrder::Clock, lets_parents_go)),
+                Mini::over(Mini::new_policy(FrequentOrder::Recency, lets_parents_go)),
+                Mini::over(Mini::new_policy(FrequentOrder::Clock, lets_parents_go)),
             ]),
             splits: Duel::new([Mini::over(fixed_split()), Mini::over(fixed_split())]),
             shift: 0,
@@ -835,7 +835,7 @@ struct Mini {
 
 impl Mini {
     /// The policy of a miniature whose frequent side starts in `order`.
-    fn policy(order: FrequentOrder, lets_parents_go: bool) -> Adaptive {
+    fn new_policy(order: FrequentOrder, lets_parents_go: bool) -> Adaptive {
         Adaptive {
             order,
             miniature: true,
