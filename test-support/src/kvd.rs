@@ -120,8 +120,7 @@ impl Kvd {
     ///
     /// If the signal cannot be sent.
     pub fn send(&self, signal: rustix::process::Signal) {
-        let child = self.child.as_ref().expect("until drop");
-        let pid = rustix::process::Pid::from_child(child);
+        let pid = rustix::process::Pid::from_child(self.child());
         rustix::process::kill_process(pid, signal).expect("send the signal");
     }
 
@@ -135,8 +134,7 @@ impl Kvd {
     /// If the signal cannot be sent, or its threads have not all stopped within 10 s.
     pub fn pause(&self) {
         self.send(rustix::process::Signal::STOP);
-        let child = self.child.as_ref().expect("until drop");
-        let tasks = format!("/proc/{}/task", child.id());
+        let tasks = format!("/proc/{}/task", self.child().id());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !all_stopped(Path::new(&tasks)) {
             assert!(
