@@ -166,3 +166,33 @@ fn busy_connections_take_turns_in_the_event_loop() {
         "{in_loops} of {gets} gets served in the event loops"
     );
 }
+
+/// A caller that waits for each answer keeps to one of its pool's connections (and so to the
+/// worker that lingers on it for the next request), however many the pool may open: taken in
+/// turn, four connections each found their worker asleep, or parked, at every request.
+#[test]
+fn a_caller_that_waits_for_each_answer_keeps_to_one_connection() {
+    let node = node(64 << 20);
+    let client = Client::connect(
+        node.control_addr(),
+        ClientConfig {
+            transport: TransportChoice::Tcp,
+            connections: 4,
+            timeout: Duration::from_secs(10),
+            ..ClientConfig::default()
+        },
+    )
+    .expect("connect");
+    let bytes = value(3, 64 << 10);
+    client.put(b"sequential", &bytes).expect("put");
+    let mut buf = vec![0u8; bytes.len()];
+    for _ in 0..20 {
+        assert_eq!(
+            client.get_into(b"sequential", &mut buf).expect("get"),
+            Some(bytes.len())
+        );
+        assert_eq!(buf, bytes);
+        assert_eq!(client.exists(&[b"sequential"]).expect("exists"), [true]);
+    }
+    assert_eq!(counter(&node, "mooncake_connections"), 1);
+}

@@ -229,6 +229,7 @@ pub struct Client {
     config: ClientConfig,
     hello: HelloReply,
     pool: Vec<Mutex<Option<Control>>>,
+    /// The pool's connection taken last: where the next call looks first.
     next: AtomicUsize,
     next_request: AtomicU64,
     transport: Box<dyn Transport>,
@@ -426,11 +427,18 @@ impl Client {
         mut then: impl FnMut(&mut Control, Response) -> Result<T>,
     ) -> Result<T> {
         let body = encode_body(request);
-        // The first idle connection from a rotating start; wait only when all are busy.
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // The connection taken last if it is idle (a caller that waits for each answer keeps
+        // one connection, and the node's worker that lingers on it), else the next idle one
+        // after it; wait only when all are busy.
+        let start = self.next.load(Ordering::Relaxed);
         let n = self.pool.len();
         let mut slot = (0..n)
-            .find_map(|i| self.pool[(start + i) % n].try_lock())
+            .find_map(|i| {
+                let at = (start + i) % n;
+                let slot = self.pool[at].try_lock()?;
+                self.next.store(at, Ordering::Relaxed);
+                Some(slot)
+            })
             .unwrap_or_else(|| self.pool[start % n].lock());
         for attempt in 0..2 {
             let reused = slot.is_some();
