@@ -102,13 +102,30 @@ enum Next {
     Close,
 }
 
-/// Whether `stream` has bytes to read (or its end) within `wait`.
-fn readable_within(stream: &TcpStream, wait: Duration) -> bool {
+/// Whether `stream` has bytes to read (or its end) within `wait`: polled without sleeping
+/// for the first `awake` of it (see [`crate::NodeConfig::poll_before_sleep`]), asleep after.
+fn readable_within(stream: &TcpStream, wait: Duration, awake: Duration) -> bool {
     let mut fds = [rustix::event::PollFd::new(
         stream,
         rustix::event::PollFlags::IN,
     )];
-    let timeout = rustix::event::Timespec::try_from(wait).unwrap_or(rustix::event::Timespec {
+    let awake = awake.min(wait);
+    if !awake.is_zero() {
+        let zero = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let began = Instant::now();
+        while began.elapsed() < awake {
+            match rustix::event::poll(&mut fds, Some(&zero)) {
+                Ok(0) | Err(rustix::io::Errno::INTR) => std::hint::spin_loop(),
+                // Readable, or an error the read will report.
+                Ok(_) | Err(_) => return true,
+            }
+        }
+    }
+    let asleep = wait - awake;
+    let timeout = rustix::event::Timespec::try_from(asleep).unwrap_or(rustix::event::Timespec {
         tv_sec: 0,
         tv_nsec: 0,
     });
@@ -249,15 +266,25 @@ fn serve(
     let mut writer = BufWriter::with_capacity(16 << 10, stream);
     let mut body = Vec::new();
     let mut served = false;
+    // Poll before sleeping while the client's requests come within twice the window of it
+    // (back to back); one that pauses longer costs the window once per pause, not per request.
+    let window = shared.poll_before_sleep;
+    let mut poll = window;
     loop {
         // Read-ahead is empty between requests (a client waits for each answer), unless it
         // sent several at once (then those are served in this turn: the read-ahead cannot
         // wait in the queue).
         if reader.buffer().is_empty() {
             let (wait, _turn) = shared.workers.linger();
-            if !readable_within(stream, wait) {
+            let began = Instant::now();
+            if !readable_within(stream, wait, poll) {
                 return Ok(Next::Park);
             }
+            poll = if began.elapsed() <= 2 * window {
+                window
+            } else {
+                Duration::ZERO
+            };
             if served && shared.workers.others_waiting() {
                 return Ok(Next::Yield);
             }
@@ -1086,5 +1113,34 @@ mod tests {
         assert!(!token_ok(Some(b"secret"), b"secreT"));
         assert!(!token_ok(Some(b"secret"), b"secret2"));
         assert!(!token_ok(Some(b"secret"), b""));
+    }
+
+    /// A request that comes while the worker polls, or after, is seen; none, and the wait
+    /// ends once `wait` has passed in all, polling included.
+    #[test]
+    fn a_request_is_seen_whether_it_comes_while_polling_or_asleep() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        let ms = Duration::from_millis;
+
+        let began = Instant::now();
+        assert!(!readable_within(&server, ms(30), ms(10)));
+        let waited = began.elapsed();
+        assert!(waited >= ms(30) && waited < ms(1000), "{waited:?}");
+
+        for (awake, late) in [(ms(200), ms(20)), (ms(5), ms(40)), (Duration::ZERO, ms(20))] {
+            let sent = std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    std::thread::sleep(late);
+                    client.write_all(b"x").expect("send");
+                });
+                readable_within(&server, ms(5000), awake)
+            });
+            assert!(sent, "polling {awake:?}, a request {late:?} later");
+            let mut byte = [0u8; 1];
+            (&server).read_exact(&mut byte).expect("read");
+        }
     }
 }

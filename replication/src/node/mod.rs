@@ -79,6 +79,14 @@ pub struct NodeConfig {
     /// other cores to the workers (puts), the data planes, the engine and, on a machine that
     /// also runs the inference engine's processes, to them. Default 0.
     pub event_loops: usize,
+    /// How long a worker that holds a lone client's connection between requests (see
+    /// `workers.rs`) polls it for the next one before it sleeps, while the client's requests
+    /// come within twice this of each other. A request that comes within it is served with
+    /// no wake-up; on a host with few cores, sleeping between one large get and the next also
+    /// lets the scheduler put the client and the node's thread on one core, where they take
+    /// turns (docs/node.md has the one-stream figures). A client that pauses longer costs
+    /// this much CPU once per pause. Zero: sleep at once. Default 200 us.
+    pub poll_before_sleep: Duration,
     /// The engine.
     pub engine: EngineConfig,
 }
@@ -100,6 +108,7 @@ impl Default for NodeConfig {
             max_reserved_bytes_per_connection: None,
             idle_timeout: Duration::from_secs(300),
             event_loops: 0,
+            poll_before_sleep: Duration::from_micros(200),
             engine: EngineConfig::default(),
         }
     }
@@ -288,6 +297,7 @@ struct Shared {
     reservation_timeout: Duration,
     max_reservations: usize,
     idle_timeout: Duration,
+    poll_before_sleep: Duration,
     metrics: Metrics,
     /// Repair's figures, once the node takes part in repair.
     repair_stats: Mutex<Option<Arc<RepairStats>>>,
@@ -470,6 +480,7 @@ impl Node {
                 .max_reserved_bytes_per_connection
                 .unwrap_or(config.engine.dram_capacity_bytes / 4),
             idle_timeout: config.idle_timeout.max(Duration::from_millis(10)),
+            poll_before_sleep: config.poll_before_sleep,
             metrics: Metrics::default(),
             repair_stats: Mutex::new(None),
             hidden_below: AtomicU64::new(0),

@@ -17,8 +17,10 @@
 //! While no other connection waits for a worker, a worker serves its connection as long as
 //! requests keep coming (it waits [`LINGER`] for the next one, if fewer than
 //! [`RUNNING_PER_CORE`] per core wait so already and no more connections than that are
-//! parked with the loops: many busy connections are the loops' to serve in turn), then parks
-//! it with its loop again. While others wait, it serves one request per turn: its connection
+//! parked with the loops: many busy connections are the loops' to serve in turn; the first
+//! [`NodeConfig::poll_before_sleep`](crate::NodeConfig::poll_before_sleep) of that wait it
+//! polls rather than sleeps, while the requests come back to back), then parks it with its
+//! loop again. While others wait, it serves one request per turn: its connection
 //! goes to the back of the queue if its next request is there already, or back to its loop
 //! if not. At most
 //! [`RUNNING_PER_CORE`] workers per core are at work at once, unless they are all stuck on
