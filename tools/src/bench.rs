@@ -73,6 +73,10 @@ pub struct BenchReport {
     pub elapsed: Duration,
     /// Per read request (a batch of gets counts once).
     pub read_latency: Quantiles,
+    /// Per read, from when its request was ready to the first bytes of its answer: measured
+    /// by the many-connection load generator only (zero otherwise). It is what
+    /// `redis-benchmark` reports as a request's latency, so the figure to compare with its.
+    pub read_first_byte: Quantiles,
     /// Per put request.
     pub write_latency: Quantiles,
     /// Values whose bytes were not what was written under their key.
@@ -301,6 +305,8 @@ pub(crate) struct Tally {
     pub(crate) errors: u64,
     pub(crate) first_error: Option<String>,
     pub(crate) read_ns: Vec<u64>,
+    /// Per read, to the first bytes of its answer (the load generator's only).
+    pub(crate) first_byte_ns: Vec<u64>,
     pub(crate) write_ns: Vec<u64>,
 }
 
@@ -339,7 +345,7 @@ pub(crate) fn summarize(
         elapsed,
         ..BenchReport::default()
     };
-    let (mut read_ns, mut write_ns) = (Vec::new(), Vec::new());
+    let (mut read_ns, mut first_byte_ns, mut write_ns) = (Vec::new(), Vec::new(), Vec::new());
     for t in tallies {
         report.reads += t.reads;
         report.misses += t.misses;
@@ -351,6 +357,7 @@ pub(crate) fn summarize(
             report.first_error = t.first_error;
         }
         read_ns.extend(t.read_ns);
+        first_byte_ns.extend(t.first_byte_ns);
         write_ns.extend(t.write_ns);
     }
     let busy_ns: u64 = read_ns.iter().sum();
@@ -358,6 +365,7 @@ pub(crate) fn summarize(
     report.read_mib_per_busy_second =
         read_bytes / (busy_ns as f64 / 1e9).max(1e-9) / f64::from(1 << 20);
     report.read_latency = quantiles(&mut read_ns);
+    report.read_first_byte = quantiles(&mut first_byte_ns);
     report.write_latency = quantiles(&mut write_ns);
     report
 }

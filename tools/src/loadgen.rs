@@ -9,8 +9,12 @@
 //! The same loop speaks Redis's protocol too ([`run_redis`]: `GET`, each value checked
 //! against its pattern), so that a Redis server can be measured the way a node is: same
 //! threads, same connections, same clock. `redis-benchmark` times a request from when it is
-//! written, after it waited in its own client, and with many connections its latencies are
-//! well under what Little's law allows for its own throughput.
+//! written, after it waited in its own client, to the first read event of its reply (the
+//! bytes after the first read are "parsing" to it): with many connections its latencies
+//! are well under what Little's law allows for its own throughput, and with large values
+//! they leave out the value's own transfer. So each get's time to the first bytes of its
+//! answer is reported as well ([`BenchReport::read_first_byte`]), the figure to set next
+//! to `redis-benchmark`'s.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -58,6 +62,9 @@ struct Conn {
     stage: Stage,
     index: u64,
     sent_at: Instant,
+    /// When the first bytes of the current answer came: what `redis-benchmark` calls a
+    /// request's latency (it stops its clock at the first read event).
+    first_byte_at: Option<Instant>,
 }
 
 impl Conn {
@@ -78,6 +85,7 @@ impl Conn {
                 Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
                 Ok(n) => {
                     self.filled += n;
+                    self.first_byte_at.get_or_insert_with(Instant::now);
                     return Ok(true);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
@@ -254,6 +262,7 @@ fn drive(
             stage: Stage::Header,
             index: 0,
             sent_at: Instant::now(),
+            first_byte_at: None,
         };
         send(&mut conn, o, protocol, next_key())?;
         conns.push(conn);
@@ -290,8 +299,13 @@ fn drive(
                 Protocol::Redis => receive_redis(conn, into)?,
             };
             if let Some(done) = received {
-                into.read_ns
-                    .push(u64::try_from((done - conn.sent_at).as_nanos()).unwrap_or(u64::MAX));
+                let since_sent = |at: Instant| {
+                    u64::try_from(at.saturating_duration_since(conn.sent_at).as_nanos())
+                        .unwrap_or(u64::MAX)
+                };
+                into.read_ns.push(since_sent(done));
+                into.first_byte_ns
+                    .push(since_sent(conn.first_byte_at.unwrap_or(done)));
                 send(conn, o, protocol, next_key())?;
             }
         }
@@ -329,6 +343,7 @@ fn send(conn: &mut Conn, o: &BenchOptions, protocol: Protocol, index: u64) -> st
     conn.index = index;
     conn.stage = Stage::Header;
     conn.sent_at = Instant::now();
+    conn.first_byte_at = None;
     // A request of a few dozen bytes on a connection with nothing else outstanding: the
     // socket's buffer takes it at once.
     let mut rest = &frame[..];

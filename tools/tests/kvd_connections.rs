@@ -312,6 +312,31 @@ fn the_event_loop_load_generator_drives_many_connections_and_checks_every_value(
         "{report:?}"
     );
     assert!(report.read_latency.p50_us > 0.0);
+    // Each get's first bytes come no later than its last, so every quantile of the one is at
+    // most the other's; zero would mean the first byte went untimed.
+    let (first, last) = (report.read_first_byte, report.read_latency);
+    assert!(first.p50_us > 0.0, "{report:?}");
+    assert!(
+        first.p50_us <= last.p50_us && first.p99_us <= last.p99_us && first.p999_us <= last.p999_us,
+        "{report:?}"
+    );
+    // With 1 MiB values a get's first bytes come well before its last (the header is read
+    // apart from the block): the two figures differ.
+    let large = BenchOptions {
+        value_bytes: 1 << 20,
+        keys: 8,
+        key_prefix: "loadgen-large/".to_owned(),
+        duration: Duration::from_millis(400),
+        ..options.clone()
+    };
+    bench::prefill(&client, &large, &|_| {}).unwrap();
+    let report = mooncake_kv_tools::loadgen::run(kvd.control, b"", &large, 4).unwrap();
+    assert_eq!((report.wrong_values, report.errors), (0, 0), "{report:?}");
+    assert!(
+        report.read_first_byte.p50_us > 0.0
+            && report.read_first_byte.p50_us < report.read_latency.p50_us,
+        "{report:?}"
+    );
 
     // A value that is not its key's is caught: key 3 holds key 4's value.
     let mut foreign = vec![0u8; options.value_bytes];

@@ -306,13 +306,15 @@ struct BenchArgs {
     /// keeps one get in flight on every one of its connections), so that one process loads
     /// a node with thousands of connections without being what is measured. Gets only,
     /// inline over tcp (--read-percent 100, --batch 1); latency is timed from when each
-    /// request was ready.
+    /// request was ready to its answer's last byte, and to its first byte as well (what
+    /// redis-benchmark reports).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     connections: Option<u64>,
     /// With --connections: drive a Redis server at HOST:PORT instead of the node, with the
     /// same loop, connections and clock (GET for each key, each value checked; the keys are
     /// SET first unless --no-prefill). The reference for the node's figures, measured the
-    /// same way: redis-benchmark times a request only from when it is written.
+    /// same way: redis-benchmark times a request only from when it is written, and only to
+    /// the first bytes of its reply.
     #[arg(long, value_name = "HOST:PORT", requires = "connections")]
     redis: Option<String>,
     /// Percentage of operations that are reads.

@@ -410,6 +410,9 @@ pub(super) fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
                 "ops_per_second": report.ops_per_second(),
                 "mib_per_second": report.mib_per_second(),
                 "read_latency": q(&report.read_latency),
+                // --connections only: to the first bytes of each answer, as redis-benchmark
+                // times a request.
+                "read_first_byte": args.connections.map(|_| q(&report.read_first_byte)),
                 "write_latency": q(&report.write_latency),
                 "wrong_values": report.wrong_values,
                 "errors": report.errors,
@@ -447,6 +450,9 @@ pub(super) fn bench(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
                     l.p999_us
                 );
             }
+        }
+        if args.connections.is_some() {
+            print_first_byte(&report.read_first_byte);
         }
         out!(
             "misses {}, errors {}, wrong values {}, verification retries {}, reads without a \
@@ -492,7 +498,7 @@ fn print_redis_report(
     connections: usize,
     report: &bench::BenchReport,
 ) {
-    let l = &report.read_latency;
+    let (l, f) = (&report.read_latency, &report.read_first_byte);
     if cli.json {
         out!(
             "{}",
@@ -508,6 +514,7 @@ fn print_redis_report(
                 "ops_per_second": report.ops_per_second(),
                 "mib_per_second": report.mib_per_second(),
                 "read_latency": json!({ "p50_us": l.p50_us, "p99_us": l.p99_us, "p999_us": l.p999_us }),
+                "read_first_byte": json!({ "p50_us": f.p50_us, "p99_us": f.p99_us, "p999_us": f.p999_us }),
                 "wrong_values": report.wrong_values,
                 "errors": report.errors,
                 "first_error": report.first_error,
@@ -530,6 +537,7 @@ fn print_redis_report(
             l.p99_us,
             l.p999_us
         );
+        print_first_byte(f);
         out!(
             "misses {}, errors {}, wrong values {}",
             report.misses,
@@ -540,6 +548,17 @@ fn print_redis_report(
             out!("first error: {error}");
         }
     }
+}
+
+/// The load generator's time to the first bytes of each answer, under the reads' line.
+fn print_first_byte(f: &bench::Quantiles) {
+    out!(
+        "  to first byte  p50 {:>9.1} us  p99 {:>9.1} us  p999 {:>9.1} us (as redis-benchmark \
+         times a request)",
+        f.p50_us,
+        f.p99_us,
+        f.p999_us
+    );
 }
 
 fn bar(show: bool, len: u64, what: &'static str) -> ProgressBar {
