@@ -657,14 +657,16 @@ impl Node {
             }
         }
         drop(connections);
-        // Workers hold the node's state: they end before the engine can be closed.
-        if !self
+        // Workers hold the node's state: they end, and their threads with them, before the
+        // engine can be closed.
+        let ended = self
             .shared
             .workers
-            .wait_ended(deadline + Duration::from_secs(1))
-        {
+            .wait_ended(deadline + Duration::from_secs(1));
+        if !ended {
             tracing::warn!("worker threads still running after the grace period");
         }
+        self.shared.workers.join(ended);
         if let Some(handle) = self.sweeper.take() {
             let _ = handle.join();
         }

@@ -37,6 +37,7 @@ use std::net::TcpStream;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -102,6 +103,12 @@ pub(super) struct Workers {
     running: usize,
     /// Jobs taken by a worker so far.
     taken: AtomicU64,
+    /// The workers' threads, those that ended pruned as new ones start: a worker counts
+    /// itself out (`state.workers`) before its thread lets go of the node's state, so the
+    /// node joins them as well before it closes, or the last reference to the engine could
+    /// be dropped by a thread that outlives the node (RocksDB closed during the process's
+    /// exit aborts it: "pthread lock: Invalid argument").
+    handles: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// A worker's turn at waiting on its connection; see [`Workers::linger`].
@@ -140,6 +147,7 @@ impl Workers {
             queued: AtomicUsize::new(0),
             running: cores.saturating_mul(RUNNING_PER_CORE),
             taken: AtomicU64::new(0),
+            handles: Mutex::new(Vec::new()),
         })
     }
 
@@ -205,6 +213,18 @@ impl Workers {
         }
         true
     }
+
+    /// Joins the workers' threads once they have ended ([`wait_ended`](Self::wait_ended)
+    /// returned `true`), so that none holds the node's state any more; else only those
+    /// whose threads are done (a stuck one is left, as the node's log says).
+    pub(super) fn join(&self, all_ended: bool) {
+        let handles = std::mem::take(&mut *self.handles.lock());
+        for handle in handles {
+            if all_ended || handle.is_finished() {
+                let _ = handle.join();
+            }
+        }
+    }
 }
 
 /// Hands `job` to a waiting worker, or to a new one while fewer than [`RUNNING_PER_CORE`]
@@ -268,14 +288,23 @@ fn spawn_worker(shared: &Arc<Shared>) {
     let spawned = std::thread::Builder::new()
         .name("mooncake-node-serve".into())
         .spawn(move || work(&worker));
-    if let Err(error) = spawned {
-        // The queued job waits for a worker that exists (if none does, for the next
-        // dispatch that can start one).
-        tracing::warn!(%error, "cannot start a worker thread");
-        let mut state = workers.state.lock();
-        state.workers -= 1;
-        if state.workers == 0 {
-            workers.ready.notify_all();
+    match spawned {
+        Ok(handle) => {
+            let mut handles = workers.handles.lock();
+            // Threads that ended are let go of here (their handles only), so the list stays
+            // as long as the pool.
+            handles.retain(|h| !h.is_finished());
+            handles.push(handle);
+        }
+        Err(error) => {
+            // The queued job waits for a worker that exists (if none does, for the next
+            // dispatch that can start one).
+            tracing::warn!(%error, "cannot start a worker thread");
+            let mut state = workers.state.lock();
+            state.workers -= 1;
+            if state.workers == 0 {
+                workers.ready.notify_all();
+            }
         }
     }
 }
