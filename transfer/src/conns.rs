@@ -1,16 +1,16 @@
 //! The connections a server has open: bounded in number, closed when quiet for long, and
-//! closed when the server drops.
+//! closed when the server drops, their threads joined.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
 use std::time::Duration;
 #[cfg(feature = "rdma")]
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     sync::atomic::AtomicBool,
-    thread::JoinHandle,
 };
 
 use parking_lot::Mutex;
@@ -47,10 +47,12 @@ struct Open {
     activity: Arc<Activity>,
 }
 
-/// A duplicate of each open connection's socket, by id.
+/// A duplicate of each open connection's socket, by id, and the threads serving them.
 #[derive(Debug, Default)]
 pub(crate) struct OpenConnections {
     inner: Mutex<(u64, HashMap<u64, Open>)>,
+    /// One per connection served on a thread of its own; ended ones are let go at each spawn.
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// What to do with a new connection when the server is at its limit.
@@ -99,10 +101,49 @@ impl OpenConnections {
         self.inner.lock().1.remove(&id);
     }
 
-    /// Shuts every open connection down, waking the threads blocked reading them.
+    /// Shuts every open connection down, waking the threads blocked reading or writing them.
     pub(crate) fn shutdown_all(&self) {
         for (_, open) in self.inner.lock().1.drain() {
             let _ = rustix::net::shutdown(&open.socket, rustix::net::Shutdown::Both);
+        }
+    }
+
+    /// Serves the admitted connection `id` on a thread of its own named `name`, which
+    /// forgets the connection when `serve` returns. If no thread can be started the
+    /// connection is forgotten at once (its place is not lost) and the error returned.
+    pub(crate) fn spawn(
+        self: &Arc<Self>,
+        id: u64,
+        name: String,
+        serve: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<()> {
+        let connections = Arc::clone(self);
+        let spawned = std::thread::Builder::new().name(name).spawn(move || {
+            serve();
+            connections.close(id);
+        });
+        match spawned {
+            Ok(handle) => {
+                let mut threads = self.threads.lock();
+                threads.retain(|thread| !thread.is_finished());
+                threads.push(handle);
+                Ok(())
+            }
+            Err(error) => {
+                self.close(id);
+                Err(error)
+            }
+        }
+    }
+
+    /// Shuts every open connection down and waits for the threads serving them to end.
+    /// Called once nothing admits connections any more (the acceptor joined), so that no
+    /// connection is admitted after the shutdown and waits for input forever.
+    pub(crate) fn close_all_and_join(&self) {
+        self.shutdown_all();
+        let threads = std::mem::take(&mut *self.threads.lock());
+        for thread in threads {
+            let _ = thread.join();
         }
     }
 }
@@ -127,7 +168,7 @@ pub(crate) fn read_frame_or_end(
 /// own (the RDMA transport's grant requests, few and short-lived): a connection quiet for [`IDLE_TIMEOUT`] ends (its reads time out), and at
 /// [`MAX_CONNECTIONS`] the quietest makes room for a new one, so quiet connections never lock
 /// readers out. Dropping it stops accepting, shuts every open connection down and joins the
-/// acceptor.
+/// acceptor and every connection's thread.
 pub(crate) struct Acceptor {
     local_addr: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -174,12 +215,13 @@ impl Acceptor {
 impl Drop for Acceptor {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        // Wake the acceptor with a connection of our own, then close every connection.
+        // Wake the acceptor with a connection of our own; once it has ended, close every
+        // connection and wait for their threads.
         let _ = TcpStream::connect_timeout(&self.local_addr, Duration::from_secs(1));
-        self.connections.shutdown_all();
         if let Some(handle) = self.thread.take() {
             let _ = handle.join();
         }
+        self.connections.close_all_and_join();
     }
 }
 
@@ -216,18 +258,14 @@ fn accept_loop<F>(
         else {
             continue;
         };
-        let (serve, conns) = (Arc::clone(serve), Arc::clone(connections));
-        let spawned = std::thread::Builder::new()
-            .name(format!("mooncake-{what}-serve"))
-            .spawn(move || {
-                if let Err(error) = serve(stream, &activity) {
-                    tracing::debug!(what, %error, "connection closed");
-                }
-                conns.close(id);
-            });
+        let serve = Arc::clone(serve);
+        let spawned = connections.spawn(id, format!("mooncake-{what}-serve"), move || {
+            if let Err(error) = serve(stream, &activity) {
+                tracing::debug!(what, %error, "connection closed");
+            }
+        });
         if let Err(error) = spawned {
             tracing::warn!(what, %error, "cannot start a thread for a connection; dropping it");
-            connections.close(id);
         }
     }
 }

@@ -99,16 +99,16 @@ impl ShmServer {
                             tracing::warn!("too many shared-memory connections; refusing one");
                             continue;
                         };
-                        let (registry, connections) =
-                            (Arc::clone(&registry), Arc::clone(&connections));
-                        let _ = std::thread::Builder::new()
-                            .name("mooncake-shm-serve".into())
-                            .spawn(move || {
+                        let registry = Arc::clone(&registry);
+                        let spawned =
+                            connections.spawn(id, "mooncake-shm-serve".into(), move || {
                                 if let Err(error) = serve(stream, &registry) {
                                     tracing::debug!(%error, "shared-memory connection closed");
                                 }
-                                connections.close(id);
                             });
+                        if let Err(error) = spawned {
+                            tracing::warn!(%error, "cannot start a thread for a shared-memory connection; refusing it");
+                        }
                     }
                 })
                 .map_err(Error::io("start the shared-memory acceptor"))?
@@ -134,10 +134,12 @@ impl Drop for ShmServer {
         // Shutting a listening socket down ends the accept it waits in (Linux).
         let _ = rustix::net::shutdown(&self.listener, rustix::net::Shutdown::Both);
         let _ = UnixStream::connect(&self.path);
-        self.connections.shutdown_all();
         if let Some(handle) = self.acceptor.take() {
             let _ = handle.join();
         }
+        // Nothing admits connections now: close them and wait for their threads, which hold
+        // the registry (and so its regions' memory).
+        self.connections.close_all_and_join();
         let _ = std::fs::remove_file(&self.path);
     }
 }
