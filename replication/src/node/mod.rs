@@ -84,8 +84,10 @@ pub struct NodeConfig {
     /// come within twice this of each other. A request that comes within it is served with
     /// no wake-up; on a host with few cores, sleeping between one large get and the next also
     /// lets the scheduler put the client and the node's thread on one core, where they take
-    /// turns (docs/node.md has the one-stream figures). A client that pauses longer costs
-    /// this much CPU once per pause. Zero: sleep at once. Default 200 us.
+    /// turns (docs/node.md has the one-stream figures). The polling yields the core to any
+    /// thread waiting for it between looks, so it takes only a core nothing else wants; a
+    /// client that pauses longer costs this much of such a core once per pause. Zero: sleep
+    /// at once. Default 200 us.
     pub poll_before_sleep: Duration,
     /// The engine.
     pub engine: EngineConfig,

@@ -96,8 +96,9 @@ struct Cli {
     /// request before it sleeps, while requests come within twice this of each other
     /// (default 200, at most 10,000; 0 sleeps at once). A request that comes meanwhile is
     /// served with no wake-up, which on a host with few cores also keeps the scheduler from
-    /// putting the client and the node on one core between requests; a client that pauses
-    /// longer costs this much CPU once per pause.
+    /// putting the client and the node on one core between requests. The polling yields the
+    /// core to any thread waiting for it, so it takes only a core nothing else wants; a
+    /// client that pauses longer costs this much of one once per pause.
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     poll_before_sleep_us: Option<u64>,
     /// How long a lookup pins a block, in milliseconds.
