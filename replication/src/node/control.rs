@@ -120,8 +120,8 @@ fn readable_within(stream: &TcpStream, wait: Duration, awake: Duration) -> bool 
             match rustix::event::poll(&mut fds, Some(&zero)) {
                 // Nothing yet: let any thread waiting for this core run first (the client,
                 // another node's worker, on a host with few cores), so that polling takes
-                // only a core nothing else wants. Spinning instead cost three nodes and
-                // their client on two cores a third of a replicated put's speed.
+                // only a core nothing else wants. Spinning instead halved the speed of a
+                // replicated put from three nodes and their client on two cores.
                 Ok(0) | Err(rustix::io::Errno::INTR) => std::thread::yield_now(),
                 // Readable, or an error the read will report.
                 Ok(_) | Err(_) => return true,
