@@ -2,6 +2,10 @@
 //! put of the same bytes to one node, in one run: three nodes in this process on 127.0.0.1,
 //! 64 KiB and 512 KiB values, keys cycling over a space that fits every node's DRAM.
 //! The target: the replicated put costs at most 2.2x the unreplicated one.
+//! Then a batch read of 32 such keys through the cluster client (`get_into_batch`) with every
+//! key present, half of them absent, and all absent, next to the same batch of present keys
+//! from one node: a key no member has is asked of each member in turn, so it costs the batch
+//! rounds, not requests of its own.
 //! Run: `cargo bench -p mooncake-kv-benches --bench replicated_put`.
 
 use std::hint::black_box;
@@ -26,7 +30,8 @@ fn node() -> Node {
     .expect("start a node")
 }
 
-fn replicated_put(c: &mut Criterion) {
+/// Three nodes in this process and a cluster client (R = 2) that sees them all live.
+fn three_nodes() -> (Vec<Node>, ClusterClient) {
     let nodes: Vec<Node> = (0..3).map(|_| node()).collect();
     let cluster = ClusterClient::new(ClusterConfig {
         membership: StaticConfig {
@@ -43,6 +48,11 @@ fn replicated_put(c: &mut Criterion) {
         assert!(Instant::now() < deadline, "members never all live");
         std::thread::sleep(Duration::from_millis(20));
     }
+    (nodes, cluster)
+}
+
+fn replicated_put(c: &mut Criterion) {
+    let (nodes, cluster) = three_nodes();
     let single =
         Client::connect(nodes[0].control_addr(), ClientConfig::default()).expect("connect");
     let mut group = c.benchmark_group("put");
@@ -69,9 +79,67 @@ fn replicated_put(c: &mut Criterion) {
     group.finish();
 }
 
+fn batch_get(c: &mut Criterion) {
+    const BATCH: usize = 32;
+    const SIZE: usize = 64 << 10;
+    let (nodes, cluster) = three_nodes();
+    let single =
+        Client::connect(nodes[0].control_addr(), ClientConfig::default()).expect("connect");
+    let value = vec![0x42u8; SIZE];
+    let present: Vec<Vec<u8>> = (0..BATCH)
+        .map(|i| format!("bench/get/{i}").into_bytes())
+        .collect();
+    for key in &present {
+        cluster.put(key, &value).expect("put");
+        single.put(key, &value).expect("put");
+    }
+    let absent: Vec<Vec<u8>> = (0..BATCH)
+        .map(|i| format!("bench/none/{i}").into_bytes())
+        .collect();
+    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; SIZE]).collect();
+    let mut group = c.benchmark_group("batch_get_32");
+    group.throughput(Throughput::Bytes((BATCH * SIZE) as u64));
+    let cases: [(&str, usize); 3] = [("all_present", 0), ("half_absent", 2), ("all_absent", 1)];
+    for (name, absent_every) in cases {
+        // Every `absent_every`-th key absent (0: none).
+        let keys: Vec<&[u8]> = (0..BATCH)
+            .map(|i| match absent_every {
+                0 => &present[i][..],
+                n if i % n == 0 => &absent[i][..],
+                _ => &present[i][..],
+            })
+            .collect();
+        group.bench_function(BenchmarkId::new("cluster", name), |b| {
+            b.iter(|| {
+                let mut items: Vec<(&[u8], &mut [u8])> = keys
+                    .iter()
+                    .zip(bufs.iter_mut())
+                    .map(|(k, buf)| (*k, buf.as_mut_slice()))
+                    .collect();
+                for result in cluster.get_into_batch(black_box(&mut items)) {
+                    result.expect("read");
+                }
+            })
+        });
+    }
+    group.bench_function(BenchmarkId::new("one_node", "all_present"), |b| {
+        b.iter(|| {
+            let mut items: Vec<(&[u8], &mut [u8])> = present
+                .iter()
+                .zip(bufs.iter_mut())
+                .map(|(k, buf)| (k.as_slice(), buf.as_mut_slice()))
+                .collect();
+            for result in single.get_into_batch(black_box(&mut items)) {
+                result.expect("read");
+            }
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(5));
-    targets = replicated_put
+    targets = replicated_put, batch_get
 }
 criterion_main!(benches);

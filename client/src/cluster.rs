@@ -525,7 +525,7 @@ impl ClusterClient {
     /// [`ClusterError::AllReplicasFailed`] only when every member asked failed; a miss on one
     /// and a hit on another is a hit.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ClusterError> {
-        self.first_hit(key, &[], |client| client.get(key))
+        self.first_hit(key, |client| client.get(key))
     }
 
     /// [`get`](Self::get) into `dst`, asking the replicas in the same order; returns the
@@ -537,15 +537,17 @@ impl ClusterClient {
     /// that holds a value larger than `dst` (the others hold the same value: they are not
     /// asked, and the member is not counted as failing).
     pub fn get_into(&self, key: &[u8], dst: &mut [u8]) -> Result<Option<usize>, ClusterError> {
-        self.first_hit(key, &[], |client| client.get_into(key, dst))
+        self.first_hit(key, |client| client.get_into(key, dst))
     }
 
-    /// [`get_into`](Self::get_into) for many keys. Each member gets, in one batch
-    /// ([`Client::get_into_batch`]), the keys it is first in read order for, the members at
-    /// once (a thread each); a key its member did not deliver (a miss there, a failure, a
-    /// buffer too small) is then read on its own as [`get_into`](Self::get_into) reads it,
-    /// every member in read order but those that could not be reached during the batch last:
-    /// the same answer, one more round trip for that key. One result per item, in order.
+    /// [`get_into`](Self::get_into) for many keys, each answered as `get_into` would answer
+    /// it, in rounds. In each round every key not yet answered is asked of the next member in
+    /// its read order, each member getting its keys of the round in one batch
+    /// ([`Client::get_into_batch`]), the members at once (a thread each but one). A batch of
+    /// hits takes one round; a key missing everywhere takes one round per live member, not a
+    /// request per member for each key. A member that cannot be reached is not asked again
+    /// within the batch (it costs the batch one timeout, not one per key) and counts as
+    /// failed for every key it would have been asked for. One result per item, in order.
     pub fn get_into_batch(
         &self,
         items: &mut [(&[u8], &mut [u8])],
@@ -556,66 +558,96 @@ impl ClusterClient {
                 .map(|(key, dst)| self.get_into(key, dst))
                 .collect();
         }
-        // Each key's first member; for each member the items it is asked for, in order, and
-        // their places in the batch.
-        let mut members: Vec<(u64, SocketAddr)> = Vec::new();
-        let mut shares: Vec<Vec<(&[u8], &mut [u8])>> = Vec::new();
-        let mut places: Vec<Vec<usize>> = Vec::new();
-        for (place, (key, dst)) in items.iter_mut().enumerate() {
-            let Some(&member) = self.read_order(key).first() else {
-                continue;
-            };
-            let share = members
-                .iter()
-                .position(|m| m.0 == member.0)
-                .unwrap_or_else(|| {
-                    members.push(member);
-                    shares.push(Vec::new());
+        let orders: Vec<Vec<(u64, SocketAddr)>> =
+            items.iter().map(|(key, _)| self.read_order(key)).collect();
+        // How far down its order each item has been asked, what failed it on the way, and
+        // its answer once there is one.
+        let mut asked = vec![0usize; items.len()];
+        let mut failures: Vec<Vec<ReplicaFailure>> = items.iter().map(|_| Vec::new()).collect();
+        let mut answers: Vec<Option<Result<Option<usize>, ClusterError>>> =
+            items.iter().map(|_| None).collect();
+        let mut unreachable: Vec<(u64, ClientError)> = Vec::new();
+        loop {
+            // Each unanswered item's next member; the members of this round and the items
+            // each is asked for, in order.
+            let mut members: Vec<(u64, SocketAddr)> = Vec::new();
+            let mut places: Vec<Vec<usize>> = Vec::new();
+            let mut lane_of: Vec<Option<usize>> = vec![None; items.len()];
+            for place in 0..items.len() {
+                if answers[place].is_some() {
+                    continue;
+                }
+                let Some((id, addr)) = next_member(
+                    &orders[place],
+                    &mut asked[place],
+                    &unreachable,
+                    &mut failures[place],
+                ) else {
+                    let failures = std::mem::take(&mut failures[place]);
+                    answers[place] = Some(if orders[place].is_empty() {
+                        Err(ClusterError::NoLiveMember)
+                    } else if failures.len() == orders[place].len() {
+                        Err(ClusterError::AllReplicasFailed(failures))
+                    } else {
+                        Ok(None)
+                    });
+                    continue;
+                };
+                let lane = members.iter().position(|m| m.0 == id).unwrap_or_else(|| {
+                    members.push((id, addr));
                     places.push(Vec::new());
                     members.len() - 1
                 });
-            shares[share].push((*key, &mut **dst));
-            places[share].push(place);
-        }
-        let lanes = shares.iter_mut().map(Vec::as_mut_slice).collect();
-        // Members that could not be reached, asked last when their keys are read again: a
-        // member gone costs the batch one timeout, not one per key.
-        let unreachable = Mutex::new(Vec::new());
-        // For each item of each share, its length if its member delivered it.
-        let answers = mooncake_kv_transfer::run_in_lanes(lanes, |lane, share| {
-            let (id, addr) = members[lane];
-            let _in_flight = self.start_request(id);
-            match self.client(id, addr) {
-                Ok(client) => {
-                    let answers = client.get_into_batch(share);
-                    if answers
-                        .iter()
-                        .any(|a| matches!(a, Err(ClientError::Io { .. })))
-                    {
-                        unreachable.lock().push(id);
-                    }
-                    answers.into_iter().map(|a| a.ok().flatten()).collect()
-                }
-                Err(error) => {
-                    unreachable.lock().push(id);
-                    let _ = self.failed(id, addr, error);
-                    vec![None; share.len()]
+                places[lane].push(place);
+                lane_of[place] = Some(lane);
+            }
+            if members.is_empty() {
+                break;
+            }
+            let mut shares: Vec<Vec<(&[u8], &mut [u8])>> =
+                members.iter().map(|_| Vec::new()).collect();
+            for ((key, dst), lane) in items.iter_mut().zip(&lane_of) {
+                if let Some(lane) = *lane {
+                    shares[lane].push((*key, &mut **dst));
                 }
             }
-        });
-        let unreachable = unreachable.into_inner();
-        drop(shares);
-        let mut delivered: Vec<Option<usize>> = vec![None; items.len()];
-        for (place, answer) in places.iter().flatten().zip(answers) {
-            delivered[*place] = answer;
+            let lanes = shares.iter_mut().map(Vec::as_mut_slice).collect();
+            let results = mooncake_kv_transfer::run_in_lanes(lanes, |lane, share| {
+                let (id, addr) = members[lane];
+                let _in_flight = self.start_request(id);
+                match self.client(id, addr) {
+                    Ok(client) => client.get_into_batch(share),
+                    Err(error) => share.iter().map(|_| Err(error.duplicate())).collect(),
+                }
+            });
+            drop(shares);
+            let mut results = results.into_iter();
+            for (&(id, addr), places) in members.iter().zip(&places) {
+                for (&place, result) in places.iter().zip(results.by_ref()) {
+                    match result {
+                        Ok(Some(len)) => answers[place] = Some(Ok(Some(len))),
+                        Ok(None) => {}
+                        // The caller's mistake, not the member's; another replica's answer is
+                        // the same.
+                        Err(ClientError::BufferTooSmall { needed, available }) => {
+                            answers[place] =
+                                Some(Err(ClusterError::BufferTooSmall { needed, available }));
+                        }
+                        Err(error) => {
+                            if matches!(error, ClientError::Io { .. })
+                                && !unreachable.iter().any(|(gone, _)| *gone == id)
+                            {
+                                unreachable.push((id, error.duplicate()));
+                            }
+                            failures[place].push(self.failed(id, addr, error));
+                        }
+                    }
+                }
+            }
         }
-        items
-            .iter_mut()
-            .zip(delivered)
-            .map(|((key, dst), delivered)| match delivered {
-                Some(len) => Ok(Some(len)),
-                None => self.first_hit(key, &unreachable, |client| client.get_into(key, dst)),
-            })
+        answers
+            .into_iter()
+            .map(|answer| answer.unwrap_or(Ok(None)))
             .collect()
     }
 
@@ -714,16 +746,13 @@ impl ClusterClient {
         order
     }
 
-    /// Asks the members for `key` in read order (see [`get`](Self::get)) until one has it,
-    /// those in `ask_last` (members that just failed) after all the others.
+    /// Asks the members for `key` in read order (see [`get`](Self::get)) until one has it.
     fn first_hit<T>(
         &self,
         key: &[u8],
-        ask_last: &[u64],
         mut read: impl FnMut(&Client) -> Result<Option<T>, ClientError>,
     ) -> Result<Option<T>, ClusterError> {
-        let mut order = self.read_order(key);
-        order.sort_by_key(|(id, _)| ask_last.contains(id));
+        let order = self.read_order(key);
         if order.is_empty() {
             return Err(ClusterError::NoLiveMember);
         }
@@ -749,9 +778,33 @@ impl ClusterClient {
     }
 }
 
+/// The next member of `order` to ask, from `asked` on (which it moves past it), passing
+/// over the `unreachable` ones, each counted in `failures` with the error it failed
+/// with. `None` when none is left.
+fn next_member(
+    order: &[(u64, SocketAddr)],
+    asked: &mut usize,
+    unreachable: &[(u64, ClientError)],
+    failures: &mut Vec<ReplicaFailure>,
+) -> Option<(u64, SocketAddr)> {
+    while let Some(&(member, addr)) = order.get(*asked) {
+        *asked += 1;
+        match unreachable.iter().find(|(gone, _)| *gone == member) {
+            Some((_, error)) => failures.push(ReplicaFailure {
+                member,
+                addr,
+                error: error.duplicate(),
+            }),
+            None => return Some((member, addr)),
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
-    use super::read_order;
+    use super::{next_member, read_order};
+    use crate::ClientError;
 
     #[test]
     fn reads_go_local_first_then_least_loaded_then_in_placement_order() {
@@ -767,5 +820,29 @@ mod tests {
         );
         assert_eq!(read_order(&[(7, false, 0), (8, false, 0)]), vec![7, 8]);
         assert!(read_order(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_batch_passes_over_unreachable_members_counting_each_as_failed() {
+        let addr = |port| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let order = [(1, addr(1)), (2, addr(2)), (3, addr(3))];
+        let gone = ClientError::Io {
+            action: "reach the node",
+            source: std::io::ErrorKind::ConnectionRefused.into(),
+        };
+        let unreachable = [(2, gone)];
+        let (mut asked, mut failures) = (0, Vec::new());
+        let mut next = || next_member(&order, &mut asked, &unreachable, &mut failures);
+        assert_eq!(next(), Some((1, addr(1))));
+        assert_eq!(next(), Some((3, addr(3))));
+        assert_eq!(next(), None);
+        assert_eq!(next(), None);
+        assert_eq!(asked, 3);
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].member, 2);
+        assert!(matches!(
+            &failures[0].error,
+            ClientError::Io { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused
+        ));
     }
 }
