@@ -2,10 +2,10 @@
 //! put of the same bytes to one node, in one run: three nodes in this process on 127.0.0.1,
 //! 64 KiB and 512 KiB values, keys cycling over a space that fits every node's DRAM.
 //! The target: the replicated put costs at most 2.2x the unreplicated one.
-//! Then a batch read of 32 such keys through the cluster client (`get_into_batch`) with every
-//! key present, half of them absent, and all absent, next to the same batch of present keys
-//! from one node: a key no member has is asked of each member in turn, so it costs the batch
-//! rounds, not requests of its own.
+//! Then a batch read of 32 such keys through the cluster client (`get_into_batch`), on three
+//! and on eight members, with every key present, half of them absent, and all absent, next to
+//! the same batch of present keys from one node; and a `get` of a key no member has. A key no
+//! member has costs a batch a round per replica and one round of `exists` on the others.
 //! Run: `cargo bench -p mooncake-kv-benches --bench replicated_put`.
 
 use std::hint::black_box;
@@ -30,9 +30,9 @@ fn node() -> Node {
     .expect("start a node")
 }
 
-/// Three nodes in this process and a cluster client (R = 2) that sees them all live.
-fn three_nodes() -> (Vec<Node>, ClusterClient) {
-    let nodes: Vec<Node> = (0..3).map(|_| node()).collect();
+/// `members` nodes in this process and a cluster client (R = 2) that sees them all live.
+fn cluster_of(members: usize) -> (Vec<Node>, ClusterClient) {
+    let nodes: Vec<Node> = (0..members).map(|_| node()).collect();
     let cluster = ClusterClient::new(ClusterConfig {
         membership: StaticConfig {
             peers: nodes.iter().map(Node::control_addr).collect(),
@@ -44,7 +44,7 @@ fn three_nodes() -> (Vec<Node>, ClusterClient) {
     })
     .expect("cluster client");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while cluster.membership().live_members().len() < 3 {
+    while cluster.membership().live_members().len() < members {
         assert!(Instant::now() < deadline, "members never all live");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -52,7 +52,7 @@ fn three_nodes() -> (Vec<Node>, ClusterClient) {
 }
 
 fn replicated_put(c: &mut Criterion) {
-    let (nodes, cluster) = three_nodes();
+    let (nodes, cluster) = cluster_of(3);
     let single =
         Client::connect(nodes[0].control_addr(), ClientConfig::default()).expect("connect");
     let mut group = c.benchmark_group("put");
@@ -82,58 +82,73 @@ fn replicated_put(c: &mut Criterion) {
 fn batch_get(c: &mut Criterion) {
     const BATCH: usize = 32;
     const SIZE: usize = 64 << 10;
-    let (nodes, cluster) = three_nodes();
-    let single =
-        Client::connect(nodes[0].control_addr(), ClientConfig::default()).expect("connect");
     let value = vec![0x42u8; SIZE];
     let present: Vec<Vec<u8>> = (0..BATCH)
         .map(|i| format!("bench/get/{i}").into_bytes())
         .collect();
-    for key in &present {
-        cluster.put(key, &value).expect("put");
-        single.put(key, &value).expect("put");
-    }
     let absent: Vec<Vec<u8>> = (0..BATCH)
         .map(|i| format!("bench/none/{i}").into_bytes())
         .collect();
     let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; SIZE]).collect();
     let mut group = c.benchmark_group("batch_get_32");
     group.throughput(Throughput::Bytes((BATCH * SIZE) as u64));
-    let cases: [(&str, usize); 3] = [("all_present", 0), ("half_absent", 2), ("all_absent", 1)];
-    for (name, absent_every) in cases {
-        // Every `absent_every`-th key absent (0: none).
-        let keys: Vec<&[u8]> = (0..BATCH)
-            .map(|i| match absent_every {
-                0 => &present[i][..],
-                n if i % n == 0 => &absent[i][..],
-                _ => &present[i][..],
-            })
-            .collect();
-        group.bench_function(BenchmarkId::new("cluster", name), |b| {
+    for members in [3, 8] {
+        let (nodes, cluster) = cluster_of(members);
+        for key in &present {
+            cluster.put(key, &value).expect("put");
+        }
+        let cases: [(&str, usize); 3] = [("all_present", 0), ("half_absent", 2), ("all_absent", 1)];
+        for (name, absent_every) in cases {
+            // Every `absent_every`-th key absent (0: none).
+            let keys: Vec<&[u8]> = (0..BATCH)
+                .map(|i| match absent_every {
+                    0 => &present[i][..],
+                    n if i % n == 0 => &absent[i][..],
+                    _ => &present[i][..],
+                })
+                .collect();
+            let id = BenchmarkId::new(format!("cluster_{members}"), name);
+            group.bench_function(id, |b| {
+                b.iter(|| {
+                    let mut items: Vec<(&[u8], &mut [u8])> = keys
+                        .iter()
+                        .zip(bufs.iter_mut())
+                        .map(|(k, buf)| (*k, buf.as_mut_slice()))
+                        .collect();
+                    for result in cluster.get_into_batch(black_box(&mut items)) {
+                        result.expect("read");
+                    }
+                })
+            });
+        }
+        // One key no member has, alone.
+        let id = BenchmarkId::new(format!("cluster_{members}"), "get_absent");
+        group.bench_function(id, |b| {
             b.iter(|| {
-                let mut items: Vec<(&[u8], &mut [u8])> = keys
-                    .iter()
-                    .zip(bufs.iter_mut())
-                    .map(|(k, buf)| (*k, buf.as_mut_slice()))
-                    .collect();
-                for result in cluster.get_into_batch(black_box(&mut items)) {
-                    result.expect("read");
-                }
+                let found = cluster.get(black_box(&absent[0])).expect("read");
+                assert!(found.is_none());
             })
         });
-    }
-    group.bench_function(BenchmarkId::new("one_node", "all_present"), |b| {
-        b.iter(|| {
-            let mut items: Vec<(&[u8], &mut [u8])> = present
-                .iter()
-                .zip(bufs.iter_mut())
-                .map(|(k, buf)| (k.as_slice(), buf.as_mut_slice()))
-                .collect();
-            for result in single.get_into_batch(black_box(&mut items)) {
-                result.expect("read");
+        if members == 3 {
+            let single =
+                Client::connect(nodes[0].control_addr(), ClientConfig::default()).expect("connect");
+            for key in &present {
+                single.put(key, &value).expect("put");
             }
-        })
-    });
+            group.bench_function(BenchmarkId::new("one_node", "all_present"), |b| {
+                b.iter(|| {
+                    let mut items: Vec<(&[u8], &mut [u8])> = present
+                        .iter()
+                        .zip(bufs.iter_mut())
+                        .map(|(k, buf)| (k.as_slice(), buf.as_mut_slice()))
+                        .collect();
+                    for result in single.get_into_batch(black_box(&mut items)) {
+                        result.expect("read");
+                    }
+                })
+            });
+        }
+    }
     group.finish();
 }
 

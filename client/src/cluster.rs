@@ -543,11 +543,13 @@ impl ClusterClient {
     /// [`get_into`](Self::get_into) for many keys, each answered as `get_into` would answer
     /// it, in rounds. In each round every key not yet answered is asked of the next member in
     /// its read order, each member getting its keys of the round in one batch
-    /// ([`Client::get_into_batch`]), the members at once (a thread each but one). A batch of
-    /// hits takes one round; a key missing everywhere takes one round per live member, not a
-    /// request per member for each key. A member that cannot be reached is not asked again
-    /// within the batch (it costs the batch one timeout, not one per key) and counts as
-    /// failed for every key it would have been asked for. One result per item, in order.
+    /// ([`Client::get_into_batch`]), the members at once (a thread each but one). A key its
+    /// replicas all missed is looked for on the other members in one round of `exists`, all
+    /// members at once, and read from those that hold it. A batch of hits takes one round; a
+    /// key no member has takes a round per replica and the `exists` round, not requests of
+    /// its own. A member that cannot be reached is not asked again within the batch (it
+    /// costs the batch one timeout, not one per key) and counts as failed for every key it
+    /// would have been asked for. One result per item, in order.
     pub fn get_into_batch(
         &self,
         items: &mut [(&[u8], &mut [u8])],
@@ -558,39 +560,36 @@ impl ClusterClient {
                 .map(|(key, dst)| self.get_into(key, dst))
                 .collect();
         }
-        let orders: Vec<Vec<(u64, SocketAddr)>> =
-            items.iter().map(|(key, _)| self.read_order(key)).collect();
-        // How far down its order each item has been asked, what failed it on the way, and
-        // its answer once there is one.
-        let mut asked = vec![0usize; items.len()];
-        let mut failures: Vec<Vec<ReplicaFailure>> = items.iter().map(|_| Vec::new()).collect();
-        let mut answers: Vec<Option<Result<Option<usize>, ClusterError>>> =
-            items.iter().map(|_| None).collect();
+        let keys: Vec<&[u8]> = items.iter().map(|(key, _)| *key).collect();
+        let mut pending: Vec<Pending> = keys
+            .iter()
+            .map(|key| {
+                let (order, replicas) = self.read_order(key);
+                Pending {
+                    order,
+                    replicas,
+                    asked: 0,
+                    missed: false,
+                    probed: false,
+                    failures: Vec::new(),
+                    answer: None,
+                }
+            })
+            .collect();
         let mut unreachable: Vec<(u64, ClientError)> = Vec::new();
         loop {
+            self.probe_beyond_replicas(&keys, &mut pending, &mut unreachable);
             // Each unanswered item's next member; the members of this round and the items
             // each is asked for, in order.
             let mut members: Vec<(u64, SocketAddr)> = Vec::new();
             let mut places: Vec<Vec<usize>> = Vec::new();
             let mut lane_of: Vec<Option<usize>> = vec![None; items.len()];
-            for place in 0..items.len() {
-                if answers[place].is_some() {
+            for (place, item) in pending.iter_mut().enumerate() {
+                if item.answer.is_some() {
                     continue;
                 }
-                let Some((id, addr)) = next_member(
-                    &orders[place],
-                    &mut asked[place],
-                    &unreachable,
-                    &mut failures[place],
-                ) else {
-                    let failures = std::mem::take(&mut failures[place]);
-                    answers[place] = Some(if orders[place].is_empty() {
-                        Err(ClusterError::NoLiveMember)
-                    } else if failures.len() == orders[place].len() {
-                        Err(ClusterError::AllReplicasFailed(failures))
-                    } else {
-                        Ok(None)
-                    });
+                let Some((id, addr)) = item.next_member(&unreachable) else {
+                    item.answer = Some(item.outcome());
                     continue;
                 };
                 let lane = members.iter().position(|m| m.0 == id).unwrap_or_else(|| {
@@ -624,31 +623,92 @@ impl ClusterClient {
             let mut results = results.into_iter();
             for (&(id, addr), places) in members.iter().zip(&places) {
                 for (&place, result) in places.iter().zip(results.by_ref()) {
+                    let item = &mut pending[place];
                     match result {
-                        Ok(Some(len)) => answers[place] = Some(Ok(Some(len))),
-                        Ok(None) => {}
+                        Ok(Some(len)) => item.answer = Some(Ok(Some(len))),
+                        Ok(None) => item.missed = true,
                         // The caller's mistake, not the member's; another replica's answer is
                         // the same.
                         Err(ClientError::BufferTooSmall { needed, available }) => {
-                            answers[place] =
+                            item.answer =
                                 Some(Err(ClusterError::BufferTooSmall { needed, available }));
                         }
                         Err(error) => {
-                            if matches!(error, ClientError::Io { .. })
-                                && !unreachable.iter().any(|(gone, _)| *gone == id)
-                            {
-                                unreachable.push((id, error.duplicate()));
-                            }
-                            failures[place].push(self.failed(id, addr, error));
+                            note_unreachable(&mut unreachable, id, &error);
+                            item.failures.push(self.failed(id, addr, error));
                         }
                     }
                 }
             }
         }
-        answers
+        pending
             .into_iter()
-            .map(|answer| answer.unwrap_or(Ok(None)))
+            .map(|item| item.answer.unwrap_or(Ok(None)))
             .collect()
+    }
+
+    /// For the keys of a batch read whose replicas have all been asked and missed (or failed):
+    /// asks every other member in their read orders, all at once, which of them it holds (one
+    /// `exists` each), and keeps in each key's order only the members that hold it.
+    fn probe_beyond_replicas(
+        &self,
+        keys: &[&[u8]],
+        pending: &mut [Pending],
+        unreachable: &mut Vec<(u64, ClientError)>,
+    ) {
+        let mut members: Vec<(u64, SocketAddr)> = Vec::new();
+        let mut asks: Vec<Vec<usize>> = Vec::new();
+        for (place, item) in pending.iter_mut().enumerate() {
+            if item.answer.is_some() || item.probed || item.asked < item.replicas {
+                continue;
+            }
+            item.probed = true;
+            for &(id, addr) in &item.order[item.asked..] {
+                if unreachable.iter().any(|(gone, _)| *gone == id) {
+                    continue;
+                }
+                let lane = members.iter().position(|m| m.0 == id).unwrap_or_else(|| {
+                    members.push((id, addr));
+                    asks.push(Vec::new());
+                    members.len() - 1
+                });
+                asks[lane].push(place);
+            }
+        }
+        if members.is_empty() {
+            return;
+        }
+        let outcomes = self.each_member(&members, |lane, client| {
+            let share: Vec<&[u8]> = asks[lane].iter().map(|&place| keys[place]).collect();
+            client.exists(&share)
+        });
+        for ((id, addr, outcome), asked) in outcomes.into_iter().zip(&asks) {
+            match outcome {
+                Ok(flags) => {
+                    for (&place, held) in asked.iter().zip(flags) {
+                        if !held {
+                            pending[place].pass_over(id);
+                            pending[place].missed = true;
+                        }
+                    }
+                }
+                // Unreachable: passed over, and counted, when its turn comes. Any other
+                // failure: counted now, and not asked for these keys.
+                Err(error) => {
+                    if !note_unreachable(unreachable, id, &error) {
+                        for &place in asked {
+                            pending[place].pass_over(id);
+                            pending[place].failures.push(ReplicaFailure {
+                                member: id,
+                                addr,
+                                error: error.duplicate(),
+                            });
+                        }
+                    }
+                    let _ = self.failed(id, addr, error);
+                }
+            }
+        }
     }
 
     /// Which of `keys` some live member holds (a replica, or a copy written under an older
@@ -725,8 +785,8 @@ impl ClusterClient {
     }
 
     /// The members to ask for `key`, in read order (see [`get`](Self::get)): its replicas,
-    /// then every other live member.
-    fn read_order(&self, key: &[u8]) -> Vec<(u64, SocketAddr)> {
+    /// then every other live member; and how many of them are its replicas.
+    fn read_order(&self, key: &[u8]) -> (Vec<(u64, SocketAddr)>, usize) {
         let replicas = self.replicas(key);
         let ranked: Vec<(u64, bool, usize)> = replicas
             .iter()
@@ -736,6 +796,7 @@ impl ClusterClient {
             .into_iter()
             .filter_map(|id| replicas.iter().find(|r| r.0 == id).copied())
             .collect();
+        let replicas = order.len();
         for peer in self.membership.view() {
             if let (Liveness::Live, Some(id)) = (peer.liveness, peer.id) {
                 if !order.iter().any(|&(o, _)| o == id) {
@@ -743,16 +804,19 @@ impl ClusterClient {
                 }
             }
         }
-        order
+        (order, replicas)
     }
 
-    /// Asks the members for `key` in read order (see [`get`](Self::get)) until one has it.
+    /// Asks the members for `key` in read order (see [`get`](Self::get)) until one has it,
+    /// one at a time. (Asking the members beyond its replicas at once whether they hold it,
+    /// as a batch does, took longer for one key: a thread per member cost about what a
+    /// request to it does.)
     fn first_hit<T>(
         &self,
         key: &[u8],
         mut read: impl FnMut(&Client) -> Result<Option<T>, ClientError>,
     ) -> Result<Option<T>, ClusterError> {
-        let order = self.read_order(key);
+        let (order, _) = self.read_order(key);
         if order.is_empty() {
             return Err(ClusterError::NoLiveMember);
         }
@@ -778,32 +842,82 @@ impl ClusterClient {
     }
 }
 
-/// The next member of `order` to ask, from `asked` on (which it moves past it), passing
-/// over the `unreachable` ones, each counted in `failures` with the error it failed
-/// with. `None` when none is left.
-fn next_member(
-    order: &[(u64, SocketAddr)],
-    asked: &mut usize,
-    unreachable: &[(u64, ClientError)],
-    failures: &mut Vec<ReplicaFailure>,
-) -> Option<(u64, SocketAddr)> {
-    while let Some(&(member, addr)) = order.get(*asked) {
-        *asked += 1;
-        match unreachable.iter().find(|(gone, _)| *gone == member) {
-            Some((_, error)) => failures.push(ReplicaFailure {
-                member,
-                addr,
-                error: error.duplicate(),
-            }),
-            None => return Some((member, addr)),
+/// One key of a batch read ([`ClusterClient::get_into_batch`]) on its way down its read
+/// order.
+struct Pending {
+    /// The members to ask, in read order (see [`ClusterClient::get`]).
+    order: Vec<(u64, SocketAddr)>,
+    /// How many at the head of `order` are the key's replicas.
+    replicas: usize,
+    /// How far down `order` the key has been asked.
+    asked: usize,
+    /// Whether a member said it does not hold the key.
+    missed: bool,
+    /// Whether the members beyond its replicas were asked which hold it.
+    probed: bool,
+    /// The members that failed it, and why.
+    failures: Vec<ReplicaFailure>,
+    /// Its answer, once there is one.
+    answer: Option<Result<Option<usize>, ClusterError>>,
+}
+
+impl Pending {
+    /// The next member to ask, moving past it, passing over the `unreachable` ones, each
+    /// counted as failed with the error it failed with. `None` when none is left.
+    fn next_member(&mut self, unreachable: &[(u64, ClientError)]) -> Option<(u64, SocketAddr)> {
+        while let Some(&(member, addr)) = self.order.get(self.asked) {
+            self.asked += 1;
+            match unreachable.iter().find(|(gone, _)| *gone == member) {
+                Some((_, error)) => self.failures.push(ReplicaFailure {
+                    member,
+                    addr,
+                    error: error.duplicate(),
+                }),
+                None => return Some((member, addr)),
+            }
+        }
+        None
+    }
+
+    /// Drops `member` from the members still to ask.
+    fn pass_over(&mut self, member: u64) {
+        let rest = self.order.split_off(self.asked.min(self.order.len()));
+        self.order
+            .extend(rest.into_iter().filter(|&(id, _)| id != member));
+    }
+
+    /// The answer when every member has been asked and none had the key: a miss, unless
+    /// every one failed (or there was none).
+    fn outcome(&mut self) -> Result<Option<usize>, ClusterError> {
+        if self.order.is_empty() {
+            Err(ClusterError::NoLiveMember)
+        } else if self.missed {
+            Ok(None)
+        } else {
+            Err(ClusterError::AllReplicasFailed(std::mem::take(
+                &mut self.failures,
+            )))
         }
     }
-    None
+}
+
+/// Records member `id` as unreachable for the rest of a batch if `error` says the connection
+/// failed; returns whether it did.
+fn note_unreachable(
+    unreachable: &mut Vec<(u64, ClientError)>,
+    id: u64,
+    error: &ClientError,
+) -> bool {
+    let io = matches!(error, ClientError::Io { .. });
+    if io && !unreachable.iter().any(|(gone, _)| *gone == id) {
+        unreachable.push((id, error.duplicate()));
+    }
+    io
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{next_member, read_order};
+    use super::{ClusterError, Pending, read_order};
     use crate::ClientError;
 
     #[test]
@@ -825,24 +939,40 @@ mod tests {
     #[test]
     fn a_batch_passes_over_unreachable_members_counting_each_as_failed() {
         let addr = |port| std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let order = [(1, addr(1)), (2, addr(2)), (3, addr(3))];
-        let gone = ClientError::Io {
+        let gone = || ClientError::Io {
             action: "reach the node",
             source: std::io::ErrorKind::ConnectionRefused.into(),
         };
-        let unreachable = [(2, gone)];
-        let (mut asked, mut failures) = (0, Vec::new());
-        let mut next = || next_member(&order, &mut asked, &unreachable, &mut failures);
-        assert_eq!(next(), Some((1, addr(1))));
-        assert_eq!(next(), Some((3, addr(3))));
-        assert_eq!(next(), None);
-        assert_eq!(next(), None);
-        assert_eq!(asked, 3);
-        assert_eq!(failures.len(), 1);
-        assert_eq!(failures[0].member, 2);
+        let pending = |members: &[u16]| Pending {
+            order: members.iter().map(|&m| (u64::from(m), addr(m))).collect(),
+            replicas: 2,
+            asked: 0,
+            missed: false,
+            probed: false,
+            failures: Vec::new(),
+            answer: None,
+        };
+        let unreachable = [(2, gone())];
+        let mut item = pending(&[1, 2, 3, 4]);
+        assert_eq!(item.next_member(&unreachable), Some((1, addr(1))));
+        // A member the probe found without the key is never asked.
+        item.pass_over(4);
+        assert_eq!(item.next_member(&unreachable), Some((3, addr(3))));
+        assert_eq!(item.next_member(&unreachable), None);
+        assert_eq!(item.next_member(&unreachable), None);
+        assert_eq!(item.failures.len(), 1);
+        assert_eq!(item.failures[0].member, 2);
         assert!(matches!(
-            &failures[0].error,
+            &item.failures[0].error,
             ClientError::Io { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused
+        ));
+        // Every member failed: an error, not a miss; one that missed makes it a miss.
+        assert!(matches!(item.outcome(), Err(ClusterError::AllReplicasFailed(f)) if f.len() == 1));
+        item.missed = true;
+        assert!(matches!(item.outcome(), Ok(None)));
+        assert!(matches!(
+            pending(&[]).outcome(),
+            Err(ClusterError::NoLiveMember)
         ));
     }
 }

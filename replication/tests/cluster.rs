@@ -530,6 +530,77 @@ fn a_batch_read_asks_each_member_once_per_round_and_fails_over() {
     }
 }
 
+fn requests(node: &Node, kind: &str) -> u64 {
+    mooncake_kv_test_support::metric(
+        &node.metrics_text(),
+        &format!("mooncake_requests_total{{kind=\"{kind}\"}}"),
+    )
+}
+
+#[test]
+fn a_batch_asks_the_members_beyond_its_keys_replicas_at_once_whether_they_hold_them() {
+    use mooncake_kv_replication::{Client, ClientConfig};
+    // Five members, R = 2: past a key's two replicas, three more members to look on.
+    let nodes: Vec<Node> = (0..5).map(|_| node()).collect();
+    let cluster = ClusterClient::new(ClusterConfig {
+        membership: fast_membership(nodes.iter().map(Node::control_addr).collect()).into(),
+        ..ClusterConfig::default()
+    })
+    .unwrap();
+    wait_live(&cluster, 5);
+    let count = |kind: &str| nodes.iter().map(|node| requests(node, kind)).sum::<u64>();
+    // A block on a member that is not one of its replicas, as an older membership may have
+    // left it before repair moves it.
+    let elsewhere = b"elsewhere".as_slice();
+    let replicas: Vec<SocketAddr> = cluster.replicas(elsewhere).iter().map(|r| r.1).collect();
+    assert_eq!(replicas.len(), 2);
+    let holder = nodes
+        .iter()
+        .find(|node| !replicas.contains(&node.control_addr()))
+        .unwrap();
+    Client::connect(holder.control_addr(), ClientConfig::default())
+        .unwrap()
+        .put(elsewhere, &value(7))
+        .unwrap();
+
+    // One key: every member in turn.
+    assert_eq!(cluster.get(b"nowhere").unwrap(), None);
+    assert_eq!(cluster.get(elsewhere).unwrap(), Some(value(7)));
+
+    // A batch: 10 present keys, 20 absent, and the one beyond its replicas.
+    for i in 0..10 {
+        cluster.put(format!("p{i}").as_bytes(), &value(i)).unwrap();
+    }
+    let mut keys: Vec<(Vec<u8>, Option<u64>)> = (0..10)
+        .map(|i| (format!("p{i}").into_bytes(), Some(i)))
+        .chain((0..20).map(|i| (format!("absent{i}").into_bytes(), None)))
+        .collect();
+    keys.insert(15, (elsewhere.to_vec(), Some(7)));
+    let mut bufs: Vec<Vec<u8>> = keys.iter().map(|_| vec![0u8; 10_000]).collect();
+    let mut items: Vec<(&[u8], &mut [u8])> = keys
+        .iter()
+        .zip(bufs.iter_mut())
+        .map(|((k, _), b)| (k.as_slice(), b.as_mut_slice()))
+        .collect();
+    let (lookups, exists) = (count("lookup"), count("exists"));
+    let results = cluster.get_into_batch(&mut items);
+    let (lookups, exists) = (count("lookup") - lookups, count("exists") - exists);
+    for (at, ((result, buf), (_, expected))) in results.iter().zip(&bufs).zip(&keys).enumerate() {
+        match (expected, result) {
+            (None, Ok(None)) => {}
+            (Some(i), Ok(Some(len))) => {
+                assert_eq!(&buf[..*len], &value(*i)[..], "item {at} read wrong");
+            }
+            (_, other) => panic!("item {at} ({expected:?}): {other:?}"),
+        }
+    }
+    // Two rounds over the replicas and one for the block found elsewhere, each member asked
+    // once a round at most; one `exists` each at most. Member by member, as before, the
+    // absent keys alone took five rounds.
+    assert!(lookups <= 2 * 5 + 1, "{lookups} lookups");
+    assert!(exists <= 5, "{exists} exists");
+}
+
 #[test]
 fn a_batch_put_sends_each_member_its_share_and_counts_each_key_against_the_quorum() {
     let (mut nodes, cluster) = three_nodes();
