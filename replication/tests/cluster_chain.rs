@@ -338,5 +338,17 @@ fn a_chain_ended_through_a_cluster_goes_first_on_each_member() {
             "only the ended chain's blocks went"
         );
     }
-    assert!(cluster.prefix_match(&refs(&whole)).unwrap() < whole.len());
+    // Where every member evicted, the chain's last block is gone from both its replicas (each
+    // let its share's tail go first), so the cluster no longer matches the whole chain. The
+    // loop can also end with one member's whole share gone while another has yet to evict
+    // (placement differs from run to run; CI saw it once): then every block may still have
+    // a replica.
+    let evicted = evictions();
+    if evicted.iter().all(|&e| e > 0) {
+        assert!(
+            cluster.prefix_match(&refs(&whole)).unwrap() < whole.len(),
+            "evictions {evicted:?}, shares {:?}",
+            nodes.iter().map(|n| share(n).len()).collect::<Vec<_>>()
+        );
+    }
 }
