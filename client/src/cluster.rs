@@ -336,16 +336,8 @@ impl ClusterClient {
         let mut members: Vec<(u64, SocketAddr)> = Vec::new();
         let mut shares: Vec<Vec<usize>> = Vec::new();
         for (at, key) in keys.into_iter().enumerate() {
-            for (id, addr) in placement.replicas(key.as_ref()) {
-                let member = match members.iter().position(|&(m, _)| m == id) {
-                    Some(member) => member,
-                    None => {
-                        members.push((id, addr));
-                        shares.push(Vec::new());
-                        members.len() - 1
-                    }
-                };
-                shares[member].push(at);
+            for member in placement.replicas(key.as_ref()) {
+                add_to_share(&mut members, &mut shares, member, at);
             }
         }
         (members, shares)
@@ -592,13 +584,7 @@ impl ClusterClient {
                     item.answer = Some(item.outcome());
                     continue;
                 };
-                let lane = members.iter().position(|m| m.0 == id).unwrap_or_else(|| {
-                    members.push((id, addr));
-                    places.push(Vec::new());
-                    members.len() - 1
-                });
-                places[lane].push(place);
-                lane_of[place] = Some(lane);
+                lane_of[place] = Some(add_to_share(&mut members, &mut places, (id, addr), place));
             }
             if members.is_empty() {
                 break;
@@ -667,12 +653,7 @@ impl ClusterClient {
                 if unreachable.iter().any(|(gone, _)| *gone == id) {
                     continue;
                 }
-                let lane = members.iter().position(|m| m.0 == id).unwrap_or_else(|| {
-                    members.push((id, addr));
-                    asks.push(Vec::new());
-                    members.len() - 1
-                });
-                asks[lane].push(place);
+                add_to_share(&mut members, &mut asks, (id, addr), place);
             }
         }
         if members.is_empty() {
@@ -840,6 +821,26 @@ impl ClusterClient {
             Ok(None)
         }
     }
+}
+
+/// Adds position `at` to `member`'s share: `members` and `shares` side by side, the member
+/// given a place (with an empty share) if it has none yet. Returns its place.
+fn add_to_share(
+    members: &mut Vec<(u64, SocketAddr)>,
+    shares: &mut Vec<Vec<usize>>,
+    member: (u64, SocketAddr),
+    at: usize,
+) -> usize {
+    let place = members
+        .iter()
+        .position(|m| m.0 == member.0)
+        .unwrap_or_else(|| {
+            members.push(member);
+            shares.push(Vec::new());
+            members.len() - 1
+        });
+    shares[place].push(at);
+    place
 }
 
 /// One key of a batch read ([`ClusterClient::get_into_batch`]) on its way down its read

@@ -435,6 +435,17 @@ fn lookups(node: &Node) -> u64 {
     )
 }
 
+/// A batch read's items: each key (with the value it should read, if any) and its buffer.
+fn batch<'a>(
+    keys: &'a [(Vec<u8>, Option<u64>)],
+    bufs: &'a mut [Vec<u8>],
+) -> Vec<(&'a [u8], &'a mut [u8])> {
+    keys.iter()
+        .zip(bufs.iter_mut())
+        .map(|((k, _), b)| (k.as_slice(), b.as_mut_slice()))
+        .collect()
+}
+
 #[test]
 fn a_batch_read_asks_each_member_once_per_round_and_fails_over() {
     let (mut nodes, cluster) = three_nodes();
@@ -459,11 +470,7 @@ fn a_batch_read_asks_each_member_once_per_round_and_fails_over() {
     let check = |cluster: &ClusterClient, round: &str| {
         let mut bufs: Vec<Vec<u8>> = keys.iter().map(|_| vec![0u8; 10_000]).collect();
         bufs[short] = vec![0u8; 10];
-        let mut items: Vec<(&[u8], &mut [u8])> = keys
-            .iter()
-            .zip(bufs.iter_mut())
-            .map(|((k, _), b)| (k.as_slice(), b.as_mut_slice()))
-            .collect();
+        let mut items = batch(&keys, &mut bufs);
         let results = cluster.get_into_batch(&mut items);
         assert_eq!(results.len(), keys.len());
         for (at, ((result, buf), (_, expected))) in results.iter().zip(&bufs).zip(&keys).enumerate()
@@ -514,11 +521,7 @@ fn a_batch_read_asks_each_member_once_per_round_and_fails_over() {
         node.shutdown(Duration::from_secs(1)).unwrap();
     }
     let mut bufs: Vec<Vec<u8>> = keys.iter().map(|_| vec![0u8; 10_000]).collect();
-    let mut items: Vec<(&[u8], &mut [u8])> = keys
-        .iter()
-        .zip(bufs.iter_mut())
-        .map(|((k, _), b)| (k.as_slice(), b.as_mut_slice()))
-        .collect();
+    let mut items = batch(&keys, &mut bufs);
     for (at, result) in cluster.get_into_batch(&mut items).iter().enumerate() {
         assert!(
             matches!(
@@ -577,11 +580,7 @@ fn a_batch_asks_the_members_beyond_its_keys_replicas_at_once_whether_they_hold_t
         .collect();
     keys.insert(15, (elsewhere.to_vec(), Some(7)));
     let mut bufs: Vec<Vec<u8>> = keys.iter().map(|_| vec![0u8; 10_000]).collect();
-    let mut items: Vec<(&[u8], &mut [u8])> = keys
-        .iter()
-        .zip(bufs.iter_mut())
-        .map(|((k, _), b)| (k.as_slice(), b.as_mut_slice()))
-        .collect();
+    let mut items = batch(&keys, &mut bufs);
     let (lookups, exists) = (count("lookup"), count("exists"));
     let results = cluster.get_into_batch(&mut items);
     let (lookups, exists) = (count("lookup") - lookups, count("exists") - exists);
