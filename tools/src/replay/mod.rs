@@ -12,14 +12,17 @@
 //! block references; in tokens, the same weighted by each block's tokens (the last block of
 //! a request is usually partial).
 //!
-//! Four ways to count, side by side:
+//! Five ways to count, side by side:
 //! - [`replay_engine`]: a real [`Engine`](mooncake_kv_engine::Engine) holding `capacity` blocks (payloads scaled down),
 //!   optionally with an NVMe tier below DRAM; hits are read back and checked byte for byte;
 //! - [`simulate`]: the engine's eviction policy alone, on block ids, with the same links;
 //! - [`belady`]: Belady's MIN, offline (evict the block used farthest in the future), the
 //!   reference an online policy is measured against;
 //! - [`lru_with_reuse_oracle`]: LRU that, offline, caches only blocks that will be used again:
-//!   what knowing which blocks have a future (and nothing about when) is worth.
+//!   what knowing which blocks have a future (and nothing about when) is worth;
+//! - [`most_used`]: the blocks the whole trace references most, kept for good: what knowing
+//!   each block's popularity (and nothing about when) is worth; the best any policy does
+//!   where requests are independent draws of a fixed popularity.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;

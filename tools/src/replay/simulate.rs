@@ -1,7 +1,8 @@
 //! The simulated caches: the eviction policies alone on block ids, on one cache or a
-//! cluster of them, and the offline references (Belady's MIN, LRU with a reuse oracle).
+//! cluster of them, and the offline references (Belady's MIN, LRU with a reuse oracle, the
+//! most used blocks).
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use mooncake_kv_engine::eviction::{
     EntryHint, EntryId, EvictionPolicy, EvictionPolicyKind, new_policy_holding,
@@ -282,6 +283,32 @@ pub fn lru_with_reuse_oracle(trace: &Trace, capacity: usize) -> Hits {
     })
 }
 
+/// The `capacity` blocks `trace` references most, each cached from its first reference on
+/// and never let go (of blocks referenced equally often, those referenced first): an offline
+/// reference that knows each block's popularity and nothing of when it is used. Where
+/// requests are independent draws from a fixed popularity (the system prompts regime of
+/// [`generate`](super::generate)), no online policy does better (Aho, Denning and Ullman's
+/// A0); where popularity moves (conversations), LRU can.
+pub fn most_used(trace: &Trace, capacity: usize) -> Hits {
+    // Per block, its references and the position of its first.
+    let mut uses: HashMap<u64, (u64, u64)> = HashMap::new();
+    for (position, block) in references(trace).enumerate() {
+        uses.entry(block).or_insert((0, position as u64)).0 += 1;
+    }
+    let mut ranked: Vec<(u64, (u64, u64))> = uses.into_iter().collect();
+    ranked.sort_unstable_by_key(|&(_, (count, first))| (std::cmp::Reverse(count), first));
+    let kept: HashSet<u64> = ranked
+        .into_iter()
+        .take(capacity)
+        .map(|(block, _)| block)
+        .collect();
+    replay_offline(trace, |cached, block, _, _| {
+        if kept.contains(&block) {
+            cached.insert(block, 0);
+        }
+    })
+}
+
 /// Replays `trace` against an offline cache, `cached` (block -> a value of the reference's
 /// choosing): for each request, counts the prefix of its blocks in `cached`, then hands
 /// `reference` each of its blocks in turn, with its position among all block references and
@@ -308,11 +335,7 @@ fn replay_offline(
 /// For every block reference of `trace`, in order, the position of the next reference to the
 /// same block (`u64::MAX`: none).
 fn next_uses(trace: &Trace) -> Vec<u64> {
-    let flat: Vec<u64> = trace
-        .requests
-        .iter()
-        .flat_map(|r| r.hash_ids.iter().copied())
-        .collect();
+    let flat: Vec<u64> = references(trace).collect();
     let mut next_use = vec![u64::MAX; flat.len()];
     let mut last: HashMap<u64, u64> = HashMap::new();
     for (position, block) in flat.iter().enumerate().rev() {
@@ -322,4 +345,12 @@ fn next_uses(trace: &Trace) -> Vec<u64> {
         last.insert(*block, position as u64);
     }
     next_use
+}
+
+/// Every block reference of `trace`, in order.
+fn references(trace: &Trace) -> impl Iterator<Item = u64> + '_ {
+    trace
+        .requests
+        .iter()
+        .flat_map(|r| r.hash_ids.iter().copied())
 }

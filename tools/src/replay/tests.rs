@@ -134,6 +134,36 @@ fn the_reuse_oracle_caches_only_blocks_with_a_future() {
 }
 
 #[test]
+fn the_most_used_blocks_stay_through_a_scan_but_lose_where_popularity_moves() {
+    let lru = EvictionPolicyKind::Lru;
+    // A hot chain [1, 2] between one-off chains that fill a cache of 2: LRU lets it go each
+    // time, the most used blocks keep it from its first use on.
+    let t = trace(&[
+        &[1, 2],
+        &[10, 11],
+        &[1, 2],
+        &[12, 13],
+        &[1, 2],
+        &[14, 15],
+        &[1, 2],
+    ]);
+    assert_eq!(simulate(&t, lru, 2).hit_blocks, 0);
+    assert_eq!(most_used(&t, 2).hit_blocks, 6);
+    // Blocks used equally often: the first used go in, so a chain's head before its tail (a
+    // tail without its head would never be a prefix hit).
+    let t = trace(&[&[1, 2, 3], &[1, 2, 3]]);
+    assert_eq!(most_used(&t, 2).hit_blocks, 2);
+    // Popularity that moves: block 1 three times, then block 2 twice, room for one. The most
+    // used keeps 1 throughout; LRU follows the change.
+    let t = trace(&[&[1], &[1], &[1], &[2], &[2]]);
+    assert_eq!(most_used(&t, 1).hit_blocks, 2);
+    assert_eq!(simulate(&t, lru, 1).hit_blocks, 3);
+    // With room for everything it is the ceiling; with room for nothing, no hits.
+    assert_eq!(most_used(&t, 100), t.ceiling());
+    assert_eq!(most_used(&t, 0).hit_blocks, 0);
+}
+
+#[test]
 fn the_engine_replay_agrees_with_the_simulation_when_nothing_is_evicted() {
     let chains: Vec<Vec<u64>> = (0..200u64)
         .map(|i| (0..(i % 7 + 1)).map(|j| (i % 13) * 10 + j).collect())

@@ -168,9 +168,9 @@ enum Command {
     Bench(BenchArgs),
     /// Replay a prefix-reuse trace (JSON lines: input_length and hash_ids per request, in
     /// arrival order) against an embedded engine with each eviction policy and capacity, and
-    /// print the prefix hit ratio in blocks and tokens, per tier, next to LRU, Belady's MIN and
-    /// LRU told which blocks will be used again, computed offline on the same trace. No node
-    /// is involved.
+    /// print the prefix hit ratio in blocks and tokens, per tier, next to LRU, Belady's MIN, LRU
+    /// told which blocks will be used again and the most used blocks kept for good, computed
+    /// offline on the same trace. No node is involved.
     Replay(ReplayArgs),
     /// Write a seeded trace of one workload regime (JSON lines, the format `kvctl replay`
     /// reads): a few popular system prompts, multi-turn conversations, one-off documents

@@ -61,6 +61,7 @@ pub(super) fn run(cli: &Cli, args: &ReplayArgs) -> anyhow::Result<ExitCode> {
                 "lru+reuse oracle",
                 replay::lru_with_reuse_oracle(&trace, capacity),
             ),
+            ("most used (A0)", replay::most_used(&trace, capacity)),
             (
                 "lru (offline)",
                 replay::simulate(
