@@ -110,11 +110,7 @@ fn batch_get(c: &mut Criterion) {
             let id = BenchmarkId::new(format!("cluster_{members}"), name);
             group.bench_function(id, |b| {
                 b.iter(|| {
-                    let mut items: Vec<(&[u8], &mut [u8])> = keys
-                        .iter()
-                        .zip(bufs.iter_mut())
-                        .map(|(k, buf)| (*k, buf.as_mut_slice()))
-                        .collect();
+                    let mut items = batch(keys.iter().copied(), &mut bufs);
                     for result in cluster.get_into_batch(black_box(&mut items)) {
                         result.expect("read");
                     }
@@ -137,11 +133,7 @@ fn batch_get(c: &mut Criterion) {
             }
             group.bench_function(BenchmarkId::new("one_node", "all_present"), |b| {
                 b.iter(|| {
-                    let mut items: Vec<(&[u8], &mut [u8])> = present
-                        .iter()
-                        .zip(bufs.iter_mut())
-                        .map(|(k, buf)| (k.as_slice(), buf.as_mut_slice()))
-                        .collect();
+                    let mut items = batch(present.iter().map(Vec::as_slice), &mut bufs);
                     for result in single.get_into_batch(black_box(&mut items)) {
                         result.expect("read");
                     }
@@ -150,6 +142,14 @@ fn batch_get(c: &mut Criterion) {
         }
     }
     group.finish();
+}
+
+/// A batch read's items: each key with its buffer, in order.
+fn batch<'a>(
+    keys: impl Iterator<Item = &'a [u8]>,
+    bufs: &'a mut [Vec<u8>],
+) -> Vec<(&'a [u8], &'a mut [u8])> {
+    keys.zip(bufs.iter_mut().map(Vec::as_mut_slice)).collect()
 }
 
 criterion_group! {
